@@ -1,0 +1,1 @@
+"""All I/O: model providers, tools, the ledger. Activities are registered by `workers`."""

@@ -1,0 +1,1 @@
+"""Model providers behind the one LLM activity: `sim` (offline simulator), `openai`, `anthropic`."""

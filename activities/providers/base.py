@@ -1,0 +1,63 @@
+"""The provider contract and the one place provider failures become Temporal errors."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Protocol
+
+from pydantic import BaseModel, Field
+from temporalio.exceptions import ApplicationError
+
+from core.types import LlmRequest, ToolCall, Usage
+
+
+class ProviderResult(BaseModel):
+    text: str = ""
+    tool_calls: list[ToolCall] = Field(default_factory=list)
+    usage: Usage = Field(default_factory=Usage)
+    finish_reason: str = "stop"
+    model: str
+    """The model that answered, as the provider reports it."""
+
+
+class Provider(Protocol):
+    name: str
+
+    async def complete(self, req: LlmRequest, system: str) -> ProviderResult:
+        """Answer `req`. `system` is the rendered system prompt; `req.messages` never holds it.
+
+        Raise `provider_error(...)` (an ApplicationError) for any failure of the provider."""
+        ...
+
+
+def provider_error(
+    provider: str,
+    *,
+    status: int | None,
+    message: str,
+    retry_after_s: float | None = None,
+) -> ApplicationError:
+    """Classify a provider failure. 429, 5xx, timeouts and connection errors (status None) are
+    retryable, with the server's Retry-After honoured; 400/401/403/404/422 fail at once."""
+    if status in (401, 403):
+        return ApplicationError(
+            f"{provider}: authentication failed ({status}): {message}. "
+            f"Check the API key ({provider.upper()}_API_KEY) and that it may use this model.",
+            type="ProviderAuthError",
+            non_retryable=True,
+        )
+    if status is not None and 400 <= status < 500 and status not in (408, 409, 429):
+        return ApplicationError(
+            f"{provider}: request rejected ({status}): {message}. "
+            f"Check the model name and the request; retrying will not help.",
+            type="ProviderBadRequest",
+            non_retryable=True,
+        )
+    kind = "ProviderRateLimited" if status == 429 else "ProviderUnavailable"
+    return ApplicationError(
+        f"{provider}: {'rate limited' if status == 429 else 'unavailable'} "
+        f"({status if status is not None else 'no response'}): {message}",
+        type=kind,
+        non_retryable=False,
+        next_retry_delay=timedelta(seconds=retry_after_s) if retry_after_s else None,
+    )

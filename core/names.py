@@ -1,0 +1,48 @@
+"""Stable names. They are stored in workflow histories and must never change once deployed."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+TASK_QUEUE = "keel"
+
+# Workflows
+SUPPORT_TICKET_WORKFLOW = "SupportTicket"
+
+# Activities
+LLM_ACTIVITY = "llm_call"
+
+# Queries / signals
+PROGRESS_QUERY = "progress"
+
+# Search attributes (name, Temporal type). Registered by `keel up` and by the test servers.
+SA_CUSTOMER = "KeelCustomer"
+SA_TASK_TYPE = "KeelTaskType"
+SA_FEATURE = "KeelFeature"
+SA_STATUS = "KeelStatus"
+SA_TOKENS = "KeelTokens"
+SA_COST_USD = "KeelCostUsd"
+SA_AWAITING_APPROVAL = "KeelAwaitingApproval"
+
+SEARCH_ATTRIBUTES: dict[str, str] = {
+    SA_CUSTOMER: "Keyword",
+    SA_TASK_TYPE: "Keyword",
+    SA_FEATURE: "Keyword",
+    SA_STATUS: "Keyword",
+    SA_TOKENS: "Int",
+    SA_COST_USD: "Double",
+    SA_AWAITING_APPROVAL: "Bool",
+}
+
+# Timeouts for activities, in one place.
+LLM_START_TO_CLOSE = timedelta(seconds=120)
+TOOL_START_TO_CLOSE = timedelta(seconds=30)
+
+# Error types that Temporal must never retry (declared, not discovered).
+NON_RETRYABLE_ERRORS = [
+    "ProviderAuthError",
+    "ProviderBadRequest",
+    "ToolArgumentError",
+    "UnknownTool",
+    "UnpricedModel",
+]

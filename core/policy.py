@@ -1,0 +1,57 @@
+"""Policies: what the support agent may do and when a ticket goes to a human."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+from core.types import StepKind, Tier
+
+CATEGORIES = [
+    "refund_request",
+    "billing_question",
+    "account_access",
+    "card_issue",
+    "fraud_report",
+    "general_inquiry",
+]
+
+MAX_TICKET_CHARS = 20_000
+
+
+class SupportPolicy(BaseModel):
+    max_steps: int = 14
+    """Cap on agent-loop iterations (LLM calls in the loop)."""
+    min_confidence: float = 0.6
+    """A classification below this goes to the human queue."""
+    human_categories: list[str] = Field(default_factory=lambda: ["fraud_report"])
+    """Categories that always go to a human."""
+    max_invalid_outputs: int = 3
+    """Invalid model outputs (bad JSON, unknown tools, bad arguments) tolerated before escalating."""
+    classify_attempts: int = 2
+    max_output_tokens: int = 800
+    tiers: dict[StepKind, Tier] = Field(
+        default_factory=lambda: {
+            "classify": "small",
+            "route": "small",
+            "extract": "small",
+            "plan": "large",
+            "reason": "large",
+            "draft": "large",
+            "synthesize": "large",
+        }
+    )
+
+
+DEFAULT_POLICY = SupportPolicy()
+
+
+def ticket_problems(customer_id: str, text: str) -> list[str]:
+    """Why a ticket cannot be worked on, or [] when it can. Used by the CLI and the workflow."""
+    problems = []
+    if not customer_id.strip():
+        problems.append("customer id is empty")
+    if not text.strip():
+        problems.append("ticket text is empty")
+    elif len(text) > MAX_TICKET_CHARS:
+        problems.append(f"ticket text is {len(text):,} characters; the limit is {MAX_TICKET_CHARS:,}")
+    return problems

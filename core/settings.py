@@ -1,0 +1,63 @@
+"""Settings, read once from the environment (prefix KEEL_, plus Temporal's own variables)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from core.types import ModelSpec
+
+
+class KeelSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="KEEL_", extra="ignore")
+
+    home: Path = Path(".keel")
+    """Where the local stack keeps its files: Temporal's SQLite file, the ledger, logs, pids."""
+    temporal_address: str = Field(
+        "127.0.0.1:7233", validation_alias=AliasChoices("TEMPORAL_ADDRESS", "KEEL_TEMPORAL_ADDRESS")
+    )
+    temporal_namespace: str = Field(
+        "default", validation_alias=AliasChoices("TEMPORAL_NAMESPACE", "KEEL_TEMPORAL_NAMESPACE")
+    )
+    temporal_api_key: str | None = Field(
+        None, validation_alias=AliasChoices("TEMPORAL_API_KEY", "KEEL_TEMPORAL_API_KEY")
+    )
+    temporal_tls: bool = Field(False, validation_alias=AliasChoices("TEMPORAL_TLS", "KEEL_TEMPORAL_TLS"))
+    ui_port: int = 8233
+    """Port of the Temporal web UI started by `keel up`."""
+    task_queue: str = "keel"
+    database_url: str | None = None
+    """SQLAlchemy URL of the ledger and tool database; default sqlite under `home`."""
+    model_small: str = "sim:sim-small"
+    """provider:model for the small tier (classify, route, extract)."""
+    model_large: str = "sim:sim-large"
+    """provider:model for the large tier (plan, reason, draft, synthesize)."""
+    sim_seed: int = 0
+    sim_spiral_rate: float = 0.15
+    llm_timeout_s: float = 60.0
+    max_concurrent_activities: int = 200
+    max_concurrent_workflow_tasks: int = 100
+
+    @field_validator("model_small", "model_large")
+    @classmethod
+    def _valid_model(cls, v: str) -> str:
+        ModelSpec.parse(v)
+        return v
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.home / 'keel.db').resolve()}"
+
+    @property
+    def temporal_host(self) -> str:
+        return self.temporal_address.rsplit(":", 1)[0]
+
+    @property
+    def temporal_port(self) -> int:
+        return int(self.temporal_address.rsplit(":", 1)[1])
+
+    @property
+    def ui_url(self) -> str:
+        return f"http://{self.temporal_host}:{self.ui_port}"

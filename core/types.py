@@ -1,0 +1,248 @@
+"""Pydantic models that cross the workflow/activity/client boundaries.
+
+They are durable contracts: they are stored in Temporal histories, so fields are only ever added,
+always with a default.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+Role = Literal["system", "user", "assistant", "tool"]
+Permission = Literal["read_only", "confirm", "autonomous"]
+StepKind = Literal["classify", "route", "extract", "plan", "reason", "draft", "synthesize"]
+Tier = Literal["small", "large"]
+ProviderName = Literal["sim", "openai", "anthropic"]
+
+SIM_LABEL = "sim (offline simulator)"
+
+
+class ToolCall(BaseModel):
+    """A tool call as the model produced it. Arguments stay a JSON string: the model may emit
+    invalid JSON, and the workflow (not the provider) decides what to do with it."""
+
+    id: str
+    name: str
+    arguments_json: str = "{}"
+
+
+class Message(BaseModel):
+    role: Role
+    content: str = ""
+    tool_calls: list[ToolCall] = Field(default_factory=list)
+    tool_call_id: str | None = None
+    """For role="tool": the id of the call this message answers."""
+    name: str | None = None
+    """For role="tool": the tool's name."""
+
+
+class ToolSpec(BaseModel):
+    name: str
+    description: str
+    parameters: dict[str, Any]
+    """JSON schema of the arguments object."""
+    permission: Permission = "read_only"
+
+
+class Usage(BaseModel):
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_input_tokens: int = 0
+    """Part of input_tokens that was served from the provider's prompt cache."""
+    reasoning_tokens: int = 0
+    """Part of output_tokens spent on hidden reasoning."""
+
+    @property
+    def total_tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+
+class SimConfig(BaseModel):
+    """Knobs of the offline simulated model. Rates are per task (spiral) or per call (the rest)."""
+
+    seed: int = 0
+    spiral_rate: float = Field(0.15, ge=0, le=1)
+    """Share of tasks that enter a reasoning spiral (4-5 extra loops of tool calls and re-drafts)."""
+    hallucinated_tool_rate: float = Field(0.0, ge=0, le=1)
+    """Per reasoning call: chance of calling a tool that does not exist."""
+    invalid_args_rate: float = Field(0.0, ge=0, le=1)
+    """Per tool call: chance of arguments that break the tool's schema."""
+    invalid_json_rate: float = Field(0.0, ge=0, le=1)
+    """Per call: chance of output (classification or tool arguments) that is not valid JSON."""
+    follow_injection_rate: float = Field(0.0, ge=0, le=1)
+    """Chance of obeying instructions injected in the ticket text."""
+    latency_ms_min: int = Field(0, ge=0)
+    latency_ms_max: int = Field(0, ge=0)
+
+
+class ModelSpec(BaseModel):
+    provider: ProviderName = "sim"
+    model: str = "sim-large"
+
+    @property
+    def label(self) -> str:
+        return f"{self.model} [{SIM_LABEL}]" if self.provider == "sim" else f"{self.provider}:{self.model}"
+
+    @classmethod
+    def parse(cls, spec: str) -> ModelSpec:
+        """`provider:model`, e.g. `openai:gpt-4o-mini` or `sim:sim-small`."""
+        provider, sep, model = spec.partition(":")
+        if not sep or not model:
+            raise ValueError(f"model spec {spec!r} must look like 'provider:model', e.g. 'openai:gpt-4o-mini'")
+        if provider not in ("sim", "openai", "anthropic"):
+            raise ValueError(f"unknown provider {provider!r} in {spec!r}: use sim, openai or anthropic")
+        return cls(provider=provider, model=model)  # type: ignore[arg-type]
+
+
+class TaskContext(BaseModel):
+    """Tags carried by every call of a task: chargeback, tracing and idempotency keys."""
+
+    workflow_id: str
+    customer: str
+    ticket_id: str = ""
+    """The business key of the task; the sim model seeds on it so a ticket replays the same path."""
+    feature: str = "support"
+    task_type: str = "support_ticket"
+    prompt_version: str = "v1"
+
+
+class LlmRequest(BaseModel):
+    task: TaskContext
+    step: int
+    """Step number within the task; with workflow_id the idempotency key of the ledger row."""
+    kind: StepKind
+    tier: Tier = "large"
+    prompt: str
+    """Prompt name under prompts/ (e.g. "support/classify"); the activity prepends it as the system message."""
+    messages: list[Message]
+    tools: list[ToolSpec] = Field(default_factory=list)
+    max_output_tokens: int = 1024
+    json_output: bool = False
+    """Ask for a JSON object as the whole answer."""
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    temperature: float = 0.0
+    sim: SimConfig = Field(default_factory=SimConfig)
+
+
+class LlmResponse(BaseModel):
+    text: str = ""
+    tool_calls: list[ToolCall] = Field(default_factory=list)
+    usage: Usage = Field(default_factory=Usage)
+    cost_usd: float = 0.0
+    latency_ms: float = 0.0
+    finish_reason: str = "stop"
+    provider: str = "sim"
+    model: str = "sim-large"
+    prompt_version: str = "v1"
+    prompt_hash: str = ""
+
+
+class ToolRequest(BaseModel):
+    task: TaskContext
+    step: int
+    call_id: str
+    arguments: dict[str, Any]
+    """Already validated against the tool's schema by the workflow."""
+    outcome: TaskOutcome | None = None
+    """Set on the final routing call (send_reply / escalate_to_human): the task's outcome row is
+    written in the same activity, so recording it costs no extra round trip."""
+
+    @property
+    def idempotency_key(self) -> str:
+        return f"{self.task.workflow_id}/{self.step}"
+
+
+class ToolResult(BaseModel):
+    ok: bool
+    content: dict[str, Any] = Field(default_factory=dict)
+    error: str | None = None
+    """A business-level failure the agent should see (e.g. "customer not found")."""
+    latency_ms: float = 0.0
+
+
+class Classification(BaseModel):
+    category: str
+    urgency: Literal["low", "normal", "high", "urgent"] = "normal"
+    confidence: float = Field(ge=0, le=1)
+
+
+TaskStatus = Literal["running", "resolved", "escalated", "rejected", "failed", "budget_exceeded"]
+Route = Literal["reply", "human"]
+
+
+class TaskOutcome(BaseModel):
+    status: TaskStatus
+    route: Route
+    reason: str = ""
+    category: str | None = None
+    urgency: str | None = None
+    confidence: float | None = None
+    steps: int = 0
+    llm_calls: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float = 0.0
+
+
+class TicketInput(BaseModel):
+    """Input of SupportTicketWorkflow. Lenient on purpose: a bad ticket is rejected with a clear
+    reason by the workflow (and earlier by the CLI) instead of failing deserialization."""
+
+    ticket_id: str = ""
+    customer_id: str
+    text: str
+    feature: str = "support"
+    task_type: str = "support_ticket"
+    prompt_version: str = "v1"
+    small_model: ModelSpec = Field(default_factory=lambda: ModelSpec(provider="sim", model="sim-small"))
+    large_model: ModelSpec = Field(default_factory=lambda: ModelSpec(provider="sim", model="sim-large"))
+    sim: SimConfig = Field(default_factory=SimConfig)
+    max_steps: int | None = None
+    """Override of the policy's step cap for this task."""
+
+
+class BlockedAction(BaseModel):
+    step: int
+    tool: str
+    arguments_json: str
+    reason: str
+
+
+class TicketResult(BaseModel):
+    workflow_id: str
+    ticket_id: str = ""
+    customer_id: str = ""
+    status: TaskStatus
+    route: Route
+    reason: str = ""
+    category: str | None = None
+    urgency: str | None = None
+    confidence: float | None = None
+    reply: str | None = None
+    tools_executed: list[str] = Field(default_factory=list)
+    tools_blocked: list[BlockedAction] = Field(default_factory=list)
+    observations: list[str] = Field(default_factory=list)
+    """Problems the agent ran into (invalid output, unknown tools, tool errors), in order."""
+    steps: int = 0
+    llm_calls: int = 0
+    tokens: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float = 0.0
+    models: list[str] = Field(default_factory=list)
+
+
+class Progress(BaseModel):
+    status: TaskStatus = "running"
+    step: int = 0
+    action: str = "starting"
+    tokens: int = 0
+    cost_usd: float = 0.0
+    llm_calls: int = 0
+    category: str | None = None
+    tools_executed: list[str] = Field(default_factory=list)
+
+
+ToolRequest.model_rebuild()
