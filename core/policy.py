@@ -17,6 +17,16 @@ CATEGORIES = [
 
 MAX_TICKET_CHARS = 20_000
 
+DEFAULT_TIERS: dict[StepKind, Tier] = {
+    "classify": "small",
+    "route": "small",
+    "extract": "small",
+    "plan": "large",
+    "reason": "large",
+    "draft": "large",
+    "synthesize": "large",
+}
+
 
 class SupportPolicy(BaseModel):
     max_steps: int = 14
@@ -29,17 +39,8 @@ class SupportPolicy(BaseModel):
     """Invalid model outputs (bad JSON, unknown tools, bad arguments) tolerated before escalating."""
     classify_attempts: int = 2
     max_output_tokens: int = 800
-    tiers: dict[StepKind, Tier] = Field(
-        default_factory=lambda: {
-            "classify": "small",
-            "route": "small",
-            "extract": "small",
-            "plan": "large",
-            "reason": "large",
-            "draft": "large",
-            "synthesize": "large",
-        }
-    )
+    tiers: dict[StepKind, Tier] = Field(default_factory=lambda: dict(DEFAULT_TIERS))
+    """Which model tier serves each step kind."""
 
 
 DEFAULT_POLICY = SupportPolicy()

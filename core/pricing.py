@@ -42,7 +42,9 @@ PRICES: dict[tuple[str, str], list[Price]] = {
     ("openai", "gpt-4.1-mini"): [Price(input=0.40, output=1.60, cached_input=0.10, effective_from=date(2025, 4, 14))],
     ("openai", "gpt-4.1"): [Price(input=2.00, output=8.00, cached_input=0.50, effective_from=date(2025, 4, 14))],
     ("openai", "o4-mini"): [Price(input=1.10, output=4.40, cached_input=0.275, effective_from=date(2025, 4, 16))],
-    ("anthropic", "claude-haiku-4-5"): [Price(input=1.00, output=5.00, cached_input=0.10, effective_from=date(2025, 10, 1))],
+    ("anthropic", "claude-haiku-4-5"): [
+        Price(input=1.00, output=5.00, cached_input=0.10, effective_from=date(2025, 10, 1))
+    ],
     ("anthropic", "claude-sonnet-4-5"): [
         Price(
             input=3.00,

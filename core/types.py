@@ -93,7 +93,7 @@ class ModelSpec(BaseModel):
             raise ValueError(f"model spec {spec!r} must look like 'provider:model', e.g. 'openai:gpt-4o-mini'")
         if provider not in ("sim", "openai", "anthropic"):
             raise ValueError(f"unknown provider {provider!r} in {spec!r}: use sim, openai or anthropic")
-        return cls(provider=provider, model=model)  # type: ignore[arg-type]
+        return cls.model_validate({"provider": provider, "model": model})
 
 
 class TaskContext(BaseModel):

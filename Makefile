@@ -1,0 +1,39 @@
+# Keel: the two commands are `make demo` and `make test`; both create .venv and install on a fresh machine.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+DEMO_TICKETS ?= 24
+
+.PHONY: install demo up down test lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/keel up --detach
+	$(BIN)/keel ticket batch --sample $(DEMO_TICKETS) --concurrency 12 --sim-latency 1000-3000
+	@echo "The stack is still running: open the Temporal UI above; 'make down' stops it."
+
+up: $(STAMP)
+	$(BIN)/keel up
+
+down:
+	@if [ -x $(BIN)/keel ]; then $(BIN)/keel down; else echo "nothing to stop (no .venv)"; fi
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+test: $(STAMP) lint
+	$(BIN)/pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python bench/throughput.py
+
+clean:
+	rm -rf $(VENV) .keel .pytest_cache .mypy_cache .ruff_cache

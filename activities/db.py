@@ -1,0 +1,225 @@
+"""The tool and ledger database: SQLModel tables, the engine, and the one-time seed.
+
+SQLite by default (a file under KEEL_HOME); any SQLAlchemy URL works, PostgreSQL included.
+All calls are synchronous: activities run them in worker threads.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import DateTime, Engine, event, func, select, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.pool import StaticPool
+from sqlalchemy.types import TypeDecorator
+from sqlmodel import Field, SQLModel, create_engine
+
+from core.dataset import build_dataset
+
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+_SEED_LOCK_ID = 0x6B65656C  # "keel": PostgreSQL advisory lock that serializes init_db
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC in and out, also on SQLite (which stores no offset)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: use timezone-aware UTC, e.g. datetime.now(UTC)")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _created_at() -> Any:
+    return Field(default_factory=utcnow, sa_type=UtcDateTime, index=True)
+
+
+class CustomerRow(SQLModel, table=True):
+    __tablename__ = "customers"
+    id: str = Field(primary_key=True)
+    name: str
+    email: str
+    phone: str
+    tier: str
+    locked: bool
+    card_status: str
+    card_number: str
+
+
+class AccountRow(SQLModel, table=True):
+    __tablename__ = "accounts"
+    id: str = Field(primary_key=True)
+    customer_id: str = Field(index=True, foreign_key="customers.id")
+    iban: str
+    kind: str
+    balance: float
+    currency: str = "EUR"
+
+
+class TransactionRow(SQLModel, table=True):
+    __tablename__ = "transactions"
+    id: str = Field(primary_key=True)
+    customer_id: str = Field(index=True, foreign_key="customers.id")
+    account_id: str = Field(foreign_key="accounts.id")
+    merchant: str
+    amount: float
+    days_ago: int
+    kind: str
+    disputed: bool = False
+    duplicate_of: str | None = None
+
+
+class PolicyRow(SQLModel, table=True):
+    __tablename__ = "policies"
+    topic: str = Field(primary_key=True)
+    text: str
+    max_refund: float | None = None
+
+
+class RefundRow(SQLModel, table=True):
+    __tablename__ = "refunds"
+    id: int | None = Field(default=None, primary_key=True)
+    idempotency_key: str = Field(unique=True)
+    workflow_id: str = Field(index=True)
+    customer_id: str
+    transaction_id: str = Field(index=True)
+    amount: float
+    reason: str
+    status: str = "executed"
+    created_at: datetime = _created_at()
+
+
+class ReplyRow(SQLModel, table=True):
+    __tablename__ = "replies"
+    id: int | None = Field(default=None, primary_key=True)
+    idempotency_key: str = Field(unique=True)
+    workflow_id: str = Field(index=True)
+    customer_id: str = Field(index=True)
+    body: str
+    status: str = "sent"
+    created_at: datetime = _created_at()
+
+
+class HumanQueueRow(SQLModel, table=True):
+    __tablename__ = "human_queue"
+    id: int | None = Field(default=None, primary_key=True)
+    idempotency_key: str = Field(unique=True)
+    workflow_id: str = Field(index=True)
+    customer_id: str
+    reason: str
+    priority: str = "normal"
+    status: str = Field(default="open", index=True)
+    """open | resolved"""
+    created_at: datetime = _created_at()
+
+
+class LedgerRow(SQLModel, table=True):
+    """One row per (workflow_id, step, kind); kind is llm | tool | outcome.
+
+    Outcome rows (step -1) repeat the task's own totals in the token/cost columns: sum llm rows
+    (kind == "llm") for spend, never the whole table."""
+
+    __tablename__ = "ledger"
+    key: str = Field(primary_key=True)
+    workflow_id: str = Field(index=True)
+    ticket_id: str = ""
+    step: int
+    kind: str = Field(index=True)
+    customer: str = Field(default="", index=True)
+    feature: str = ""
+    task_type: str = ""
+    provider: str | None = None
+    model: str | None = None
+    tier: str | None = None
+    step_kind: str | None = None
+    prompt_name: str | None = None
+    prompt_version: str | None = None
+    prompt_hash: str | None = None
+    tool: str | None = None
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_input_tokens: int = 0
+    reasoning_tokens: int = 0
+    cost_usd: float = 0.0
+    latency_ms: float = 0.0
+    ok: bool = True
+    error: str | None = None
+    status: str | None = None
+    route: str | None = None
+    reason: str | None = None
+    category: str | None = None
+    attempt: int = 1
+    created_at: datetime = _created_at()
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for `url`. SQLite gets WAL, a busy timeout and BEGIN IMMEDIATE so that many
+    activity threads (and processes) can write; other databases are used unchanged."""
+    u = make_url(url)
+    if u.get_backend_name() != "sqlite":
+        return create_engine(url, pool_pre_ping=True)
+    memory = u.database in (None, "", ":memory:")
+    if memory:
+        # One shared connection, or every pooled connection would see its own empty database.
+        engine = create_engine(url, connect_args={"check_same_thread": False}, poolclass=StaticPool)
+    else:
+        Path(u.database).expanduser().parent.mkdir(parents=True, exist_ok=True)  # type: ignore[arg-type]
+        engine = create_engine(url, connect_args={"check_same_thread": False})
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        # Take transaction control away from the sqlite3 driver (see "begin" below).
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+        if not memory:
+            cur.execute("PRAGMA journal_mode = WAL")
+            cur.execute("PRAGMA synchronous = NORMAL")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        # A deferred transaction that reads and then writes can fail at once with SQLITE_BUSY
+        # (the busy timeout does not apply to a lock upgrade); taking the write lock up front
+        # makes concurrent writers wait their turn instead.
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+def init_db(engine: Engine) -> bool:
+    """Create the tables and seed the synthetic dataset once. Returns True if it seeded.
+
+    Safe to call again and from several processes at once: the check and the seed run in one
+    transaction holding the write lock (SQLite) or an advisory lock (PostgreSQL)."""
+    with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _SEED_LOCK_ID})
+        SQLModel.metadata.create_all(conn)
+        if conn.execute(select(func.count()).select_from(CustomerRow)).scalar_one():
+            return False
+        ds = build_dataset()
+        tables = SQLModel.metadata.tables
+        for name, rows in (
+            ("customers", ds.customers),
+            ("accounts", ds.accounts),
+            ("transactions", ds.transactions),
+            ("policies", ds.policies),
+        ):
+            conn.execute(tables[name].insert(), [r.model_dump() for r in rows])
+        return True

@@ -1,0 +1,184 @@
+"""The cost and outcome ledger: one row per (workflow_id, step, kind), written by UPSERT.
+
+An activity retried after a crash rewrites its own row with the last attempt's figures, so the
+ledger never counts a step twice. Reporting groups llm rows only.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Engine, func, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlmodel import Session, col
+
+from activities.db import LedgerRow, utcnow
+from core.types import LlmRequest, LlmResponse, TaskContext, TaskOutcome, ToolRequest, ToolResult
+
+OUTCOME_STEP = -1
+"""The step of a task's outcome row."""
+
+GROUP_COLUMNS = ("customer", "feature", "task_type", "model", "provider", "prompt_version")
+"""What `Ledger.costs` can group by."""
+
+
+def ledger_key(workflow_id: str, step: int, kind: str) -> str:
+    return f"{workflow_id}/{step}/{kind}"
+
+
+def _tags(task: TaskContext, step: int, kind: str, attempt: int) -> dict[str, Any]:
+    return {
+        "key": ledger_key(task.workflow_id, step, kind),
+        "workflow_id": task.workflow_id,
+        "ticket_id": task.ticket_id,
+        "step": step,
+        "kind": kind,
+        "customer": task.customer,
+        "feature": task.feature,
+        "task_type": task.task_type,
+        "prompt_version": task.prompt_version,
+        "attempt": attempt,
+        "created_at": utcnow(),
+    }
+
+
+def _as_utc(t: datetime) -> datetime:
+    return t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)
+
+
+class Ledger:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    # --- writing -------------------------------------------------------------------------
+
+    def _upsert(self, values: dict[str, Any], session: Session | None) -> None:
+        if session is None:
+            with Session(self.engine) as s:
+                self._upsert(values, s)
+                s.commit()
+            return
+        dialect = session.get_bind().dialect.name
+        # created_at stays the first attempt's; everything else is the last attempt's.
+        update = {k: v for k, v in values.items() if k not in ("key", "created_at")}
+        if dialect in ("sqlite", "postgresql"):
+            ins = (sqlite.insert if dialect == "sqlite" else postgresql.insert)(LedgerRow).values(**values)
+            session.execute(ins.on_conflict_do_update(index_elements=["key"], set_=update))
+            return
+        # Other databases: read-then-write, correct as long as one attempt runs at a time.
+        row = session.get(LedgerRow, values["key"])
+        if row is None:
+            session.add(LedgerRow(**values))
+        else:
+            for k, v in update.items():
+                setattr(row, k, v)
+        session.flush()
+
+    def record_llm(self, req: LlmRequest, resp: LlmResponse, attempt: int, session: Session | None = None) -> None:
+        values = _tags(req.task, req.step, "llm", attempt) | {
+            "provider": resp.provider,
+            "model": resp.model,
+            "tier": req.tier,
+            "step_kind": req.kind,
+            "prompt_name": req.prompt,
+            "prompt_version": resp.prompt_version or req.task.prompt_version,
+            "prompt_hash": resp.prompt_hash,
+            "input_tokens": resp.usage.input_tokens,
+            "output_tokens": resp.usage.output_tokens,
+            "cached_input_tokens": resp.usage.cached_input_tokens,
+            "reasoning_tokens": resp.usage.reasoning_tokens,
+            "cost_usd": resp.cost_usd,
+            "latency_ms": resp.latency_ms,
+            "ok": True,
+        }
+        self._upsert(values, session)
+
+    def record_tool(
+        self, req: ToolRequest, tool: str, result: ToolResult, attempt: int, session: Session | None = None
+    ) -> None:
+        """Pass the tool's `session` so the row commits (or rolls back) with the tool's write."""
+        values = _tags(req.task, req.step, "tool", attempt) | {
+            "tool": tool,
+            "latency_ms": result.latency_ms,
+            "ok": result.ok,
+            "error": result.error,
+        }
+        self._upsert(values, session)
+
+    def record_outcome(self, task: TaskContext, outcome: TaskOutcome, session: Session | None = None) -> None:
+        """The task's final status; the token/cost columns hold the workflow's own totals."""
+        values = _tags(task, OUTCOME_STEP, "outcome", 1) | {
+            "status": outcome.status,
+            "route": outcome.route,
+            "reason": outcome.reason,
+            "category": outcome.category,
+            "input_tokens": outcome.input_tokens,
+            "output_tokens": outcome.output_tokens,
+            "cost_usd": outcome.cost_usd,
+            "ok": outcome.status in ("resolved", "escalated"),
+        }
+        self._upsert(values, session)
+
+    # --- reporting -----------------------------------------------------------------------
+
+    def costs(self, group_by: list[str], since: datetime | None = None) -> list[dict[str, Any]]:
+        """LLM spend grouped by any of GROUP_COLUMNS, most expensive group first.
+
+        Each row: the group's values, then calls, input_tokens, output_tokens, cost_usd."""
+        bad = [g for g in group_by if g not in GROUP_COLUMNS]
+        if bad:
+            raise ValueError(f"cannot group costs by {bad!r}: valid names are {', '.join(GROUP_COLUMNS)}")
+        names = list(dict.fromkeys(group_by))
+        cols = [getattr(LedgerRow, g) for g in names]
+        cost = func.coalesce(func.sum(col(LedgerRow.cost_usd)), 0.0)
+        stmt = select(
+            *cols,
+            func.count().label("calls"),
+            func.coalesce(func.sum(col(LedgerRow.input_tokens)), 0).label("input_tokens"),
+            func.coalesce(func.sum(col(LedgerRow.output_tokens)), 0).label("output_tokens"),
+            cost.label("cost_usd"),
+        ).where(col(LedgerRow.kind) == "llm")
+        if since is not None:
+            stmt = stmt.where(col(LedgerRow.created_at) >= _as_utc(since))
+        if cols:
+            stmt = stmt.group_by(*cols).order_by(cost.desc(), *cols)
+        with Session(self.engine) as s:
+            rows = s.execute(stmt).mappings().all()
+        return [dict(r) for r in rows if r["calls"]]
+
+    def task_totals(self, workflow_id: str) -> dict[str, Any]:
+        """LLM calls, tokens and cost, and tool calls, of one task."""
+        llm = col(LedgerRow.kind) == "llm"
+        tool = col(LedgerRow.kind) == "tool"
+        stmt = select(
+            func.count().filter(llm),
+            func.coalesce(func.sum(col(LedgerRow.input_tokens)).filter(llm), 0),
+            func.coalesce(func.sum(col(LedgerRow.output_tokens)).filter(llm), 0),
+            func.coalesce(func.sum(col(LedgerRow.cost_usd)).filter(llm), 0.0),
+            func.count().filter(tool),
+            func.count().filter(tool, col(LedgerRow.ok).is_(False)),
+        ).where(col(LedgerRow.workflow_id) == workflow_id)
+        with Session(self.engine) as s:
+            calls, tin, tout, cost, tools, tool_errors = s.execute(stmt).one()
+        return {
+            "workflow_id": workflow_id,
+            "llm_calls": calls,
+            "input_tokens": tin,
+            "output_tokens": tout,
+            "tokens": tin + tout,
+            "cost_usd": cost,
+            "tool_calls": tools,
+            "tool_errors": tool_errors,
+        }
+
+    def outcomes(self, since: datetime | None = None) -> list[dict[str, Any]]:
+        """Outcome rows, oldest first."""
+        stmt = select(LedgerRow).where(col(LedgerRow.kind) == "outcome")
+        if since is not None:
+            stmt = stmt.where(col(LedgerRow.created_at) >= _as_utc(since))
+        stmt = stmt.order_by(col(LedgerRow.created_at), col(LedgerRow.key))
+        fields = ("workflow_id", "ticket_id", "customer", "feature", "task_type", "prompt_version", "status",
+                  "route", "reason", "category", "input_tokens", "output_tokens", "cost_usd", "created_at")
+        with Session(self.engine) as s:
+            return [{f: getattr(r, f) for f in fields} for r in s.scalars(stmt)]

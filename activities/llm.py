@@ -1,0 +1,57 @@
+"""The one LLM activity: prompt, provider, price, ledger row — all in one round trip."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from activities.ledger import Ledger
+from activities.prompts import load_prompt
+from activities.providers.base import Provider
+from core.names import LLM_ACTIVITY
+from core.pricing import UnpricedModelError, cost_usd, price_for
+from core.types import LlmRequest, LlmResponse
+
+
+class LlmActivities:
+    def __init__(self, providers: dict[str, Provider], ledger: Ledger) -> None:
+        self._providers = providers
+        self._ledger = ledger
+
+    @activity.defn(name=LLM_ACTIVITY)
+    async def llm_call(self, req: LlmRequest) -> LlmResponse:
+        provider = self._providers.get(req.model.provider)
+        if provider is None:
+            raise ApplicationError(
+                f"provider {req.model.provider!r} is not configured on this worker "
+                f"(configured: {sorted(self._providers)})",
+                type="ProviderBadRequest",
+                non_retryable=True,
+            )
+        try:
+            price_for(req.model.provider, req.model.model)
+        except UnpricedModelError as e:
+            raise ApplicationError(str(e), type="UnpricedModel", non_retryable=True) from e
+        prompt = load_prompt(req.prompt, req.task.prompt_version)
+        started = time.perf_counter()
+        result = await provider.complete(req, prompt.text)
+        latency_ms = (time.perf_counter() - started) * 1000
+        resp = LlmResponse(
+            text=result.text,
+            tool_calls=result.tool_calls,
+            usage=result.usage,
+            cost_usd=cost_usd(req.model.provider, req.model.model, result.usage),
+            latency_ms=round(latency_ms, 3),
+            finish_reason=result.finish_reason,
+            provider=req.model.provider,
+            model=result.model or req.model.model,
+            prompt_version=prompt.version,
+            prompt_hash=prompt.short_hash,
+        )
+        # Written in this activity, not a separate one: one round trip per step. The upsert on
+        # (workflow id, step) keeps a retried call to one row.
+        await asyncio.to_thread(self._ledger.record_llm, req, resp, activity.info().attempt)
+        return resp

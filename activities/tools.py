@@ -1,0 +1,234 @@
+"""The support agent's tools as Temporal activities, one per tool, named after it.
+
+Business failures (unknown customer, a refund larger than the transaction) are results the agent
+sees (`ToolResult(ok=False)`); invalid arguments are a non-retryable ToolArgumentError. Writes are
+idempotent on the request's idempotency key, and the ledger row (plus the task's outcome row, when
+the request carries one) commits in the same transaction as the write.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+from sqlalchemy import Engine, func, select
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, col
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from activities.db import AccountRow, CustomerRow, HumanQueueRow, PolicyRow, RefundRow, ReplyRow, TransactionRow
+from activities.ledger import Ledger
+from core.tools import (
+    TOOLS,
+    EscalateArgs,
+    GetAccountArgs,
+    GetTransactionsArgs,
+    IssueRefundArgs,
+    LookupPolicyArgs,
+    SendReplyArgs,
+)
+from core.types import ToolRequest, ToolResult
+
+Handler = Callable[[Session, ToolRequest, Any], ToolResult]
+
+
+def _fail(error: str) -> ToolResult:
+    return ToolResult(ok=False, error=error)
+
+
+def _customer(s: Session, customer_id: str) -> CustomerRow | None:
+    return s.get(CustomerRow, customer_id)
+
+
+def _unknown_customer(customer_id: str) -> ToolResult:
+    return _fail(f"customer {customer_id!r} not found")
+
+
+class ToolActivities:
+    def __init__(self, engine: Engine, ledger: Ledger) -> None:
+        self.engine = engine
+        self.ledger = ledger
+
+    def all(self) -> list[Callable[..., Any]]:
+        """The activities, for `Worker(activities=...)` (with an activity_executor: they are sync)."""
+        return [self.get_account, self.get_transactions, self.lookup_policy, self.issue_refund,
+                self.send_reply, self.escalate_to_human]
+
+    # --- the activities ------------------------------------------------------------------
+
+    @activity.defn(name="get_account")
+    def get_account(self, req: ToolRequest) -> ToolResult:
+        return self._run("get_account", req, _get_account)
+
+    @activity.defn(name="get_transactions")
+    def get_transactions(self, req: ToolRequest) -> ToolResult:
+        return self._run("get_transactions", req, _get_transactions)
+
+    @activity.defn(name="lookup_policy")
+    def lookup_policy(self, req: ToolRequest) -> ToolResult:
+        return self._run("lookup_policy", req, _lookup_policy)
+
+    @activity.defn(name="issue_refund")
+    def issue_refund(self, req: ToolRequest) -> ToolResult:
+        return self._run("issue_refund", req, _issue_refund)
+
+    @activity.defn(name="send_reply")
+    def send_reply(self, req: ToolRequest) -> ToolResult:
+        return self._run("send_reply", req, _send_reply)
+
+    @activity.defn(name="escalate_to_human")
+    def escalate_to_human(self, req: ToolRequest) -> ToolResult:
+        return self._run("escalate_to_human", req, _escalate)
+
+    # --- the common frame ----------------------------------------------------------------
+
+    def _run(self, name: str, req: ToolRequest, handler: Handler) -> ToolResult:
+        start = time.perf_counter()
+        attempt = activity.info().attempt
+        try:
+            args: BaseModel = TOOLS[name].args.model_validate(req.arguments)
+        except ValidationError as e:
+            problems = "; ".join(
+                f"{'.'.join(map(str, err['loc'])) or '(arguments)'}: {err['msg']}" for err in e.errors()
+            )
+            result = ToolResult(ok=False, error=f"invalid arguments for {name}: {problems}",
+                                latency_ms=round((time.perf_counter() - start) * 1000, 3))
+            self.ledger.record_tool(req, name, result, attempt)
+            raise ApplicationError(result.error or "", type="ToolArgumentError", non_retryable=True) from None
+        try:
+            return self._transaction(name, req, handler, args, start, attempt)
+        except IntegrityError:
+            # Another attempt of this very step committed first (unique idempotency key): run
+            # again, which now finds and returns that attempt's row.
+            return self._transaction(name, req, handler, args, start, attempt)
+
+    def _transaction(
+        self, name: str, req: ToolRequest, handler: Handler, args: BaseModel, start: float, attempt: int
+    ) -> ToolResult:
+        with Session(self.engine, expire_on_commit=False) as s:
+            result = handler(s, req, args)
+            s.flush()
+            result.latency_ms = round((time.perf_counter() - start) * 1000, 3)
+            self.ledger.record_tool(req, name, result, attempt, session=s)
+            if req.outcome is not None and result.ok:
+                self.ledger.record_outcome(req.task, req.outcome, session=s)
+            s.commit()
+        return result
+
+
+# --- the tools, each inside the caller's transaction ---------------------------------------
+
+
+def _get_account(s: Session, req: ToolRequest, args: GetAccountArgs) -> ToolResult:
+    c = _customer(s, args.customer_id)
+    if c is None:
+        return _unknown_customer(args.customer_id)
+    stmt = select(AccountRow).where(col(AccountRow.customer_id) == c.id).order_by(col(AccountRow.id))
+    accounts = s.scalars(stmt)
+    return ToolResult(ok=True, content={
+        "customer": {
+            "id": c.id, "name": c.name, "email": c.email, "phone": c.phone, "tier": c.tier,
+            "locked": c.locked, "card_status": c.card_status, "card_last4": f"**** {c.card_number[-4:]}",
+        },
+        "accounts": [
+            {"id": a.id, "iban": a.iban, "kind": a.kind, "balance": a.balance, "currency": a.currency}
+            for a in accounts
+        ],
+    })
+
+
+def _get_transactions(s: Session, req: ToolRequest, args: GetTransactionsArgs) -> ToolResult:
+    if _customer(s, args.customer_id) is None:
+        return _unknown_customer(args.customer_id)
+    stmt = (
+        select(TransactionRow)
+        .where(col(TransactionRow.customer_id) == args.customer_id, col(TransactionRow.days_ago) <= args.days)
+        .order_by(col(TransactionRow.days_ago), col(TransactionRow.id).desc())
+        .limit(args.limit)
+    )
+    return ToolResult(ok=True, content={"transactions": [
+        {"id": t.id, "merchant": t.merchant, "amount": t.amount, "days_ago": t.days_ago, "kind": t.kind,
+         "disputed": t.disputed, "duplicate_of": t.duplicate_of}
+        for t in s.scalars(stmt)
+    ]})
+
+
+def _lookup_policy(s: Session, req: ToolRequest, args: LookupPolicyArgs) -> ToolResult:
+    topic = args.topic.strip().lower().replace(" ", "_").replace("-", "_")
+    p = s.get(PolicyRow, topic)
+    if p is None:
+        known = s.scalars(select(col(PolicyRow.topic)).order_by(col(PolicyRow.topic))).all()
+        return _fail(f"no policy on {args.topic!r}; known topics: {', '.join(known)}")
+    return ToolResult(ok=True, content={"topic": p.topic, "text": p.text, "max_refund": p.max_refund})
+
+
+def _existing(s: Session, table: Any, key: str) -> Any:
+    return s.scalars(select(table).where(table.idempotency_key == key)).first()
+
+
+def _issue_refund(s: Session, req: ToolRequest, args: IssueRefundArgs) -> ToolResult:
+    r = _existing(s, RefundRow, req.idempotency_key)
+    if r is None:
+        if _customer(s, args.customer_id) is None:
+            return _unknown_customer(args.customer_id)
+        t = s.get(TransactionRow, args.transaction_id)
+        if t is None:
+            return _fail(f"transaction {args.transaction_id!r} not found")
+        if t.customer_id != args.customer_id:
+            return _fail(f"transaction {args.transaction_id!r} does not belong to customer {args.customer_id!r}")
+        amount = round(args.amount, 2)
+        refunded: float = s.scalar(
+            select(func.coalesce(func.sum(col(RefundRow.amount)), 0.0)).where(col(RefundRow.transaction_id) == t.id)
+        ) or 0.0
+        refundable = round(t.amount - refunded, 2)
+        if amount > refundable:
+            already = f" ({refunded:.2f} already refunded)" if refunded else ""
+            return _fail(f"refund of {amount:.2f} exceeds the refundable amount {refundable:.2f} of "
+                         f"transaction {t.id!r}{already}")
+        r = RefundRow(idempotency_key=req.idempotency_key, workflow_id=req.task.workflow_id,
+                      customer_id=args.customer_id, transaction_id=t.id, amount=amount, reason=args.reason)
+        s.add(r)
+        account = s.get(AccountRow, t.account_id)
+        if account is not None:
+            account.balance = round(account.balance + amount, 2)
+        s.flush()
+    return ToolResult(ok=True, content={"refund_id": f"RF-{r.id}", "transaction_id": r.transaction_id,
+                                        "amount": r.amount, "status": r.status})
+
+
+def _send_reply(s: Session, req: ToolRequest, args: SendReplyArgs) -> ToolResult:
+    r = _existing(s, ReplyRow, req.idempotency_key)
+    if r is None:
+        if _customer(s, args.customer_id) is None:
+            return _unknown_customer(args.customer_id)
+        r = ReplyRow(idempotency_key=req.idempotency_key, workflow_id=req.task.workflow_id,
+                     customer_id=args.customer_id, body=args.body)
+        s.add(r)
+        s.flush()
+    return ToolResult(ok=True, content={"reply_id": f"RP-{r.id}", "customer_id": r.customer_id, "status": r.status})
+
+
+def _escalate(s: Session, req: ToolRequest, args: EscalateArgs) -> ToolResult:
+    q = _existing(s, HumanQueueRow, req.idempotency_key)
+    if q is None:
+        q = HumanQueueRow(idempotency_key=req.idempotency_key, workflow_id=req.task.workflow_id,
+                          customer_id=req.task.customer, reason=args.reason, priority=args.priority)
+        s.add(q)
+        s.flush()
+    return ToolResult(ok=True, content={"queue_item_id": f"HQ-{q.id}", "status": "queued", "reason": q.reason})
+
+
+def human_queue(engine: Engine, status: str | None = "open") -> list[dict[str, Any]]:
+    """Items of the human queue with `status` ("open", "resolved", or None for all), oldest first."""
+    stmt = select(HumanQueueRow).order_by(col(HumanQueueRow.created_at), col(HumanQueueRow.id))
+    if status is not None:
+        stmt = stmt.where(col(HumanQueueRow.status) == status)
+    with Session(engine) as s:
+        return [
+            {"queue_item_id": f"HQ-{q.id}", "workflow_id": q.workflow_id, "customer_id": q.customer_id,
+             "reason": q.reason, "priority": q.priority, "status": q.status, "created_at": q.created_at}
+            for q in s.scalars(stmt)
+        ]

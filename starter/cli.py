@@ -1,0 +1,261 @@
+"""`keel`: the command line. Every command talks to Temporal through the client (reports read the ledger)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.live import Live
+from temporalio.client import Client, WorkflowFailureError
+from temporalio.service import RPCError
+
+from core.dataset import sample_tickets
+from core.settings import KeelSettings
+from core.types import SimConfig, TicketResult
+from starter import stack, tickets, views
+from starter.client import connect
+
+app = typer.Typer(help="Keel: durable, budgeted, observable LLM agents on Temporal.", no_args_is_help=True)
+ticket_app = typer.Typer(help="Support tickets: submit one, or a batch.", no_args_is_help=True)
+app.add_typer(ticket_app, name="ticket")
+console = Console()
+err = Console(stderr=True)
+
+
+def _settings() -> KeelSettings:
+    try:
+        return KeelSettings()
+    except ValueError as e:
+        err.print(f"[red]invalid settings:[/red] {e}")
+        raise typer.Exit(2) from e
+
+
+async def _client(settings: KeelSettings) -> Client:
+    try:
+        return await connect(settings)
+    except RuntimeError as e:
+        err.print(f"[red]cannot reach Temporal at {settings.temporal_address}[/red]: {e}\n"
+                  "Start the local stack with `keel up` (or `make up`), or set TEMPORAL_ADDRESS.")
+        raise typer.Exit(1) from e
+
+
+def _sim(settings: KeelSettings, seed: int | None, spiral_rate: float | None, latency: str | None) -> SimConfig:
+    lo = hi = 0
+    if latency:
+        a, _, b = latency.partition("-")
+        try:
+            lo, hi = int(a), int(b or a)
+        except ValueError as e:
+            raise typer.BadParameter(f"--sim-latency {latency!r}: use milliseconds, e.g. 1000-3000") from e
+    return SimConfig(
+        seed=settings.sim_seed if seed is None else seed,
+        spiral_rate=settings.sim_spiral_rate if spiral_rate is None else spiral_rate,
+        latency_ms_min=lo,
+        latency_ms_max=hi,
+    )
+
+
+@app.command()
+def up(detach: Annotated[bool, typer.Option("--detach", "-d", help="Leave the stack running and return.")] = False,
+       ) -> None:
+    """Start the local Temporal dev server (with the UI and Keel's search attributes) and a worker."""
+    settings = _settings()
+
+    async def run() -> None:
+        state = await stack.up(settings, console.print)
+        console.print(f"Temporal UI: [bold]{settings.ui_url}[/bold]   address: {settings.temporal_address}")
+        if detach:
+            console.print("Stop it with `keel down` (or `make down`).")
+            return
+        console.print("Press Ctrl-C to stop.")
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        while not stop.is_set():
+            if not stack.alive(state.worker_pid):
+                err.print("[red]the worker exited[/red]; see .keel/worker.log")
+                break
+            await asyncio.sleep(0.5)
+        stack.down(settings, console.print)
+
+    try:
+        asyncio.run(run())
+    except stack.StackError as e:
+        err.print(f"[red]{e}[/red]")
+        raise typer.Exit(1) from e
+
+
+@app.command()
+def down() -> None:
+    """Stop the local stack started by `keel up`."""
+    stack.down(_settings(), console.print)
+
+
+@ticket_app.command("submit")
+def ticket_submit(
+    customer: Annotated[str, typer.Option("--customer", "-c", help="Customer id, e.g. C-1001")],
+    text: Annotated[str, typer.Option("--text", "-t", help="The ticket text")],
+    ticket_id: Annotated[str | None, typer.Option(help="Your ticket id (default: generated)")] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Wait for the result")] = False,
+    watch: Annotated[bool, typer.Option("--watch", help="Draw live progress until done")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON (implies --wait)")] = False,
+    sim_seed: Annotated[int | None, typer.Option(help="Seed of the sim model")] = None,
+    spiral_rate: Annotated[float | None, typer.Option(help="Sim: share of tasks that spiral")] = None,
+    sim_latency: Annotated[str | None, typer.Option(help="Sim: latency per call in ms, e.g. 1000-3000")] = None,
+) -> None:
+    """Submit one support ticket; prints the workflow id and its Temporal UI link."""
+    settings = _settings()
+    try:
+        sim = _sim(settings, sim_seed, spiral_rate, sim_latency)
+        inp = tickets.make_input(settings, customer, text, ticket_id, sim)
+    except tickets.TicketInputError as e:
+        err.print(f"[red]ticket refused:[/red] {e}")
+        raise typer.Exit(2) from e
+
+    async def run() -> None:
+        client = await _client(settings)
+        handle = await tickets.start_ticket(client, settings, inp)
+        if not as_json:
+            console.print(f"started [bold]{handle.id}[/bold]  model: {inp.large_model.label}")
+            console.print(f"  {views.workflow_url(settings, handle.id)}")
+        if watch:
+            with Live(views.progress_panel(handle.id, None), console=console, refresh_per_second=8) as live:
+                done = asyncio.ensure_future(handle.result())
+                while not done.done():
+                    live.update(views.progress_panel(handle.id, await tickets.progress(client, handle.id)))
+                    await asyncio.wait({done}, timeout=0.25)
+                live.update(views.progress_panel(handle.id, await tickets.progress(client, handle.id)))
+            _print_result(done.result(), as_json)
+        elif wait or as_json:
+            _print_result(await handle.result(), as_json)
+
+    _run(run)
+
+
+def _print_result(res: TicketResult, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(views.result_json(res), indent=2))
+    else:
+        console.print(views.result_panel(res))
+
+
+@ticket_app.command("batch")
+def ticket_batch(
+    file: Annotated[Path | None, typer.Argument(help="JSON list or JSON Lines of {customer_id, text}")] = None,
+    sample: Annotated[int | None, typer.Option("--sample", help="Run N synthetic sample tickets instead")] = None,
+    concurrency: Annotated[int, typer.Option("--concurrency", "-k", min=1)] = 10,
+    as_json: Annotated[bool, typer.Option("--json", help="Print results as JSON lines")] = False,
+    sim_seed: Annotated[int | None, typer.Option(help="Seed of the sim model")] = None,
+    spiral_rate: Annotated[float | None, typer.Option(help="Sim: share of tasks that spiral")] = None,
+    sim_latency: Annotated[str | None, typer.Option(help="Sim: latency per call in ms, e.g. 1000-3000")] = None,
+) -> None:
+    """Run many tickets and print a result table."""
+    settings = _settings()
+    if (file is None) == (sample is None):
+        err.print("[red]give a FILE or --sample N (one of them)[/red]")
+        raise typer.Exit(2)
+    sim = _sim(settings, sim_seed, spiral_rate, sim_latency)
+    try:
+        if file is not None:
+            inputs = tickets.load_batch_file(file, settings, sim)
+        else:
+            inputs = [tickets.make_input(settings, t.customer_id, t.text, t.ticket_id, sim)
+                      for t in sample_tickets(sample or 0, seed=sim.seed)]
+    except tickets.TicketInputError as e:
+        err.print(f"[red]{e}[/red]")
+        raise typer.Exit(2) from e
+
+    async def run() -> None:
+        client = await _client(settings)
+        if not as_json:
+            console.print(f"running {len(inputs)} tickets, concurrency {concurrency}, "
+                          f"model {inputs[0].large_model.label}" if inputs else "no tickets")
+        with console.status("working...", spinner="dots") if not as_json else _Null():
+            results = await tickets.run_batch(client, settings, inputs, concurrency)
+        if as_json:
+            for r in results:
+                print(json.dumps(views.result_json(r)))
+        else:
+            console.print(views.batch_table(results))
+            console.print(f"Temporal UI: [bold]{settings.ui_url}[/bold]  (filter: KeelCustomer, KeelStatus, "
+                          "KeelTokens, KeelCostUsd)")
+
+    _run(run)
+
+
+class _Null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *a: object) -> None:
+        return None
+
+
+@app.command()
+def status(workflow_id: str) -> None:
+    """Live progress of a task: step, current action, tokens, status."""
+    settings = _settings()
+
+    async def run() -> None:
+        client = await _client(settings)
+        console.print(views.progress_panel(workflow_id, await tickets.progress(client, workflow_id)))
+
+    _run(run)
+
+
+@app.command()
+def result(workflow_id: str, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """The result of a finished task (waits if it is still running)."""
+    settings = _settings()
+
+    async def run() -> None:
+        client = await _client(settings)
+        _print_result(await tickets.result(client, workflow_id), as_json)
+
+    _run(run)
+
+
+@app.command()
+def costs(
+    by: Annotated[str, typer.Option("--by", help="Comma-separated: customer, feature, task_type, model, "
+                                                   "provider, prompt_version")] = "customer",
+    fmt: Annotated[str, typer.Option("--format", help="table | csv | json")] = "table",
+) -> None:
+    """LLM spend from the ledger, grouped by any tags."""
+    from activities.db import make_engine
+    from activities.ledger import Ledger
+
+    settings = _settings()
+    group = [g.strip() for g in by.split(",") if g.strip()]
+    try:
+        rows = Ledger(make_engine(settings.db_url)).costs(group)
+    except ValueError as e:
+        err.print(f"[red]{e}[/red]")
+        raise typer.Exit(2) from e
+    views.print_rows(console, rows, group, fmt, title=f"LLM costs by {', '.join(group)}")
+
+
+def _run(fn: object) -> None:
+    try:
+        asyncio.run(fn())  # type: ignore[operator]
+    except WorkflowFailureError as e:
+        err.print(f"[red]task failed:[/red] {e.cause or e}")
+        raise typer.Exit(1) from e
+    except RPCError as e:
+        err.print(f"[red]Temporal: {e.message}[/red]")
+        raise typer.Exit(1) from e
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

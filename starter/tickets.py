@@ -1,0 +1,158 @@
+"""Starting support-ticket tasks and reading their results, through the Temporal client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+from temporalio.client import Client, WorkflowHandle
+from temporalio.common import SearchAttributeKey, SearchAttributePair, TypedSearchAttributes
+
+from core import names
+from core.policy import ticket_problems
+from core.settings import KeelSettings
+from core.types import ModelSpec, Progress, SimConfig, TicketInput, TicketResult
+
+SA_CUSTOMER = SearchAttributeKey.for_keyword(names.SA_CUSTOMER)
+SA_TASK_TYPE = SearchAttributeKey.for_keyword(names.SA_TASK_TYPE)
+SA_FEATURE = SearchAttributeKey.for_keyword(names.SA_FEATURE)
+SA_STATUS = SearchAttributeKey.for_keyword(names.SA_STATUS)
+SA_AWAITING = SearchAttributeKey.for_bool(names.SA_AWAITING_APPROVAL)
+
+
+class TicketInputError(ValueError):
+    """A ticket (or a batch file) that cannot be submitted; the message says why and where."""
+
+
+def make_input(
+    settings: KeelSettings,
+    customer_id: str,
+    text: str,
+    ticket_id: str | None = None,
+    sim: SimConfig | None = None,
+    feature: str = "support",
+) -> TicketInput:
+    problems = ticket_problems(customer_id, text)
+    if problems:
+        raise TicketInputError("; ".join(problems))
+    return TicketInput(
+        ticket_id=ticket_id or f"TK-{uuid.uuid4().hex[:10]}",
+        customer_id=customer_id.strip(),
+        text=text,
+        feature=feature,
+        small_model=ModelSpec.parse(settings.model_small),
+        large_model=ModelSpec.parse(settings.model_large),
+        sim=sim or SimConfig(seed=settings.sim_seed, spiral_rate=settings.sim_spiral_rate),
+    )
+
+
+def workflow_id_for(inp: TicketInput) -> str:
+    # Unique per run: the ledger and write idempotency are keyed on the workflow id, so a ticket
+    # submitted twice must not share one.
+    return f"ticket-{inp.ticket_id}-{uuid.uuid4().hex[:8]}"
+
+
+async def start_ticket(client: Client, settings: KeelSettings, inp: TicketInput) -> WorkflowHandle[Any, TicketResult]:
+    return await client.start_workflow(
+        names.SUPPORT_TICKET_WORKFLOW,
+        inp,
+        id=workflow_id_for(inp),
+        task_queue=settings.task_queue,
+        result_type=TicketResult,
+        search_attributes=TypedSearchAttributes(
+            [
+                SearchAttributePair(SA_CUSTOMER, inp.customer_id),
+                SearchAttributePair(SA_TASK_TYPE, inp.task_type),
+                SearchAttributePair(SA_FEATURE, inp.feature),
+                SearchAttributePair(SA_STATUS, "running"),
+                SearchAttributePair(SA_AWAITING, False),
+            ]
+        ),
+    )
+
+
+async def progress(client: Client, workflow_id: str) -> Progress:
+    handle = client.get_workflow_handle(workflow_id)
+    p: Progress = await handle.query(names.PROGRESS_QUERY, result_type=Progress)
+    return p
+
+
+async def result(client: Client, workflow_id: str) -> TicketResult:
+    r: TicketResult = await client.get_workflow_handle(workflow_id).result(type_hint=TicketResult)
+    return r
+
+
+def load_batch_file(path: Path, settings: KeelSettings, sim: SimConfig | None = None) -> list[TicketInput]:
+    """A JSON list or JSON Lines of {"customer_id", "text", optional "ticket_id"}. Every problem in
+    the file is reported (with its line or index) and nothing is started if there is any."""
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise TicketInputError(f"{path}: cannot read: {e}") from e
+    entries: list[tuple[str, Any]] = []
+    stripped = raw.lstrip()
+    if stripped.startswith("["):
+        try:
+            items = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise TicketInputError(f"{path}: not valid JSON: {e}") from e
+        entries = [(f"item {i}", it) for i, it in enumerate(items)]
+    else:
+        for n, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                entries.append((f"line {n}", json.loads(line)))
+            except json.JSONDecodeError as e:
+                entries.append((f"line {n}", e))
+    if not entries:
+        raise TicketInputError(f"{path}: no tickets in the file")
+    problems, inputs = [], []
+    for where, item in entries:
+        if isinstance(item, json.JSONDecodeError):
+            problems.append(f"{where}: not valid JSON ({item.msg})")
+            continue
+        if not isinstance(item, dict):
+            problems.append(f"{where}: expected an object with customer_id and text, got {type(item).__name__}")
+            continue
+        unknown = set(item) - {"customer_id", "text", "ticket_id", "feature"}
+        if unknown:
+            problems.append(f"{where}: unknown fields {sorted(unknown)}")
+            continue
+        try:
+            inputs.append(make_input(settings, str(item.get("customer_id", "")), str(item.get("text", "")),
+                                     item.get("ticket_id"), sim, str(item.get("feature", "support"))))
+        except (TicketInputError, ValidationError) as e:
+            problems.append(f"{where}: {e}")
+    if problems:
+        listing = "\n  ".join(problems)
+        raise TicketInputError(f"{path}: {len(problems)} bad ticket(s), nothing was started:\n  {listing}")
+    return inputs
+
+
+async def run_batch(
+    client: Client,
+    settings: KeelSettings,
+    inputs: list[TicketInput],
+    concurrency: int,
+    on_done: Callable[[TicketResult], Awaitable[None] | None] | None = None,
+) -> list[TicketResult]:
+    """Start every ticket (at most `concurrency` in flight) and collect the results in input order."""
+    sem = asyncio.Semaphore(max(1, concurrency))
+
+    async def one(inp: TicketInput) -> TicketResult:
+        async with sem:
+            handle = await start_ticket(client, settings, inp)
+            res = await handle.result()
+        if on_done is not None:
+            maybe = on_done(res)
+            if maybe is not None:
+                await maybe
+        return res
+
+    return list(await asyncio.gather(*(one(i) for i in inputs)))

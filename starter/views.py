@@ -1,0 +1,108 @@
+"""How results look in the terminal: tables, panels, JSON."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from typing import Any
+from urllib.parse import quote
+
+from rich.console import Console, Group
+from rich.panel import Panel
+from rich.table import Table
+
+from core.settings import KeelSettings
+from core.types import SIM_LABEL, Progress, TicketResult
+
+
+def workflow_url(settings: KeelSettings, workflow_id: str) -> str:
+    return f"{settings.ui_url}/namespaces/{settings.temporal_namespace}/workflows/{quote(workflow_id, safe='')}"
+
+
+def result_json(r: TicketResult) -> dict[str, Any]:
+    return {
+        "workflow_id": r.workflow_id,
+        "ticket_id": r.ticket_id,
+        "status": r.status,
+        "category": r.category,
+        "route": r.route,
+        "reason": r.reason,
+        "tools_executed": r.tools_executed,
+        "tools_blocked": [b.model_dump() for b in r.tools_blocked],
+        "tokens": r.tokens,
+        "cost_usd": r.cost_usd,
+        "models": r.models,
+        "reply": r.reply,
+    }
+
+
+def _sim_note(models: list[str]) -> str:
+    return f"  [dim]({SIM_LABEL}: simulated tokens and costs)[/dim]" if any(SIM_LABEL in m for m in models) else ""
+
+
+def result_panel(r: TicketResult) -> Panel:
+    t = Table.grid(padding=(0, 2))
+    t.add_row("status", f"[bold]{r.status}[/bold] -> {r.route}")
+    t.add_row("reason", r.reason)
+    t.add_row("category", f"{r.category} ({r.urgency}, confidence {r.confidence})")
+    t.add_row("tools", ", ".join(r.tools_executed) or "-")
+    if r.tools_blocked:
+        t.add_row("blocked", "\n".join(f"{b.tool}: {b.reason}" for b in r.tools_blocked))
+    t.add_row("usage", f"{r.llm_calls} LLM calls, {r.tokens:,} tokens, ${r.cost_usd:.5f}" + _sim_note(r.models))
+    t.add_row("models", ", ".join(r.models))
+    if r.reply:
+        t.add_row("reply", r.reply)
+    return Panel(t, title=r.workflow_id)
+
+
+def progress_panel(workflow_id: str, p: Progress | None) -> Panel:
+    if p is None:
+        return Panel("starting...", title=workflow_id)
+    t = Table.grid(padding=(0, 2))
+    t.add_row("status", f"[bold]{p.status}[/bold]")
+    t.add_row("step", f"{p.step}: {p.action}")
+    t.add_row("category", p.category or "-")
+    t.add_row("tokens", f"{p.tokens:,} ({p.llm_calls} LLM calls, ${p.cost_usd:.5f})")
+    t.add_row("tools", ", ".join(p.tools_executed) or "-")
+    return Panel(t, title=workflow_id)
+
+
+def batch_table(results: list[TicketResult]) -> Group:
+    t = Table(title=f"{len(results)} support tickets")
+    for col in ("ticket", "customer", "category", "conf", "status", "route", "tools", "blocked", "tokens", "cost $"):
+        t.add_column(col, justify="right" if col in ("conf", "tokens", "cost $", "tools", "blocked") else "left")
+    for r in results:
+        t.add_row(r.ticket_id, r.customer_id, r.category or "-",
+                  f"{r.confidence:.2f}" if r.confidence is not None else "-",
+                  r.status, r.route, str(len(r.tools_executed)), str(len(r.tools_blocked)),
+                  f"{r.tokens:,}", f"{r.cost_usd:.5f}")
+    n = len(results) or 1
+    human = sum(r.route == "human" for r in results)
+    tokens = sum(r.tokens for r in results)
+    cost = sum(r.cost_usd for r in results)
+    models = sorted({m for r in results for m in r.models})
+    summary = (f"resolved {sum(r.status == 'resolved' for r in results)}, to the human queue {human} "
+               f"({human / n:.0%}); {tokens:,} tokens, ${cost:.4f} in all, ${cost / n:.5f} per ticket; "
+               f"models: {', '.join(models)}" + _sim_note(models))
+    return Group(t, summary)
+
+
+def print_rows(console: Console, rows: list[dict[str, Any]], keys: list[str], fmt: str, title: str) -> None:
+    if fmt == "json":
+        console.print_json(json.dumps(rows, default=str))
+        return
+    cols = list(rows[0]) if rows else keys
+    if fmt == "csv":
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=cols)
+        w.writeheader()
+        w.writerows(rows)
+        print(buf.getvalue(), end="")
+        return
+    t = Table(title=title)
+    for c in cols:
+        t.add_column(c)
+    for r in rows:
+        t.add_row(*(f"{v:.6f}" if isinstance(v, float) else str(v) for v in r.values()))
+    console.print(t)

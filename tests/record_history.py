@@ -1,0 +1,46 @@
+"""Record a ticket history for tests/histories/ (run when a deliberate, patched workflow change lands):
+
+    .venv/bin/python -m tests.record_history NAME
+
+Starts a throwaway dev server from the installed binary, runs one sim ticket that exercises tools,
+a blocked write and a spiral, and writes tests/histories/NAME.json.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import tempfile
+from pathlib import Path
+
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.testing import WorkflowEnvironment
+
+from activities.db import init_db, make_engine
+from core.dataset import sample_tickets
+from core.settings import KeelSettings
+from tests.conftest import SEARCH_ATTRIBUTE_KEYS, _binary, run_ticket, ticket
+from workers.worker import build_worker
+
+
+async def main(name: str) -> None:
+    sample = next(t for t in sample_tickets(16) if t.category == "refund_request")
+    with tempfile.TemporaryDirectory() as tmp:
+        engine = make_engine(f"sqlite:///{tmp}/keel.db")
+        init_db(engine)
+        settings = KeelSettings(home=Path(tmp), task_queue="record")
+        env = await WorkflowEnvironment.start_local(
+            dev_server_existing_path=_binary("temporal"), data_converter=pydantic_data_converter,
+            search_attributes=SEARCH_ATTRIBUTE_KEYS,
+        )
+        async with env, build_worker(env.client, settings, engine=engine):
+            res = await run_ticket(env.client, settings,
+                                   ticket(sample.customer_id, sample.text, ticket_id=f"TK-{name}", spiral_rate=1.0))
+            history = await env.client.get_workflow_handle(res.workflow_id).fetch_history()
+    out = Path(__file__).parent / "histories" / f"{name}.json"
+    out.write_text(history.to_json())
+    print(f"wrote {out} ({len(history.events)} events; {res.status}, {res.route}, {res.tokens} tokens)")
+
+
+if __name__ == "__main__":
+    asyncio.run(main(sys.argv[1] if len(sys.argv) > 1 else "ticket_v1"))

@@ -1,0 +1,115 @@
+"""The user's path, as processes: `keel up --detach`, `keel ticket submit`, `keel costs`, `keel down`,
+on free ports with a throwaway home, plus the CLI's refusals of bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from core.settings import KeelSettings
+from starter import stack, tickets
+
+KEEL = [sys.executable, "-m", "starter"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def keel(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*KEEL, *args], env=env, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+@pytest.fixture
+def stack_env(tmp_path: Path) -> Iterator[dict[str, str]]:
+    env = dict(os.environ)
+    env.update({
+        "KEEL_HOME": str(tmp_path / ".keel"),
+        "TEMPORAL_ADDRESS": f"127.0.0.1:{free_port()}",
+        "KEEL_UI_PORT": str(free_port()),
+        "KEEL_TASK_QUEUE": "cli-e2e",
+        "COLUMNS": "200",
+    })
+    yield env
+    keel(env, "down", timeout=60)
+
+
+def test_up_submit_costs_down(stack_env: dict[str, str], tmp_path: Path) -> None:
+    up = keel(stack_env, "up", "--detach")
+    assert up.returncode == 0, up.stdout + up.stderr
+    assert "Temporal dev server started" in up.stdout and "worker started" in up.stdout
+    state = json.loads((tmp_path / ".keel" / "stack.json").read_text())
+    assert stack.alive(state["server_pid"]) and stack.alive(state["worker_pid"])
+
+    # A second `up` reuses what runs.
+    again = keel(stack_env, "up", "--detach")
+    assert again.returncode == 0 and "already running" in again.stdout
+
+    sub = keel(stack_env, "ticket", "submit", "--customer", "C-1001", "--text", "Why was I charged a fee?", "--json",
+               "--spiral-rate", "0")
+    assert sub.returncode == 0, sub.stderr
+    doc = json.loads(sub.stdout)
+    assert doc["status"] == "resolved" and doc["category"] == "billing_question" and doc["route"] == "reply"
+    assert doc["tokens"] > 0 and doc["cost_usd"] > 0
+
+    costs = keel(stack_env, "costs", "--by", "customer,task_type", "--format", "json")
+    assert costs.returncode == 0, costs.stderr
+    rows = json.loads(costs.stdout)
+    assert rows[0]["customer"] == "C-1001" and rows[0]["task_type"] == "support_ticket"
+    assert rows[0]["cost_usd"] == pytest.approx(doc["cost_usd"])
+
+    res = keel(stack_env, "result", doc["workflow_id"], "--json")
+    assert json.loads(res.stdout)["workflow_id"] == doc["workflow_id"]
+
+    down = keel(stack_env, "down")
+    assert down.returncode == 0
+    assert not stack.alive(state["server_pid"]) and not stack.alive(state["worker_pid"])
+    assert not (tmp_path / ".keel" / "stack.json").exists()
+
+
+def test_port_held_by_something_else_is_a_clear_error(stack_env: dict[str, str]) -> None:
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        stack_env["TEMPORAL_ADDRESS"] = f"127.0.0.1:{squatter.getsockname()[1]}"
+        out = keel(stack_env, "up", "--detach", timeout=60)
+    assert out.returncode == 1
+    assert "not a Temporal server" in out.stderr
+
+
+def test_submit_refuses_bad_tickets(stack_env: dict[str, str]) -> None:
+    empty = keel(stack_env, "ticket", "submit", "--customer", "C-1001", "--text", "  ")
+    assert empty.returncode == 2 and "ticket text is empty" in empty.stderr
+
+
+def test_malformed_batch_file_starts_nothing(tmp_path: Path) -> None:
+    f = tmp_path / "batch.jsonl"
+    f.write_text('{"customer_id": "C-1001", "text": "fine"}\n{"customer_id": "C-1002", "text": \n'
+                 '{"customer_id": "C-1003"}\n[1, 2]\n{"customer_id": "C-1004", "text": "x", "amount": 5}\n')
+    with pytest.raises(tickets.TicketInputError) as e:
+        tickets.load_batch_file(f, KeelSettings())
+    msg = str(e.value)
+    assert "4 bad ticket(s), nothing was started" in msg
+    assert "line 2: not valid JSON" in msg
+    assert "line 3: ticket text is empty" in msg
+    assert "line 4: expected an object" in msg
+    assert "line 5: unknown fields ['amount']" in msg
+
+
+def test_batch_file_json_list(tmp_path: Path) -> None:
+    f = tmp_path / "batch.json"
+    f.write_text(json.dumps([{"customer_id": "C-1001", "text": "hello", "ticket_id": "T1"}]))
+    [inp] = tickets.load_batch_file(f, KeelSettings())
+    assert inp.ticket_id == "T1" and inp.customer_id == "C-1001"
+    f.write_text("[{")
+    with pytest.raises(tickets.TicketInputError, match="not valid JSON"):
+        tickets.load_batch_file(f, KeelSettings())

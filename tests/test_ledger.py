@@ -1,0 +1,135 @@
+"""The ledger: upserts keyed by (workflow, step, kind) and the cost reports built on them."""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sqlalchemy import Engine, func, select
+from sqlmodel import Session
+
+from activities.db import LedgerRow, init_db, make_engine
+from activities.ledger import GROUP_COLUMNS, Ledger
+from core.types import LlmRequest, LlmResponse, Message, TaskContext, TaskOutcome, Usage
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> Engine:
+    e = make_engine(f"sqlite:///{tmp_path}/keel.db")
+    init_db(e)
+    return e
+
+
+def llm(wf: str, step: int, tokens: tuple[int, int] = (100, 10), cost: float = 0.001, *,
+        customer: str = "C-1001", feature: str = "support", model: str = "sim-large",
+        version: str = "v1") -> tuple[LlmRequest, LlmResponse]:
+    task = TaskContext(workflow_id=wf, customer=customer, feature=feature, prompt_version=version)
+    req = LlmRequest(task=task, step=step, kind="reason", prompt="support/reason",
+                     messages=[Message(role="user", content="hi")])
+    resp = LlmResponse(usage=Usage(input_tokens=tokens[0], output_tokens=tokens[1]), cost_usd=cost,
+                       model=model, provider="sim", prompt_version=version, prompt_hash="abc")
+    return req, resp
+
+
+def llm_rows(engine: Engine) -> list[LedgerRow]:
+    with Session(engine) as s:
+        return list(s.scalars(select(LedgerRow).where(LedgerRow.kind == "llm")))
+
+
+def test_upsert_keeps_one_row_with_the_last_figures(engine: Engine) -> None:
+    ledger = Ledger(engine)
+    ledger.record_llm(*llm("wf-1", 1, (100, 10), 0.01), attempt=1)
+    ledger.record_llm(*llm("wf-1", 1, (120, 20), 0.02), attempt=2)
+    (row,) = llm_rows(engine)
+    assert (row.key, row.input_tokens, row.output_tokens, row.cost_usd, row.attempt) == (
+        "wf-1/1/llm", 120, 20, 0.02, 2)
+    assert (row.step_kind, row.prompt_name, row.model, row.tier) == ("reason", "support/reason", "sim-large",
+                                                                      "large")
+    assert row.created_at.tzinfo is not None
+    assert ledger.task_totals("wf-1") == {"workflow_id": "wf-1", "llm_calls": 1, "input_tokens": 120,
+                                          "output_tokens": 20, "tokens": 140, "cost_usd": 0.02,
+                                          "tool_calls": 0, "tool_errors": 0}
+
+
+def test_costs_group_sums_equal_raw_totals(engine: Engine) -> None:
+    ledger = Ledger(engine)
+    combos = itertools.product(["C-1001", "C-1002"], ["support", "billing"], ["sim-small", "sim-large"],
+                               ["v1", "v2"])
+    for i, (customer, feature, model, version) in enumerate(combos):
+        ledger.record_llm(*llm(f"wf-{i}", 1, (100 + i, 10 + i), 0.001 * (i + 1), customer=customer,
+                               feature=feature, model=model, version=version), attempt=1)
+        ledger.record_llm(*llm(f"wf-{i}", 2, (50, 5), 0.0005, customer=customer, feature=feature,
+                               model=model, version=version), attempt=1)
+    with Session(engine) as s:
+        calls, tin, tout, cost = s.execute(select(
+            func.count(), func.sum(LedgerRow.input_tokens), func.sum(LedgerRow.output_tokens),
+            func.sum(LedgerRow.cost_usd)).where(LedgerRow.kind == "llm")).one()
+    for group_by in [[], ["customer"], ["feature", "model"], ["prompt_version", "provider", "task_type"],
+                     list(GROUP_COLUMNS)]:
+        rows = ledger.costs(group_by)
+        assert sum(r["calls"] for r in rows) == calls == 32
+        assert sum(r["input_tokens"] for r in rows) == tin
+        assert sum(r["output_tokens"] for r in rows) == tout
+        assert sum(r["cost_usd"] for r in rows) == pytest.approx(cost)
+        assert all(set(group_by) <= r.keys() for r in rows)
+    by_customer = ledger.costs(["customer"])
+    assert {r["customer"] for r in by_customer} == {"C-1001", "C-1002"}
+    assert by_customer[0]["cost_usd"] >= by_customer[1]["cost_usd"]
+    assert ledger.costs(["customer"], since=datetime.now(UTC) + timedelta(hours=1)) == []
+    assert len(ledger.costs(["customer"], since=datetime.now(UTC) - timedelta(hours=1))) == 2
+
+
+def test_costs_rejects_unknown_groups(engine: Engine) -> None:
+    with pytest.raises(ValueError, match="valid names are customer, feature") as exc:
+        Ledger(engine).costs(["customer", "colour"])
+    assert "'colour'" in str(exc.value)
+
+
+def test_costs_ignore_tool_and_outcome_rows(engine: Engine) -> None:
+    ledger = Ledger(engine)
+    ledger.record_llm(*llm("wf-1", 1, (100, 10), 0.01), attempt=1)
+    task = TaskContext(workflow_id="wf-1", customer="C-1001")
+    ledger.record_outcome(task, TaskOutcome(status="escalated", route="human", reason="fraud", cost_usd=0.01,
+                                            input_tokens=100, output_tokens=10))
+    ledger.record_outcome(task, TaskOutcome(status="resolved", route="reply", cost_usd=0.01))
+    (total,) = ledger.costs([])
+    assert (total["calls"], total["cost_usd"]) == (1, 0.01)
+    (outcome,) = ledger.outcomes()
+    assert (outcome["workflow_id"], outcome["status"], outcome["route"]) == ("wf-1", "resolved", "reply")
+    assert ledger.outcomes(since=datetime.now(UTC) + timedelta(minutes=1)) == []
+
+
+@functools.cache
+def memory_engine() -> Engine:
+    """One in-memory database for all hypothesis examples; each example uses its own workflow id."""
+    e = make_engine("sqlite://")
+    init_db(e)
+    return e
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 5), st.integers(0, 5000), st.integers(0, 500)), max_size=25))
+def test_total_is_the_last_attempt_of_each_step(records: list[tuple[int, int, int]]) -> None:
+    engine = memory_engine()
+    ledger = Ledger(engine)
+    wf = f"wf-{uuid.uuid4()}"
+    attempts: dict[int, int] = {}
+    last: dict[int, tuple[int, int]] = {}
+    for step, tin, tout in records:
+        attempts[step] = attempts.get(step, 0) + 1
+        ledger.record_llm(*llm(wf, step, (tin, tout), cost=(tin + tout) / 1e6), attempt=attempts[step])
+        last[step] = (tin, tout)
+    totals = ledger.task_totals(wf)
+    assert totals["llm_calls"] == len(last)
+    assert totals["input_tokens"] == sum(t[0] for t in last.values())
+    assert totals["output_tokens"] == sum(t[1] for t in last.values())
+    assert totals["cost_usd"] == pytest.approx(sum(a + b for a, b in last.values()) / 1e6)
+    with Session(engine) as s:
+        rows = s.scalars(select(LedgerRow).where(LedgerRow.workflow_id == wf)).all()
+    assert sorted((r.step, r.attempt) for r in rows) == sorted(attempts.items())

@@ -1,0 +1,56 @@
+"""Replay: recorded histories under tests/histories/ must replay against today's workflow code, and a
+history that no longer matches the code must be caught."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from temporalio.client import Client, WorkflowHistory
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.worker import Replayer
+from temporalio.workflow import NondeterminismError
+
+from core.settings import KeelSettings
+from tests.conftest import run_ticket, ticket
+from workers.worker import SANDBOX
+from workflows import WORKFLOWS
+
+HISTORIES = sorted((Path(__file__).parent / "histories").glob("*.json"))
+
+
+def replayer() -> Replayer:
+    return Replayer(workflows=WORKFLOWS, data_converter=pydantic_data_converter, workflow_runner=SANDBOX)
+
+
+def test_there_are_recorded_histories() -> None:
+    assert HISTORIES, "tests/histories/ should hold at least one recorded ticket history"
+
+
+@pytest.mark.parametrize("path", HISTORIES, ids=[p.stem for p in HISTORIES])
+async def test_recorded_history_replays(path: Path) -> None:
+    history = WorkflowHistory.from_json(path.stem, path.read_text())
+    await replayer().replay_workflow(history)
+
+
+async def test_changed_history_is_detected() -> None:
+    """A history whose commands differ from what the code does now must fail replay, loudly."""
+    path = HISTORIES[0]
+    doc = json.loads(path.read_text())
+    for event in doc["events"]:
+        attrs = event.get("activityTaskScheduledEventAttributes")
+        if attrs and attrs["activityType"]["name"] != "llm_call":
+            attrs["activityType"]["name"] = "close_account"
+            break
+    history = WorkflowHistory.from_json(path.stem, json.dumps(doc))
+    with pytest.raises(NondeterminismError):
+        await replayer().replay_workflow(history)
+
+
+async def test_run_then_replay(client: Client, settings: KeelSettings, worker_factory) -> None:
+    async with worker_factory(client):
+        res = await run_ticket(client, settings, ticket("C-1003", "My card keeps getting declined online.",
+                                                        spiral_rate=1.0, hallucinated_tool_rate=0.3))
+    history = await client.get_workflow_handle(res.workflow_id).fetch_history()
+    await replayer().replay_workflow(history)

@@ -1,0 +1,1 @@
+"""The worker process: registers workflows and activities. Run with `python -m workers`."""

@@ -1,0 +1,30 @@
+"""`python -m workers`: run a Keel worker until interrupted."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from core.settings import KeelSettings
+from starter.client import connect
+from workers.worker import build_worker
+
+
+async def main() -> None:
+    settings = KeelSettings()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    client = await connect(settings)
+    worker = build_worker(client, settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    logging.info("keel worker on task queue %r at %s", settings.task_queue, settings.temporal_address)
+    async with worker:
+        await stop.wait()
+    logging.info("keel worker stopped")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

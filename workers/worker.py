@@ -1,0 +1,68 @@
+"""Wiring only: which workflows and activities run on which task queue, with what limits."""
+
+from __future__ import annotations
+
+import concurrent.futures
+from collections.abc import Callable
+from typing import Any
+
+from activities.providers.sim import SimProvider
+from sqlalchemy.engine import Engine
+from temporalio.client import Client
+from temporalio.worker import Worker
+from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
+
+from activities.db import init_db, make_engine
+from activities.ledger import Ledger
+from activities.llm import LlmActivities
+from activities.providers.anthropic_provider import AnthropicProvider
+from activities.providers.base import Provider
+from activities.providers.openai_provider import OpenAIProvider
+from activities.tools import ToolActivities
+from core.settings import KeelSettings
+from workflows import WORKFLOWS
+
+# `core` and pydantic are pure: sharing them with the sandbox saves re-importing them per workflow run.
+SANDBOX = SandboxedWorkflowRunner(
+    restrictions=SandboxRestrictions.default.with_passthrough_modules("core", "pydantic", "pydantic_core")
+)
+
+
+def default_providers(settings: KeelSettings) -> dict[str, Provider]:
+    # The real providers read their keys lazily, at their first call: a worker for the sim model
+    # needs no key, and a missing key surfaces as a clear, non-retryable auth error.
+    return {
+        "sim": SimProvider(),
+        "openai": OpenAIProvider(timeout_s=settings.llm_timeout_s),
+        "anthropic": AnthropicProvider(timeout_s=settings.llm_timeout_s),
+    }
+
+
+def activities_for(engine: Engine, providers: dict[str, Provider]) -> list[Callable[..., Any]]:
+    ledger = Ledger(engine)
+    return [LlmActivities(providers, ledger).llm_call, *ToolActivities(engine, ledger).all()]
+
+
+def build_worker(
+    client: Client,
+    settings: KeelSettings,
+    *,
+    task_queue: str | None = None,
+    engine: Engine | None = None,
+    providers: dict[str, Provider] | None = None,
+    extra_activities: list[Callable[..., Any]] | None = None,
+) -> Worker:
+    if engine is None:
+        engine = make_engine(settings.db_url)
+        init_db(engine)
+    acts = activities_for(engine, providers or default_providers(settings))
+    return Worker(
+        client,
+        task_queue=task_queue or settings.task_queue,
+        workflows=WORKFLOWS,
+        activities=[*acts, *(extra_activities or [])],
+        activity_executor=concurrent.futures.ThreadPoolExecutor(max_workers=settings.max_concurrent_activities),
+        max_concurrent_activities=settings.max_concurrent_activities,
+        max_concurrent_workflow_tasks=settings.max_concurrent_workflow_tasks,
+        workflow_runner=SANDBOX,
+    )

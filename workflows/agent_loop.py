@@ -1,0 +1,299 @@
+"""The generic agent loop (plan, call a tool, observe, loop until done), run inside a workflow.
+
+Deterministic: every model and tool call is an activity; this module only decides. It is a plain
+class, not a workflow, so every pattern (ticket, orchestrator, supervisor, swarm) can reuse it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Protocol
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+
+with workflow.unsafe.imports_passed_through():
+    from pydantic import ValidationError
+
+    from core.names import (
+        LLM_ACTIVITY,
+        LLM_START_TO_CLOSE,
+        NON_RETRYABLE_ERRORS,
+        TOOL_START_TO_CLOSE,
+    )
+    from core.tools import TOOLS, ToolDef
+    from core.types import (
+        BlockedAction,
+        LlmRequest,
+        LlmResponse,
+        Message,
+        ModelSpec,
+        Progress,
+        SimConfig,
+        StepKind,
+        TaskContext,
+        TaskOutcome,
+        Tier,
+        ToolCall,
+        ToolRequest,
+        ToolResult,
+    )
+
+LLM_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=1),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(seconds=30),
+    maximum_attempts=6,
+    non_retryable_error_types=NON_RETRYABLE_ERRORS,
+)
+TOOL_RETRY = RetryPolicy(
+    initial_interval=timedelta(milliseconds=500),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(seconds=10),
+    maximum_attempts=5,
+    non_retryable_error_types=NON_RETRYABLE_ERRORS,
+)
+
+
+@dataclass
+class LoopResult:
+    final_text: str = ""
+    escalation: str | None = None
+    """The agent asked for a human (escalate_to_human), with this reason."""
+    escalation_priority: str = "normal"
+    pending_actions: list[BlockedAction] = field(default_factory=list)
+    """Writes the agent proposed that policy does not let it execute alone (permission `confirm`)."""
+    invalid_outputs: int = 0
+    hit_step_cap: bool = False
+
+
+class Calls(Protocol):
+    """How the runner reaches activities: through Temporal in a workflow, directly in the asyncio
+    baseline of the benchmark. The decisions stay the same code either way."""
+
+    async def llm(self, req: LlmRequest, summary: str) -> LlmResponse: ...
+
+    async def tool(self, name: str, req: ToolRequest) -> ToolResult: ...
+
+
+class TemporalCalls:
+    """Every call an activity, with timeouts and retry policies from one place."""
+
+    async def llm(self, req: LlmRequest, summary: str) -> LlmResponse:
+        resp: LlmResponse = await workflow.execute_activity(
+            LLM_ACTIVITY,
+            req,
+            result_type=LlmResponse,
+            start_to_close_timeout=LLM_START_TO_CLOSE,
+            retry_policy=LLM_RETRY,
+            summary=summary,
+        )
+        return resp
+
+    async def tool(self, name: str, req: ToolRequest) -> ToolResult:
+        result: ToolResult = await workflow.execute_activity(
+            name,
+            req,
+            result_type=ToolResult,
+            start_to_close_timeout=TOOL_START_TO_CLOSE,
+            retry_policy=TOOL_RETRY,
+            summary=name,
+        )
+        return result
+
+
+class AgentRunner:
+    """Makes the calls of one task and keeps its books: step numbers, usage, progress, observations."""
+
+    def __init__(
+        self,
+        calls: Calls,
+        task: TaskContext,
+        models: dict[Tier, ModelSpec],
+        tiers: dict[StepKind, Tier],
+        sim: SimConfig,
+        max_output_tokens: int = 800,
+    ) -> None:
+        self.calls = calls
+        self.task = task
+        self.models = models
+        self.tiers = tiers
+        self.sim = sim
+        self.max_output_tokens = max_output_tokens
+        self.progress = Progress()
+        self.input_tokens = 0
+        self.output_tokens = 0
+        self.cost_usd = 0.0
+        self.llm_calls = 0
+        self.tools_executed: list[str] = []
+        self.tools_blocked: list[BlockedAction] = []
+        self.observations: list[str] = []
+        self.models_used: list[str] = []
+
+    # -- bookkeeping -------------------------------------------------------------------------
+    def _next_step(self, action: str) -> int:
+        self.progress.step += 1
+        self.progress.action = action
+        return self.progress.step
+
+    def observe(self, text: str) -> None:
+        self.observations.append(text)
+
+    def outcome(self, status: str, route: str, reason: str, classification: dict[str, object]) -> TaskOutcome:
+        return TaskOutcome.model_validate(
+            {
+                "status": status,
+                "route": route,
+                "reason": reason,
+                **classification,
+                "steps": self.progress.step,
+                "llm_calls": self.llm_calls,
+                "input_tokens": self.input_tokens,
+                "output_tokens": self.output_tokens,
+                "cost_usd": round(self.cost_usd, 8),
+            }
+        )
+
+    # -- calls -------------------------------------------------------------------------------
+    async def llm(
+        self,
+        kind: StepKind,
+        prompt: str,
+        messages: list[Message],
+        tools: list[ToolDef] | None = None,
+        json_output: bool = False,
+    ) -> LlmResponse:
+        tier = self.tiers.get(kind, "large")
+        model = self.models[tier]
+        step = self._next_step(f"{kind} ({model.model})")
+        req = LlmRequest(
+            task=self.task,
+            step=step,
+            kind=kind,
+            tier=tier,
+            prompt=prompt,
+            messages=messages,
+            tools=[t.spec() for t in tools or []],
+            max_output_tokens=self.max_output_tokens,
+            json_output=json_output,
+            model=model,
+            sim=self.sim,
+        )
+        resp = await self.calls.llm(req, f"{kind} · {model.label}")
+        self.llm_calls += 1
+        self.input_tokens += resp.usage.input_tokens
+        self.output_tokens += resp.usage.output_tokens
+        self.cost_usd += resp.cost_usd
+        if model.label not in self.models_used:
+            self.models_used.append(model.label)
+        self.progress.tokens = self.input_tokens + self.output_tokens
+        self.progress.cost_usd = round(self.cost_usd, 8)
+        self.progress.llm_calls = self.llm_calls
+        return resp
+
+    async def tool(self, name: str, arguments: dict[str, object], outcome: TaskOutcome | None = None) -> ToolResult:
+        step = self._next_step(f"tool {name}")
+        call_id = f"{self.task.workflow_id}/{step}"
+        req = ToolRequest(task=self.task, step=step, call_id=call_id, arguments=arguments, outcome=outcome)
+        result = await self.calls.tool(name, req)
+        self.tools_executed.append(name)
+        self.progress.tools_executed = list(self.tools_executed)
+        return result
+
+
+def _tool_message(call: ToolCall, content: dict[str, object]) -> Message:
+    return Message(role="tool", tool_call_id=call.id, name=call.name, content=json.dumps(content, default=str))
+
+
+async def run_agent_loop(
+    runner: AgentRunner,
+    prompt: str,
+    messages: list[Message],
+    tools: list[ToolDef],
+    max_steps: int,
+    max_invalid_outputs: int,
+) -> LoopResult:
+    """Loop until the model answers without tools, escalates, or a cap is hit. `messages` grows in place."""
+    allowed = {t.name: t for t in tools}
+    result = LoopResult()
+    for _ in range(max_steps):
+        resp = await runner.llm("reason", prompt, messages, tools)
+        messages.append(Message(role="assistant", content=resp.text, tool_calls=resp.tool_calls))
+        if not resp.tool_calls:
+            result.final_text = resp.text
+            return result
+        for call in resp.tool_calls:
+            content = await _handle_call(runner, call, allowed, result)
+            messages.append(_tool_message(call, content))
+        if result.escalation is not None:
+            return result
+        if result.invalid_outputs > max_invalid_outputs:
+            result.escalation = f"the model produced {result.invalid_outputs} invalid tool calls"
+            return result
+    result.hit_step_cap = True
+    messages.append(Message(role="system", content="Step limit reached: answer now, without tools."))
+    resp = await runner.llm("reason", prompt, messages, [])
+    messages.append(Message(role="assistant", content=resp.text))
+    result.final_text = resp.text
+    return result
+
+
+async def _handle_call(
+    runner: AgentRunner, call: ToolCall, allowed: dict[str, ToolDef], result: LoopResult
+) -> dict[str, object]:
+    """Validate one tool call deterministically, execute it if policy allows, and return what the
+    model observes. Nothing the model says reaches a tool without passing through here."""
+
+    def refuse(reason: str) -> dict[str, object]:
+        result.invalid_outputs += 1
+        runner.tools_blocked.append(
+            BlockedAction(step=runner.progress.step, tool=call.name, arguments_json=call.arguments_json, reason=reason)
+        )
+        runner.observe(f"{call.name}: {reason}")
+        return {"error": reason}
+
+    tool = allowed.get(call.name)
+    if tool is None:
+        return refuse(f"unknown tool {call.name!r}; available tools: {sorted(allowed)}")
+    try:
+        raw = json.loads(call.arguments_json or "{}")
+    except json.JSONDecodeError as e:
+        return refuse(f"arguments are not valid JSON ({e.msg} at position {e.pos})")
+    if not isinstance(raw, dict):
+        return refuse("arguments must be a JSON object")
+    try:
+        args = tool.args.model_validate(raw)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'arguments'}: {err['msg']}" for err in e.errors())
+        return refuse(f"invalid arguments: {problems}")
+    arguments = args.model_dump()
+
+    if call.name == "escalate_to_human":
+        # The workflow's routing step performs the escalation, once, with the task's outcome.
+        result.escalation = str(arguments["reason"])
+        result.escalation_priority = str(arguments.get("priority", "normal"))
+        return {"status": "will be escalated to a human when this step ends"}
+    if tool.permission == "confirm":
+        action = BlockedAction(
+            step=runner.progress.step,
+            tool=call.name,
+            arguments_json=json.dumps(arguments, sort_keys=True),
+            reason="requires human approval (permission: confirm)",
+        )
+        result.pending_actions.append(action)
+        runner.tools_blocked.append(action)
+        return {
+            "status": "pending_approval",
+            "detail": f"{call.name} needs a human's approval; the proposed action was recorded. Do not repeat it.",
+        }
+    res = await runner.tool(call.name, arguments)
+    if not res.ok:
+        runner.observe(f"{call.name}: {res.error}")
+        return {"error": res.error or "tool failed"}
+    return res.content
+
+
+def tool_defs(names: list[str]) -> list[ToolDef]:
+    return [TOOLS[n] for n in names]

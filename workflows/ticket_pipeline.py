@@ -1,0 +1,145 @@
+"""The support-ticket pipeline: classify -> agent loop with tools -> draft -> route (reply or human).
+
+Pure decisions over an `AgentRunner`: the workflow runs it with Temporal activities, the benchmark's
+asyncio baseline with direct calls.
+"""
+
+from __future__ import annotations
+
+from temporalio import workflow
+
+with workflow.unsafe.imports_passed_through():
+    from pydantic import ValidationError
+
+    from core.policy import CATEGORIES, SupportPolicy, ticket_problems
+    from core.tools import AGENT_TOOLS
+    from core.types import Classification, Message, Route, TaskStatus, TicketInput, TicketResult
+
+# Our own workflow code is imported inside the sandbox (not passed through), so it stays checked.
+from workflows.agent_loop import AgentRunner, LoopResult, run_agent_loop, tool_defs
+
+CLASSIFY_PROMPT = "support/classify"
+AGENT_PROMPT = "support/agent"
+DRAFT_PROMPT = "support/draft"
+
+
+def ticket_message(inp: TicketInput) -> Message:
+    return Message(role="user", content=f"Customer: {inp.customer_id}\nTicket: {inp.ticket_id}\n\n{inp.text}")
+
+
+async def handle_ticket(runner: AgentRunner, inp: TicketInput, policy: SupportPolicy) -> TicketResult:
+    result = TicketResult(workflow_id=runner.task.workflow_id, ticket_id=inp.ticket_id,
+                          customer_id=inp.customer_id, status="running", route="human")
+    problems = ticket_problems(inp.customer_id, inp.text)
+    if problems:
+        # Nothing is lost: the ticket goes to the human queue with the reason, and is recorded.
+        return await _finish(runner, result, "rejected", "human", "invalid ticket: " + "; ".join(problems), None)
+
+    messages = [ticket_message(inp)]
+    cls = await _classify(runner, messages, policy.classify_attempts)
+    if cls is not None:
+        runner.progress.category = cls.category
+        messages.append(Message(role="user", content="Classification: " + cls.model_dump_json()))
+
+    loop = await run_agent_loop(
+        runner,
+        AGENT_PROMPT,
+        messages,
+        tool_defs(AGENT_TOOLS),
+        max_steps=inp.max_steps or policy.max_steps,
+        max_invalid_outputs=policy.max_invalid_outputs,
+    )
+    draft = await runner.llm(
+        "draft", DRAFT_PROMPT, [*messages, Message(role="user", content="Write the reply to the customer now.")]
+    )
+    result.reply = draft.text.strip() or None
+
+    reasons = _human_reasons(policy, cls, loop, result.reply, runner)
+    if reasons:
+        priority = loop.escalation_priority if loop.escalation else None
+        return await _finish(runner, result, "escalated", "human", "; ".join(reasons), cls, priority)
+    return await _finish(runner, result, "resolved", "reply", "answered by the agent", cls)
+
+
+async def _classify(runner: AgentRunner, messages: list[Message], attempts: int) -> Classification | None:
+    convo = list(messages)
+    for _ in range(attempts):
+        resp = await runner.llm("classify", CLASSIFY_PROMPT, convo, json_output=True)
+        try:
+            cls = Classification.model_validate_json(resp.text)
+        except ValidationError as e:
+            problem = f"classification output invalid: {e.errors()[0]['msg']}"
+        else:
+            if cls.category in CATEGORIES:
+                return cls
+            problem = f"classification output has unknown category {cls.category!r}"
+        runner.observe(problem)
+        retry = f"{problem}. Answer with the JSON object only, category one of {CATEGORIES}."
+        convo = [*convo, Message(role="assistant", content=resp.text), Message(role="user", content=retry)]
+    return None
+
+
+def _human_reasons(
+    policy: SupportPolicy, cls: Classification | None, loop: LoopResult, reply: str | None, runner: AgentRunner
+) -> list[str]:
+    reasons = []
+    if cls is None:
+        reasons.append("could not classify the ticket")
+    else:
+        if cls.category in policy.human_categories:
+            reasons.append(f"category {cls.category} is always handled by a human")
+        if cls.confidence < policy.min_confidence:
+            reasons.append(f"classification confidence {cls.confidence:.2f} < {policy.min_confidence}")
+    if loop.escalation:
+        reasons.append(f"agent escalated: {loop.escalation}")
+    for a in loop.pending_actions:
+        reasons.append(f"{a.tool} {a.arguments_json} awaits human approval")
+    if loop.hit_step_cap:
+        reasons.append("step limit reached")
+    if any(o.startswith("get_account:") and "not found" in o for o in runner.observations):
+        reasons.append("unknown customer")
+    if not reply:
+        reasons.append("no reply drafted")
+    return reasons
+
+
+async def _finish(
+    runner: AgentRunner,
+    result: TicketResult,
+    status: TaskStatus,
+    route: Route,
+    reason: str,
+    cls: Classification | None,
+    priority: str | None = None,
+) -> TicketResult:
+    """Route the ticket with one tool call that also writes the task's outcome row."""
+    cls_fields = cls.model_dump() if cls else {}
+    outcome = runner.outcome(status, route, reason, cls_fields)
+    if route == "human":
+        args = {"reason": reason[:1000], "priority": priority or (cls.urgency if cls else "normal")}
+        res = await runner.tool("escalate_to_human", args, outcome=outcome)
+    else:
+        res = await runner.tool("send_reply", {"customer_id": result.customer_id, "body": result.reply or ""},
+                                outcome=outcome)
+    if not res.ok:
+        runner.observe(f"routing failed: {res.error}")
+    runner.progress.status = status
+    runner.progress.action = "done"
+    return result.model_copy(
+        update={
+            "status": status,
+            "route": route,
+            "reason": reason,
+            **{k: cls_fields.get(k) for k in ("category", "urgency", "confidence")},
+            "tools_executed": runner.tools_executed,
+            "tools_blocked": runner.tools_blocked,
+            "observations": runner.observations,
+            "steps": runner.progress.step,
+            "llm_calls": runner.llm_calls,
+            "tokens": runner.input_tokens + runner.output_tokens,
+            "input_tokens": runner.input_tokens,
+            "output_tokens": runner.output_tokens,
+            "cost_usd": round(runner.cost_usd, 8),
+            "models": runner.models_used,
+        }
+    )
