@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -254,8 +255,17 @@ def _run(fn: object) -> None:
 
 
 def main() -> None:
-    app()
+    code: int = 0
+    try:
+        app()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    # Skip interpreter teardown: the Temporal client's Rust threads can abort a finalizing
+    # interpreter ("PyGILState_Release ... must be current", temporalio/sdk-python#300).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

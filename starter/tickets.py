@@ -83,7 +83,8 @@ async def progress(client: Client, workflow_id: str) -> Progress:
 
 
 async def result(client: Client, workflow_id: str) -> TicketResult:
-    r: TicketResult = await client.get_workflow_handle(workflow_id).result(type_hint=TicketResult)
+    handle = client.get_workflow_handle(workflow_id, result_type=TicketResult)
+    r: TicketResult = await handle.result()
     return r
 
 

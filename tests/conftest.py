@@ -27,6 +27,7 @@ from core import names
 from core.settings import KeelSettings
 from core.types import SimConfig, TicketInput, TicketResult
 from starter import tickets
+from starter.stack import ensure_search_attributes
 from workers.worker import build_worker
 
 T = TypeVar("T")
@@ -66,6 +67,7 @@ async def ts_env() -> AsyncIterator[WorkflowEnvironment]:
         test_server_existing_path=_binary("temporal-test-server"),
         data_converter=pydantic_data_converter,
     )
+    await ensure_search_attributes(env.client, "default")
     yield env
     await env.shutdown()
 

@@ -68,6 +68,7 @@ def test_up_submit_costs_down(stack_env: dict[str, str], tmp_path: Path) -> None
     assert rows[0]["cost_usd"] == pytest.approx(doc["cost_usd"])
 
     res = keel(stack_env, "result", doc["workflow_id"], "--json")
+    assert res.returncode == 0, res.stdout + res.stderr
     assert json.loads(res.stdout)["workflow_id"] == doc["workflow_id"]
 
     down = keel(stack_env, "down")

@@ -165,7 +165,7 @@ async def test_progress_query_while_running(client: Client, settings: KeelSettin
         assert seen.status == "running"
         assert seen.category == "billing_question"
         res = await handle.result()
-    final = await handle.query(PROGRESS_QUERY, result_type=Progress)
+        final = await handle.query(PROGRESS_QUERY, result_type=Progress)
     assert final.status == res.status and final.tokens == res.tokens and final.action == "done"
 
 

