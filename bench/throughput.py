@@ -70,6 +70,7 @@ SPIRAL_RATE = 0.15
 TARGET_THROUGHPUT_RATIO = 0.8
 TARGET_CPU_MS_OVER_BARE = 2.0
 READY_TIMEOUT_S = 60.0
+NOISY_FOREIGN_CPU_PCT = 10.0
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 _SA_FACTORY = {
@@ -103,15 +104,92 @@ def percentile(values: Sequence[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
+def proc_cpu_s(pid: int) -> float:
+    """utime + stime of a process (all its threads), in seconds."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()  # the command name may hold spaces and parentheses
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def system_busy_s() -> float:
+    """CPU time the whole machine spent busy (all cores), in seconds."""
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (
+        int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]
+    )
+    return (user + nice + system + irq + softirq + steal) / CLK_TCK
+
+
+def _descendants() -> list[int]:
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:
+                continue
+            children.setdefault(int(stat[stat.rindex(")") + 2 :].split()[1]), []).append(int(d.name))
+    out, todo = [], list(children.get(os.getpid(), []))
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, []))
+    return out
+
+
+def own_tree_cpu_s() -> float:
+    """CPU of this process and its live descendants (the dev server, the workers)."""
+    total = time.process_time()
+    for pid in _descendants():
+        with contextlib.suppress(OSError):
+            total += proc_cpu_s(pid)
+    return total
+
+
+def find_server_pid(port: int) -> int | None:
+    """The dev server this run started: a descendant serving `port`."""
+    for pid in _descendants():
+        with contextlib.suppress(OSError):
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            if b"start-dev" in argv and str(port).encode() in argv:
+                return pid
+    return None
+
+
+@dataclass
+class Snapshot:
+    """CPU counters at one instant: the measured process, the server, ours, the machine's."""
+
+    t: float
+    cpu_s: float
+    server_cpu_s: float
+    own_s: float
+    system_s: float
+
+    @classmethod
+    def take(cls, cpu_s: Callable[[], float], server_pid: int | None) -> Snapshot:
+        server = proc_cpu_s(server_pid) if server_pid else float("nan")
+        return cls(time.perf_counter(), cpu_s(), server, own_tree_cpu_s(), system_busy_s())
+
+
 @dataclass
 class Phase:
-    """One measured batch: per-item wall times and activity counts, elapsed wall time, process CPU."""
+    """One measured batch: per-item wall times and activity counts, elapsed wall time, CPU."""
 
     wall_ms: list[float]
     activities: list[int]
     elapsed_s: float
     cpu_s: float
+    server_cpu_s: float
+    foreign_cpu_pct: float
+    """CPU used by processes outside this benchmark, in % of the machine: other load skews the figures."""
     peak_rss_mb: float = float("nan")
+
+    @classmethod
+    def between(cls, a: Snapshot, b: Snapshot, wall_ms: list[float], activities: list[int]) -> Phase:
+        foreign = (b.system_s - a.system_s) - (b.own_s - a.own_s)
+        capacity = (b.t - a.t) * (os.cpu_count() or 1)
+        return cls(wall_ms, activities, b.t - a.t, b.cpu_s - a.cpu_s, b.server_cpu_s - a.server_cpu_s,
+                   max(0.0, 100 * foreign / capacity))
 
     @property
     def n(self) -> int:
@@ -132,6 +210,10 @@ class Phase:
     @property
     def cpu_ms_per_step(self) -> float:
         return self.cpu_s * 1000 / max(1, self.total_activities)
+
+    @property
+    def server_cpu_ms_per_step(self) -> float:
+        return self.server_cpu_s * 1000 / max(1, self.total_activities)
 
 
 async def run_concurrent(
@@ -214,11 +296,8 @@ class WorkerProcess:
         log(f"{self.name} worker is polling {task_queue!r}")
 
     def cpu_s(self) -> float:
-        """utime + stime of the worker process (all its threads), in seconds."""
         self._check_alive()
-        stat = Path(f"/proc/{self.pid}/stat").read_text()
-        fields = stat[stat.rindex(")") + 2 :].split()  # the command name may hold spaces and parentheses
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+        return proc_cpu_s(self.pid)
 
     def peak_rss_mb(self) -> float:
         for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
@@ -259,16 +338,16 @@ def child_env(extra: dict[str, str]) -> dict[str, str]:
     return env
 
 
-async def measure_worker(
-    worker: WorkerProcess, items: Sequence[T], warmup: Sequence[T], concurrency: int,
+async def measure(
+    cpu_s: Callable[[], float], server_pid: int | None, items: Sequence[T], warmup: Sequence[T], concurrency: int,
     fn: Callable[[T], Awaitable[R]], count: Callable[[R], int],
 ) -> tuple[Phase, list[R]]:
+    """Warm up (not counted), then run `items` between two CPU snapshots."""
     await run_concurrent(warmup, concurrency, fn)
-    cpu0 = worker.cpu_s()
-    wall, results, elapsed = await run_concurrent(items, concurrency, fn)
-    cpu1 = worker.cpu_s()
-    phase = Phase(wall, [count(r) for r in results], elapsed, cpu1 - cpu0, worker.peak_rss_mb())
-    return phase, results
+    before = Snapshot.take(cpu_s, server_pid)
+    wall, results, _ = await run_concurrent(items, concurrency, fn)
+    after = Snapshot.take(cpu_s, server_pid)
+    return Phase.between(before, after, wall, [count(r) for r in results]), results
 
 
 # --- 1. Keel --------------------------------------------------------------------------------
@@ -288,8 +367,8 @@ def ticket_inputs(settings: KeelSettings, tickets: Sequence[SampleTicket]) -> li
 
 
 async def bench_keel(
-    client: Client, address: str, tmp: Path, tickets: Sequence[SampleTicket], warmup: Sequence[SampleTicket],
-    concurrency: int,
+    client: Client, address: str, server_pid: int | None, tmp: Path, tickets: Sequence[SampleTicket],
+    warmup: Sequence[SampleTicket], concurrency: int,
 ) -> tuple[Phase, list[TicketResult]]:
     task_queue = f"bench-keel-{uuid.uuid4().hex[:10]}"
     home = tmp / "keel-home"
@@ -302,15 +381,20 @@ async def bench_keel(
 
     argv = [sys.executable, "-m", "workers"]
     async with worker_process("keel", argv, env, tmp / "keel-worker.log", client, task_queue, KEEL_READY_LINE) as w:
-        return await measure_worker(
-            w, ticket_inputs(settings, tickets), ticket_inputs(settings, warmup), concurrency, one, ticket_activities
+        phase, results = await measure(
+            w.cpu_s, server_pid, ticket_inputs(settings, tickets), ticket_inputs(settings, warmup), concurrency,
+            one, ticket_activities,
         )
+        phase.peak_rss_mb = w.peak_rss_mb()
+    return phase, results
 
 
 # --- 2. bare Temporal -----------------------------------------------------------------------
 
 
-async def bench_bare(address: str, tmp: Path, n: int, steps: int, concurrency: int) -> Phase:
+async def bench_bare(
+    address: str, server_pid: int | None, tmp: Path, n: int, steps: int, concurrency: int
+) -> Phase:
     # `bench` is not an installed package: `python bench/throughput.py` finds it only from the root.
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
@@ -330,7 +414,10 @@ async def bench_bare(address: str, tmp: Path, n: int, steps: int, concurrency: i
     argv = [sys.executable, "-m", "bench.bare", "--address", address, "--task-queue", task_queue]
     env = child_env({})
     async with worker_process("bare", argv, env, tmp / "bare-worker.log", client, task_queue, BARE_READY_LINE) as w:
-        phase, results = await measure_worker(w, range(n), range(n, n + WARMUP_TICKETS), concurrency, one, int)
+        phase, results = await measure(
+            w.cpu_s, server_pid, range(n), range(n, n + WARMUP_TICKETS), concurrency, one, int
+        )
+        phase.peak_rss_mb = w.peak_rss_mb()
     if any(r != steps for r in results):
         raise BenchError(f"bare workflows ran {set(results)} steps, expected {steps}")
     return phase
@@ -373,13 +460,13 @@ async def bench_asyncio(
         return await handle_ticket(runner, inp, DEFAULT_POLICY)
 
     try:
-        await run_concurrent(ticket_inputs(settings, warmup), concurrency, one)
-        cpu0 = time.process_time()
-        wall, results, elapsed = await run_concurrent(ticket_inputs(settings, tickets), concurrency, one)
-        cpu_s = time.process_time() - cpu0
+        phase, _ = await measure(
+            time.process_time, None, ticket_inputs(settings, tickets), ticket_inputs(settings, warmup), concurrency,
+            one, ticket_activities,
+        )
     finally:
         engine.dispose()
-    return Phase(wall, [ticket_activities(r) for r in results], elapsed, cpu_s)
+    return phase
 
 
 # --- the run --------------------------------------------------------------------------------
@@ -456,12 +543,13 @@ async def run(n: int, concurrency: int) -> dict[str, Any]:
             )
         try:
             address = env.client.service_client.config.target_host
+            server_pid = find_server_pid(int(address.rsplit(":", 1)[1]))
             log(f"dev server on {address}; keel: {n} tickets, concurrency {concurrency}")
-            keel, results = await bench_keel(env.client, address, tmp, tickets, warmup, concurrency)
+            keel, results = await bench_keel(env.client, address, server_pid, tmp, tickets, warmup, concurrency)
             apt = keel.total_activities / keel.n
             steps = max(1, round(apt))
             log(f"keel: {keel.per_s:.2f} tickets/s; bare: {n} workflows of {steps} activities")
-            bare = await bench_bare(address, tmp, n, steps, concurrency)
+            bare = await bench_bare(address, server_pid, tmp, n, steps, concurrency)
             log(f"bare: {bare.per_s:.2f} workflows/s; asyncio: {n} tickets")
             aio = await bench_asyncio(tmp, tickets, warmup, concurrency)
             log(f"asyncio: {aio.per_s:.2f} tickets/s")
@@ -483,6 +571,8 @@ async def run(n: int, concurrency: int) -> dict[str, Any]:
         "ticket_ms_p99": round(percentile(keel.wall_ms, 99), 1),
         "worker_cpu_ms_per_step": round(keel.cpu_ms_per_step, 3),
         "worker_peak_rss_mb": round(keel.peak_rss_mb, 1),
+        "server_cpu_ms_per_step": round(keel.server_cpu_ms_per_step, 3),
+        "foreign_cpu_pct": round(keel.foreign_cpu_pct, 1),
         "statuses": status_counts(results),
         "bare_steps_per_workflow": steps,
         "bare_tickets_per_s": round(bare.per_s, 3),
@@ -492,10 +582,13 @@ async def run(n: int, concurrency: int) -> dict[str, Any]:
         "bare_ticket_ms_p99": round(percentile(bare.wall_ms, 99), 1),
         "bare_worker_cpu_ms_per_step": round(bare.cpu_ms_per_step, 3),
         "bare_worker_peak_rss_mb": round(bare.peak_rss_mb, 1),
+        "bare_server_cpu_ms_per_step": round(bare.server_cpu_ms_per_step, 3),
+        "bare_foreign_cpu_pct": round(bare.foreign_cpu_pct, 1),
         "asyncio_tickets_per_s": round(aio.per_s, 3),
         "asyncio_activities_per_task": round(aio.total_activities / aio.n, 3),
         "asyncio_ticket_ms_p50": round(percentile(aio.wall_ms, 50), 1),
         "asyncio_cpu_ms_per_step": round(aio.cpu_ms_per_step, 3),
+        "asyncio_foreign_cpu_pct": round(aio.foreign_cpu_pct, 1),
         "throughput_ratio_vs_bare": round(ratio, 3),
         "throughput_ratio_vs_asyncio": round(keel.per_s / aio.per_s, 4),
         "cpu_ms_per_step_over_bare": round(over, 3),
@@ -541,13 +634,23 @@ def report(r: dict[str, Any]) -> str:
         row("worker CPU ms per step", r["worker_cpu_ms_per_step"], r["bare_worker_cpu_ms_per_step"],
             r["asyncio_cpu_ms_per_step"], ".2f"),
         row("worker peak RSS MB", r["worker_peak_rss_mb"], r["bare_worker_peak_rss_mb"], None, ".1f"),
-        "  (asyncio CPU: the whole benchmark process, pipeline and activities; there is no worker)",
+        row("server CPU ms per step", r["server_cpu_ms_per_step"], r["bare_server_cpu_ms_per_step"], None, ".2f"),
+        row("foreign CPU % of machine", r["foreign_cpu_pct"], r["bare_foreign_cpu_pct"],
+            r["asyncio_foreign_cpu_pct"], ".1f"),
+        "  (asyncio CPU: the whole benchmark process, pipeline and activities; there is no worker.",
+        "   foreign CPU: other processes on this machine during the phase; high values skew the comparison.)",
         "",
         f"  throughput Keel / bare:     {r['throughput_ratio_vs_bare']:.2f}x"
         f"  (target {t['throughput_ratio_vs_bare']['target']}x: {met('throughput_ratio_vs_bare')})",
         f"  worker CPU Keel - bare:     {r['cpu_ms_per_step_over_bare']:+.2f} ms/step"
         f"  (target {t['cpu_ms_per_step_over_bare']['target']} ms: {met('cpu_ms_per_step_over_bare')})",
         f"  throughput Keel / asyncio:  {r['throughput_ratio_vs_asyncio']:.3f}x  (the price of durability)",
+        *(
+            [f"  WARNING: other processes used up to {noisy:.0f}% of the machine during a phase: rerun on an idle"
+             " machine before trusting the ratios."]
+            if (noisy := max(r["foreign_cpu_pct"], r["bare_foreign_cpu_pct"], r["asyncio_foreign_cpu_pct"]))
+            > NOISY_FOREIGN_CPU_PCT else []
+        ),
     ])
 
 

@@ -121,16 +121,16 @@ async def run_ticket(client: Client, settings: KeelSettings, inp: TicketInput) -
     return await handle.result()
 
 
-async def assert_eventually(fn: Callable[[], Awaitable[T]], check: Callable[[T], bool], timeout: float = 10.0) -> T:
+async def assert_eventually(fn: Callable[[], Awaitable[T]], check: Callable[[T], bool], within_s: float = 10.0) -> T:
     """Wait for observable state instead of sleeping a fixed time."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + within_s
     last: T | None = None
     while time.monotonic() < deadline:
         last = await fn()
         if check(last):
             return last
         await asyncio.sleep(0.05)
-    raise AssertionError(f"condition not met within {timeout}s; last value: {last!r}")
+    raise AssertionError(f"condition not met within {within_s}s; last value: {last!r}")
 
 
 @pytest.fixture(autouse=True)

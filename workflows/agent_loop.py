@@ -7,6 +7,7 @@ class, not a workflow, so every pattern (ticket, orchestrator, supervisor, swarm
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Protocol
@@ -193,10 +194,10 @@ class AgentRunner:
         self.progress.llm_calls = self.llm_calls
         return resp
 
-    async def tool(self, name: str, arguments: dict[str, object], outcome: TaskOutcome | None = None) -> ToolResult:
+    async def tool(self, name: str, arguments: Mapping[str, object], outcome: TaskOutcome | None = None) -> ToolResult:
         step = self._next_step(f"tool {name}")
         call_id = f"{self.task.workflow_id}/{step}"
-        req = ToolRequest(task=self.task, step=step, call_id=call_id, arguments=arguments, outcome=outcome)
+        req = ToolRequest(task=self.task, step=step, call_id=call_id, arguments=dict(arguments), outcome=outcome)
         result = await self.calls.tool(name, req)
         self.tools_executed.append(name)
         self.progress.tools_executed = list(self.tools_executed)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from temporalio import workflow
-from temporalio.common import SearchAttributeKey, SearchAttributePair
+from temporalio.common import SearchAttributeKey
 
 with workflow.unsafe.imports_passed_through():
     from core import names
@@ -56,9 +56,9 @@ class SupportTicketWorkflow:
         # (customer, task type, feature and "running" are set by the client at start).
         workflow.upsert_search_attributes(
             [
-                SearchAttributePair(SA_STATUS, result.status),
-                SearchAttributePair(SA_TOKENS, result.tokens),
-                SearchAttributePair(SA_COST, result.cost_usd),
+                SA_STATUS.value_set(result.status),
+                SA_TOKENS.value_set(result.tokens),
+                SA_COST.value_set(result.cost_usd),
             ]
         )
         return result

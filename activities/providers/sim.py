@@ -241,7 +241,8 @@ def _refund_target(text: str, txs: list[dict[str, Any]]) -> dict[str, Any] | Non
         return any(abs(float(t.get("amount") or 0) - a) < 0.005 for a in _amounts(text))
     dups = [t for t in txs if t.get("duplicate_of")]
     others = [t for t in txs if t.get("kind", "purchase") != "refund" and matches(t)]
-    return next((t for t in dups if matches(t)), None) or (dups or others or [None])[0]
+    candidates = dups or others
+    return next((t for t in dups if matches(t)), None) or (candidates[0] if candidates else None)
 
 
 def _step_action(step: str, category: str, ticket: Ticket, calls: list[Call]) -> Action:
