@@ -13,6 +13,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 from temporalio.client import Client, WorkflowFailureError
 from temporalio.service import RPCError
 
@@ -25,8 +26,10 @@ from starter.client import connect
 app = typer.Typer(help="Keel: durable, budgeted, observable LLM agents on Temporal.", no_args_is_help=True)
 ticket_app = typer.Typer(help="Support tickets: submit one, or a batch.", no_args_is_help=True)
 app.add_typer(ticket_app, name="ticket")
-console = Console()
-err = Console(stderr=True)
+# Piped output (make demo | tee, CI logs) gets a width that fits the batch table.
+_WIDTH = None if sys.stdout.isatty() or "COLUMNS" in os.environ else 120
+console = Console(width=_WIDTH)
+err = Console(stderr=True, width=_WIDTH)
 
 
 def _settings() -> KeelSettings:
@@ -124,7 +127,7 @@ def ticket_submit(
         client = await _client(settings)
         handle = await tickets.start_ticket(client, settings, inp)
         if not as_json:
-            console.print(f"started [bold]{handle.id}[/bold]  model: {inp.large_model.label}")
+            console.print(f"started [bold]{handle.id}[/bold]  model: {escape(inp.large_model.label)}")
             console.print(f"  {views.workflow_url(settings, handle.id)}")
         if watch:
             with Live(views.progress_panel(handle.id, None), console=console, refresh_per_second=8) as live:
@@ -177,7 +180,7 @@ def ticket_batch(
         client = await _client(settings)
         if not as_json:
             console.print(f"running {len(inputs)} tickets, concurrency {concurrency}, "
-                          f"model {inputs[0].large_model.label}" if inputs else "no tickets")
+                          f"model {escape(inputs[0].large_model.label)}" if inputs else "no tickets")
         with console.status("working...", spinner="dots") if not as_json else _Null():
             results = await tickets.run_batch(client, settings, inputs, concurrency)
         if as_json:

@@ -8,7 +8,9 @@ import json
 from typing import Any
 from urllib.parse import quote
 
+from rich import box
 from rich.console import Console, Group
+from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
@@ -50,7 +52,7 @@ def result_panel(r: TicketResult) -> Panel:
     if r.tools_blocked:
         t.add_row("blocked", "\n".join(f"{b.tool}: {b.reason}" for b in r.tools_blocked))
     t.add_row("usage", f"{r.llm_calls} LLM calls, {r.tokens:,} tokens, ${r.cost_usd:.5f}" + _sim_note(r.models))
-    t.add_row("models", ", ".join(r.models))
+    t.add_row("models", escape(", ".join(r.models)))
     if r.reply:
         t.add_row("reply", r.reply)
     return Panel(t, title=r.workflow_id)
@@ -69,7 +71,7 @@ def progress_panel(workflow_id: str, p: Progress | None) -> Panel:
 
 
 def batch_table(results: list[TicketResult]) -> Group:
-    t = Table(title=f"{len(results)} support tickets")
+    t = Table(title=f"{len(results)} support tickets", box=box.SIMPLE_HEAD)
     for col in ("ticket", "customer", "category", "conf", "status", "route", "tools", "blocked", "tokens", "cost $"):
         t.add_column(col, justify="right" if col in ("conf", "tokens", "cost $", "tools", "blocked") else "left")
     for r in results:
@@ -84,7 +86,7 @@ def batch_table(results: list[TicketResult]) -> Group:
     models = sorted({m for r in results for m in r.models})
     summary = (f"resolved {sum(r.status == 'resolved' for r in results)}, to the human queue {human} "
                f"({human / n:.0%}); {tokens:,} tokens, ${cost:.4f} in all, ${cost / n:.5f} per ticket; "
-               f"models: {', '.join(models)}" + _sim_note(models))
+               f"models: {escape(', '.join(models))}" + _sim_note(models))
     return Group(t, summary)
 
 

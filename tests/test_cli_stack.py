@@ -114,3 +114,25 @@ def test_batch_file_json_list(tmp_path: Path) -> None:
     f.write_text("[{")
     with pytest.raises(tickets.TicketInputError, match="not valid JSON"):
         tickets.load_batch_file(f, KeelSettings())
+
+
+def test_ctrl_c_stops_everything(stack_env: dict[str, str], tmp_path: Path) -> None:
+    import signal
+    import time
+
+    proc = subprocess.Popen([*KEEL, "up"], env=stack_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    lines = []
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        lines.append(line)
+        if "Press Ctrl-C" in line or not line:
+            break
+    assert any("Press Ctrl-C" in x for x in lines), "".join(lines)
+    state = json.loads((tmp_path / ".keel" / "stack.json").read_text())
+    assert stack.alive(state["server_pid"]) and stack.alive(state["worker_pid"])
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 0
+    # No orphans: both children and their process groups are gone.
+    assert not stack.alive(state["server_pid"]) and not stack.alive(state["worker_pid"])
