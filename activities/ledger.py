@@ -6,12 +6,13 @@ ledger never counts a step twice. Reporting groups llm rows only.
 
 from __future__ import annotations
 
+import functools
 from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Engine, func, select
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlmodel import Session, col
+from sqlmodel import Session, SQLModel, col
 
 from activities.db import LedgerRow, utcnow
 from core.types import LlmRequest, LlmResponse, TaskContext, TaskOutcome, ToolRequest, ToolResult
@@ -47,6 +48,17 @@ def _as_utc(t: datetime) -> datetime:
     return t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)
 
 
+@functools.cache
+def _upsert_statement(dialect: str, columns: tuple[str, ...]) -> Any:
+    """INSERT ... ON CONFLICT (key) DO UPDATE, built once per column set so SQLAlchemy's compiled
+    cache is hit. created_at stays the first attempt's; everything else is the last attempt's."""
+    table = SQLModel.metadata.tables[str(LedgerRow.__tablename__)]
+    ins = (sqlite.insert if dialect == "sqlite" else postgresql.insert)(table)
+    return ins.on_conflict_do_update(
+        index_elements=["key"], set_={c: ins.excluded[c] for c in columns if c not in ("key", "created_at")}
+    )
+
+
 class Ledger:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -54,18 +66,22 @@ class Ledger:
     # --- writing -------------------------------------------------------------------------
 
     def _upsert(self, values: dict[str, Any], session: Session | None) -> None:
+        dialect = self.engine.dialect.name
+        if dialect in ("sqlite", "postgresql"):
+            stmt = _upsert_statement(dialect, tuple(values))
+            if session is not None:
+                session.execute(stmt, values)
+            else:
+                # A Core connection, not an ORM session: this runs on every model and tool call.
+                with self.engine.begin() as conn:
+                    conn.execute(stmt, values)
+            return
         if session is None:
             with Session(self.engine) as s:
                 self._upsert(values, s)
                 s.commit()
             return
-        dialect = session.get_bind().dialect.name
-        # created_at stays the first attempt's; everything else is the last attempt's.
         update = {k: v for k, v in values.items() if k not in ("key", "created_at")}
-        if dialect in ("sqlite", "postgresql"):
-            ins = (sqlite.insert if dialect == "sqlite" else postgresql.insert)(LedgerRow).values(**values)
-            session.execute(ins.on_conflict_do_update(index_elements=["key"], set_=update))
-            return
         # Other databases: read-then-write, correct as long as one attempt runs at a time.
         row = session.get(LedgerRow, values["key"])
         if row is None:

@@ -13,6 +13,7 @@ from activities.prompts import load_prompt
 from activities.providers.base import Provider
 from core.names import LLM_ACTIVITY
 from core.pricing import UnpricedModelError, cost_usd, price_for
+from core.tokens import estimate_input_tokens
 from core.types import LlmRequest, LlmResponse
 
 
@@ -36,6 +37,15 @@ class LlmActivities:
         except UnpricedModelError as e:
             raise ApplicationError(str(e), type="UnpricedModel", non_retryable=True) from e
         prompt = load_prompt(req.prompt, req.task.prompt_version)
+        if req.max_input_tokens is not None:
+            # The workflow estimated without the system prompt's exact size; this is the exact check.
+            est = estimate_input_tokens(req.messages, req.tools, len(prompt.text))
+            if est > req.max_input_tokens:
+                raise ApplicationError(
+                    f"the prompt is about {est:,} tokens; the task's budget leaves {req.max_input_tokens:,}",
+                    type="BudgetWouldExceed",
+                    non_retryable=True,
+                )
         started = time.perf_counter()
         result = await provider.complete(req, prompt.text)
         latency_ms = (time.perf_counter() - started) * 1000

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import temporalio
-from temporalio.api.enums.v1 import TaskQueueType
+from temporalio.api.enums.v1 import EventType, TaskQueueType
 from temporalio.api.taskqueue.v1 import TaskQueue
 from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 from temporalio.client import Client
@@ -64,8 +64,8 @@ R = TypeVar("R")
 
 KEEL_READY_LINE = "keel worker on task queue"
 WARMUP_TICKETS = 8
-"""Run before the measured tickets and not counted: imports, sandbox caches, SQLite pages, JIT-free
-but still cold Python paths."""
+"""Run before the measured tickets and not counted: first imports, SQLAlchemy's statement cache,
+SQLite pages, the server's first tasks on a new queue."""
 SPIRAL_RATE = 0.15
 TARGET_THROUGHPUT_RATIO = 0.8
 TARGET_CPU_MS_OVER_BARE = 2.0
@@ -183,6 +183,10 @@ class Phase:
     foreign_cpu_pct: float
     """CPU used by processes outside this benchmark, in % of the machine: other load skews the figures."""
     peak_rss_mb: float = float("nan")
+    history_activities: float = float("nan")
+    """Mean activities per item scheduled in its history: every round trip, not only model and tool calls."""
+    workflow_tasks: float = float("nan")
+    """Mean completed workflow tasks per item."""
 
     @classmethod
     def between(cls, a: Snapshot, b: Snapshot, wall_ms: list[float], activities: list[int]) -> Phase:
@@ -330,11 +334,16 @@ async def worker_process(
         w.stop()
 
 
-def child_env(extra: dict[str, str]) -> dict[str, str]:
+def child_env(tmp: Path, extra: dict[str, str]) -> dict[str, str]:
     """This process's environment without Keel's or Temporal's settings (a developer's KEEL_MODEL_LARGE
-    must not turn the benchmark into real model calls), plus `extra`."""
+    must not turn the benchmark into real model calls), plus `extra`.
+
+    Bytecode caching is on, in a temp dir (nothing written to the repo): the sandbox re-imports the
+    workflow modules for every workflow run, and with PYTHONDONTWRITEBYTECODE each of those imports
+    recompiles their source, a cost no deployment with .pyc files pays."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("KEEL_", "TEMPORAL_"))}
-    env.update(PYTHONUNBUFFERED="1", **extra)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env.update(PYTHONUNBUFFERED="1", PYTHONPYCACHEPREFIX=str(tmp / "pycache"), **extra)
     return env
 
 
@@ -348,6 +357,22 @@ async def measure(
     wall, results, _ = await run_concurrent(items, concurrency, fn)
     after = Snapshot.take(cpu_s, server_pid)
     return Phase.between(before, after, wall, [count(r) for r in results]), results
+
+
+async def history_counts(client: Client, workflow_ids: Sequence[str]) -> tuple[float, float]:
+    """Mean scheduled activities and completed workflow tasks per workflow, from the histories."""
+    sem = asyncio.Semaphore(20)
+
+    async def one(wid: str) -> tuple[int, int]:
+        async with sem:
+            history = await client.get_workflow_handle(wid).fetch_history()
+        kinds = [e.event_type for e in history.events]
+        return (kinds.count(EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED),
+                kinds.count(EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED))
+
+    counts = await asyncio.gather(*(one(w) for w in workflow_ids))
+    n = max(1, len(counts))
+    return sum(a for a, _ in counts) / n, sum(t for _, t in counts) / n
 
 
 # --- 1. Keel --------------------------------------------------------------------------------
@@ -373,10 +398,13 @@ async def bench_keel(
     task_queue = f"bench-keel-{uuid.uuid4().hex[:10]}"
     home = tmp / "keel-home"
     settings = keel_settings(task_queue, home)
-    env = child_env({"TEMPORAL_ADDRESS": address, "KEEL_TASK_QUEUE": task_queue, "KEEL_HOME": str(home)})
+    env = child_env(tmp, {"TEMPORAL_ADDRESS": address, "KEEL_TASK_QUEUE": task_queue, "KEEL_HOME": str(home)})
+
+    workflow_ids: dict[str, str] = {}
 
     async def one(inp: TicketInput) -> TicketResult:
         handle = await start_ticket(client, settings, inp)
+        workflow_ids[inp.ticket_id] = handle.id
         return await handle.result()
 
     argv = [sys.executable, "-m", "workers"]
@@ -386,6 +414,9 @@ async def bench_keel(
             one, ticket_activities,
         )
         phase.peak_rss_mb = w.peak_rss_mb()
+    phase.history_activities, phase.workflow_tasks = await history_counts(
+        client, [workflow_ids[t.ticket_id] for t in tickets]
+    )
     return phase, results
 
 
@@ -412,7 +443,7 @@ async def bench_bare(
         return done
 
     argv = [sys.executable, "-m", "bench.bare", "--address", address, "--task-queue", task_queue]
-    env = child_env({})
+    env = child_env(tmp, {})
     async with worker_process("bare", argv, env, tmp / "bare-worker.log", client, task_queue, BARE_READY_LINE) as w:
         phase, results = await measure(
             w.cpu_s, server_pid, range(n), range(n, n + WARMUP_TICKETS), concurrency, one, int
@@ -420,6 +451,9 @@ async def bench_bare(
         phase.peak_rss_mb = w.peak_rss_mb()
     if any(r != steps for r in results):
         raise BenchError(f"bare workflows ran {set(results)} steps, expected {steps}")
+    phase.history_activities, phase.workflow_tasks = await history_counts(
+        client, [f"bare-{run_id}-{i}" for i in range(n)]
+    )
     return phase
 
 
@@ -573,6 +607,8 @@ async def run(n: int, concurrency: int) -> dict[str, Any]:
         "worker_peak_rss_mb": round(keel.peak_rss_mb, 1),
         "server_cpu_ms_per_step": round(keel.server_cpu_ms_per_step, 3),
         "foreign_cpu_pct": round(keel.foreign_cpu_pct, 1),
+        "history_activities_per_task": round(keel.history_activities, 3),
+        "workflow_tasks_per_task": round(keel.workflow_tasks, 3),
         "statuses": status_counts(results),
         "bare_steps_per_workflow": steps,
         "bare_tickets_per_s": round(bare.per_s, 3),
@@ -584,6 +620,7 @@ async def run(n: int, concurrency: int) -> dict[str, Any]:
         "bare_worker_peak_rss_mb": round(bare.peak_rss_mb, 1),
         "bare_server_cpu_ms_per_step": round(bare.server_cpu_ms_per_step, 3),
         "bare_foreign_cpu_pct": round(bare.foreign_cpu_pct, 1),
+        "bare_workflow_tasks_per_task": round(bare.workflow_tasks, 3),
         "asyncio_tickets_per_s": round(aio.per_s, 3),
         "asyncio_activities_per_task": round(aio.total_activities / aio.n, 3),
         "asyncio_ticket_ms_p50": round(percentile(aio.wall_ms, 50), 1),
@@ -619,6 +656,7 @@ def report(r: dict[str, Any]) -> str:
         f"  command:   {m['command']}",
         f"  machine:   {m['cpu_model']}, {m['cores']} cores; {m['platform']}",
         f"  versions:  Python {m['python']}, temporalio {m['temporalio']}, {m['temporal_cli']}",
+        "  workers:   separate processes, bytecode cache on (in a temp dir); sandboxed workflow runner",
         f"  workload:  {r['tickets']} tickets (+{r['warmup_tickets']} warm-up, not counted), concurrency "
         f"{r['concurrency']}, sim model at zero latency, spiral rate {r['spiral_rate']:.0%}",
         f"  outcomes:  {r['statuses']}",
@@ -628,6 +666,9 @@ def report(r: dict[str, Any]) -> str:
         row("activities per ticket", r["activities_per_task"], r["bare_steps_per_workflow"],
             r["asyncio_activities_per_task"], ".2f"),
         row("activities/s", r["activities_per_s"], r["bare_activities_per_s"], None, ".1f"),
+        row("all activities in history", r["history_activities_per_task"], r["bare_steps_per_workflow"], None, ".2f"),
+        row("workflow tasks per ticket", r["workflow_tasks_per_task"], r["bare_workflow_tasks_per_task"], None,
+            ".2f"),
         row("ticket ms p50", r["ticket_ms_p50"], r["bare_ticket_ms_p50"], r["asyncio_ticket_ms_p50"], ".1f"),
         row("ticket ms p99", r["ticket_ms_p99"], r["bare_ticket_ms_p99"], None, ".1f"),
         row("step ms p50 (wall/activity)", r["step_ms_p50"], r["bare_step_ms_p50"], None, ".2f"),
@@ -637,7 +678,8 @@ def report(r: dict[str, Any]) -> str:
         row("server CPU ms per step", r["server_cpu_ms_per_step"], r["bare_server_cpu_ms_per_step"], None, ".2f"),
         row("foreign CPU % of machine", r["foreign_cpu_pct"], r["bare_foreign_cpu_pct"],
             r["asyncio_foreign_cpu_pct"], ".1f"),
-        "  (asyncio CPU: the whole benchmark process, pipeline and activities; there is no worker.",
+        "  (a step is one model or tool call: llm_calls + tools_executed; other round trips of a ticket, in its",
+        "   history, cost worker CPU too. asyncio CPU: the whole benchmark process, pipeline and activities.",
         "   foreign CPU: other processes on this machine during the phase; high values skew the comparison.)",
         "",
         f"  throughput Keel / bare:     {r['throughput_ratio_vs_bare']:.2f}x"
@@ -683,4 +725,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # The Temporal client's Rust threads can abort CPython's finalization ("PyGILState_Release: thread
+    # state must be current", temporalio/sdk-python#300). Workers and server are stopped, the temp dir
+    # removed and the output flushed by now: skip the finalization.
+    os._exit(code)

@@ -23,6 +23,7 @@ SA_STATUS = "KeelStatus"
 SA_TOKENS = "KeelTokens"
 SA_COST_USD = "KeelCostUsd"
 SA_AWAITING_APPROVAL = "KeelAwaitingApproval"
+SA_BUDGET = "KeelBudget"
 
 SEARCH_ATTRIBUTES: dict[str, str] = {
     SA_CUSTOMER: "Keyword",
@@ -32,6 +33,7 @@ SEARCH_ATTRIBUTES: dict[str, str] = {
     SA_TOKENS: "Int",
     SA_COST_USD: "Double",
     SA_AWAITING_APPROVAL: "Bool",
+    SA_BUDGET: "Keyword",
 }
 
 # Timeouts for activities, in one place.
@@ -45,4 +47,6 @@ NON_RETRYABLE_ERRORS = [
     "ToolArgumentError",
     "UnknownTool",
     "UnpricedModel",
+    "BudgetWouldExceed",
+    "PromptNotFound",
 ]

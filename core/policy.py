@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
-from core.types import StepKind, Tier
+from core.types import Budget, StepKind, Tier
 
 CATEGORIES = [
     "refund_request",
@@ -26,6 +26,21 @@ DEFAULT_TIERS: dict[StepKind, Tier] = {
     "draft": "large",
     "synthesize": "large",
 }
+
+
+UNLIMITED = Budget(max_tokens=None, max_usd=None)
+
+BUDGETS: dict[str, Budget] = {
+    "support_ticket": Budget(max_tokens=12_000, max_usd=0.05),
+}
+"""Default budget per task type; a task may override it."""
+
+EXPECTED_TOKENS: dict[str, int] = {"support_ticket": 6_000}
+"""Tokens a task of each type is expected to use: the circuit breaker trips at 2x this on average."""
+
+
+def budget_for(task_type: str) -> Budget:
+    return BUDGETS.get(task_type, Budget())
 
 
 class SupportPolicy(BaseModel):

@@ -6,6 +6,8 @@ activity names are the tool names.
 
 from __future__ import annotations
 
+import functools
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from core.types import Permission, ToolSpec
@@ -54,9 +56,16 @@ class ToolDef(BaseModel):
     writes: bool
 
     def spec(self) -> ToolSpec:
-        schema = self.args.model_json_schema()
-        schema.pop("title", None)
-        return ToolSpec(name=self.name, description=self.description, parameters=schema, permission=self.permission)
+        return _spec(self.name)
+
+
+@functools.cache
+def _spec(name: str) -> ToolSpec:
+    # Generating a JSON schema costs about a millisecond; it is asked for on every model call.
+    t = TOOLS[name]
+    schema = t.args.model_json_schema()
+    schema.pop("title", None)
+    return ToolSpec(name=t.name, description=t.description, parameters=schema, permission=t.permission)
 
 
 TOOLS: dict[str, ToolDef] = {

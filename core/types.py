@@ -96,6 +96,51 @@ class ModelSpec(BaseModel):
         return cls.model_validate({"provider": provider, "model": model})
 
 
+class Budget(BaseModel):
+    """A per-task budget. Either limit may be None (not limited); both None means uncontrolled."""
+
+    max_tokens: int | None = Field(12_000, gt=0)
+    max_usd: float | None = Field(0.05, gt=0)
+    soft_ratio: float = Field(0.7, gt=0, lt=1)
+    """At this share of a limit a system message tells the agent to wrap up."""
+    hard_ratio: float = Field(0.9, gt=0, lt=1)
+    """At this share the next call is made with no tools: the agent must answer."""
+
+    @property
+    def limited(self) -> bool:
+        return self.max_tokens is not None or self.max_usd is not None
+
+
+BudgetState = Literal["ok", "soft", "hard", "killed"]
+LimitKind = Literal["tokens", "usd", "steps", "breaker"]
+
+
+class BudgetReport(BaseModel):
+    """Where a task stands against its budget; in the progress query, the result and search attributes."""
+
+    max_tokens: int | None = None
+    max_usd: float | None = None
+    used_tokens: int = 0
+    used_usd: float = 0.0
+    reserved_tokens: int = 0
+    """Held for child tasks running now (their caps), not yet spent."""
+    reserved_usd: float = 0.0
+    state: BudgetState = "ok"
+    soft_at_step: int | None = None
+    hard_at_step: int | None = None
+    limit_hit: LimitKind | None = None
+    detail: str = ""
+
+
+class Decision(BaseModel):
+    """A decision the workflow took, with its reason: the trace's decision points."""
+
+    step: int
+    kind: str
+    """route | escalate | block | repeat | wrap_up | answer_now | kill | fallback | breaker"""
+    reason: str
+
+
 class TaskContext(BaseModel):
     """Tags carried by every call of a task: chargeback, tracing and idempotency keys."""
 
@@ -119,6 +164,9 @@ class LlmRequest(BaseModel):
     messages: list[Message]
     tools: list[ToolSpec] = Field(default_factory=list)
     max_output_tokens: int = 1024
+    max_input_tokens: int | None = None
+    """Budget guard: the activity refuses the call (BudgetWouldExceed, non-retryable) if the prompt,
+    system prompt included, is estimated above this many tokens."""
     json_output: bool = False
     """Ask for a JSON object as the whole answer."""
     model: ModelSpec = Field(default_factory=ModelSpec)
@@ -201,6 +249,14 @@ class TicketInput(BaseModel):
     sim: SimConfig = Field(default_factory=SimConfig)
     max_steps: int | None = None
     """Override of the policy's step cap for this task."""
+    budget: Budget | None = None
+    """Override of the task type's budget; `Budget(max_tokens=None, max_usd=None)` means no budget."""
+    tiering: bool = True
+    """Serve each step kind from its tier (small/large); False runs every step on the large model."""
+    fallbacks: list[ModelSpec] = Field(default_factory=list)
+    """Models tried in order when a call's retries are exhausted on a retryable provider error."""
+    breaker: bool = True
+    """Ask the task type's cost circuit breaker before running the model."""
 
 
 class BlockedAction(BaseModel):
@@ -221,6 +277,8 @@ class TicketResult(BaseModel):
     urgency: str | None = None
     confidence: float | None = None
     reply: str | None = None
+    partial_output: str | None = None
+    """When a limit stopped the task: the best output it had produced."""
     tools_executed: list[str] = Field(default_factory=list)
     tools_blocked: list[BlockedAction] = Field(default_factory=list)
     observations: list[str] = Field(default_factory=list)
@@ -232,6 +290,12 @@ class TicketResult(BaseModel):
     output_tokens: int = 0
     cost_usd: float = 0.0
     models: list[str] = Field(default_factory=list)
+    budget: BudgetReport = Field(default_factory=BudgetReport)
+    reasoning_loops: int = 0
+    """Times the agent went back to a tool it had left for another (revisiting an earlier step)."""
+    repeated_calls: int = 0
+    """Identical tool calls answered from the earlier result instead of being paid for again."""
+    decisions: list[Decision] = Field(default_factory=list)
 
 
 class Progress(BaseModel):
@@ -243,6 +307,7 @@ class Progress(BaseModel):
     llm_calls: int = 0
     category: str | None = None
     tools_executed: list[str] = Field(default_factory=list)
+    budget: BudgetReport | None = None
 
 
 ToolRequest.model_rebuild()

@@ -21,11 +21,13 @@ from core.dataset import sample_tickets
 from core.settings import KeelSettings
 from core.types import SimConfig, TicketResult
 from starter import stack, tickets, views
+from starter.breaker_cli import breaker_app
 from starter.client import connect
 
 app = typer.Typer(help="Keel: durable, budgeted, observable LLM agents on Temporal.", no_args_is_help=True)
 ticket_app = typer.Typer(help="Support tickets: submit one, or a batch.", no_args_is_help=True)
 app.add_typer(ticket_app, name="ticket")
+app.add_typer(breaker_app, name="breaker")
 # Piped output (make demo | tee, CI logs) gets a width that fits the batch table.
 _WIDTH = None if sys.stdout.isatty() or "COLUMNS" in os.environ else 120
 console = Console(width=_WIDTH)
@@ -72,22 +74,30 @@ def up(detach: Annotated[bool, typer.Option("--detach", "-d", help="Leave the st
     settings = _settings()
 
     async def run() -> None:
-        state = await stack.up(settings, console.print)
-        console.print(f"Temporal UI: [bold]{settings.ui_url}[/bold]   address: {settings.temporal_address}")
-        if detach:
-            console.print("Stop it with `keel down` (or `make down`).")
-            return
-        console.print("Press Ctrl-C to stop.")
         stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        while not stop.is_set():
-            if not stack.alive(state.worker_pid):
-                err.print("[red]the worker exited[/red]; see .keel/worker.log")
-                break
-            await asyncio.sleep(0.5)
-        stack.down(settings, console.print)
+        if not detach:
+            # Installed before anything starts, so a Ctrl-C at any moment stops what has started.
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
+        try:
+            state = await stack.up(settings, console.print)
+            console.print(f"Temporal UI: [bold]{settings.ui_url}[/bold]   address: {settings.temporal_address}")
+            if detach:
+                console.print("Stop it with `keel down` (or `make down`).")
+                return
+            console.print("Press Ctrl-C to stop.")
+            while not stop.is_set():
+                if not stack.alive(state.worker_pid):
+                    err.print("[red]the worker exited[/red]; see .keel/worker.log")
+                    break
+                await asyncio.sleep(0.5)
+        except BaseException:
+            if not detach:
+                stack.down(settings, console.print)
+            raise
+        if not detach:
+            stack.down(settings, console.print)
 
     try:
         asyncio.run(run())

@@ -6,18 +6,19 @@ import concurrent.futures
 from collections.abc import Callable
 from typing import Any
 
-from activities.providers.sim import SimProvider
 from sqlalchemy.engine import Engine
 from temporalio.client import Client
 from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
+from activities.breaker import BreakerActivities
 from activities.db import init_db, make_engine
 from activities.ledger import Ledger
 from activities.llm import LlmActivities
 from activities.providers.anthropic_provider import AnthropicProvider
 from activities.providers.base import Provider
 from activities.providers.openai_provider import OpenAIProvider
+from activities.providers.sim import SimProvider
 from activities.tools import ToolActivities
 from core.settings import KeelSettings
 from workflows import WORKFLOWS
@@ -38,9 +39,15 @@ def default_providers(settings: KeelSettings) -> dict[str, Provider]:
     }
 
 
-def activities_for(engine: Engine, providers: dict[str, Provider]) -> list[Callable[..., Any]]:
+def activities_for(
+    engine: Engine, providers: dict[str, Provider], client: Client, task_queue: str
+) -> list[Callable[..., Any]]:
     ledger = Ledger(engine)
-    return [LlmActivities(providers, ledger).llm_call, *ToolActivities(engine, ledger).all()]
+    return [
+        LlmActivities(providers, ledger).llm_call,
+        *ToolActivities(engine, ledger).all(),
+        BreakerActivities(client, task_queue).admit,
+    ]
 
 
 def build_worker(
@@ -55,10 +62,11 @@ def build_worker(
     if engine is None:
         engine = make_engine(settings.db_url)
         init_db(engine)
-    acts = activities_for(engine, providers or default_providers(settings))
+    queue = task_queue or settings.task_queue
+    acts = activities_for(engine, providers or default_providers(settings), client, queue)
     return Worker(
         client,
-        task_queue=task_queue or settings.task_queue,
+        task_queue=queue,
         workflows=WORKFLOWS,
         activities=[*acts, *(extra_activities or [])],
         activity_executor=concurrent.futures.ThreadPoolExecutor(max_workers=settings.max_concurrent_activities),

@@ -7,13 +7,14 @@ class, not a workflow, so every pattern (ticket, orchestrator, supervisor, swarm
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Protocol
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
+from temporalio.exceptions import ActivityError, ApplicationError, TimeoutError
 
 with workflow.unsafe.imports_passed_through():
     from pydantic import ValidationError
@@ -24,9 +25,12 @@ with workflow.unsafe.imports_passed_through():
         NON_RETRYABLE_ERRORS,
         TOOL_START_TO_CLOSE,
     )
+    from core.tokens import estimate_input_tokens
     from core.tools import TOOLS, ToolDef
     from core.types import (
         BlockedAction,
+        Budget,
+        Decision,
         LlmRequest,
         LlmResponse,
         Message,
@@ -41,6 +45,8 @@ with workflow.unsafe.imports_passed_through():
         ToolRequest,
         ToolResult,
     )
+
+from workflows.budget import BudgetGuard
 
 LLM_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1),
@@ -116,6 +122,9 @@ class AgentRunner:
         tiers: dict[StepKind, Tier],
         sim: SimConfig,
         max_output_tokens: int = 800,
+        budget: Budget | None = None,
+        controls: bool = True,
+        fallbacks: list[ModelSpec] | None = None,
     ) -> None:
         self.calls = calls
         self.task = task
@@ -123,6 +132,21 @@ class AgentRunner:
         self.tiers = tiers
         self.sim = sim
         self.max_output_tokens = max_output_tokens
+        self.budget = BudgetGuard(budget or Budget(max_tokens=None, max_usd=None))
+        self.controls = controls
+        """Budgets and spiral detection on; False only replays histories recorded before they existed."""
+        self.fallbacks = fallbacks or []
+        self.no_tools = False
+        """Set when the hard budget threshold fires: every later call is made without tools."""
+        self.notices: list[Message] = []
+        """System messages the next call must carry (wrap up / answer now)."""
+        self.decisions: list[Decision] = []
+        self.on_budget_state: Callable[[str], None] | None = None
+        """Called when the budget state changes (soft, hard): the workflow upserts a search attribute."""
+        self.reasoning_loops = 0
+        self.repeated_calls = 0
+        self.seen_calls: dict[str, tuple[int, dict[str, object]]] = {}
+        self.tools_called: list[str] = []
         self.progress = Progress()
         self.input_tokens = 0
         self.output_tokens = 0
@@ -141,6 +165,13 @@ class AgentRunner:
 
     def observe(self, text: str) -> None:
         self.observations.append(text)
+
+    def decide(self, kind: str, reason: str) -> None:
+        self.decisions.append(Decision(step=self.progress.step, kind=kind, reason=reason))
+
+    def take_notices(self) -> list[Message]:
+        notices, self.notices = self.notices, []
+        return notices
 
     def outcome(self, status: str, route: str, reason: str, classification: dict[str, object]) -> TaskOutcome:
         return TaskOutcome.model_validate(
@@ -166,23 +197,50 @@ class AgentRunner:
         tools: list[ToolDef] | None = None,
         json_output: bool = False,
     ) -> LlmResponse:
+        """One model call, within budget, falling back along the chain when a model is unavailable."""
         tier = self.tiers.get(kind, "large")
-        model = self.models[tier]
-        step = self._next_step(f"{kind} ({model.model})")
-        req = LlmRequest(
-            task=self.task,
-            step=step,
-            kind=kind,
-            tier=tier,
-            prompt=prompt,
-            messages=messages,
-            tools=[t.spec() for t in tools or []],
-            max_output_tokens=self.max_output_tokens,
-            json_output=json_output,
-            model=model,
-            sim=self.sim,
-        )
-        resp = await self.calls.llm(req, f"{kind} · {model.label}")
+        chain = [self.models[tier], *self.fallbacks]
+        specs = [t.spec() for t in tools or []]
+        for i, model in enumerate(chain):
+            max_out, max_in = self.max_output_tokens, None
+            if self.controls:
+                allowance = self.budget.allow_call(model, estimate_input_tokens(messages, specs),
+                                                   self.max_output_tokens)
+                max_out, max_in = allowance.max_output_tokens, allowance.max_input_tokens
+            step = self._next_step(f"{kind} ({model.model})")
+            req = LlmRequest(
+                task=self.task,
+                step=step,
+                kind=kind,
+                tier=tier,
+                prompt=prompt,
+                messages=messages,
+                tools=specs,
+                max_output_tokens=max_out,
+                max_input_tokens=max_in,
+                json_output=json_output,
+                model=model,
+                sim=self.sim,
+            )
+            try:
+                resp = await self.calls.llm(req, f"{kind} · {model.label}")
+            except (ActivityError, ApplicationError) as e:
+                cause = e.cause if isinstance(e, ActivityError) else e
+                if isinstance(cause, ApplicationError) and cause.type == "BudgetWouldExceed":
+                    raise self.budget.stop("tokens", cause.message) from e
+                retryable = isinstance(cause, TimeoutError) or (
+                    isinstance(cause, ApplicationError) and not cause.non_retryable
+                    and cause.type in ("ProviderRateLimited", "ProviderUnavailable")
+                )
+                if not retryable or i + 1 == len(chain):
+                    raise
+                self.decide("fallback", f"{model.label} failed after retries ({cause}); trying {chain[i + 1].label}")
+                continue
+            self._account(model, resp)
+            return resp
+        raise AssertionError("unreachable: the chain is never empty")
+
+    def _account(self, model: ModelSpec, resp: LlmResponse) -> None:
         self.llm_calls += 1
         self.input_tokens += resp.usage.input_tokens
         self.output_tokens += resp.usage.output_tokens
@@ -192,7 +250,24 @@ class AgentRunner:
         self.progress.tokens = self.input_tokens + self.output_tokens
         self.progress.cost_usd = round(self.cost_usd, 8)
         self.progress.llm_calls = self.llm_calls
-        return resp
+        if not self.controls:
+            return
+        self.budget.charge(resp.usage.total_tokens, resp.cost_usd)
+        for threshold in self.budget.crossed(self.progress.step):
+            pct = int(100 * (self.budget.budget.soft_ratio if threshold == "soft" else self.budget.budget.hard_ratio))
+            if threshold == "soft":
+                self.decide("wrap_up", f"{pct}% of the task budget used")
+                self.notices.append(Message(role="system", content=(
+                    f"Budget notice: {pct}% of this task's budget is used. Wrap up: finish with at most one "
+                    "more tool call, then give your answer.")))
+            else:
+                self.decide("answer_now", f"{pct}% of the task budget used")
+                self.no_tools = True
+                self.notices.append(Message(role="system", content=(
+                    f"Budget notice: {pct}% of this task's budget is used. Answer now, without tools.")))
+        self.progress.budget = self.budget.report()
+        if self.on_budget_state is not None and self.budget.crossed_last:
+            self.on_budget_state(self.budget.state)
 
     async def tool(self, name: str, arguments: Mapping[str, object], outcome: TaskOutcome | None = None) -> ToolResult:
         step = self._next_step(f"tool {name}")
@@ -220,10 +295,11 @@ async def run_agent_loop(
     allowed = {t.name: t for t in tools}
     result = LoopResult()
     for _ in range(max_steps):
-        resp = await runner.llm("reason", prompt, messages, tools)
+        messages.extend(runner.take_notices())
+        resp = await runner.llm("reason", prompt, messages, [] if runner.no_tools else tools)
         messages.append(Message(role="assistant", content=resp.text, tool_calls=resp.tool_calls))
+        result.final_text = resp.text or result.final_text
         if not resp.tool_calls:
-            result.final_text = resp.text
             return result
         for call in resp.tool_calls:
             content = await _handle_call(runner, call, allowed, result)
@@ -234,10 +310,12 @@ async def run_agent_loop(
             result.escalation = f"the model produced {result.invalid_outputs} invalid tool calls"
             return result
     result.hit_step_cap = True
+    runner.decide("answer_now", f"step limit {max_steps} reached")
+    messages.extend(runner.take_notices())
     messages.append(Message(role="system", content="Step limit reached: answer now, without tools."))
     resp = await runner.llm("reason", prompt, messages, [])
     messages.append(Message(role="assistant", content=resp.text))
-    result.final_text = resp.text
+    result.final_text = resp.text or result.final_text
     return result
 
 
@@ -247,8 +325,37 @@ async def _handle_call(
     """Validate one tool call deterministically, execute it if policy allows, and return what the
     model observes. Nothing the model says reaches a tool without passing through here."""
 
+    if runner.controls:
+        key = f"{call.name}:{_canonical(call.arguments_json)}"
+        earlier = runner.seen_calls.get(key)
+        if earlier is not None:
+            # A spiral's signature: the same call again. Answer from the earlier observation; never pay twice.
+            step, content = earlier
+            runner.repeated_calls += 1
+            runner.decide("repeat", f"{call.name} repeated with the same arguments as at step {step}")
+            return {**content, "note": f"identical to your call at step {step}; not executed again"}
+        if call.name in runner.tools_called and runner.tools_called[-1] != call.name:
+            runner.reasoning_loops += 1
+        runner.tools_called.append(call.name)
+        content = await _handle_new_call(runner, call, allowed, result)
+        runner.seen_calls[key] = (runner.progress.step, content)
+        return content
+    return await _handle_new_call(runner, call, allowed, result)
+
+
+def _canonical(arguments_json: str) -> str:
+    try:
+        return json.dumps(json.loads(arguments_json or "{}"), sort_keys=True)
+    except json.JSONDecodeError:
+        return arguments_json
+
+
+async def _handle_new_call(
+    runner: AgentRunner, call: ToolCall, allowed: dict[str, ToolDef], result: LoopResult
+) -> dict[str, object]:
     def refuse(reason: str) -> dict[str, object]:
         result.invalid_outputs += 1
+        runner.decide("block", f"{call.name}: {reason}")
         runner.tools_blocked.append(
             BlockedAction(step=runner.progress.step, tool=call.name, arguments_json=call.arguments_json, reason=reason)
         )
@@ -275,6 +382,7 @@ async def _handle_call(
         # The workflow's routing step performs the escalation, once, with the task's outcome.
         result.escalation = str(arguments["reason"])
         result.escalation_priority = str(arguments.get("priority", "normal"))
+        runner.decide("escalate", result.escalation)
         return {"status": "will be escalated to a human when this step ends"}
     if tool.permission == "confirm":
         action = BlockedAction(
@@ -285,6 +393,7 @@ async def _handle_call(
         )
         result.pending_actions.append(action)
         runner.tools_blocked.append(action)
+        runner.decide("block", f"{call.name} needs approval (permission: confirm)")
         return {
             "status": "pending_approval",
             "detail": f"{call.name} needs a human's approval; the proposed action was recorded. Do not repeat it.",

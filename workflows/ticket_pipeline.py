@@ -17,6 +17,7 @@ with workflow.unsafe.imports_passed_through():
 
 # Our own workflow code is imported inside the sandbox (not passed through), so it stays checked.
 from workflows.agent_loop import AgentRunner, LoopResult, run_agent_loop, tool_defs
+from workflows.budget import BudgetExceeded
 
 CLASSIFY_PROMPT = "support/classify"
 AGENT_PROMPT = "support/agent"
@@ -27,38 +28,63 @@ def ticket_message(inp: TicketInput) -> Message:
     return Message(role="user", content=f"Customer: {inp.customer_id}\nTicket: {inp.ticket_id}\n\n{inp.text}")
 
 
-async def handle_ticket(runner: AgentRunner, inp: TicketInput, policy: SupportPolicy) -> TicketResult:
+async def handle_ticket(
+    runner: AgentRunner, inp: TicketInput, policy: SupportPolicy, skip_reason: str | None = None
+) -> TicketResult:
+    """`skip_reason`: the model must not run (the cost circuit breaker is open); route to a human."""
     result = TicketResult(workflow_id=runner.task.workflow_id, ticket_id=inp.ticket_id,
                           customer_id=inp.customer_id, status="running", route="human")
     problems = ticket_problems(inp.customer_id, inp.text)
     if problems:
         # Nothing is lost: the ticket goes to the human queue with the reason, and is recorded.
         return await _finish(runner, result, "rejected", "human", "invalid ticket: " + "; ".join(problems), None)
+    if skip_reason is not None:
+        runner.budget.limit_hit = "breaker"
+        runner.budget.detail = skip_reason
+        runner.decide("breaker", skip_reason)
+        return await _finish(runner, result, "escalated", "human", skip_reason, None)
 
     messages = [ticket_message(inp)]
-    cls = await _classify(runner, messages, policy.classify_attempts)
-    if cls is not None:
-        runner.progress.category = cls.category
-        messages.append(Message(role="user", content="Classification: " + cls.model_dump_json()))
-
-    loop = await run_agent_loop(
-        runner,
-        AGENT_PROMPT,
-        messages,
-        tool_defs(AGENT_TOOLS),
-        max_steps=inp.max_steps or policy.max_steps,
-        max_invalid_outputs=policy.max_invalid_outputs,
-    )
-    draft = await runner.llm(
-        "draft", DRAFT_PROMPT, [*messages, Message(role="user", content="Write the reply to the customer now.")]
-    )
+    cls: Classification | None = None
+    loop = LoopResult()
+    try:
+        cls = await _classify(runner, messages, policy.classify_attempts)
+        if cls is not None:
+            runner.progress.category = cls.category
+            messages.append(Message(role="user", content="Classification: " + cls.model_dump_json()))
+        loop = await run_agent_loop(
+            runner,
+            AGENT_PROMPT,
+            messages,
+            tool_defs(AGENT_TOOLS),
+            max_steps=inp.max_steps or policy.max_steps,
+            max_invalid_outputs=policy.max_invalid_outputs,
+        )
+        messages.extend(runner.take_notices())
+        draft = await runner.llm(
+            "draft", DRAFT_PROMPT, [*messages, Message(role="user", content="Write the reply to the customer now.")]
+        )
+    except BudgetExceeded as e:
+        # The kill switch: no call that would cross the budget was made. The task ends here with the
+        # best output it has, in the human queue, and counts as abandoned.
+        runner.decide("kill", str(e))
+        result.partial_output = loop.final_text or _last_assistant_text(messages) or None
+        limit = {"tokens": "token", "usd": "dollar"}.get(e.limit, e.limit)
+        return await _finish(runner, result, "budget_exceeded", "human", f"{limit} budget exceeded: {e}", cls)
     result.reply = draft.text.strip() or None
+    if loop.hit_step_cap:
+        runner.budget.limit_hit = "steps"
+        runner.budget.detail = f"step limit {inp.max_steps or policy.max_steps} reached"
 
     reasons = _human_reasons(policy, cls, loop, result.reply, runner)
     if reasons:
         priority = loop.escalation_priority if loop.escalation else None
         return await _finish(runner, result, "escalated", "human", "; ".join(reasons), cls, priority)
     return await _finish(runner, result, "resolved", "reply", "answered by the agent", cls)
+
+
+def _last_assistant_text(messages: list[Message]) -> str:
+    return next((m.content for m in reversed(messages) if m.role == "assistant" and m.content), "")
 
 
 async def _classify(runner: AgentRunner, messages: list[Message], attempts: int) -> Classification | None:
@@ -95,7 +121,7 @@ def _human_reasons(
     for a in loop.pending_actions:
         reasons.append(f"{a.tool} {a.arguments_json} awaits human approval")
     if loop.hit_step_cap:
-        reasons.append("step limit reached")
+        reasons.append(runner.budget.detail or "step limit reached")
     if any(o.startswith("get_account:") and "not found" in o for o in runner.observations):
         reasons.append("unknown customer")
     if not reply:
@@ -114,6 +140,9 @@ async def _finish(
 ) -> TicketResult:
     """Route the ticket with one tool call that also writes the task's outcome row."""
     cls_fields = cls.model_dump() if cls else {}
+    if runner.controls:
+        runner.progress.budget = runner.budget.report()
+    runner.decide("route", f"{route}: {reason}")
     outcome = runner.outcome(status, route, reason, cls_fields)
     if route == "human":
         args = {"reason": reason[:1000], "priority": priority or (cls.urgency if cls else "normal")}
@@ -141,5 +170,9 @@ async def _finish(
             "output_tokens": runner.output_tokens,
             "cost_usd": round(runner.cost_usd, 8),
             "models": runner.models_used,
+            "budget": runner.budget.report(),
+            "reasoning_loops": runner.reasoning_loops,
+            "repeated_calls": runner.repeated_calls,
+            "decisions": runner.decisions,
         }
     )

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import random
 import re
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from typing import Any
 
 from activities.providers.base import ProviderResult
 from core.policy import CATEGORIES
+from core.tokens import CHARS_PER_TOKEN, estimate_input_tokens, tokens_for_chars
 from core.tools import TOOLS
 from core.types import SIM_LABEL, LlmRequest, Message, SimConfig, ToolCall, Usage
 
@@ -479,16 +479,20 @@ def draft_reply(category: str, calls: list[Call]) -> str:
 
 # --- the provider --------------------------------------------------------------------------
 def _tokens(chars: int) -> int:
-    return math.ceil(chars / 4)
+    return tokens_for_chars(chars)
 
 
 def _usage(req: LlmRequest, system: str, text: str, calls: list[ToolCall]) -> Usage:
-    chars = len(system) + sum(len(m.content) + sum(len(tc.arguments_json) for tc in m.tool_calls)
-                              for m in req.messages)
-    if req.tools:
-        chars += len(json.dumps([t.model_dump() for t in req.tools]))
     out = len(text) + sum(len(tc.name) + len(tc.arguments_json) for tc in calls)
-    return Usage(input_tokens=_tokens(chars), output_tokens=max(1, _tokens(out)))
+    return Usage(input_tokens=estimate_input_tokens(req.messages, req.tools, len(system)),
+                 output_tokens=max(1, _tokens(out)))
+
+
+def _cap_output(text: str, calls: list[ToolCall], max_tokens: int) -> tuple[str, bool]:
+    """Like a real model, stop at max_output_tokens: the text is cut and finish_reason is "length"."""
+    call_chars = sum(len(tc.name) + len(tc.arguments_json) for tc in calls)
+    room = max(0, max_tokens * CHARS_PER_TOKEN - call_chars)
+    return (text, False) if len(text) <= room else (text[:room], True)
 
 
 class SimProvider:
@@ -526,8 +530,10 @@ class SimProvider:
         if req.sim.latency_ms_max > 0:
             lo = req.sim.latency_ms_min
             await asyncio.sleep(rng.uniform(lo, max(lo, req.sim.latency_ms_max)) / 1000)
+        text, cut = _cap_output(text, tool_calls, req.max_output_tokens)
+        finish = "length" if cut else ("tool_calls" if tool_calls else "stop")
         return ProviderResult(text=text, tool_calls=tool_calls, usage=_usage(req, system, text, tool_calls),
-                              finish_reason="tool_calls" if tool_calls else "stop", model=req.model.model)
+                              finish_reason=finish, model=req.model.model)
 
     @staticmethod
     def _decide(req: LlmRequest, ticket: Ticket, traits: TaskTraits) -> Action | None:
