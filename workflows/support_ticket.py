@@ -83,7 +83,9 @@ class SupportTicketWorkflow:
         if controls:
             runner.on_budget_state = lambda state: workflow.upsert_search_attributes([SA_BUDGET.value_set(state)])
             if inp.breaker and inp.text.strip():
-                admit = await workflow.execute_activity(
+                # A local activity: the decision is recorded in this history without a round trip
+                # through the server's activity queue.
+                admit = await workflow.execute_local_activity(
                     BREAKER_ADMIT_ACTIVITY,
                     AdmitRequest(config=breaker_config(inp.task_type, info.task_queue), workflow_id=info.workflow_id),
                     result_type=AdmitDecision,
