@@ -44,6 +44,9 @@ def budget_for(task_type: str) -> Budget:
 
 
 class SupportPolicy(BaseModel):
+    loop_kind: StepKind = "route"
+    """Step kind of the agent loop's calls: choosing the next lookup (or stopping) is routing, so
+    with tiering it runs on the small model; the customer-facing draft stays on the large one."""
     max_steps: int = 14
     """Cap on agent-loop iterations (LLM calls in the loop)."""
     min_confidence: float = 0.6

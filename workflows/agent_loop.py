@@ -290,13 +290,14 @@ async def run_agent_loop(
     tools: list[ToolDef],
     max_steps: int,
     max_invalid_outputs: int,
+    kind: StepKind = "reason",
 ) -> LoopResult:
     """Loop until the model answers without tools, escalates, or a cap is hit. `messages` grows in place."""
     allowed = {t.name: t for t in tools}
     result = LoopResult()
     for _ in range(max_steps):
         messages.extend(runner.take_notices())
-        resp = await runner.llm("reason", prompt, messages, [] if runner.no_tools else tools)
+        resp = await runner.llm(kind, prompt, messages, [] if runner.no_tools else tools)
         messages.append(Message(role="assistant", content=resp.text, tool_calls=resp.tool_calls))
         result.final_text = resp.text or result.final_text
         if not resp.tool_calls:
@@ -313,7 +314,7 @@ async def run_agent_loop(
     runner.decide("answer_now", f"step limit {max_steps} reached")
     messages.extend(runner.take_notices())
     messages.append(Message(role="system", content="Step limit reached: answer now, without tools."))
-    resp = await runner.llm("reason", prompt, messages, [])
+    resp = await runner.llm(kind, prompt, messages, [])
     messages.append(Message(role="assistant", content=resp.text))
     result.final_text = resp.text or result.final_text
     return result

@@ -59,6 +59,8 @@ async def handle_ticket(
             tool_defs(AGENT_TOOLS),
             max_steps=inp.max_steps or policy.max_steps,
             max_invalid_outputs=policy.max_invalid_outputs,
+            # Histories recorded before cost controls ran the loop as "reason" on the large tier.
+            kind=policy.loop_kind if runner.controls else "reason",
         )
         messages.extend(runner.take_notices())
         draft = await runner.llm(

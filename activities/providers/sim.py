@@ -495,6 +495,10 @@ def _cap_output(text: str, calls: list[ToolCall], max_tokens: int) -> tuple[str,
     return (text, False) if len(text) <= room else (text[:room], True)
 
 
+AGENT_KINDS = ("reason", "route", "plan", "extract", "synthesize")
+"""Step kinds of an agent loop: the sim acts as the agent (tool calls, then a final answer)."""
+
+
 class SimProvider:
     """The offline simulator behind `sim:<model>` specs. See the module docstring."""
 
@@ -511,7 +515,7 @@ class SimProvider:
             text = json.dumps(classify_text(ticket.text, rng))
             if u_json < req.sim.invalid_json_rate:
                 text = _broken_json(rng, text)
-        elif req.kind == "reason":
+        elif req.kind in AGENT_KINDS:
             action = self._decide(req, ticket, task_traits(req.sim, key))
             answer_now = _system_index(req.messages, "answer now") is not None
             if req.tools and not answer_now and u_hallucinate < req.sim.hallucinated_tool_rate:
