@@ -241,15 +241,20 @@ def costs(
     by: Annotated[str, typer.Option("--by", help="Comma-separated: customer, feature, task_type, model, "
                                                    "provider, prompt_version")] = "customer",
     fmt: Annotated[str, typer.Option("--format", help="table | csv | json")] = "table",
+    since: Annotated[str | None, typer.Option(help="Only calls since: 24h, 7d, 30m, or an ISO date/time (UTC)")] = None,
 ) -> None:
-    """LLM spend from the ledger, grouped by any tags."""
+    """LLM spend from the ledger (chargeback), grouped by any tags."""
     from activities.db import make_engine
     from activities.ledger import Ledger
 
     settings = _settings()
     group = [g.strip() for g in by.split(",") if g.strip()]
+    if fmt not in ("table", "csv", "json"):
+        err.print(f"[red]--format {fmt!r}: use table, csv or json[/red]")
+        raise typer.Exit(2)
     try:
-        rows = Ledger(make_engine(settings.db_url)).costs(group)
+        start = views.parse_since(since) if since else None
+        rows = Ledger(make_engine(settings.db_url)).costs(group, since=start)
     except ValueError as e:
         err.print(f"[red]{e}[/red]")
         raise typer.Exit(2) from e

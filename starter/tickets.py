@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -14,7 +15,8 @@ from temporalio.client import Client, WorkflowHandle
 from temporalio.common import SearchAttributeKey, SearchAttributePair, TypedSearchAttributes
 
 from core import names
-from core.policy import ticket_problems
+from core.policy import BUDGETS, ticket_problems
+from core.pricing import UnpricedModelError, price_for
 from core.settings import KeelSettings
 from core.types import ModelSpec, Progress, SimConfig, TicketInput, TicketResult
 
@@ -29,6 +31,9 @@ class TicketInputError(ValueError):
     """A ticket (or a batch file) that cannot be submitted; the message says why and where."""
 
 
+_TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
+
+
 def make_input(
     settings: KeelSettings,
     customer_id: str,
@@ -36,8 +41,24 @@ def make_input(
     ticket_id: str | None = None,
     sim: SimConfig | None = None,
     feature: str = "support",
+    task_type: str = "support_ticket",
 ) -> TicketInput:
+    """A validated ticket: text within limits, chargeback tags present and well formed, every model
+    priced (an unpriced model is refused here, never counted as $0)."""
     problems = ticket_problems(customer_id, text)
+    for name, tag in (("customer id", customer_id.strip()), ("feature", feature), ("task type", task_type)):
+        if tag and not _TAG.match(tag):
+            problems.append(f"{name} {tag!r} must be 1-64 letters, digits or _.:- (it tags the ledger)")
+    if not feature:
+        problems.append("feature is empty (it tags the ledger)")
+    if task_type not in BUDGETS:
+        problems.append(f"unknown task type {task_type!r}; known: {sorted(BUDGETS)}")
+    small, large = ModelSpec.parse(settings.model_small), ModelSpec.parse(settings.model_large)
+    for spec in (small, large):
+        try:
+            price_for(spec.provider, spec.model)
+        except UnpricedModelError as e:
+            problems.append(str(e))
     if problems:
         raise TicketInputError("; ".join(problems))
     return TicketInput(
@@ -45,8 +66,9 @@ def make_input(
         customer_id=customer_id.strip(),
         text=text,
         feature=feature,
-        small_model=ModelSpec.parse(settings.model_small),
-        large_model=ModelSpec.parse(settings.model_large),
+        task_type=task_type,
+        small_model=small,
+        large_model=large,
         sim=sim or SimConfig(seed=settings.sim_seed, spiral_rate=settings.sim_spiral_rate),
     )
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import quote
 
@@ -15,7 +17,7 @@ from rich.panel import Panel
 from rich.table import Table
 
 from core.settings import KeelSettings
-from core.types import SIM_LABEL, Progress, TicketResult
+from core.types import SIM_LABEL, BudgetReport, Progress, TicketResult
 
 
 def workflow_url(settings: KeelSettings, workflow_id: str) -> str:
@@ -34,6 +36,7 @@ def result_json(r: TicketResult) -> dict[str, Any]:
         "tools_blocked": [b.model_dump() for b in r.tools_blocked],
         "tokens": r.tokens,
         "cost_usd": r.cost_usd,
+        "budget": r.budget.model_dump(),
         "models": r.models,
         "reply": r.reply,
     }
@@ -53,6 +56,11 @@ def result_panel(r: TicketResult) -> Panel:
         t.add_row("blocked", "\n".join(f"{b.tool}: {b.reason}" for b in r.tools_blocked))
     t.add_row("usage", f"{r.llm_calls} LLM calls, {r.tokens:,} tokens, ${r.cost_usd:.5f}" + _sim_note(r.models))
     t.add_row("models", escape(", ".join(r.models)))
+    t.add_row("budget", budget_text(r.budget))
+    if r.reasoning_loops or r.repeated_calls:
+        t.add_row("spiral", f"{r.reasoning_loops} reasoning loops, {r.repeated_calls} repeated calls not paid twice")
+    if r.partial_output:
+        t.add_row("partial", r.partial_output)
     if r.reply:
         t.add_row("reply", r.reply)
     return Panel(t, title=r.workflow_id)
@@ -67,7 +75,23 @@ def progress_panel(workflow_id: str, p: Progress | None) -> Panel:
     t.add_row("category", p.category or "-")
     t.add_row("tokens", f"{p.tokens:,} ({p.llm_calls} LLM calls, ${p.cost_usd:.5f})")
     t.add_row("tools", ", ".join(p.tools_executed) or "-")
+    if p.budget is not None:
+        t.add_row("budget", budget_text(p.budget))
     return Panel(t, title=workflow_id)
+
+
+def budget_text(b: BudgetReport) -> str:
+    if b.max_tokens is None and b.max_usd is None and not b.limit_hit:
+        return "no budget"
+    parts = []
+    if b.max_tokens is not None:
+        parts.append(f"{b.used_tokens:,}/{b.max_tokens:,} tokens")
+    if b.max_usd is not None:
+        parts.append(f"${b.used_usd:.4f}/${b.max_usd:.4f}")
+    text = f"{b.state}: " + ", ".join(parts)
+    if b.limit_hit:
+        text += f"  [bold]limit: {b.limit_hit}[/bold] ({escape(b.detail)})"
+    return text
 
 
 def batch_table(results: list[TicketResult]) -> Group:
@@ -88,6 +112,20 @@ def batch_table(results: list[TicketResult]) -> Group:
                f"({human / n:.0%}); {tokens:,} tokens, ${cost:.4f} in all, ${cost / n:.5f} per ticket; "
                f"models: {escape(', '.join(models))}" + _sim_note(models))
     return Group(t, summary)
+
+
+def parse_since(text: str, now: datetime | None = None) -> datetime:
+    """`24h`, `7d`, `30m`, `90s`, or an ISO date/time (taken as UTC when it has no zone)."""
+    now = now or datetime.now(UTC)
+    m = re.fullmatch(r"(\d+)\s*([smhd])", text.strip())
+    if m:
+        unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}[m.group(2)]
+        return now - timedelta(**{unit: int(m.group(1))})
+    try:
+        t = datetime.fromisoformat(text.strip())
+    except ValueError as e:
+        raise ValueError(f"--since {text!r}: use 24h, 7d, 30m or an ISO date such as 2026-11-01") from e
+    return t if t.tzinfo else t.replace(tzinfo=UTC)
 
 
 def print_rows(console: Console, rows: list[dict[str, Any]], keys: list[str], fmt: str, title: str) -> None:

@@ -136,3 +136,26 @@ def test_ctrl_c_stops_everything(stack_env: dict[str, str], tmp_path: Path) -> N
     assert proc.wait(timeout=60) == 0
     # No orphans: both children and their process groups are gone.
     assert not stack.alive(state["server_pid"]) and not stack.alive(state["worker_pid"])
+
+
+def test_unpriced_model_and_bad_tags_are_refused_at_start() -> None:
+    settings = KeelSettings(model_large="openai:gpt-9-unreleased")
+    with pytest.raises(tickets.TicketInputError, match="no price for openai:gpt-9-unreleased"):
+        tickets.make_input(settings, "C-1001", "hello")
+    with pytest.raises(tickets.TicketInputError, match="feature"):
+        tickets.make_input(KeelSettings(), "C-1001", "hello", feature="bad feature!")
+    with pytest.raises(tickets.TicketInputError, match="unknown task type"):
+        tickets.make_input(KeelSettings(), "C-1001", "hello", task_type="nope")
+
+
+def test_since_parsing() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from starter.views import parse_since
+
+    now = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
+    assert parse_since("24h", now) == now - timedelta(hours=24)
+    assert parse_since("7d", now) == now - timedelta(days=7)
+    assert parse_since("2026-11-01") == datetime(2026, 11, 1, tzinfo=UTC)
+    with pytest.raises(ValueError, match="--since"):
+        parse_since("yesterday")
