@@ -20,7 +20,7 @@ from core.types import LlmRequest, LlmResponse, TaskContext, TaskOutcome, ToolRe
 OUTCOME_STEP = -1
 """The step of a task's outcome row."""
 
-GROUP_COLUMNS = ("customer", "feature", "task_type", "model", "provider", "prompt_version")
+GROUP_COLUMNS = ("customer", "feature", "task_type", "model", "provider", "tier", "step_kind", "prompt_version")
 """What `Ledger.costs` can group by."""
 
 
