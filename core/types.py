@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 Role = Literal["system", "user", "assistant", "tool"]
 Permission = Literal["read_only", "confirm", "autonomous"]
@@ -105,6 +105,12 @@ class Budget(BaseModel):
     """At this share of a limit a system message tells the agent to wrap up."""
     hard_ratio: float = Field(0.9, gt=0, lt=1)
     """At this share the next call is made with no tools: the agent must answer."""
+
+    @model_validator(mode="after")
+    def _thresholds_in_order(self) -> Budget:
+        if self.soft_ratio > self.hard_ratio:
+            raise ValueError(f"soft_ratio {self.soft_ratio} must not exceed hard_ratio {self.hard_ratio}")
+        return self
 
     @property
     def limited(self) -> bool:

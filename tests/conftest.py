@@ -19,11 +19,13 @@ from sqlalchemy.engine import Engine
 from temporalio.client import Client
 from temporalio.common import SearchAttributeKey
 from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
 from activities.db import init_db, make_engine
 from core import names
+from core.breaker import breaker_workflow_id
 from core.settings import KeelSettings
 from core.types import SimConfig, TicketInput, TicketResult
 from starter import tickets
@@ -94,6 +96,12 @@ async def running_worker(client: Client, settings: KeelSettings, engine: Engine,
     worker = build_worker(client, settings, engine=engine, **kw)
     async with worker:
         yield worker
+        # A breaker outlives its tickets; ending it while its worker still runs keeps the time-skipping
+        # server from stalling on a workflow task that no worker will ever pick up.
+        with contextlib.suppress(RPCError):
+            await client.get_workflow_handle(
+                breaker_workflow_id("support_ticket", settings.task_queue)
+            ).terminate("test finished")
 
 
 @pytest.fixture

@@ -110,7 +110,10 @@ class BudgetGuard:
         left_u = self._left_usd()
         if left_u is not None:
             in_cost = cost_usd(model.provider, model.model, Usage(input_tokens=est_input_tokens))
-            per_out = cost_usd(model.provider, model.model, Usage(output_tokens=1_000_000)) / 1_000_000
+            # Output priced in the band this prompt falls in (long prompts cost more per output token).
+            with_out = cost_usd(model.provider, model.model, Usage(input_tokens=est_input_tokens,
+                                                                   output_tokens=1_000_000))
+            per_out = (with_out - in_cost) / 1_000_000
             if per_out > 0:
                 out = min(out, int((left_u - in_cost) / per_out))
             elif in_cost > left_u:
@@ -163,10 +166,10 @@ class BudgetGuard:
         tokens = child.max_tokens or 0
         usd = child.max_usd or 0.0
         left_t, left_u = self._left_tokens(), self._left_usd()
-        if (left_t is not None and (child.max_tokens is None or tokens > left_t)) or (
-            left_u is not None and (child.max_usd is None or usd > left_u)
-        ):
-            raise self.stop("tokens" if left_t is not None else "usd",
+        tokens_short = left_t is not None and (child.max_tokens is None or tokens > left_t)
+        usd_short = left_u is not None and (child.max_usd is None or usd > left_u)
+        if tokens_short or usd_short:
+            raise self.stop("tokens" if tokens_short else "usd",
                             f"a child task's budget ({tokens:,} tokens, ${usd:.4f}) does not fit what is left "
                             f"({left_t} tokens, ${left_u if left_u is not None else 0:.4f})")
         self.reserved_tokens += tokens
