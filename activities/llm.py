@@ -14,6 +14,7 @@ from activities.providers.base import Provider
 from core.names import LLM_ACTIVITY
 from core.pricing import UnpricedModelError, cost_usd, price_for
 from core.tokens import estimate_input_tokens
+from core.tools import TOOLS
 from core.types import LlmRequest, LlmResponse
 
 
@@ -36,6 +37,13 @@ class LlmActivities:
             price_for(req.model.provider, req.model.model)
         except UnpricedModelError as e:
             raise ApplicationError(str(e), type="UnpricedModel", non_retryable=True) from e
+        if req.tool_names:
+            unknown = [n for n in req.tool_names if n not in TOOLS]
+            if unknown:
+                raise ApplicationError(f"unknown tools {unknown!r} in the request", type="ProviderBadRequest",
+                                       non_retryable=True)
+            req = req.model_copy(update={"tools": [*req.tools, *(TOOLS[n].spec() for n in req.tool_names)],
+                                         "tool_names": []})
         prompt = load_prompt(req.prompt, req.task.prompt_version)
         if req.max_input_tokens is not None:
             # The workflow estimated without the system prompt's exact size; this is the exact check.

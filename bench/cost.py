@@ -1,6 +1,7 @@
 """What the cost controls buy: the same tickets uncontrolled, with budgets and the breaker, and tiered.
 
-    python bench/cost.py [--tickets 1000] [--concurrency 40] [--json] [--budget-tokens N --budget-usd X]
+    python bench/cost.py [--tickets 1000] [--concurrency 40] [--json]
+                         [--budget-tokens N] [--budget-usd X] [--soft-ratio R] [--hard-ratio R]
 
 The scenario of "Token Cost Management": N sample tickets on the `sim` model (zero latency, spiral
 rate 15%, seed 0), run in one invocation on one local dev server with one Keel worker subprocess, three
@@ -23,8 +24,9 @@ abandonment (status budget_exceeded), breaker rejections, mean LLM calls, p99/p5
 model quality differences between the models: the tiered success rate reflects routing and budget
 effects only.
 
-`--budget-tokens` / `--budget-usd` override the budget of `controlled` and `tiered` (and the kill
-budget `over_budget` counts against), to try a tuning of core/policy.py without editing it.
+`--budget-tokens`, `--budget-usd`, `--soft-ratio`, `--hard-ratio` override the budget of `controlled`
+and `tiered` (passed as TicketInput.budget; also the kill budget `over_budget` counts against), to try a
+tuning of core/policy.py without editing it.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from typing import Any, cast
 # `bench` is not an installed package: `python bench/cost.py` finds it only from the root.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from pydantic import ValidationError
 from temporalio.client import Client
 from temporalio.common import SearchAttributeKey
 from temporalio.contrib.pydantic import pydantic_data_converter
@@ -461,6 +464,12 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"override max_tokens of controlled and tiered (default {DEFAULT_BUDGET.max_tokens})")
     parser.add_argument("--budget-usd", type=float, default=None,
                         help=f"override max_usd of controlled and tiered (default {DEFAULT_BUDGET.max_usd})")
+    parser.add_argument("--soft-ratio", type=float, default=None,
+                        help=f"override soft_ratio (wrap up) of controlled and tiered (default "
+                        f"{DEFAULT_BUDGET.soft_ratio})")
+    parser.add_argument("--hard-ratio", type=float, default=None,
+                        help=f"override hard_ratio (answer now) of controlled and tiered (default "
+                        f"{DEFAULT_BUDGET.hard_ratio})")
     parser.add_argument("--serve", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve is not None:
@@ -468,15 +477,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.tickets < 1 or args.concurrency < 1:
         parser.error("--tickets and --concurrency must be at least 1")
-    if (args.budget_tokens is not None and args.budget_tokens < 1) or (
-        args.budget_usd is not None and args.budget_usd <= 0
-    ):
-        parser.error("--budget-tokens and --budget-usd must be positive")
+    updates = {k: v for k, v in (("max_tokens", args.budget_tokens), ("max_usd", args.budget_usd),
+                                 ("soft_ratio", args.soft_ratio), ("hard_ratio", args.hard_ratio)) if v is not None}
     override = None
-    if args.budget_tokens is not None or args.budget_usd is not None:
-        override = DEFAULT_BUDGET.model_copy(update={
-            k: v for k, v in (("max_tokens", args.budget_tokens), ("max_usd", args.budget_usd)) if v is not None
-        })
+    if updates:
+        try:
+            override = Budget.model_validate({**DEFAULT_BUDGET.model_dump(), **updates})
+        except ValidationError as e:
+            parser.error(f"invalid budget override: {e.errors()[0]['loc'][0]}: {e.errors()[0]['msg']}")
 
     async def guarded() -> dict[str, Any]:
         # SIGTERM cancels like Ctrl-C does, so the `finally` blocks stop the worker and the server.

@@ -169,6 +169,9 @@ class LlmRequest(BaseModel):
     """Prompt name under prompts/ (e.g. "support/classify"); the activity prepends it as the system message."""
     messages: list[Message]
     tools: list[ToolSpec] = Field(default_factory=list)
+    tool_names: list[str] = Field(default_factory=list)
+    """Tools registered in core.tools, by name: the activity expands them to specs, so the
+    2-3 KB of schemas is not carried in every request of the history."""
     max_output_tokens: int = 1024
     max_input_tokens: int | None = None
     """Budget guard: the activity refuses the call (BudgetWouldExceed, non-retryable) if the prompt,

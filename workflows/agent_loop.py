@@ -215,7 +215,7 @@ class AgentRunner:
                 tier=tier,
                 prompt=prompt,
                 messages=messages,
-                tools=specs,
+                tool_names=[t.name for t in tools or []],
                 max_output_tokens=max_out,
                 max_input_tokens=max_in,
                 json_output=json_output,
