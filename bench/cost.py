@@ -162,6 +162,17 @@ def group_figures(results: Sequence[TicketResult], tickets: Sequence[SampleTicke
     }
 
 
+def observation_kinds(results: Sequence[TicketResult], top: int = 5) -> dict[str, int]:
+    """The commonest problems the agents ran into (tool errors, invalid outputs), by their first words:
+    on the sim with no failure rates set there should be none."""
+    counts: dict[str, int] = {}
+    for r in results:
+        for o in r.observations:
+            kind = o.split(":", 1)[0][:60]
+            counts[kind] = counts.get(kind, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1])[:top])
+
+
 def mode_figures(
     mode: Mode, results: Sequence[TicketResult], tickets: Sequence[SampleTicket], kill: Budget, spirals: Sequence[bool],
     elapsed_s: float, breaker: BreakerState | None,
@@ -207,6 +218,8 @@ def mode_figures(
         "hard_hit": sum(r.budget.hard_at_step is not None for r in results),
         "limits_hit": dict(sorted(limits.items())),
         "repeated_calls_answered": sum(r.repeated_calls for r in results),
+        "tickets_with_problems": sum(bool(r.observations) for r in results),
+        "problems_top": observation_kinds(results),
         "statuses": status_counts(results),
         "elapsed_s": round(elapsed_s, 2),
         "tickets_per_s": round(n / elapsed_s, 2) if elapsed_s else float("nan"),
@@ -414,6 +427,7 @@ def report(r: dict[str, Any]) -> str:
         row("  (hard)", "hard_hit", "d"),
         row("mean LLM calls", "mean_llm_calls", ".2f"),
         row("repeat calls not re-run", "repeated_calls_answered", "d"),
+        row("tickets with problems", "tickets_with_problems", "d"),
         row("tickets/s", "tickets_per_s", ".1f"),
         "",
         "  by mode and category: mean $ / max tokens / killed / success %",
@@ -435,6 +449,7 @@ def report(r: dict[str, Any]) -> str:
                              f"{100 * g['success_rate']:.0f}")
             lines.append(f"  {label + ' (' + str(modes_[names[0]]['by_spiral'][label]['tickets']) + ')':28}"
                          + "".join(f"{c:>24}" for c in cells))
+    lines += [f"  problems in {n}: {modes_[n]['problems_top']}" for n in names if modes_[n]["problems_top"]]
     lines += [
         "",
         "  targets:",

@@ -31,11 +31,13 @@ DEFAULT_TIERS: dict[StepKind, Tier] = {
 UNLIMITED = Budget(max_tokens=None, max_usd=None)
 
 BUDGETS: dict[str, Budget] = {
-    "support_ticket": Budget(max_tokens=12_000, max_usd=0.05),
+    # Tuned with bench/cost.py (1,000 tickets, 15% spirals): at most ~2x the median ticket (4,778
+    # tokens), and a wrap-up early enough that a spiral has room to finish instead of being killed.
+    "support_ticket": Budget(max_tokens=10_000, max_usd=0.03, soft_ratio=0.45, hard_ratio=0.9),
 }
 """Default budget per task type; a task may override it."""
 
-EXPECTED_TOKENS: dict[str, int] = {"support_ticket": 6_000}
+EXPECTED_TOKENS: dict[str, int] = {"support_ticket": 5_000}
 """Tokens a task of each type is expected to use: the circuit breaker trips at 2x this on average."""
 
 

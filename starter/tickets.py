@@ -15,7 +15,7 @@ from temporalio.client import Client, WorkflowHandle
 from temporalio.common import SearchAttributeKey, SearchAttributePair, TypedSearchAttributes
 
 from core import names
-from core.policy import BUDGETS, ticket_problems
+from core.policy import BUDGETS, budget_for, ticket_problems
 from core.pricing import UnpricedModelError, price_for
 from core.settings import KeelSettings
 from core.types import ModelSpec, Progress, SimConfig, TicketInput, TicketResult
@@ -67,6 +67,9 @@ def make_input(
         text=text,
         feature=feature,
         task_type=task_type,
+        # Pinned in the input (and so in the history): a later change of the policy's default must
+        # not change how an already-started task replays.
+        budget=budget_for(task_type),
         small_model=small,
         large_model=large,
         sim=sim or SimConfig(seed=settings.sim_seed, spiral_rate=settings.sim_spiral_rate),

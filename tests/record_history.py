@@ -18,6 +18,7 @@ from temporalio.testing import WorkflowEnvironment
 
 from activities.db import init_db, make_engine
 from core.dataset import sample_tickets
+from core.policy import budget_for
 from core.settings import KeelSettings
 from tests.conftest import SEARCH_ATTRIBUTE_KEYS, _binary, run_ticket, ticket
 from workers.worker import build_worker
@@ -34,8 +35,9 @@ async def main(name: str) -> None:
             search_attributes=SEARCH_ATTRIBUTE_KEYS,
         )
         async with env, build_worker(env.client, settings, engine=engine):
-            res = await run_ticket(env.client, settings,
-                                   ticket(sample.customer_id, sample.text, ticket_id=f"TK-{name}", spiral_rate=1.0))
+            inp = ticket(sample.customer_id, sample.text, ticket_id=f"TK-{name}", spiral_rate=1.0)
+            inp.budget = budget_for(inp.task_type)  # pinned, as the CLI does: policy changes must not alter replay
+            res = await run_ticket(env.client, settings, inp)
             history = await env.client.get_workflow_handle(res.workflow_id).fetch_history()
     out = Path(__file__).parent / "histories" / f"{name}.json"
     out.write_text(history.to_json())

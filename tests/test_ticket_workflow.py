@@ -14,7 +14,7 @@ from activities.ledger import Ledger
 from activities.tools import human_queue
 from core.dataset import build_dataset, sample_tickets
 from core.names import PROGRESS_QUERY, SA_COST_USD, SA_STATUS, SA_TOKENS
-from core.policy import MAX_TICKET_CHARS
+from core.policy import MAX_TICKET_CHARS, UNLIMITED, budget_for
 from core.settings import KeelSettings
 from core.types import Progress, TicketInput, TicketResult
 from starter import tickets
@@ -169,15 +169,22 @@ async def test_progress_query_while_running(client: Client, settings: KeelSettin
     assert final.status == res.status and final.tokens == res.tokens and final.action == "done"
 
 
-async def test_spiral_costs_more_but_finishes(client: Client, settings: KeelSettings, worker_factory,
-                                              db_engine: Engine) -> None:
+async def test_spiral_costs_more_unless_budgeted(client: Client, settings: KeelSettings, worker_factory,
+                                                 db_engine: Engine) -> None:
+    text = "My card was declined online."
     async with worker_factory(client):
-        calm = await run_ticket(client, settings, ticket(CUSTOMER.id, "My card was declined online."))
-        spiral = await run_ticket(client, settings, ticket(CUSTOMER.id, "My card was declined online.",
-                                                           spiral_rate=1.0))
-    assert spiral.tokens > 2 * calm.tokens
-    assert spiral.llm_calls > calm.llm_calls
-    _check_books(db_engine, spiral)
+        calm = await run_ticket(client, settings, ticket(CUSTOMER.id, text))
+        free = ticket(CUSTOMER.id, text, spiral_rate=1.0)
+        free.budget = UNLIMITED
+        unbudgeted = await run_ticket(client, settings, free)
+        budgeted = await run_ticket(client, settings, ticket(CUSTOMER.id, text, spiral_rate=1.0))
+    assert unbudgeted.tokens > 2 * calm.tokens
+    assert unbudgeted.llm_calls > calm.llm_calls
+    limit = budget_for("support_ticket").max_tokens
+    assert limit is not None and budgeted.tokens <= limit < unbudgeted.tokens
+    assert budgeted.budget.soft_at_step is not None
+    _check_books(db_engine, unbudgeted)
+    _check_books(db_engine, budgeted)
 
 
 async def test_results_serialise_for_the_cli(client: Client, settings: KeelSettings, worker_factory) -> None:

@@ -61,7 +61,7 @@ def make_runner(inp: TicketInput, workflow_id: str, calls: Calls, controls: bool
 
 
 def breaker_config(task_type: str, scope: str) -> BreakerConfig:
-    return BreakerConfig(task_type=task_type, scope=scope, expected_tokens=EXPECTED_TOKENS.get(task_type, 6_000))
+    return BreakerConfig(task_type=task_type, scope=scope, expected_tokens=EXPECTED_TOKENS.get(task_type, 5_000))
 
 
 @workflow.defn(name=names.SUPPORT_TICKET_WORKFLOW)
