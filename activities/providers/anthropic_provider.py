@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
 from typing import Any
 
 import anthropic
@@ -13,7 +12,7 @@ from anthropic.types import Message as AnthropicMessage
 from anthropic.types import TextBlock, ToolUseBlock
 from temporalio.exceptions import ApplicationError
 
-from activities.providers.base import ProviderResult, provider_error
+from activities.providers.base import ProviderResult, error_body_message, provider_error, retry_after_seconds
 from core.types import LlmRequest, Message, ToolCall, ToolSpec, Usage
 
 NAME = "anthropic"
@@ -174,34 +173,15 @@ def _usage(message: AnthropicMessage) -> Usage:
 def classify_anthropic_error(exc: anthropic.APIError) -> ApplicationError:
     """The one mapping from an Anthropic SDK failure to a Temporal error (see `provider_error`)."""
     if isinstance(exc, anthropic.APIStatusError):
-        message = _body_message(exc.body) or exc.message
+        message = error_body_message(exc.body) or exc.message
         if exc.request_id:
             message += f" (request id {exc.request_id})"
         return provider_error(
             NAME,
             status=exc.status_code,
             message=message,
-            retry_after_s=_retry_after_s(exc.response.headers),
+            retry_after_s=retry_after_seconds(exc.response.headers),
         )
     # Timeouts and connection errors (APITimeoutError is an APIConnectionError) had no answer.
     # Any other APIError (e.g. a 200 whose body does not parse) is treated the same: transient.
     return provider_error(NAME, status=None, message=exc.message)
-
-
-def _body_message(body: object) -> str | None:
-    if not isinstance(body, Mapping):
-        return None
-    err = body.get("error", body)
-    msg = err.get("message") if isinstance(err, Mapping) else None
-    return msg if isinstance(msg, str) and msg else None
-
-
-def _retry_after_s(headers: Mapping[str, str]) -> float | None:
-    # Only the delta-seconds form; an HTTP-date is rare from model APIs and Temporal's backoff is a
-    # fine fallback.
-    raw = headers.get("retry-after")
-    try:
-        value = float(raw) if raw is not None else None
-    except ValueError:
-        return None
-    return value if value is not None and 0 < value < 3600 else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import timedelta
 from typing import Protocol
 
@@ -61,3 +62,28 @@ def provider_error(
         non_retryable=False,
         next_retry_delay=timedelta(seconds=retry_after_s) if retry_after_s else None,
     )
+
+
+def error_body_message(body: object) -> str | None:
+    """The message of a provider's JSON error body ({"error": {"message": ...}} or {"message": ...})."""
+    if not isinstance(body, Mapping):
+        return None
+    err = body.get("error", body)
+    msg = err.get("message") if isinstance(err, Mapping) else None
+    return msg if isinstance(msg, str) and msg else None
+
+
+def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
+    """Retry-After in its delta-seconds form (and OpenAI's retry-after-ms). An HTTP-date is rare from
+    model APIs, and Temporal's backoff is a fine fallback."""
+    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+        raw = headers.get(name)
+        if raw is None:
+            continue
+        try:
+            value = float(raw) * scale
+        except ValueError:
+            continue
+        if 0 < value < 3600:
+            return value
+    return None

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
 from typing import Any
 
 import openai
@@ -13,7 +12,7 @@ from openai import AsyncOpenAI
 from openai.types.chat import ChatCompletion, ChatCompletionMessageFunctionToolCall
 from temporalio.exceptions import ApplicationError
 
-from activities.providers.base import ProviderResult, provider_error
+from activities.providers.base import ProviderResult, error_body_message, provider_error, retry_after_seconds
 from core.types import LlmRequest, Message, ToolCall, ToolSpec, Usage
 
 NAME = "openai"
@@ -159,39 +158,15 @@ def _usage(completion: ChatCompletion) -> Usage:
 def classify_openai_error(exc: openai.APIError) -> ApplicationError:
     """The one mapping from an OpenAI SDK failure to a Temporal error (see `provider_error`)."""
     if isinstance(exc, openai.APIStatusError):
-        message = _body_message(exc.body) or exc.message
+        message = error_body_message(exc.body) or exc.message
         if exc.request_id:
             message += f" (request id {exc.request_id})"
         return provider_error(
             NAME,
             status=exc.status_code,
             message=message,
-            retry_after_s=_retry_after_s(exc.response.headers),
+            retry_after_s=retry_after_seconds(exc.response.headers),
         )
     # Timeouts and connection errors (APITimeoutError is an APIConnectionError) had no answer.
     # Any other APIError (e.g. a 200 whose body does not parse) is treated the same: transient.
     return provider_error(NAME, status=None, message=exc.message)
-
-
-def _body_message(body: object) -> str | None:
-    if not isinstance(body, Mapping):
-        return None
-    err = body.get("error", body)
-    msg = err.get("message") if isinstance(err, Mapping) else None
-    return msg if isinstance(msg, str) and msg else None
-
-
-def _retry_after_s(headers: Mapping[str, str]) -> float | None:
-    # Only the delta-seconds form (and OpenAI's retry-after-ms); an HTTP-date is rare from model APIs
-    # and Temporal's backoff is a fine fallback.
-    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
-        raw = headers.get(name)
-        if raw is None:
-            continue
-        try:
-            value = float(raw) * scale
-        except ValueError:
-            continue
-        if 0 < value < 3600:
-            return value
-    return None
