@@ -71,5 +71,8 @@ class LlmActivities:
         )
         # Written in this activity, not a separate one: one round trip per step. The upsert on
         # (workflow id, step) keeps a retried call to one row.
-        await asyncio.to_thread(self._ledger.record_llm, req, resp, activity.info().attempt)
+        if self._ledger.engine.dialect.name == "sqlite":
+            self._ledger.record_llm(req, resp, activity.info().attempt)  # sub-millisecond: no thread hand-off
+        else:
+            await asyncio.to_thread(self._ledger.record_llm, req, resp, activity.info().attempt)
         return resp
