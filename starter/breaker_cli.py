@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -13,7 +12,6 @@ from typing import Annotated, Any
 
 import typer
 from rich import box
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 from temporalio.client import Client, WorkflowQueryFailedError, WorkflowUpdateFailedError
@@ -29,7 +27,7 @@ from core.breaker import (
 )
 from core.settings import KeelSettings
 from starter import views
-from starter.client import connect
+from starter.console import client_or_exit, console, err, load_settings
 
 breaker_app = typer.Typer(help="Cost circuit breakers, one per task type: status and manual reset.",
                           no_args_is_help=True)
@@ -37,9 +35,6 @@ QUERY_TIMEOUT = timedelta(seconds=5)
 """A breaker answers in milliseconds; silence means no worker polls the task queue it runs on."""
 RUNNING_BREAKERS = f"WorkflowType = '{BREAKER_WORKFLOW}' AND ExecutionStatus = 'Running'"
 
-_WIDTH = None if sys.stdout.isatty() or "COLUMNS" in os.environ else 120
-console = Console(width=_WIDTH)
-err = Console(stderr=True, width=_WIDTH)
 
 
 class BreakerNotFound(Exception):
@@ -182,23 +177,9 @@ def _print_states(states: list[BreakerState], as_json: bool, settings: KeelSetti
 # -- commands -------------------------------------------------------------------------------------
 
 
-def _settings() -> KeelSettings:
-    try:
-        return KeelSettings()
-    except ValueError as e:
-        err.print(f"[red]invalid settings:[/red] {e}")
-        raise typer.Exit(2) from e
-
-
 def _run(settings: KeelSettings, fn: Callable[[Client], Awaitable[None]]) -> None:
     async def run() -> None:
-        try:
-            client = await connect(settings)
-        except RuntimeError as e:
-            err.print(f"[red]cannot reach Temporal at {settings.temporal_address}[/red]: {e}\n"
-                      "Start the local stack with `keel up` (or `make up`), or set TEMPORAL_ADDRESS.")
-            raise typer.Exit(1) from e
-        await fn(client)
+        await fn(await client_or_exit(settings))
 
     try:
         asyncio.run(run())
@@ -224,7 +205,7 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print the state as JSON")] = False,
 ) -> None:
     """The breakers' state: status, window, threshold, trips, rejections, when an open one half-opens."""
-    settings = _settings()
+    settings = load_settings()
 
     async def run(client: Client) -> None:
         listing = await breaker_states(client, task_type, settings.task_queue)
@@ -248,7 +229,7 @@ def reset(
     as_json: Annotated[bool, typer.Option("--json", help="Print the new state as JSON")] = False,
 ) -> None:
     """Close a breaker by hand: clears its window and probes; new tasks run the model again."""
-    settings = _settings()
+    settings = load_settings()
     req = ResetRequest(by=by or os.environ.get("USER") or "operator", reason=reason)
 
     async def run(client: Client) -> None:

@@ -11,10 +11,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.live import Live
 from rich.markup import escape
-from temporalio.client import Client, WorkflowFailureError
+from temporalio.client import WorkflowFailureError
 from temporalio.service import RPCError
 
 from core.dataset import sample_tickets
@@ -22,35 +21,12 @@ from core.settings import KeelSettings
 from core.types import SimConfig, TicketResult
 from starter import stack, tickets, views
 from starter.breaker_cli import breaker_app
-from starter.client import connect
+from starter.console import client_or_exit, console, err, load_settings
 
 app = typer.Typer(help="Keel: durable, budgeted, observable LLM agents on Temporal.", no_args_is_help=True)
 ticket_app = typer.Typer(help="Support tickets: submit one, or a batch.", no_args_is_help=True)
 app.add_typer(ticket_app, name="ticket")
 app.add_typer(breaker_app, name="breaker")
-# Piped output (make demo | tee, CI logs) gets a width that fits the batch table.
-_WIDTH = None if sys.stdout.isatty() or "COLUMNS" in os.environ else 120
-console = Console(width=_WIDTH)
-err = Console(stderr=True, width=_WIDTH)
-
-
-def _settings() -> KeelSettings:
-    try:
-        return KeelSettings()
-    except ValueError as e:
-        err.print(f"[red]invalid settings:[/red] {e}")
-        raise typer.Exit(2) from e
-
-
-async def _client(settings: KeelSettings) -> Client:
-    try:
-        return await connect(settings)
-    except RuntimeError as e:
-        err.print(f"[red]cannot reach Temporal at {settings.temporal_address}[/red]: {e}\n"
-                  "Start the local stack with `keel up` (or `make up`), or set TEMPORAL_ADDRESS.")
-        raise typer.Exit(1) from e
-
-
 def _sim(settings: KeelSettings, seed: int | None, spiral_rate: float | None, latency: str | None) -> SimConfig:
     lo = hi = 0
     if latency:
@@ -71,7 +47,7 @@ def _sim(settings: KeelSettings, seed: int | None, spiral_rate: float | None, la
 def up(detach: Annotated[bool, typer.Option("--detach", "-d", help="Leave the stack running and return.")] = False,
        ) -> None:
     """Start the local Temporal dev server (with the UI and Keel's search attributes) and a worker."""
-    settings = _settings()
+    settings = load_settings()
 
     async def run() -> None:
         stop = asyncio.Event()
@@ -109,7 +85,7 @@ def up(detach: Annotated[bool, typer.Option("--detach", "-d", help="Leave the st
 @app.command()
 def down() -> None:
     """Stop the local stack started by `keel up`."""
-    stack.down(_settings(), console.print)
+    stack.down(load_settings(), console.print)
 
 
 @ticket_app.command("submit")
@@ -125,7 +101,7 @@ def ticket_submit(
     sim_latency: Annotated[str | None, typer.Option(help="Sim: latency per call in ms, e.g. 1000-3000")] = None,
 ) -> None:
     """Submit one support ticket; prints the workflow id and its Temporal UI link."""
-    settings = _settings()
+    settings = load_settings()
     try:
         sim = _sim(settings, sim_seed, spiral_rate, sim_latency)
         inp = tickets.make_input(settings, customer, text, ticket_id, sim)
@@ -134,7 +110,7 @@ def ticket_submit(
         raise typer.Exit(2) from e
 
     async def run() -> None:
-        client = await _client(settings)
+        client = await client_or_exit(settings)
         handle = await tickets.start_ticket(client, settings, inp)
         if not as_json:
             console.print(f"started [bold]{handle.id}[/bold]  model: {escape(inp.large_model.label)}")
@@ -171,7 +147,7 @@ def ticket_batch(
     sim_latency: Annotated[str | None, typer.Option(help="Sim: latency per call in ms, e.g. 1000-3000")] = None,
 ) -> None:
     """Run many tickets and print a result table."""
-    settings = _settings()
+    settings = load_settings()
     if (file is None) == (sample is None):
         err.print("[red]give a FILE or --sample N (one of them)[/red]")
         raise typer.Exit(2)
@@ -187,7 +163,7 @@ def ticket_batch(
         raise typer.Exit(2) from e
 
     async def run() -> None:
-        client = await _client(settings)
+        client = await client_or_exit(settings)
         if not as_json:
             console.print(f"running {len(inputs)} tickets, concurrency {concurrency}, "
                           f"model {escape(inputs[0].large_model.label)}" if inputs else "no tickets")
@@ -215,10 +191,10 @@ class _Null:
 @app.command()
 def status(workflow_id: str) -> None:
     """Live progress of a task: step, current action, tokens, status."""
-    settings = _settings()
+    settings = load_settings()
 
     async def run() -> None:
-        client = await _client(settings)
+        client = await client_or_exit(settings)
         console.print(views.progress_panel(workflow_id, await tickets.progress(client, workflow_id)))
 
     _run(run)
@@ -227,10 +203,10 @@ def status(workflow_id: str) -> None:
 @app.command()
 def result(workflow_id: str, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """The result of a finished task (waits if it is still running)."""
-    settings = _settings()
+    settings = load_settings()
 
     async def run() -> None:
-        client = await _client(settings)
+        client = await client_or_exit(settings)
         _print_result(await tickets.result(client, workflow_id), as_json)
 
     _run(run)
@@ -247,7 +223,7 @@ def costs(
     from activities.db import make_engine
     from activities.ledger import Ledger
 
-    settings = _settings()
+    settings = load_settings()
     group = [g.strip() for g in by.split(",") if g.strip()]
     if fmt not in ("table", "csv", "json"):
         err.print(f"[red]--format {fmt!r}: use table, csv or json[/red]")

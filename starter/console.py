@@ -1,0 +1,35 @@
+"""What every `keel` command shares: the consoles, settings read once, a client or a clear error."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+from rich.console import Console
+from temporalio.client import Client
+
+from core.settings import KeelSettings
+from starter.client import connect
+
+# Piped output (make demo | tee, CI logs) gets a width that fits the batch table.
+_WIDTH = None if sys.stdout.isatty() or "COLUMNS" in os.environ else 120
+console = Console(width=_WIDTH)
+err = Console(stderr=True, width=_WIDTH)
+
+
+def load_settings() -> KeelSettings:
+    try:
+        return KeelSettings()
+    except ValueError as e:
+        err.print(f"[red]invalid settings:[/red] {e}")
+        raise typer.Exit(2) from e
+
+
+async def client_or_exit(settings: KeelSettings) -> Client:
+    try:
+        return await connect(settings)
+    except RuntimeError as e:
+        err.print(f"[red]cannot reach Temporal at {settings.temporal_address}[/red]: {e}\n"
+                  "Start the local stack with `keel up` (or `make up`), or set TEMPORAL_ADDRESS.")
+        raise typer.Exit(1) from e
