@@ -20,8 +20,10 @@ from sqlmodel import Session, col
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities.breaker import UsageReporter
 from activities.db import AccountRow, CustomerRow, HumanQueueRow, PolicyRow, RefundRow, ReplyRow, TransactionRow
 from activities.ledger import Ledger
+from core.breaker import UsageReport
 from core.tools import (
     TOOLS,
     EscalateArgs,
@@ -49,9 +51,11 @@ def _unknown_customer(customer_id: str) -> ToolResult:
 
 
 class ToolActivities:
-    def __init__(self, engine: Engine, ledger: Ledger) -> None:
+    def __init__(self, engine: Engine, ledger: Ledger, reporter: UsageReporter | None = None) -> None:
         self.engine = engine
         self.ledger = ledger
+        self.reporter = reporter
+        """Receives the usage of tasks whose routing call names a breaker (`ToolRequest.report_to`)."""
 
     def all(self) -> list[Callable[..., Any]]:
         """The activities for `Worker(activities=...)`: async wrappers of the sync ones below. On
@@ -69,8 +73,15 @@ class ToolActivities:
 
         async def run(req: ToolRequest) -> ToolResult:
             if inline:
-                return self._run(name, req, handler)
-            return await asyncio.to_thread(self._run, name, req, handler)
+                result = self._run(name, req, handler)
+            else:
+                result = await asyncio.to_thread(self._run, name, req, handler)
+            if req.report_to and req.outcome is not None and self.reporter is not None:
+                o = req.outcome
+                self.reporter.add(req.report_to, UsageReport(workflow_id=req.task.workflow_id,
+                                                             tokens=o.input_tokens + o.output_tokens,
+                                                             cost_usd=o.cost_usd))
+            return result
 
         run.__name__ = name
         return activity.defn(name=name)(run)

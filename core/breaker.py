@@ -19,6 +19,7 @@ BREAKER_WORKFLOW = "CostCircuitBreaker"
 BREAKER_ADMIT_ACTIVITY = "breaker_admit"
 BREAKER_ADMIT_UPDATE = "admit"
 BREAKER_RECORD_SIGNAL = "record"
+BREAKER_RECORD_BATCH_SIGNAL = "record_batch"
 BREAKER_RESET_UPDATE = "reset"
 BREAKER_STATE_QUERY = "state"
 
@@ -64,6 +65,9 @@ class AdmitDecision(BaseModel):
     probe: bool = False
     """Admitted as a half-open probe: its usage decides whether the breaker closes."""
     reason: str = ""
+    cached: bool = False
+    """Answered by the worker from the breaker's last "closed" answer, without asking it again (see
+    activities.breaker: a worker re-asks at least every `breaker_admit_cache_s` seconds)."""
 
 
 class UsageReport(BaseModel):
@@ -73,6 +77,12 @@ class UsageReport(BaseModel):
     probe: bool = False
     skipped: bool = False
     """The task did not run the model (breaker open): not part of the window."""
+
+
+class UsageBatch(BaseModel):
+    """Usage reports a worker collected from the tasks that ended on it, sent as one signal."""
+
+    reports: list[UsageReport]
 
 
 class ResetRequest(BaseModel):

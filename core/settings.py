@@ -39,6 +39,19 @@ class KeelSettings(BaseSettings):
     llm_timeout_s: float = 60.0
     max_concurrent_activities: int = 200
     max_concurrent_workflow_tasks: int = 100
+    encrypt: bool = False
+    """Encrypt every payload in Temporal's history (AES-256-GCM, core/codec.py); off for the local demo."""
+    encryption_keys: str | None = None
+    """`id1:<base64 32-byte key>,id2:<...>`; make one with `keel codec-server --new-key`."""
+    encryption_key_id: str | None = None
+    """The key id new payloads are encrypted with; default the first of `encryption_keys`."""
+    codec_auth_token: str | None = None
+    """When set, `keel codec-server` answers only requests with `Authorization: Bearer <token>`."""
+    breaker_admit_cache_s: float = 2.0
+    """A worker reuses its cost circuit breaker's "closed" answer this long (0: ask for every task).
+    A tripped breaker stops new tasks on every worker within this time."""
+    breaker_report_flush_s: float = 0.5
+    """A worker sends the usage of its finished tasks to their breaker, batched, this often."""
 
     @field_validator("model_small", "model_large")
     @classmethod

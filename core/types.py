@@ -205,6 +205,9 @@ class ToolRequest(BaseModel):
     outcome: TaskOutcome | None = None
     """Set on the final routing call (send_reply / escalate_to_human): the task's outcome row is
     written in the same activity, so recording it costs no extra round trip."""
+    report_to: str | None = None
+    """Set on the routing call of a task its cost circuit breaker admitted (not as a probe): the
+    breaker's workflow id. The worker reports the task's usage to it, batched with other tasks'."""
 
     @property
     def idempotency_key(self) -> str:

@@ -21,12 +21,14 @@ from core.settings import KeelSettings
 from core.types import SimConfig, TicketResult
 from starter import stack, tickets, views
 from starter.breaker_cli import breaker_app
+from starter.codec_cli import codec_server
 from starter.console import client_or_exit, console, err, load_settings
 
 app = typer.Typer(help="Keel: durable, budgeted, observable LLM agents on Temporal.", no_args_is_help=True)
 ticket_app = typer.Typer(help="Support tickets: submit one, or a batch.", no_args_is_help=True)
 app.add_typer(ticket_app, name="ticket")
 app.add_typer(breaker_app, name="breaker")
+app.command("codec-server")(codec_server)
 def _sim(settings: KeelSettings, seed: int | None, spiral_rate: float | None, latency: str | None) -> SimConfig:
     lo = hi = 0
     if latency:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from temporalio.client import Client
-from temporalio.contrib.pydantic import pydantic_data_converter
 
+from core.codec import data_converter
 from core.settings import KeelSettings
 
 
@@ -14,5 +14,5 @@ async def connect(settings: KeelSettings) -> Client:
         namespace=settings.temporal_namespace,
         api_key=settings.temporal_api_key,
         tls=settings.temporal_tls or bool(settings.temporal_api_key),
-        data_converter=pydantic_data_converter,
+        data_converter=data_converter(settings),
     )

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.exceptions import ApplicationError
@@ -24,7 +25,7 @@ from temporalio.testing import ActivityEnvironment, WorkflowEnvironment
 from temporalio.worker import Replayer, Worker
 from typer.testing import CliRunner
 
-from activities.breaker import BREAKER_UNAVAILABLE, BreakerActivities
+from activities.breaker import BREAKER_UNAVAILABLE, BreakerActivities, UsageReporter
 from core.breaker import (
     BREAKER_RECORD_SIGNAL,
     BREAKER_RESET_UPDATE,
@@ -476,3 +477,51 @@ async def test_admit_names_the_queue_of_a_breaker_nobody_serves(dev: Harness) ->
     listing = await assert_eventually(lambda: breaker_states(dev.client),
                                       lambda found: breaker_workflow_id(cfg.task_type, cfg.scope) in found.unreachable)
     assert cfg.task_type not in {s.config.task_type for s in listing.states}
+
+
+# -- the worker side: cached admits and batched usage reports (dev server) -----------------------
+
+
+async def _events(client: Client, wf_id: str) -> list[str]:
+    return [EventType.Name(e.event_type) async for e in client.get_workflow_handle(wf_id).fetch_history_events()]
+
+
+async def test_cached_admits_skip_the_breaker_only_while_closed(dev: Harness) -> None:
+    cfg = dev.config()
+    wf_id = breaker_workflow_id(cfg.task_type, cfg.scope)
+    dev.breakers.add(wf_id)
+    cached = BreakerActivities(dev.client, dev.task_queue, admit_cache_s=0.5)
+    first = await activity_env().run(cached.admit, admit_req(cfg))
+    assert first == AdmitDecision(admitted=True, status="closed")
+    later = await asyncio.gather(*(activity_env().run(cached.admit, admit_req(cfg)) for _ in range(20)))
+    assert all(d.admitted and d.cached for d in later)
+    assert (await _events(dev.client, wf_id)).count("EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_ACCEPTED") == 1
+
+    # A changed config is never answered from the cache.
+    changed = cfg.model_copy(update={"expected_tokens": 900})
+    assert not (await activity_env().run(cached.admit, admit_req(changed))).cached
+
+    await dev.trip(changed)
+    await asyncio.sleep(0.5)
+    # Past the cache time every admit asks the open breaker, and each rejection is counted there.
+    for _ in range(2):
+        d = await activity_env().run(cached.admit, admit_req(changed))
+        assert not d.admitted and d.status == "open" and not d.cached
+    assert (await dev.state(changed)).rejected == 2
+
+
+async def test_usage_reporter_sends_one_batch_and_never_counts_a_task_twice(dev: Harness) -> None:
+    cfg = dev.config()
+    wf_id = breaker_workflow_id(cfg.task_type, cfg.scope)
+    assert (await dev.admit(cfg)).admitted
+    reporter = UsageReporter(dev.client, flush_s=0.2)
+    reports = [report(5000) for _ in range(cfg.min_tasks)]
+    for r in [*reports, reports[0]]:
+        reporter.add(wf_id, r)
+    reporter.add("keel-breaker-no-such-breaker", report(100))  # logged and dropped, not retried forever
+    s = await dev.wait(cfg, lambda s: s.status == "open")
+    assert sorted(e.workflow_id for e in s.window) == sorted(r.workflow_id for r in reports)
+    signals = (await _events(dev.client, wf_id)).count("EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED")
+    assert signals == 1
+    await reporter.aclose()
+    assert not reporter._pending

@@ -36,15 +36,17 @@ from activities.llm import LlmActivities
 from activities.providers.base import ProviderResult, provider_error
 from activities.providers.sim import SimProvider
 from activities.tools import ToolActivities
+from core.breaker import BREAKER_STATE_QUERY, BreakerState, breaker_workflow_id
 from core.dataset import sample_tickets
 from core.names import LLM_ACTIVITY, SA_BUDGET
+from core.policy import EXPECTED_TOKENS
 from core.settings import KeelSettings
 from core.tools import TOOLS
 from core.types import Budget, LlmRequest, LlmResponse, ModelSpec, SimConfig, TicketInput, TicketResult
-from tests.conftest import run_ticket, ticket
+from tests.conftest import assert_eventually, run_ticket, running_worker, ticket
 from workers.worker import SANDBOX
-from workflows import WORKFLOWS
 from workflows.agent_loop import LLM_RETRY
+from workflows.registry import WORKFLOWS
 
 SAMPLES = sample_tickets(24)
 UNLIMITED = Budget(max_tokens=None, max_usd=None)
@@ -478,3 +480,32 @@ async def test_batch_cost_report_sums_to_the_ledger(
         assert sum(row.input_tokens + row.output_tokens for row in theirs) == sum(r.tokens for r in mine)
         assert sum(row.cost_usd for row in theirs) == pytest.approx(sum(r.cost_usd for r in mine), abs=USD_EPS)
     assert sum(row.cost_usd for row in rows) == pytest.approx(sum(r.cost_usd for r in results), abs=USD_EPS)
+
+
+# --- 4. the circuit breaker, fed by real tickets ---------------------------------------------------
+async def test_spiralling_tickets_trip_the_breaker_and_later_tickets_skip_the_model(
+    client: Client, settings: KeelSettings, db_engine: Engine
+) -> None:
+    """Unbudgeted spirals (the breaker's reason to exist): their usage reaches the breaker through
+    the workers' batched reports, the window's average crosses 2x the expected tokens, and a ticket
+    started after the admit cache expires goes to the human queue without a model call."""
+    fast = settings.model_copy(update={"breaker_admit_cache_s": 0.2, "breaker_report_flush_s": 0.1})
+    breaker_id = breaker_workflow_id("support_ticket", fast.task_queue)
+    picks = [s for s in SAMPLES if s.category in ("card_issue", "billing_question", "account_access")]
+    inputs = [TicketInput(ticket_id=f"TK-trip-{i}", customer_id=s.customer_id, text=s.text,
+                          sim=SimConfig(seed=i, spiral_rate=1.0), budget=UNLIMITED)
+              for i, s in enumerate((picks * 4)[:12])]
+    async with running_worker(client, fast, db_engine):
+        results = await asyncio.gather(*(run_ticket(client, fast, inp) for inp in inputs))
+        assert all(r.llm_calls > 0 for r in results)
+        state = await assert_eventually(
+            lambda: client.get_workflow_handle(breaker_id).query(BREAKER_STATE_QUERY, result_type=BreakerState),
+            lambda s: s.status == "open" and len(s.window) == len(results))
+        assert {e.workflow_id for e in state.window} == {r.workflow_id for r in results}
+        assert state.window_avg_tokens > 2 * EXPECTED_TOKENS["support_ticket"]
+        await asyncio.sleep(0.3)
+        skipped = await run_ticket(client, fast, ticket(SAMPLES[0].customer_id, SAMPLES[0].text))
+        after = await client.get_workflow_handle(breaker_id).query(BREAKER_STATE_QUERY, result_type=BreakerState)
+    assert skipped.status == "escalated" and skipped.route == "human" and skipped.llm_calls == 0
+    assert "cost circuit breaker open" in skipped.reason
+    assert after.rejected == 1

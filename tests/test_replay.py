@@ -15,7 +15,7 @@ from temporalio.workflow import NondeterminismError
 from core.settings import KeelSettings
 from tests.conftest import run_ticket, ticket
 from workers.worker import SANDBOX
-from workflows import WORKFLOWS
+from workflows.registry import WORKFLOWS
 
 HISTORIES = sorted((Path(__file__).parent / "histories").glob("*.json"))
 

@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 
+from activities.breaker import UsageReporter
 from core.settings import KeelSettings
 from starter.client import connect
 from workers.worker import build_worker
@@ -16,7 +17,8 @@ async def main() -> None:
     settings = KeelSettings()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     client = await connect(settings)
-    worker = build_worker(client, settings)
+    reporter = UsageReporter(client, settings.breaker_report_flush_s)
+    worker = build_worker(client, settings, reporter=reporter)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -24,6 +26,7 @@ async def main() -> None:
     logging.info("keel worker on task queue %r at %s", settings.task_queue, settings.temporal_address)
     async with worker:
         await stop.wait()
+    await reporter.aclose()
     logging.info("keel worker stopped")
 
 

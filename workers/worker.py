@@ -11,7 +11,7 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
-from activities.breaker import BreakerActivities
+from activities.breaker import BreakerActivities, UsageReporter
 from activities.db import init_db, make_engine
 from activities.ledger import Ledger
 from activities.llm import LlmActivities
@@ -21,11 +21,19 @@ from activities.providers.openai_provider import OpenAIProvider
 from activities.providers.sim import SimProvider
 from activities.tools import ToolActivities
 from core.settings import KeelSettings
-from workflows import WORKFLOWS
+from workflows.registry import WORKFLOWS
+
+PURE_WORKFLOW_MODULES = ("workflows.agent_loop", "workflows.budget", "workflows.ticket_pipeline")
+"""Decision code with no module state and no I/O, clock or randomness (the workflows' replay tests
+check it): shared with the sandbox like `core`, instead of re-imported for every workflow run, which
+was the largest single cost of a ticket in the worker (bench/throughput.py)."""
 
 # `core` and pydantic are pure: sharing them with the sandbox saves re-importing them per workflow run.
+# The modules that define workflows (support_ticket, breaker) stay inside the sandbox.
 SANDBOX = SandboxedWorkflowRunner(
-    restrictions=SandboxRestrictions.default.with_passthrough_modules("core", "pydantic", "pydantic_core")
+    restrictions=SandboxRestrictions.default.with_passthrough_modules(
+        "core", "pydantic", "pydantic_core", *PURE_WORKFLOW_MODULES
+    )
 )
 
 
@@ -40,13 +48,14 @@ def default_providers(settings: KeelSettings) -> dict[str, Provider]:
 
 
 def activities_for(
-    engine: Engine, providers: dict[str, Provider], client: Client, task_queue: str
+    engine: Engine, providers: dict[str, Provider], client: Client, task_queue: str, settings: KeelSettings,
+    reporter: UsageReporter,
 ) -> list[Callable[..., Any]]:
     ledger = Ledger(engine)
     return [
         LlmActivities(providers, ledger).llm_call,
-        *ToolActivities(engine, ledger).all(),
-        BreakerActivities(client, task_queue).admit,
+        *ToolActivities(engine, ledger, reporter).all(),
+        BreakerActivities(client, task_queue, admit_cache_s=settings.breaker_admit_cache_s).admit,
     ]
 
 
@@ -58,12 +67,15 @@ def build_worker(
     engine: Engine | None = None,
     providers: dict[str, Provider] | None = None,
     extra_activities: list[Callable[..., Any]] | None = None,
+    reporter: UsageReporter | None = None,
 ) -> Worker:
+    """`reporter`: pass one to flush it (`aclose`) when the worker stops; else one is made here."""
     if engine is None:
         engine = make_engine(settings.db_url)
         init_db(engine)
     queue = task_queue or settings.task_queue
-    acts = activities_for(engine, providers or default_providers(settings), client, queue)
+    reporter = reporter or UsageReporter(client, settings.breaker_report_flush_s)
+    acts = activities_for(engine, providers or default_providers(settings), client, queue, settings, reporter)
     return Worker(
         client,
         task_queue=queue,

@@ -1,8 +1,5 @@
-"""Deterministic orchestration only. Imports `core` through the sandbox's pass-through."""
+"""Deterministic orchestration only. Imports `core` through the sandbox's pass-through.
 
-from workflows.breaker import CostCircuitBreakerWorkflow
-from workflows.support_ticket import SupportTicketWorkflow
-
-WORKFLOWS = [SupportTicketWorkflow, CostCircuitBreakerWorkflow]
-
-__all__ = ["WORKFLOWS", "CostCircuitBreakerWorkflow", "SupportTicketWorkflow"]
+The list of workflows a worker registers is in `workflows.registry`: importing this package must stay
+cheap, because the sandbox re-imports it for every workflow run.
+"""

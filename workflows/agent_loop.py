@@ -156,6 +156,8 @@ class AgentRunner:
         self.tools_blocked: list[BlockedAction] = []
         self.observations: list[str] = []
         self.models_used: list[str] = []
+        self.report_to: str | None = None
+        """The cost circuit breaker the routing call reports this task's usage to (see ToolRequest)."""
 
     # -- bookkeeping -------------------------------------------------------------------------
     def _next_step(self, action: str) -> int:
@@ -272,7 +274,8 @@ class AgentRunner:
     async def tool(self, name: str, arguments: Mapping[str, object], outcome: TaskOutcome | None = None) -> ToolResult:
         step = self._next_step(f"tool {name}")
         call_id = f"{self.task.workflow_id}/{step}"
-        req = ToolRequest(task=self.task, step=step, call_id=call_id, arguments=dict(arguments), outcome=outcome)
+        req = ToolRequest(task=self.task, step=step, call_id=call_id, arguments=dict(arguments), outcome=outcome,
+                          report_to=self.report_to if outcome is not None else None)
         result = await self.calls.tool(name, req)
         self.tools_executed.append(name)
         self.progress.tools_executed = list(self.tools_executed)

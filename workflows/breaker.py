@@ -14,6 +14,7 @@ from temporalio import workflow
 with workflow.unsafe.imports_passed_through():
     from core.breaker import (
         BREAKER_ADMIT_UPDATE,
+        BREAKER_RECORD_BATCH_SIGNAL,
         BREAKER_RECORD_SIGNAL,
         BREAKER_RESET_UPDATE,
         BREAKER_STATE_QUERY,
@@ -22,6 +23,7 @@ with workflow.unsafe.imports_passed_through():
         AdmitRequest,
         BreakerState,
         ResetRequest,
+        UsageBatch,
         UsageReport,
         WindowEntry,
     )
@@ -252,6 +254,13 @@ class CostCircuitBreakerWorkflow:
     @workflow.signal(name=BREAKER_RECORD_SIGNAL)
     def record(self, report: UsageReport) -> None:
         apply_usage(self._state, report, workflow.now())
+        self._done()
+
+    @workflow.signal(name=BREAKER_RECORD_BATCH_SIGNAL)
+    def record_batch(self, batch: UsageBatch) -> None:
+        now = workflow.now()
+        for report in batch.reports:
+            apply_usage(self._state, report, now)
         self._done()
 
     @workflow.update(name=BREAKER_RESET_UPDATE)

@@ -34,6 +34,9 @@ SA_BUDGET = SearchAttributeKey.for_keyword(names.SA_BUDGET)
 COST_CONTROLS_PATCH = "keel-cost-controls-v1"
 """Budgets, spiral detection and the circuit breaker change the commands a ticket makes: histories
 recorded before them replay on the old path."""
+BATCHED_USAGE_PATCH = "keel-breaker-batched-usage-v1"
+"""The worker reports an admitted task's usage to its breaker, batched, from the routing activity;
+before, the workflow signalled the breaker itself at the end (one more round trip per task)."""
 
 
 def make_runner(inp: TicketInput, workflow_id: str, calls: Calls, controls: bool = True) -> AgentRunner:
@@ -94,6 +97,8 @@ class SupportTicketWorkflow:
                     summary=f"circuit breaker: {inp.task_type}",
                 )
         skip = None if admit is None or admit.admitted else admit.reason
+        if admit is not None and admit.admitted and not admit.probe and workflow.patched(BATCHED_USAGE_PATCH):
+            runner.report_to = breaker_workflow_id(inp.task_type, info.task_queue)
         result = await handle_ticket(runner, inp, DEFAULT_POLICY, skip_reason=skip)
 
         updates: list[SearchAttributeUpdate[Any]] = [
@@ -107,7 +112,8 @@ class SupportTicketWorkflow:
         # Search attributes change when something a user filters on changes (customer, task type,
         # feature and "running" are set by the client at start).
         workflow.upsert_search_attributes(updates)
-        if admit is not None and admit.admitted:
+        if admit is not None and admit.admitted and runner.report_to is None:
+            # Probes (and histories recorded before batching) report exactly once, from here.
             await workflow.get_external_workflow_handle(breaker_workflow_id(inp.task_type, info.task_queue)).signal(
                 BREAKER_RECORD_SIGNAL,
                 UsageReport(workflow_id=result.workflow_id, tokens=result.tokens, cost_usd=result.cost_usd,

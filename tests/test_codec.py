@@ -1,0 +1,382 @@
+"""Encrypted history: the AES-GCM codec (round trip, nonces, tampering, rotation, unknown keys, pass-through),
+its settings, a ticket end to end on the dev server whose history holds no plaintext PII, and the codec
+server (encode/decode, CORS, bearer token), also as the temporal CLI's `--codec-endpoint`."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import re
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from google.protobuf import json_format
+from google.protobuf.message import Message
+from temporalio.api.common.v1 import Payload, Payloads
+from temporalio.client import Client
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.testing import WorkflowEnvironment
+
+from core.codec import (
+    EncryptionCodec,
+    EncryptionConfigError,
+    PayloadDecryptionError,
+    codec_from_settings,
+    data_converter,
+    parse_keys,
+)
+from core.dataset import build_dataset
+from core.settings import KeelSettings
+from core.types import TicketResult
+from starter.codec_server import CodecServer, default_origins
+from tests.conftest import _binary, run_ticket, ticket
+
+K1, K2 = os.urandom(32), os.urandom(32)
+B1, B2 = base64.b64encode(K1).decode(), base64.b64encode(K2).decode()
+DS = build_dataset()
+CUSTOMER = next(c for c in DS.customers if c.id == "C-1001")
+IBANS = [a.iban for a in DS.accounts if a.customer_id == CUSTOMER.id]
+UI = "http://localhost:8233"
+
+
+def _plain(value: Any) -> Payload:
+    return pydantic_data_converter.payload_converter.to_payloads([value])[0]
+
+
+# --- the codec -------------------------------------------------------------------------------------------
+
+
+async def test_round_trip_encrypts_whole_payload() -> None:
+    codec = EncryptionCodec({"k1": K1})
+    src = [_plain({"text": "card 4181590830166131"}), _plain("hello"), _plain(None)]
+    enc = await codec.encode(src)
+    assert len(enc) == len(src)
+    for p in enc:
+        assert dict(p.metadata) == {"encoding": b"binary/encrypted", "encryption-key-id": b"k1"}
+        # the inner metadata (json/plain) is inside the ciphertext too
+        assert b"4181590830166131" not in p.data and b"json/plain" not in p.data
+    assert await codec.decode(enc) == src
+
+
+async def test_nonce_differs_per_encode() -> None:
+    codec = EncryptionCodec({"k1": K1})
+    p = _plain("same")
+    a, b = await codec.encode([p, p])
+    assert a.data[:12] != b.data[:12] and a.data != b.data
+    assert await codec.decode([a, b]) == [p, p]
+
+
+@pytest.mark.parametrize("where", [0, 12, -1], ids=["nonce", "ciphertext", "tag"])
+async def test_tampered_ciphertext_fails(where: int) -> None:
+    codec = EncryptionCodec({"k1": K1})
+    (enc,) = await codec.encode([_plain({"amount": 10})])
+    data = bytearray(enc.data)
+    data[where] ^= 0x01
+    enc.data = bytes(data)
+    with pytest.raises(PayloadDecryptionError, match="authentication failed"):
+        await codec.decode([enc])
+
+
+async def test_truncated_and_wrong_key_fail() -> None:
+    (enc,) = await EncryptionCodec({"k1": K1}).encode([_plain("x")])
+    with pytest.raises(PayloadDecryptionError, match=r"'k1'.*authentication failed"):
+        await EncryptionCodec({"k1": K2}).decode([enc])
+    short = Payload(metadata=dict(enc.metadata), data=enc.data[:20])
+    with pytest.raises(PayloadDecryptionError, match="truncated"):
+        await EncryptionCodec({"k1": K1}).decode([short])
+
+
+async def test_key_rotation() -> None:
+    old = EncryptionCodec({"k1": K1})
+    before = await old.encode([_plain("written under k1")])
+    settings = KeelSettings(encrypt=True, encryption_keys=f"k1:{B1},k2:{B2}", encryption_key_id="k2")
+    new = codec_from_settings(settings)
+    assert new is not None and new.key_id == "k2"
+    assert await new.decode(before) == [_plain("written under k1")]
+    after = await new.encode([_plain("written under k2")])
+    assert after[0].metadata["encryption-key-id"] == b"k2"
+    assert await new.decode(after) == [_plain("written under k2")]
+    # a history mixing both keys reads in one call
+    assert await new.decode([*before, *after]) == [_plain("written under k1"), _plain("written under k2")]
+    # the old codec does not know k2: a clear error, naming the id and the setting
+    with pytest.raises(PayloadDecryptionError, match=r"key id 'k2'.*KEEL_ENCRYPTION_KEYS"):
+        await old.decode(after)
+
+
+async def test_unknown_key_id_names_it_and_the_setting() -> None:
+    (enc,) = await EncryptionCodec({"k1": K1}).encode([_plain("x")])
+    with pytest.raises(PayloadDecryptionError) as e:
+        await EncryptionCodec({"k9": K2}).decode([enc])
+    assert "'k1'" in str(e.value) and "KEEL_ENCRYPTION_KEYS" in str(e.value) and "k9" in str(e.value)
+
+
+async def test_unencrypted_payloads_pass_through() -> None:
+    codec = EncryptionCodec({"k1": K1})
+    plain = [_plain({"a": 1}), _plain("s"), Payload(metadata={"encoding": b"binary/null"})]
+    assert await codec.decode(plain) == plain
+    # and the converter reads a value written with encryption off
+    conv = data_converter(KeelSettings(encrypt=True, encryption_keys=f"k1:{B1}"))
+    assert await conv.decode([_plain({"a": 1})], [dict]) == [{"a": 1}]
+
+
+# --- settings --------------------------------------------------------------------------------------------
+
+
+def test_encryption_off_keeps_the_pydantic_converter() -> None:
+    assert data_converter(KeelSettings()) is pydantic_data_converter
+    # keys alone do not turn it on
+    assert data_converter(KeelSettings(encryption_keys=f"k1:{B1}")) is pydantic_data_converter
+
+
+def test_settings_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KEEL_ENCRYPT", "1")
+    monkeypatch.setenv("KEEL_ENCRYPTION_KEYS", f" k1:{B1} , k2:{B2} ,")
+    conv = data_converter(KeelSettings())
+    assert isinstance(conv.payload_codec, EncryptionCodec)
+    assert conv.payload_codec.key_id == "k1" and conv.payload_codec.key_ids == ("k1", "k2")  # first listed
+    assert conv.payload_converter_class is pydantic_data_converter.payload_converter_class
+    monkeypatch.setenv("KEEL_ENCRYPTION_KEY_ID", "k2")
+    codec = data_converter(KeelSettings()).payload_codec
+    assert isinstance(codec, EncryptionCodec) and codec.key_id == "k2"
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("k1:not base64!", "KEEL_ENCRYPTION_KEYS: the key of id 'k1' is not valid base64"),
+        (f"k1:{base64.b64encode(os.urandom(16)).decode()}", "'k1' is 16 bytes; AES-256 needs 32"),
+        ("k1", "entry 1 is not `id:<base64 key>`"),
+        (f"k1:{B1},:{B2}", "entry 2 is not"),
+        (f"k1:{B1},k1:{B2}", "'k1' is listed twice"),
+        (" , ", "lists no key"),
+    ],
+)
+def test_bad_keys_are_explained(spec: str, message: str) -> None:
+    with pytest.raises(EncryptionConfigError, match=re.escape(message)):
+        parse_keys(spec)
+    with pytest.raises(EncryptionConfigError):
+        data_converter(KeelSettings(encrypt=True, encryption_keys=spec))
+
+
+def test_encrypt_without_keys_says_how_to_make_one() -> None:
+    with pytest.raises(EncryptionConfigError) as e:
+        data_converter(KeelSettings(encrypt=True))
+    msg = str(e.value)
+    assert "KEEL_ENCRYPT is on but KEEL_ENCRYPTION_KEYS is not set" in msg
+    assert "keel codec-server --new-key" in msg and "base64.b64encode(os.urandom(32))" in msg
+
+
+def test_active_key_id_must_be_listed() -> None:
+    with pytest.raises(EncryptionConfigError, match="KEEL_ENCRYPTION_KEY_ID='k3' is not one of the ids"):
+        data_converter(KeelSettings(encrypt=True, encryption_keys=f"k1:{B1},k2:{B2}", encryption_key_id="k3"))
+
+
+def test_new_key_cli_prints_a_usable_entry() -> None:
+    from typer.testing import CliRunner
+
+    from starter.cli import app
+
+    res = CliRunner().invoke(app, ["codec-server", "--new-key", "--key-id", "2025-06"])
+    assert res.exit_code == 0, res.output
+    line = next(ln for ln in res.stdout.splitlines() if ln.startswith("KEEL_ENCRYPTION_KEYS="))
+    keys = parse_keys(line.split("=", 1)[1])
+    assert list(keys) == ["2025-06"] and len(keys["2025-06"]) == 32
+
+
+# --- end to end: a ticket with PII, and what Temporal stores --------------------------------------------
+
+
+def _payloads(msg: Message, path: str = "") -> Iterator[tuple[str, Payload]]:
+    """Every Payload inside a proto message, with its field path."""
+    if isinstance(msg, Payload):
+        yield path, msg
+        return
+    for fd, value in msg.ListFields():
+        if fd.message_type is None:
+            continue
+        if isinstance(value, Message):
+            items: list[tuple[str, Any]] = [("", value)]
+        elif hasattr(value, "items") and callable(value.items):  # a map field
+            items = [(f"[{k}]", v) for k, v in value.items()]
+        else:
+            items = [("", v) for v in value]
+        for key, v in items:
+            if isinstance(v, Message):
+                yield from _payloads(v, f"{path}.{fd.name}{key}")
+
+
+async def test_history_holds_no_plaintext(dev_env: WorkflowEnvironment, settings: KeelSettings,
+                                          worker_factory: Any) -> None:
+    enc_settings = settings.model_copy(update={"encrypt": True, "encryption_keys": f"k1:{B1}"})
+    conv = data_converter(enc_settings)
+    codec = conv.payload_codec
+    assert isinstance(codec, EncryptionCodec)
+    plain_client = dev_env.client
+    enc_client = await Client.connect(plain_client.service_client.config.target_host,
+                                      namespace=plain_client.namespace, data_converter=conv)
+    text = (f"Why was I charged a fee of 4.90 EUR on my card {CUSTOMER.card_number}? "
+            f"Please answer to {CUSTOMER.email}.")
+    secrets = [text, CUSTOMER.email, CUSTOMER.card_number, CUSTOMER.phone, *IBANS]
+
+    async with worker_factory(enc_client):
+        res = await run_ticket(enc_client, settings, ticket(CUSTOMER.id, text))
+    assert res.status == "resolved", res
+    assert res.reply and CUSTOMER.name.split()[0] in res.reply
+    reply_fragment = json.dumps(res.reply)[1:41]  # model output, as JSON-encoded in its payload
+    secrets += [CUSTOMER.name, reply_fragment]
+
+    # The raw history, through a client without the codec: no secret anywhere in any event.
+    history = await plain_client.get_workflow_handle(res.workflow_id).fetch_history()
+    raw = b"".join(e.SerializeToString() for e in history.events)
+    for s in secrets:
+        assert s.encode() not in raw, f"{s!r} in plaintext in the history"
+        assert json.dumps(s)[1:-1].encode() not in raw
+    # Every payload is ciphertext, except search attributes (not payload-encoded by Temporal: Keel's hold
+    # customer id, task type, feature and status, never ticket text) and the bookkeeping the SDK core writes
+    # in its markers, not through the data converter: a patch id (`workflow.patched`), and a local
+    # activity's seq/type/times (its result, next to it, is encrypted).
+    def exempt(event: Any, path: str) -> bool:
+        marker = event.marker_recorded_event_attributes.marker_name
+        return "search_attributes" in path or (marker, path) in {
+            ("core_patch", ".marker_recorded_event_attributes.details[patch-data].payloads"),
+            ("core_local_activity", ".marker_recorded_event_attributes.details[data].payloads"),
+        }
+
+    found = [(exempt(e, path), path, p) for e in history.events for path, p in _payloads(e)]
+    encrypted = [p for skip, _, p in found if not skip]
+    assert all(p.metadata.get("encoding") == b"binary/encrypted" for p in encrypted), \
+        {path for skip, path, p in found if not skip and p.metadata.get("encoding") != b"binary/encrypted"}
+    assert len(encrypted) > 10
+    assert all(p.metadata["encryption-key-id"] == b"k1" for p in encrypted)
+
+    # Control: the same payloads, decrypted, do hold the ticket, the e-mail, the card and the account data
+    # (model output included): the assertions above are not vacuous.
+    decoded = b"".join(p.data for p in await codec.decode(encrypted))
+    for s in [text, CUSTOMER.email, CUSTOMER.card_number]:
+        assert s.encode() in decoded
+    assert any(iban.encode() in decoded for iban in IBANS)
+    assert reply_fragment.encode() in decoded
+
+    # The result reads with the codec, and not without it.
+    again = await enc_client.get_workflow_handle(res.workflow_id, result_type=TicketResult).result()
+    assert again == res
+    with pytest.raises(Exception, match="binary/encrypted"):
+        await plain_client.get_workflow_handle(res.workflow_id, result_type=TicketResult).result()
+
+    # The temporal CLI reads it through `keel codec-server`, and only through it.
+    with CodecServer(codec, port=0) as server:
+        shown = _payload_data(await _temporal_show(plain_client, res.workflow_id, server.url))
+    assert CUSTOMER.email.encode() in shown and CUSTOMER.card_number.encode() in shown
+    assert CUSTOMER.email.encode() not in _payload_data(await _temporal_show(plain_client, res.workflow_id, None))
+
+
+def _payload_data(history_json: str) -> bytes:
+    """The data of every payload in `temporal workflow show --output json` (base64 there), concatenated."""
+    out: list[bytes] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            if isinstance(node.get("metadata"), dict) and isinstance(node.get("data"), str):
+                out.append(base64.b64decode(node["data"]))
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(json.loads(history_json))
+    return b"".join(out)
+
+
+async def _temporal_show(client: Client, workflow_id: str, codec_endpoint: str | None) -> str:
+    args = [_binary("temporal"), "workflow", "show", "-w", workflow_id, "--output", "json",
+            "--address", client.service_client.config.target_host, "--namespace", client.namespace]
+    if codec_endpoint:
+        args += ["--codec-endpoint", codec_endpoint]
+    proc = await asyncio.create_subprocess_exec(*args, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.PIPE)
+    out, errs = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, errs.decode()
+    return out.decode()
+
+
+# --- the codec server ------------------------------------------------------------------------------------
+
+
+def _call(url: str, method: str = "POST", body: bytes | None = None,
+          headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    req = urllib.request.Request(url, data=body, method=method,
+                                 headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+def _json(payloads: list[Payload]) -> bytes:
+    return json_format.MessageToJson(Payloads(payloads=payloads)).encode()
+
+
+def test_codec_server_encode_then_decode() -> None:
+    src = [_plain({"text": f"mail {CUSTOMER.email}"}), _plain("two")]
+    with CodecServer(EncryptionCodec({"k1": K1}), port=0, allowed_origins=[UI]) as server:
+        status, headers, body = _call(f"{server.url}/encode", body=_json(src), headers={"Origin": UI})
+        assert status == 200 and headers["Access-Control-Allow-Origin"] == UI
+        enc = json_format.Parse(body, Payloads()).payloads
+        assert [p.metadata["encoding"] for p in enc] == [b"binary/encrypted"] * 2
+        assert CUSTOMER.email.encode() not in body
+        assert "payloads" in json.loads(body)
+        # the UI posts to <endpoint>/decode; the CLI may put the namespace in the path
+        for path in ("/decode", "/default/decode"):
+            status, _, body = _call(f"{server.url}{path}", body=_json(list(enc)),
+                                    headers={"X-Namespace": "default"})
+            assert status == 200
+            assert list(json_format.Parse(body, Payloads()).payloads) == src
+        # a payload under an unknown key: 400 naming the key id
+        (other,) = EncryptionCodec({"k7": K2}).encode_sync([_plain("x")])
+        status, _, body = _call(f"{server.url}/decode", body=_json([other]))
+        assert status == 400 and "'k7'" in json.loads(body)["error"]
+        assert _call(f"{server.url}/decode", body=b"{not json")[0] == 400
+        assert _call(f"{server.url}/other", body=b"{}")[0] == 404
+
+
+def test_codec_server_cors() -> None:
+    with CodecServer(EncryptionCodec({"k1": K1}), port=0, allowed_origins=default_origins(UI)) as server:
+        for origin in (UI, "http://127.0.0.1:8233"):
+            status, headers, _ = _call(f"{server.url}/decode", "OPTIONS", headers={
+                "Origin": origin, "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "content-type,x-namespace,authorization"})
+            assert status == 204
+            assert headers["Access-Control-Allow-Origin"] == origin
+            allowed = {h.strip() for h in headers["Access-Control-Allow-Headers"].split(",")}
+            assert {"content-type", "x-namespace", "authorization"} <= allowed
+            assert "POST" in headers["Access-Control-Allow-Methods"]
+        # another site gets no CORS grant, and its requests are refused
+        status, headers, _ = _call(f"{server.url}/decode", "OPTIONS", headers={"Origin": "https://evil.example"})
+        assert status == 403 and "Access-Control-Allow-Origin" not in headers
+        assert _call(f"{server.url}/decode", body=_json([]), headers={"Origin": "https://evil.example"})[0] == 403
+
+
+def test_codec_server_bearer_token() -> None:
+    body = _json(EncryptionCodec({"k1": K1}).encode_sync([_plain("secret")]))
+    with CodecServer(EncryptionCodec({"k1": K1}), port=0, allowed_origins=[UI], auth_token="s3cret") as server:
+        status, headers, _ = _call(f"{server.url}/decode", body=body, headers={"Origin": UI})
+        assert status == 401 and headers["WWW-Authenticate"].startswith("Bearer")
+        assert headers["Access-Control-Allow-Origin"] == UI  # so the UI can see the 401
+        assert _call(f"{server.url}/decode", body=body, headers={"Authorization": "Bearer wrong"})[0] == 401
+        assert _call(f"{server.url}/encode", body=body, headers={"Authorization": "s3cret"})[0] == 401
+        # the preflight carries no credentials and is answered
+        assert _call(f"{server.url}/decode", "OPTIONS", headers={"Origin": UI})[0] == 204
+        status, _, out = _call(f"{server.url}/decode", body=body, headers={"Authorization": "Bearer s3cret"})
+        assert status == 200 and list(json_format.Parse(out, Payloads()).payloads) == [_plain("secret")]
+
+
+def test_default_origins_cover_both_loopback_names() -> None:
+    assert default_origins("http://127.0.0.1:8233") == ["http://127.0.0.1:8233", "http://localhost:8233"]
+    assert default_origins("https://temporal.example.com/") == ["https://temporal.example.com"]
