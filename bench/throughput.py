@@ -41,7 +41,6 @@ from temporalio.api.taskqueue.v1 import TaskQueue
 from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 from temporalio.client import Client
 from temporalio.common import SearchAttributeKey
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import ActivityEnvironment, WorkflowEnvironment
 
 from activities.db import init_db, make_engine
@@ -50,6 +49,7 @@ from activities.llm import LlmActivities
 from activities.providers.sim import SimProvider
 from activities.tools import ToolActivities
 from core import names
+from core.codec import data_converter
 from core.dataset import SampleTicket, sample_tickets
 from core.policy import DEFAULT_POLICY
 from core.settings import KeelSettings
@@ -467,7 +467,7 @@ class DirectCalls:
         self._llm = llm
         self._tools = tools
 
-    async def llm(self, req: LlmRequest, summary: str) -> LlmResponse:
+    async def llm(self, req: LlmRequest) -> LlmResponse:
         # The activities read activity.info() (the attempt number): ActivityEnvironment provides it.
         resp: LlmResponse = await ActivityEnvironment().run(self._llm.llm_call, req)
         return resp
@@ -572,7 +572,7 @@ async def run(n: int, concurrency: int) -> dict[str, Any]:
         with inherited_output_to(tmp / "server.log"):
             env = await WorkflowEnvironment.start_local(
                 dev_server_existing_path=temporal,
-                data_converter=pydantic_data_converter,
+                data_converter=data_converter(KeelSettings()),
                 search_attributes=SEARCH_ATTRIBUTE_KEYS,
             )
         try:

@@ -82,6 +82,13 @@ def workflow_id_for(inp: TicketInput) -> str:
     return f"ticket-{inp.ticket_id}-{uuid.uuid4().hex[:8]}"
 
 
+def ticket_summary(inp: TicketInput) -> str:
+    """What the Temporal UI lists for the workflow: no ticket text (summaries are not search
+    attributes, but keep them free of PII anyway), and the models, labelled."""
+    models = inp.large_model.label if not inp.tiering else f"{inp.small_model.label} / {inp.large_model.label}"
+    return f"Support ticket {inp.ticket_id} · customer {inp.customer_id} · {models}"
+
+
 async def start_ticket(client: Client, settings: KeelSettings, inp: TicketInput) -> WorkflowHandle[Any, TicketResult]:
     return await client.start_workflow(
         names.SUPPORT_TICKET_WORKFLOW,
@@ -89,6 +96,7 @@ async def start_ticket(client: Client, settings: KeelSettings, inp: TicketInput)
         id=workflow_id_for(inp),
         task_queue=settings.task_queue,
         result_type=TicketResult,
+        static_summary=ticket_summary(inp),
         search_attributes=TypedSearchAttributes(
             [
                 SearchAttributePair(SA_CUSTOMER, inp.customer_id),

@@ -80,22 +80,27 @@ class Calls(Protocol):
     """How the runner reaches activities: through Temporal in a workflow, directly in the asyncio
     baseline of the benchmark. The decisions stay the same code either way."""
 
-    async def llm(self, req: LlmRequest, summary: str) -> LlmResponse: ...
+    async def llm(self, req: LlmRequest) -> LlmResponse: ...
 
     async def tool(self, name: str, req: ToolRequest) -> ToolResult: ...
 
 
 class TemporalCalls:
-    """Every call an activity, with timeouts and retry policies from one place."""
+    """Every call an activity, with timeouts and retry policies from one place.
 
-    async def llm(self, req: LlmRequest, summary: str) -> LlmResponse:
+    No activity summaries: the SDK visits every payload of a command several times, each visit a
+    round trip into the workflow sandbox, and a summary is one more payload per call (measured with
+    bench/throughput.py: 3 ms of worker CPU per ticket). The UI shows the activity type (`llm_call`,
+    the tool's name), its input (step kind, model), the workflow's summary (its models, labelled) and
+    its current details (step, action, tokens), set below and in AgentRunner."""
+
+    async def llm(self, req: LlmRequest) -> LlmResponse:
         resp: LlmResponse = await workflow.execute_activity(
             LLM_ACTIVITY,
             req,
             result_type=LlmResponse,
             start_to_close_timeout=LLM_START_TO_CLOSE,
             retry_policy=LLM_RETRY,
-            summary=summary,
         )
         return resp
 
@@ -106,7 +111,6 @@ class TemporalCalls:
             result_type=ToolResult,
             start_to_close_timeout=TOOL_START_TO_CLOSE,
             retry_policy=TOOL_RETRY,
-            summary=name,
         )
         return result
 
@@ -156,6 +160,8 @@ class AgentRunner:
         self.tools_blocked: list[BlockedAction] = []
         self.observations: list[str] = []
         self.models_used: list[str] = []
+        self.on_step: Callable[[Progress], None] | None = None
+        """Called as each step starts: the workflow shows it as its current details in the UI."""
         self.report_to: str | None = None
         """The cost circuit breaker the routing call reports this task's usage to (see ToolRequest)."""
 
@@ -163,6 +169,8 @@ class AgentRunner:
     def _next_step(self, action: str) -> int:
         self.progress.step += 1
         self.progress.action = action
+        if self.on_step is not None:
+            self.on_step(self.progress)
         return self.progress.step
 
     def observe(self, text: str) -> None:
@@ -209,7 +217,7 @@ class AgentRunner:
                 allowance = self.budget.allow_call(model, estimate_input_tokens(messages, specs),
                                                    self.max_output_tokens)
                 max_out, max_in = allowance.max_output_tokens, allowance.max_input_tokens
-            step = self._next_step(f"{kind} ({model.model})")
+            step = self._next_step(f"{kind} ({model.label})")
             req = LlmRequest(
                 task=self.task,
                 step=step,
@@ -225,7 +233,7 @@ class AgentRunner:
                 sim=self.sim,
             )
             try:
-                resp = await self.calls.llm(req, f"{kind} · {model.label}")
+                resp = await self.calls.llm(req)
             except (ActivityError, ApplicationError) as e:
                 cause = e.cause if isinstance(e, ActivityError) else e
                 if isinstance(cause, ApplicationError) and cause.type == "BudgetWouldExceed":

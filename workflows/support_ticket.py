@@ -63,6 +63,11 @@ def make_runner(inp: TicketInput, workflow_id: str, calls: Calls, controls: bool
     )
 
 
+def _show_step(p: Progress) -> None:
+    # The Temporal UI's "current details" (read through a query: no command, no history event).
+    workflow.set_current_details(f"step {p.step}: {p.action} · {p.tokens:,} tokens · ${p.cost_usd:.4f}")
+
+
 def breaker_config(task_type: str, scope: str) -> BreakerConfig:
     return BreakerConfig(task_type=task_type, scope=scope, expected_tokens=EXPECTED_TOKENS.get(task_type, 5_000))
 
@@ -81,6 +86,7 @@ class SupportTicketWorkflow:
         controls = workflow.patched(COST_CONTROLS_PATCH)
         runner = make_runner(inp, workflow.info().workflow_id, TemporalCalls(), controls)
         self._runner = runner
+        runner.on_step = _show_step
         admit: AdmitDecision | None = None
         info = workflow.info()
         if controls:
@@ -94,7 +100,6 @@ class SupportTicketWorkflow:
                     result_type=AdmitDecision,
                     start_to_close_timeout=timedelta(seconds=30),
                     retry_policy=RetryPolicy(maximum_attempts=10, maximum_interval=timedelta(seconds=10)),
-                    summary=f"circuit breaker: {inp.task_type}",
                 )
         skip = None if admit is None or admit.admitted else admit.reason
         if admit is not None and admit.admitted and not admit.probe and workflow.patched(BATCHED_USAGE_PATCH):

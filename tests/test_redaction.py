@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from activities.providers.sim import PLANS, TOPICS, Call, Ticket, draft_reply, final_summary
-from core.dataset import Customer, build_dataset
+from core.dataset import Customer, build_dataset, sample_tickets
 from core.redaction import (
     KINDS,
     MAX_REPLY_CHARS,
@@ -205,6 +205,11 @@ def test_ordinary_text_is_untouched(text: str) -> None:
         assert report.text == text and report.total == 0
 
 
+def test_sample_tickets_and_policies_are_untouched() -> None:
+    texts = [t.text for t in sample_tickets(200, seed=3)] + [p.text for p in DS.policies]
+    assert [redact(t, None).text for t in texts] == texts
+
+
 # Copied from activities/providers/sim.py draft_reply / final_summary output for Ana Silva (C-1001),
 # refund_request with the refund issued / pending, fraud_report escalated, general_inquiry, card_issue.
 SIM_REPLIES = [
@@ -255,7 +260,7 @@ def sim_texts(c: Customer) -> list[tuple[str, int, int]]:
                  "escalate_to_human": escalated}[step] for step in plan if step != "issue_refund"]
         variants = [(base, 0, 0)]
         if "issue_refund" in plan:
-            variants = [(base + [Call("issue_refund", refund_args, 3, refunds[state])], int(state == "issued"),
+            variants = [([*base, Call("issue_refund", refund_args, 3, refunds[state])], int(state == "issued"),
                          int(state == "pending")) for state in ("issued", "pending")]
         for calls, executed, pending in variants:
             out.append((draft_reply(category, calls), executed, pending))
@@ -265,8 +270,8 @@ def sim_texts(c: Customer) -> list[tuple[str, int, int]]:
 
 def test_sim_texts_are_untouched_and_pass_the_rules() -> None:
     assert [redact(t, None).text for t in [*SIM_REPLIES, SIM_SUMMARY]] == [*SIM_REPLIES, SIM_SUMMARY]
-    assert [check_reply(t, refunds_executed=int(i == 0), refunds_pending=int(i == 1)) for i, t in enumerate(SIM_REPLIES)] == [
-        [] for _ in SIM_REPLIES]
+    for i, reply in enumerate(SIM_REPLIES):  # the first says the refund was issued, the second that it is pending
+        assert check_reply(reply, refunds_executed=int(i == 0), refunds_pending=int(i == 1)) == [], reply
     drafted = 0
     for c in DS.customers:
         for text, executed, pending in sim_texts(c):
@@ -302,9 +307,6 @@ def test_every_dataset_customer(c: Customer) -> None:
     assert redact(mine_valid, own_valid).text == mine_valid
 
 
-@pytest.mark.xfail(strict=True, reason="core.dataset draws IBAN check digits at random, so its IBANs fail the "
-                                       "ISO 13616 mod-97 check and are not recognised as IBANs; compute the check "
-                                       "digits in build_dataset and drop this marker")
 def test_dataset_ibans_are_recognised() -> None:
     for c in DS.customers:
         other = ACCOUNTS[DS.customers[(DS.customers.index(c) + 1) % len(DS.customers)].id][0]
@@ -313,7 +315,7 @@ def test_dataset_ibans_are_recognised() -> None:
 
 # --- properties ----------------------------------------------------------------------------
 SURROUNDING = st.text(alphabet=string.ascii_letters + string.punctuation + " ", max_size=30)
-PROPERTY = settings(max_examples=6000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+PROPERTY = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @st.composite
