@@ -136,6 +136,19 @@ class Ledger:
         }
         self._upsert(values, session)
 
+    def record_guardrails(self, req: ToolRequest, session: Session | None = None) -> None:
+        """One row per guardrail event of the task (blocked calls, approvals, redactions), keyed by
+        position: a retried routing call rewrites the same rows."""
+        for i, ev in enumerate(req.guardrails):
+            values = _tags(req.task, ev.step, "guardrail", 1) | {
+                "key": ledger_key(req.task.workflow_id, ev.step, f"guardrail/{i}"),
+                "tool": ev.tool,
+                "status": ev.kind,
+                "reason": ev.detail[:2000],
+                "ok": ev.ok,
+            }
+            self._upsert(values, session)
+
     # --- reporting -----------------------------------------------------------------------
 
     def costs(self, group_by: list[str], since: datetime | None = None) -> list[dict[str, Any]]:

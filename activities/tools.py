@@ -144,6 +144,7 @@ class ToolActivities:
             self.ledger.record_tool(req, name, result, attempt, session=s)
             if req.outcome is not None and result.ok:
                 self.ledger.record_outcome(req.task, req.outcome, session=s)
+                self.ledger.record_guardrails(req, session=s)
             s.commit()
         return result
 

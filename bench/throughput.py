@@ -380,9 +380,11 @@ async def history_counts(client: Client, workflow_ids: Sequence[str]) -> tuple[f
 
 def keel_settings(task_queue: str, home: Path) -> KeelSettings:
     # Explicit values: the benchmark runs the sim model whatever the caller's environment says.
+    # Nobody approves refunds during a benchmark: a proposed refund is recorded and the ticket goes to
+    # the human queue at once (approval mode "escalate"), as a bulk run would be configured.
     return KeelSettings(
         home=home, task_queue=task_queue, model_small="sim:sim-small", model_large="sim:sim-large",
-        sim_seed=0, sim_spiral_rate=SPIRAL_RATE,
+        sim_seed=0, sim_spiral_rate=SPIRAL_RATE, approval_mode="escalate",
     )
 
 

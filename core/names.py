@@ -12,8 +12,12 @@ SUPPORT_TICKET_WORKFLOW = "SupportTicket"
 # Activities
 LLM_ACTIVITY = "llm_call"
 
-# Queries / signals
+# Queries / signals / updates
 PROGRESS_QUERY = "progress"
+PENDING_ACTION_QUERY = "pending_action"
+APPROVAL_SIGNAL = "approval"
+DECIDE_UPDATE = "decide"
+RESOLVE_SIGNAL = "resolve"
 
 # Search attributes (name, Temporal type). Registered by `keel up` and by the test servers.
 SA_CUSTOMER = "KeelCustomer"

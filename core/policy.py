@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
-from core.types import Budget, StepKind, Tier
+from core.types import ApprovalPolicy, Budget, StepKind, Tier
 
 CATEGORIES = [
     "refund_request",
@@ -41,6 +41,13 @@ EXPECTED_TOKENS: dict[str, int] = {"support_ticket": 5_000}
 """Tokens a task of each type is expected to use: the circuit breaker trips at 2x this on average."""
 
 
+APPROVALS = ApprovalPolicy(
+    approvers={"issue_refund": ["alice", "bob", "support-lead"]},
+    timeout_s=24 * 3600,
+)
+"""Who may approve each `confirm` tool (KEEL_APPROVERS overrides the lists: see core.settings)."""
+
+
 def budget_for(task_type: str) -> Budget:
     return BUDGETS.get(task_type, Budget())
 
@@ -56,7 +63,10 @@ class SupportPolicy(BaseModel):
     human_categories: list[str] = Field(default_factory=lambda: ["fraud_report"])
     """Categories that always go to a human."""
     max_invalid_outputs: int = 3
-    """Invalid model outputs (bad JSON, unknown tools, bad arguments) tolerated before escalating."""
+    """Invalid model outputs (bad JSON, unknown tools, bad arguments) and tool calls the guardrails
+    refused, tolerated before the task escalates to a human."""
+    max_refund: float = 500.0
+    """Largest refund the agent may propose (the refunds policy); above it, disputes team."""
     classify_attempts: int = 2
     max_output_tokens: int = 800
     tiers: dict[StepKind, Tier] = Field(default_factory=lambda: dict(DEFAULT_TIERS))

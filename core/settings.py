@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -47,6 +48,15 @@ class KeelSettings(BaseSettings):
     """The key id new payloads are encrypted with; default the first of `encryption_keys`."""
     codec_auth_token: str | None = None
     """When set, `keel codec-server` answers only requests with `Authorization: Bearer <token>`."""
+    approval_mode: Literal["wait", "escalate"] = "wait"
+    """wait: a `confirm` write pauses its task for a human's decision (`keel approve`). escalate: the
+    proposal is recorded and the task goes to the human queue at once (bulk runs with nobody at hand)."""
+    approvers: str | None = None
+    """Who may approve which tool, e.g. `issue_refund=alice,bob;other_tool=carol`; default: core.policy."""
+    approval_timeout_s: float = Field(86_400, gt=0)
+    """A proposal nobody decides within this time sends its task to the human queue."""
+    hold_escalated: bool = False
+    """An escalated task stays open until a human resolves it (`keel resolve`)."""
     breaker_admit_cache_s: float = 2.0
     """A worker reuses its cost circuit breaker's "closed" answer this long (0: ask for every task).
     A tripped breaker stops new tasks on every worker within this time."""
@@ -57,6 +67,13 @@ class KeelSettings(BaseSettings):
     @classmethod
     def _valid_model(cls, v: str) -> str:
         ModelSpec.parse(v)
+        return v
+
+    @field_validator("approvers")
+    @classmethod
+    def _valid_approvers(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_approvers(v)
         return v
 
     @property
@@ -74,3 +91,15 @@ class KeelSettings(BaseSettings):
     @property
     def ui_url(self) -> str:
         return f"http://{self.temporal_host}:{self.ui_port}"
+
+
+def parse_approvers(spec: str) -> dict[str, list[str]]:
+    """`issue_refund=alice,bob;other=carol` -> {"issue_refund": ["alice", "bob"], "other": ["carol"]}."""
+    out: dict[str, list[str]] = {}
+    for part in filter(None, (p.strip() for p in spec.split(";"))):
+        tool, sep, names = part.partition("=")
+        people = [n.strip() for n in names.split(",") if n.strip()]
+        if not sep or not tool.strip() or not people:
+            raise ValueError(f"KEEL_APPROVERS entry {part!r} must look like 'tool=name1,name2'")
+        out[tool.strip()] = people
+    return out

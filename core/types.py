@@ -6,6 +6,7 @@ always with a default.
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
@@ -205,6 +206,8 @@ class ToolRequest(BaseModel):
     outcome: TaskOutcome | None = None
     """Set on the final routing call (send_reply / escalate_to_human): the task's outcome row is
     written in the same activity, so recording it costs no extra round trip."""
+    guardrails: list[GuardrailEvent] = Field(default_factory=list)
+    """On the routing call: the task's guardrail events, written to the ledger with its outcome."""
     report_to: str | None = None
     """Set on the routing call of a task its cost circuit breaker admitted (not as a probe): the
     breaker's workflow id. The worker reports the task's usage to it, batched with other tasks'."""
@@ -212,6 +215,18 @@ class ToolRequest(BaseModel):
     @property
     def idempotency_key(self) -> str:
         return f"{self.task.workflow_id}/{self.step}"
+
+
+class GuardrailEvent(BaseModel):
+    """A guardrail decision, written to the ledger with the task's outcome (kind "guardrail")."""
+
+    step: int
+    kind: str
+    """blocked | approval | redaction | output_check"""
+    tool: str | None = None
+    detail: str
+    ok: bool = False
+    """True for an event that let something through (an accepted approval)."""
 
 
 class ToolResult(BaseModel):
@@ -228,7 +243,10 @@ class Classification(BaseModel):
     confidence: float = Field(ge=0, le=1)
 
 
-TaskStatus = Literal["running", "resolved", "escalated", "rejected", "failed", "budget_exceeded"]
+TaskStatus = Literal[
+    "running", "resolved", "escalated", "rejected", "failed", "budget_exceeded", "awaiting_approval",
+    "awaiting_human", "resolved_by_human",
+]
 Route = Literal["reply", "human"]
 
 
@@ -244,6 +262,73 @@ class TaskOutcome(BaseModel):
     input_tokens: int = 0
     output_tokens: int = 0
     cost_usd: float = 0.0
+
+
+ApprovalMode = Literal["wait", "escalate"]
+ApprovalVerdict = Literal["approve", "reject", "edit"]
+
+
+class ApprovalPolicy(BaseModel):
+    """Who may approve which `confirm` tool, and how long a task waits. Pinned into the task's input
+    at submit, so a later policy change never alters a running task (or its replay)."""
+
+    approvers: dict[str, list[str]] = Field(default_factory=dict)
+    """Tool name -> the people whose decision counts. A tool with no list cannot be approved."""
+    timeout_s: float = Field(86_400, gt=0)
+    """A proposal nobody decides within this time escalates the task to the human queue."""
+    mode: ApprovalMode = "wait"
+    """wait: the task pauses for a decision. escalate: the proposal is recorded and the task goes to
+    the human queue at once (no one is waiting at a console: benchmarks, bulk runs)."""
+
+
+class PendingAction(BaseModel):
+    """A write the agent proposed that needs a human's approval (permission `confirm`)."""
+
+    action_id: str
+    tool: str
+    arguments: dict[str, Any]
+    arguments_digest: str
+    """sha256 of the canonical JSON of `arguments`: a decision can bind to exactly what was shown."""
+    reason: str = ""
+    """The agent's reason for the action."""
+    step: int
+    approvers: list[str] = Field(default_factory=list)
+    requested_at: datetime | None = None
+    expires_at: datetime | None = None
+
+
+class ApprovalDecision(BaseModel):
+    """Signal `approval` / update `decide`: one approver's decision on one pending action."""
+
+    action_id: str
+    approver: str
+    decision: ApprovalVerdict
+    comment: str = ""
+    arguments: dict[str, Any] | None = None
+    """With decision "edit": the arguments to execute instead (validated again before they run)."""
+    arguments_digest: str | None = None
+    """If given, must match the pending action's digest (the approver saw exactly these arguments)."""
+
+
+class ApprovalRecord(BaseModel):
+    """Every decision that reached the task, counted or not, with why."""
+
+    action_id: str
+    approver: str
+    decision: str
+    accepted: bool
+    note: str = ""
+    comment: str = ""
+    at: datetime | None = None
+
+
+class HumanResolution(BaseModel):
+    """Signal `resolve`: a human closes an escalated task that waits for them (`hold_for_human`)."""
+
+    resolver: str
+    resolution: str
+    reply: str | None = None
+    """A reply the human sent the customer, if any (recorded, not sent by Keel)."""
 
 
 class TicketInput(BaseModel):
@@ -269,6 +354,11 @@ class TicketInput(BaseModel):
     """Models tried in order when a call's retries are exhausted on a retryable provider error."""
     breaker: bool = True
     """Ask the task type's cost circuit breaker before running the model."""
+    approval: ApprovalPolicy | None = None
+    """Approvers, timeout and mode for `confirm` tools (the CLI pins the policy's). None: the policy's
+    approvers in mode "escalate" (nobody was named to wait for)."""
+    hold_for_human: bool = False
+    """An escalated task waits for a human's `resolve` signal before it completes."""
 
 
 class BlockedAction(BaseModel):
@@ -308,6 +398,12 @@ class TicketResult(BaseModel):
     repeated_calls: int = 0
     """Identical tool calls answered from the earlier result instead of being paid for again."""
     decisions: list[Decision] = Field(default_factory=list)
+    approvals: list[ApprovalRecord] = Field(default_factory=list)
+    validation_failures: int = 0
+    """Tool calls the deterministic checks refused (schema, bounds, business rules, retry storms)."""
+    redactions: dict[str, int] = Field(default_factory=dict)
+    """PII removed from the reply before it left, by kind."""
+    resolution: HumanResolution | None = None
 
 
 class Progress(BaseModel):
@@ -320,6 +416,8 @@ class Progress(BaseModel):
     category: str | None = None
     tools_executed: list[str] = Field(default_factory=list)
     budget: BudgetReport | None = None
+    pending_action: PendingAction | None = None
+    """The write waiting for a human's approval (status awaiting_approval)."""
 
 
 ToolRequest.model_rebuild()

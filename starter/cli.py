@@ -20,6 +20,7 @@ from core.dataset import sample_tickets
 from core.settings import KeelSettings
 from core.types import SimConfig, TicketResult
 from starter import stack, tickets, views
+from starter.approvals_cli import approvals, approve, reject, resolve_cmd
 from starter.breaker_cli import breaker_app
 from starter.codec_cli import codec_server
 from starter.console import client_or_exit, console, err, load_settings
@@ -29,6 +30,10 @@ ticket_app = typer.Typer(help="Support tickets: submit one, or a batch.", no_arg
 app.add_typer(ticket_app, name="ticket")
 app.add_typer(breaker_app, name="breaker")
 app.command("codec-server")(codec_server)
+app.command("approvals")(approvals)
+app.command("approve")(approve)
+app.command("reject")(reject)
+app.command("resolve")(resolve_cmd)
 def _sim(settings: KeelSettings, seed: int | None, spiral_rate: float | None, latency: str | None) -> SimConfig:
     lo = hi = 0
     if latency:

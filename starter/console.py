@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 from temporalio.client import Client
 
+from core.codec import EncryptionConfigError
 from core.settings import KeelSettings
 from starter.client import connect
 
@@ -29,6 +30,9 @@ def load_settings() -> KeelSettings:
 async def client_or_exit(settings: KeelSettings) -> Client:
     try:
         return await connect(settings)
+    except EncryptionConfigError as e:
+        err.print(f"[red]invalid encryption settings:[/red] {e}")
+        raise typer.Exit(2) from e
     except RuntimeError as e:
         err.print(f"[red]cannot reach Temporal at {settings.temporal_address}[/red]: {e}\n"
                   "Start the local stack with `keel up` (or `make up`), or set TEMPORAL_ADDRESS.")

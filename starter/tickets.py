@@ -15,10 +15,10 @@ from temporalio.client import Client, WorkflowHandle
 from temporalio.common import SearchAttributeKey, SearchAttributePair, TypedSearchAttributes
 
 from core import names
-from core.policy import BUDGETS, budget_for, ticket_problems
+from core.policy import APPROVALS, BUDGETS, budget_for, ticket_problems
 from core.pricing import UnpricedModelError, price_for
-from core.settings import KeelSettings
-from core.types import ModelSpec, Progress, SimConfig, TicketInput, TicketResult
+from core.settings import KeelSettings, parse_approvers
+from core.types import ApprovalPolicy, ModelSpec, Progress, SimConfig, TicketInput, TicketResult
 
 SA_CUSTOMER = SearchAttributeKey.for_keyword(names.SA_CUSTOMER)
 SA_TASK_TYPE = SearchAttributeKey.for_keyword(names.SA_TASK_TYPE)
@@ -73,7 +73,15 @@ def make_input(
         small_model=small,
         large_model=large,
         sim=sim or SimConfig(seed=settings.sim_seed, spiral_rate=settings.sim_spiral_rate),
+        approval=approval_policy(settings),
+        hold_for_human=settings.hold_escalated,
     )
+
+
+def approval_policy(settings: KeelSettings) -> ApprovalPolicy:
+    """The policy's approvers (or KEEL_APPROVERS), timeout and mode, to pin into a task's input."""
+    approvers = parse_approvers(settings.approvers) if settings.approvers else APPROVALS.approvers
+    return ApprovalPolicy(approvers=approvers, timeout_s=settings.approval_timeout_s, mode=settings.approval_mode)
 
 
 def workflow_id_for(inp: TicketInput) -> str:
@@ -169,6 +177,40 @@ def load_batch_file(path: Path, settings: KeelSettings, sim: SimConfig | None = 
     return inputs
 
 
+WAITING_FOR_PEOPLE = ("awaiting_approval", "awaiting_human")
+
+
+async def settled(
+    client: Client, handle: WorkflowHandle[Any, TicketResult], inp: TicketInput, poll_s: float = 0.25
+) -> TicketResult:
+    """The ticket's result, or, as soon as it waits for a person (an approval, a human resolution),
+    a result that says so: a batch does not sit for a day behind a refund awaiting approval."""
+    result = asyncio.ensure_future(handle.result())
+    try:
+        while True:
+            done, _ = await asyncio.wait({result}, timeout=poll_s)
+            if done:
+                return result.result()
+            p = await progress(client, handle.id)
+            if p.status in WAITING_FOR_PEOPLE:
+                return waiting_result(handle.id, inp, p)
+    finally:
+        if not result.done():
+            result.cancel()
+
+
+def waiting_result(workflow_id: str, inp: TicketInput, p: Progress) -> TicketResult:
+    if p.status == "awaiting_approval" and p.pending_action is not None:
+        a = p.pending_action
+        reason = f"{a.tool} {json.dumps(a.arguments, sort_keys=True)} awaits approval ({a.action_id})"
+    else:
+        reason = "escalated; waiting for a human to resolve it"
+    return TicketResult(workflow_id=workflow_id, ticket_id=inp.ticket_id, customer_id=inp.customer_id,
+                        status=p.status, route="human", reason=reason, category=p.category,
+                        tools_executed=p.tools_executed, steps=p.step, llm_calls=p.llm_calls, tokens=p.tokens,
+                        cost_usd=p.cost_usd)
+
+
 async def run_batch(
     client: Client,
     settings: KeelSettings,
@@ -182,7 +224,7 @@ async def run_batch(
     async def one(inp: TicketInput) -> TicketResult:
         async with sem:
             handle = await start_ticket(client, settings, inp)
-            res = await handle.result()
+            res = await settled(client, handle, inp)
         if on_done is not None:
             maybe = on_done(res)
             if maybe is not None:

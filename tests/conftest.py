@@ -26,8 +26,9 @@ from temporalio.worker import Worker
 from activities.db import init_db, make_engine
 from core import names
 from core.breaker import breaker_workflow_id
+from core.policy import APPROVALS
 from core.settings import KeelSettings
-from core.types import SimConfig, TicketInput, TicketResult
+from core.types import ApprovalMode, SimConfig, TicketInput, TicketResult
 from starter import tickets
 from starter.stack import ensure_search_attributes
 from workers.worker import build_worker
@@ -114,13 +115,17 @@ def worker_factory(
     return make
 
 
-def ticket(customer_id: str, text: str, ticket_id: str | None = None, **sim: Any) -> TicketInput:
-    """A ticket on the sim model with no spiral and no failures unless asked for."""
+def ticket(
+    customer_id: str, text: str, ticket_id: str | None = None, approval_mode: ApprovalMode = "escalate", **sim: Any
+) -> TicketInput:
+    """A ticket on the sim model with no spiral and no failures unless asked for. A refund it proposes
+    goes to the human queue at once unless `approval_mode="wait"` (then a test must decide on it)."""
     return TicketInput(
         ticket_id=ticket_id or f"TK-{uuid.uuid4().hex[:8]}",
         customer_id=customer_id,
         text=text,
         sim=SimConfig(**{"spiral_rate": 0.0, **sim}),
+        approval=APPROVALS.model_copy(update={"mode": approval_mode}),
     )
 
 

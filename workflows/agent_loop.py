@@ -7,7 +7,7 @@ class, not a workflow, so every pattern (ticket, orchestrator, supervisor, swarm
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Protocol
@@ -19,6 +19,7 @@ from temporalio.exceptions import ActivityError, ApplicationError, TimeoutError
 with workflow.unsafe.imports_passed_through():
     from pydantic import ValidationError
 
+    from core.guardrails import TaskFacts, arguments_digest, check_action
     from core.names import (
         LLM_ACTIVITY,
         LLM_START_TO_CLOSE,
@@ -28,13 +29,17 @@ with workflow.unsafe.imports_passed_through():
     from core.tokens import estimate_input_tokens
     from core.tools import TOOLS, ToolDef
     from core.types import (
+        ApprovalDecision,
+        ApprovalMode,
         BlockedAction,
         Budget,
         Decision,
+        GuardrailEvent,
         LlmRequest,
         LlmResponse,
         Message,
         ModelSpec,
+        PendingAction,
         Progress,
         SimConfig,
         StepKind,
@@ -160,6 +165,17 @@ class AgentRunner:
         self.tools_blocked: list[BlockedAction] = []
         self.observations: list[str] = []
         self.models_used: list[str] = []
+        self.guardrails = False
+        """Layer 2 checks (core.guardrails) before every tool call; False replays older histories."""
+        self.facts: TaskFacts | None = None
+        """What this task's tool results established (set with guardrails)."""
+        self.approval_gate: Callable[[PendingAction], Awaitable[ApprovalDecision | None]] | None = None
+        """Pauses the task until a human decides on a `confirm` call (None: timed out). Without a gate,
+        or in approval mode "escalate", such calls are recorded and the task goes to the human queue."""
+        self.approval_mode: ApprovalMode = "wait"
+        self.proposals = 0
+        self.validation_failures = 0
+        self.guardrail_events: list[GuardrailEvent] = []
         self.on_step: Callable[[Progress], None] | None = None
         """Called as each step starts: the workflow shows it as its current details in the UI."""
         self.report_to: str | None = None
@@ -178,6 +194,10 @@ class AgentRunner:
 
     def decide(self, kind: str, reason: str) -> None:
         self.decisions.append(Decision(step=self.progress.step, kind=kind, reason=reason))
+
+    def guardrail(self, kind: str, tool: str | None, detail: str, ok: bool = False) -> None:
+        ev = GuardrailEvent(step=self.progress.step, kind=kind, tool=tool, detail=detail, ok=ok)
+        self.guardrail_events.append(ev)
 
     def take_notices(self) -> list[Message]:
         notices, self.notices = self.notices, []
@@ -283,7 +303,8 @@ class AgentRunner:
         step = self._next_step(f"tool {name}")
         call_id = f"{self.task.workflow_id}/{step}"
         req = ToolRequest(task=self.task, step=step, call_id=call_id, arguments=dict(arguments), outcome=outcome,
-                          report_to=self.report_to if outcome is not None else None)
+                          report_to=self.report_to if outcome is not None else None,
+                          guardrails=list(self.guardrail_events) if outcome is not None else [])
         result = await self.calls.tool(name, req)
         self.tools_executed.append(name)
         self.progress.tools_executed = list(self.tools_executed)
@@ -344,6 +365,14 @@ async def _handle_call(
             # A spiral's signature: the same call again. Answer from the earlier observation; never pay twice.
             step, content = earlier
             runner.repeated_calls += 1
+            if runner.guardrails and "error" in content:
+                # A retry storm: the identical call failed before and would fail again.
+                result.invalid_outputs += 1
+                runner.validation_failures += 1
+                reason = f"identical to the call that failed at step {step}; not retried"
+                runner.decide("block", f"{call.name}: {reason}")
+                runner.guardrail("blocked", call.name, reason)
+                return {**content, "note": reason}
             runner.decide("repeat", f"{call.name} repeated with the same arguments as at step {step}")
             return {**content, "note": f"identical to your call at step {step}; not executed again"}
         if call.name in runner.tools_called and runner.tools_called[-1] != call.name:
@@ -368,6 +397,8 @@ async def _handle_new_call(
     def refuse(reason: str) -> dict[str, object]:
         result.invalid_outputs += 1
         runner.decide("block", f"{call.name}: {reason}")
+        if runner.guardrails:
+            runner.guardrail("blocked", call.name, reason)
         runner.tools_blocked.append(
             BlockedAction(step=runner.progress.step, tool=call.name, arguments_json=call.arguments_json, reason=reason)
         )
@@ -389,6 +420,11 @@ async def _handle_new_call(
         problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'arguments'}: {err['msg']}" for err in e.errors())
         return refuse(f"invalid arguments: {problems}")
     arguments = args.model_dump()
+    if runner.facts is not None:
+        problem = check_action(call.name, arguments, runner.facts)
+        if problem is not None:
+            runner.validation_failures += 1
+            return refuse(f"refused by policy: {problem}")
 
     if call.name == "escalate_to_human":
         # The workflow's routing step performs the escalation, once, with the task's outcome.
@@ -396,6 +432,8 @@ async def _handle_new_call(
         result.escalation_priority = str(arguments.get("priority", "normal"))
         runner.decide("escalate", result.escalation)
         return {"status": "will be escalated to a human when this step ends"}
+    if tool.permission == "confirm" and runner.approval_gate is not None and runner.approval_mode == "wait":
+        return await _await_approval(runner, call, tool, arguments, result, refuse)
     if tool.permission == "confirm":
         action = BlockedAction(
             step=runner.progress.step,
@@ -410,11 +448,65 @@ async def _handle_new_call(
             "status": "pending_approval",
             "detail": f"{call.name} needs a human's approval; the proposed action was recorded. Do not repeat it.",
         }
-    res = await runner.tool(call.name, arguments)
+    return await _execute(runner, call.name, arguments)
+
+
+async def _execute(runner: AgentRunner, name: str, arguments: dict[str, object]) -> dict[str, object]:
+    res = await runner.tool(name, arguments)
     if not res.ok:
-        runner.observe(f"{call.name}: {res.error}")
+        runner.observe(f"{name}: {res.error}")
         return {"error": res.error or "tool failed"}
+    if runner.facts is not None:
+        runner.facts.learn(name, arguments, res.content)
     return res.content
+
+
+async def _await_approval(
+    runner: AgentRunner, call: ToolCall, tool: ToolDef, arguments: dict[str, object], result: LoopResult,
+    refuse: Callable[[str], dict[str, object]],
+) -> dict[str, object]:
+    """Layer 1: a `confirm` write waits for a listed approver's decision on exactly this action."""
+    assert runner.approval_gate is not None
+    runner.proposals += 1
+    action = PendingAction(
+        action_id=f"{call.name}#{runner.proposals}",
+        tool=call.name,
+        arguments=arguments,
+        arguments_digest=arguments_digest(arguments),
+        reason=str(arguments.get("reason") or ""),
+        step=runner.progress.step,
+    )
+    runner.decide("await_approval", f"{action.action_id}: {call.name} {json.dumps(arguments, sort_keys=True)}")
+    decision = await runner.approval_gate(action)
+    if decision is None:
+        blocked = BlockedAction(step=action.step, tool=call.name, arguments_json=json.dumps(arguments, sort_keys=True),
+                                reason="approval timed out")
+        result.pending_actions.append(blocked)
+        runner.tools_blocked.append(blocked)
+        result.escalation = f"no decision on {action.action_id} ({call.name}) within the approval timeout"
+        runner.decide("escalate", result.escalation)
+        runner.guardrail("approval", call.name, f"{action.action_id}: timed out")
+        return {"status": "approval timed out", "detail": "A human will take over this ticket."}
+    who = f"{decision.approver}" + (f" ({decision.comment})" if decision.comment else "")
+    if decision.decision == "reject":
+        runner.decide("rejected", f"{action.action_id} rejected by {who}")
+        runner.tools_blocked.append(BlockedAction(step=action.step, tool=call.name,
+                                                  arguments_json=json.dumps(arguments, sort_keys=True),
+                                                  reason=f"rejected by {decision.approver}"))
+        return {"status": "rejected", "approver": decision.approver, "comment": decision.comment,
+                "detail": f"A human rejected {call.name}; do not repeat it. Tell the customer what happens next."}
+    if decision.decision == "edit":
+        try:
+            arguments = tool.args.model_validate(decision.arguments or {}).model_dump()
+        except ValidationError as e:
+            return refuse(f"edited arguments of {action.action_id} are invalid: {e.errors()[0]['msg']}")
+        problem = check_action(call.name, arguments, runner.facts) if runner.facts is not None else None
+        if problem is not None:
+            runner.validation_failures += 1
+            return refuse(f"edited arguments of {action.action_id} refused by policy: {problem}")
+    runner.decide("approved", f"{action.action_id} {decision.decision}d by {who}")
+    content = await _execute(runner, call.name, arguments)
+    return {**content, "approved_by": decision.approver}
 
 
 def tool_defs(names: list[str]) -> list[ToolDef]:

@@ -19,8 +19,18 @@ with workflow.unsafe.imports_passed_through():
         UsageReport,
         breaker_workflow_id,
     )
-    from core.policy import DEFAULT_POLICY, EXPECTED_TOKENS, budget_for
-    from core.types import Progress, TaskContext, TicketInput, TicketResult
+    from core.guardrails import TaskFacts
+    from core.policy import APPROVALS, DEFAULT_POLICY, EXPECTED_TOKENS, budget_for
+    from core.types import (
+        ApprovalDecision,
+        ApprovalRecord,
+        HumanResolution,
+        PendingAction,
+        Progress,
+        TaskContext,
+        TicketInput,
+        TicketResult,
+    )
 
 # Our own workflow code is imported inside the sandbox (not passed through), so it stays checked.
 from workflows.agent_loop import AgentRunner, Calls, TemporalCalls
@@ -30,6 +40,7 @@ SA_STATUS = SearchAttributeKey.for_keyword(names.SA_STATUS)
 SA_TOKENS = SearchAttributeKey.for_int(names.SA_TOKENS)
 SA_COST = SearchAttributeKey.for_float(names.SA_COST_USD)
 SA_BUDGET = SearchAttributeKey.for_keyword(names.SA_BUDGET)
+SA_AWAITING = SearchAttributeKey.for_bool(names.SA_AWAITING_APPROVAL)
 
 COST_CONTROLS_PATCH = "keel-cost-controls-v1"
 """Budgets, spiral detection and the circuit breaker change the commands a ticket makes: histories
@@ -37,6 +48,9 @@ recorded before them replay on the old path."""
 BATCHED_USAGE_PATCH = "keel-breaker-batched-usage-v1"
 """The worker reports an admitted task's usage to its breaker, batched, from the routing activity;
 before, the workflow signalled the breaker itself at the end (one more round trip per task)."""
+GUARDRAILS_PATCH = "keel-guardrails-v1"
+"""Layer 2 checks, approvals that pause the task, the output filter and the human hold: they change
+which tool calls run and add timers, so histories recorded before them replay on the old path."""
 
 
 def make_runner(inp: TicketInput, workflow_id: str, calls: Calls, controls: bool = True) -> AgentRunner:
@@ -76,10 +90,94 @@ def breaker_config(task_type: str, scope: str) -> BreakerConfig:
 class SupportTicketWorkflow:
     def __init__(self) -> None:
         self._runner: AgentRunner | None = None
+        self._approval_policy = APPROVALS
+        self._pending: PendingAction | None = None
+        self._decision: ApprovalDecision | None = None
+        self._approvals: list[ApprovalRecord] = []
+        self._holding = False
+        self._resolution: HumanResolution | None = None
 
     @workflow.query(name=names.PROGRESS_QUERY)
     def progress(self) -> Progress:
         return self._runner.progress if self._runner else Progress()
+
+    @workflow.query(name=names.PENDING_ACTION_QUERY)
+    def pending_action(self) -> PendingAction | None:
+        return self._pending
+
+    # -- approvals (layer 1) ---------------------------------------------------------------
+    def _problem(self, d: ApprovalDecision) -> str | None:
+        """Why a decision does not count, or None."""
+        p = self._pending
+        if p is None:
+            return "no action is waiting for approval"
+        if self._decision is not None:
+            return f"{p.action_id} has already been decided by {self._decision.approver}"
+        if d.action_id != p.action_id:
+            return f"action {d.action_id!r} is not pending; the pending action is {p.action_id!r}"
+        if d.approver not in p.approvers:
+            listed = ", ".join(p.approvers) or "nobody"
+            return f"{d.approver!r} is not an approver of {p.tool} (approvers: {listed})"
+        if d.arguments_digest is not None and d.arguments_digest != p.arguments_digest:
+            return f"the decision was made on other arguments than those of {p.action_id} (digest mismatch)"
+        if d.decision == "edit" and not d.arguments:
+            return "an edit decision needs the edited arguments"
+        return None
+
+    def _record(self, d: ApprovalDecision, problem: str | None) -> ApprovalRecord:
+        rec = ApprovalRecord(action_id=d.action_id, approver=d.approver, decision=d.decision, accepted=problem is None,
+                             note=problem or "", comment=d.comment, at=workflow.now())
+        self._approvals.append(rec)
+        if self._runner is not None:
+            detail = f"{d.action_id}: {d.decision} by {d.approver}" + (f" ignored: {problem}" if problem else "")
+            tool = self._pending.tool if self._pending else None
+            self._runner.guardrail("approval", tool, detail, ok=problem is None)
+        if problem is None:
+            self._decision = d
+        return rec
+
+    @workflow.signal(name=names.APPROVAL_SIGNAL)
+    def approval(self, d: ApprovalDecision) -> None:
+        # A signal cannot be refused: one that does not count is recorded, with why, and ignored.
+        self._record(d, self._problem(d))
+
+    @workflow.update(name=names.DECIDE_UPDATE)
+    def decide(self, d: ApprovalDecision) -> ApprovalRecord:
+        return self._record(d, None)
+
+    @decide.validator
+    def _validate_decide(self, d: ApprovalDecision) -> None:
+        problem = self._problem(d)
+        if problem is not None:
+            raise ValueError(problem)
+
+    async def _request_approval(self, action: PendingAction) -> ApprovalDecision | None:
+        runner, policy = self._runner, self._approval_policy
+        assert runner is not None
+        now = workflow.now()
+        self._pending = action.model_copy(update={
+            "approvers": list(policy.approvers.get(action.tool, [])), "requested_at": now,
+            "expires_at": now + timedelta(seconds=policy.timeout_s),
+        })
+        self._decision = None
+        runner.progress.pending_action, runner.progress.status = self._pending, "awaiting_approval"
+        workflow.upsert_search_attributes([SA_AWAITING.value_set(True), SA_STATUS.value_set("awaiting_approval")])
+        try:
+            await workflow.wait_condition(lambda: self._decision is not None,
+                                          timeout=timedelta(seconds=policy.timeout_s),
+                                          timeout_summary=f"approval of {action.action_id}")
+        except TimeoutError:
+            pass
+        decision, self._pending, self._decision = self._decision, None, None
+        runner.progress.pending_action, runner.progress.status = None, "running"
+        workflow.upsert_search_attributes([SA_AWAITING.value_set(False), SA_STATUS.value_set("running")])
+        return decision
+
+    # -- the human hold (layer 4) ----------------------------------------------------------
+    @workflow.signal(name=names.RESOLVE_SIGNAL)
+    def resolve(self, r: HumanResolution) -> None:
+        if self._holding and self._resolution is None:
+            self._resolution = r
 
     @workflow.run
     async def run(self, inp: TicketInput) -> TicketResult:
@@ -101,10 +199,23 @@ class SupportTicketWorkflow:
                     start_to_close_timeout=timedelta(seconds=30),
                     retry_policy=RetryPolicy(maximum_attempts=10, maximum_interval=timedelta(seconds=10)),
                 )
+        guardrails = controls and workflow.patched(GUARDRAILS_PATCH)
+        if guardrails:
+            # A task submitted without an approval policy (an older client, a hand-made input) names no
+            # one to wait for: its proposals go to the human queue, as before approvals existed.
+            self._approval_policy = inp.approval or APPROVALS.model_copy(update={"mode": "escalate"})
+            runner.guardrails = True
+            runner.facts = TaskFacts(customer_id=inp.customer_id, max_refund=DEFAULT_POLICY.max_refund)
+            runner.approval_gate = self._request_approval
+            runner.approval_mode = self._approval_policy.mode
         skip = None if admit is None or admit.admitted else admit.reason
         if admit is not None and admit.admitted and not admit.probe and workflow.patched(BATCHED_USAGE_PATCH):
             runner.report_to = breaker_workflow_id(inp.task_type, info.task_queue)
         result = await handle_ticket(runner, inp, DEFAULT_POLICY, skip_reason=skip)
+        if guardrails:
+            result.approvals = self._approvals
+            if inp.hold_for_human and result.route == "human":
+                result = await self._hold(result)
 
         updates: list[SearchAttributeUpdate[Any]] = [
             SA_STATUS.value_set(result.status),
@@ -125,3 +236,19 @@ class SupportTicketWorkflow:
                             probe=admit.probe),
             )
         return result
+
+    async def _hold(self, result: TicketResult) -> TicketResult:
+        """Escalated: in the human queue; the task completes when a human resolves it (no timeout)."""
+        runner = self._runner
+        assert runner is not None
+        self._holding = True
+        runner.progress.status = "awaiting_human"
+        workflow.upsert_search_attributes([SA_STATUS.value_set("awaiting_human")])
+        await workflow.wait_condition(lambda: self._resolution is not None)
+        r = self._resolution
+        assert r is not None
+        runner.decide("resolved", f"by {r.resolver}: {r.resolution}")
+        runner.progress.status = "resolved_by_human"
+        return result.model_copy(update={"status": "resolved_by_human", "resolution": r,
+                                         "reason": f"{result.reason}; resolved by {r.resolver}: {r.resolution}",
+                                         "decisions": runner.decisions})

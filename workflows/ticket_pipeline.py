@@ -12,6 +12,7 @@ with workflow.unsafe.imports_passed_through():
     from pydantic import ValidationError
 
     from core.policy import CATEGORIES, SupportPolicy, ticket_problems
+    from core.redaction import CustomerIdentity, filter_reply, redact
     from core.tools import AGENT_TOOLS
     from core.types import Classification, Message, Route, TaskStatus, TicketInput, TicketResult
 
@@ -70,19 +71,51 @@ async def handle_ticket(
         # The kill switch: no call that would cross the budget was made. The task ends here with the
         # best output it has, in the human queue, and counts as abandoned.
         runner.decide("kill", str(e))
-        result.partial_output = loop.final_text or _last_assistant_text(messages) or None
+        partial = loop.final_text or _last_assistant_text(messages) or None
+        result.partial_output = redact(partial, _identity(runner)).text if partial and runner.guardrails else partial
         limit = {"tokens": "token", "usd": "dollar"}.get(e.limit, e.limit)
         return await _finish(runner, result, "budget_exceeded", "human", f"{limit} budget exceeded: {e}", cls)
     result.reply = draft.text.strip() or None
+    output_problems = _filter_output(runner, result, loop) if runner.guardrails else []
     if loop.hit_step_cap:
         runner.budget.limit_hit = "steps"
         runner.budget.detail = f"step limit {inp.max_steps or policy.max_steps} reached"
 
     reasons = _human_reasons(policy, cls, loop, result.reply, runner)
+    if output_problems:
+        reasons.append("the reply failed the output checks: " + "; ".join(output_problems))
     if reasons:
         priority = loop.escalation_priority if loop.escalation else None
         return await _finish(runner, result, "escalated", "human", "; ".join(reasons), cls, priority)
     return await _finish(runner, result, "resolved", "reply", "answered by the agent", cls)
+
+
+def _identity(runner: AgentRunner) -> CustomerIdentity | None:
+    f = runner.facts
+    if f is None:
+        return None
+    return CustomerIdentity(customer_id=f.customer_id, email=f.email, phone=f.phone, account_ids=f.account_ids,
+                            ibans=f.ibans)
+
+
+def _filter_output(runner: AgentRunner, result: TicketResult, loop: LoopResult) -> list[str]:
+    """Layer 3: nothing leaves with another person's PII, a card number, a promise of a refund that
+    was not made, or an internal note. Returns the problems that send the task to a human."""
+    refunds = len(runner.facts.refunded) if runner.facts is not None else 0
+    report, problems = filter_reply(result.reply or "", _identity(runner), refunds_executed=refunds,
+                                    refunds_pending=len(loop.pending_actions))
+    if report.total:
+        counts = {k: v for k, v in report.counts.items() if v}
+        result.redactions = counts
+        detail = ", ".join(f"{v} {k}" for k, v in counts.items())
+        runner.decide("redact", f"removed from the reply: {detail}")
+        runner.guardrail("redaction", "send_reply", detail, ok=True)
+    result.reply = report.text.strip() or None if result.reply else None
+    for p in problems:
+        runner.guardrail("output_check", "send_reply", p)
+    if problems:
+        runner.decide("block", "reply held back: " + "; ".join(problems))
+    return problems
 
 
 def _last_assistant_text(messages: list[Message]) -> str:
@@ -176,5 +209,6 @@ async def _finish(
             "reasoning_loops": runner.reasoning_loops,
             "repeated_calls": runner.repeated_calls,
             "decisions": runner.decisions,
+            "validation_failures": runner.validation_failures,
         }
     )
