@@ -1,9 +1,10 @@
 """Record a ticket history for tests/histories/ (run when a deliberate, patched workflow change lands):
 
-    .venv/bin/python -m tests.record_history NAME
+    .venv/bin/python -m tests.record_history NAME [--approval]
 
 Starts a throwaway dev server from the installed binary, runs one sim ticket that exercises tools,
-a blocked write and a spiral, and writes tests/histories/NAME.json.
+a blocked write and a spiral (with --approval: a refund that waits for a human, a signal from an
+unlisted approver that is ignored, and an approval by update), and writes tests/histories/NAME.json.
 """
 
 from __future__ import annotations
@@ -18,13 +19,17 @@ from temporalio.testing import WorkflowEnvironment
 
 from activities.db import init_db, make_engine
 from core.dataset import sample_tickets
+from core.names import APPROVAL_SIGNAL
 from core.policy import budget_for
 from core.settings import KeelSettings
+from core.types import ApprovalDecision
+from starter.approvals_cli import decide, pending_action
+from starter.tickets import start_ticket
 from tests.conftest import SEARCH_ATTRIBUTE_KEYS, _binary, run_ticket, ticket
 from workers.worker import build_worker
 
 
-async def main(name: str) -> None:
+async def main(name: str, approval: bool = False) -> None:
     sample = next(t for t in sample_tickets(16) if t.category == "refund_request")
     with tempfile.TemporaryDirectory() as tmp:
         engine = make_engine(f"sqlite:///{tmp}/keel.db")
@@ -35,9 +40,19 @@ async def main(name: str) -> None:
             search_attributes=SEARCH_ATTRIBUTE_KEYS,
         )
         async with env, build_worker(env.client, settings, engine=engine):
-            inp = ticket(sample.customer_id, sample.text, ticket_id=f"TK-{name}", spiral_rate=1.0)
+            inp = ticket(sample.customer_id, sample.text, ticket_id=f"TK-{name}", spiral_rate=1.0,
+                         approval_mode="wait" if approval else "escalate")
             inp.budget = budget_for(inp.task_type)  # pinned, as the CLI does: policy changes must not alter replay
-            res = await run_ticket(env.client, settings, inp)
+            if approval:
+                handle = await start_ticket(env.client, settings, inp)
+                while (action := await pending_action(env.client, handle.id)) is None:  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)
+                await handle.signal(APPROVAL_SIGNAL, ApprovalDecision(action_id=action.action_id, approver="mallory",
+                                                                      decision="approve"))
+                await decide(env.client, handle.id, "alice", "approve", comment="recorded for the replay tests")
+                res = await handle.result()
+            else:
+                res = await run_ticket(env.client, settings, inp)
             history = await env.client.get_workflow_handle(res.workflow_id).fetch_history()
     out = Path(__file__).parent / "histories" / f"{name}.json"
     out.write_text(history.to_json())
@@ -45,4 +60,5 @@ async def main(name: str) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1] if len(sys.argv) > 1 else "ticket_v1"))
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    asyncio.run(main(args[0] if args else "ticket_v1", approval="--approval" in sys.argv))

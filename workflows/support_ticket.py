@@ -182,6 +182,12 @@ class SupportTicketWorkflow:
     @workflow.run
     async def run(self, inp: TicketInput) -> TicketResult:
         controls = workflow.patched(COST_CONTROLS_PATCH)
+        # Every patch is asked for here, before the first await: a patch marker recorded after a
+        # local activity can land in a later workflow task than the activity's own marker (when the
+        # activity outlasts the task's heartbeat), and on replay `patched` would then be asked before
+        # the marker is known (found by the guardrails property test, which replays every example).
+        batched = controls and workflow.patched(BATCHED_USAGE_PATCH)
+        guardrails = controls and workflow.patched(GUARDRAILS_PATCH)
         runner = make_runner(inp, workflow.info().workflow_id, TemporalCalls(), controls)
         self._runner = runner
         runner.on_step = _show_step
@@ -199,7 +205,6 @@ class SupportTicketWorkflow:
                     start_to_close_timeout=timedelta(seconds=30),
                     retry_policy=RetryPolicy(maximum_attempts=10, maximum_interval=timedelta(seconds=10)),
                 )
-        guardrails = controls and workflow.patched(GUARDRAILS_PATCH)
         if guardrails:
             # A task submitted without an approval policy (an older client, a hand-made input) names no
             # one to wait for: its proposals go to the human queue, as before approvals existed.
@@ -209,7 +214,7 @@ class SupportTicketWorkflow:
             runner.approval_gate = self._request_approval
             runner.approval_mode = self._approval_policy.mode
         skip = None if admit is None or admit.admitted else admit.reason
-        if admit is not None and admit.admitted and not admit.probe and workflow.patched(BATCHED_USAGE_PATCH):
+        if admit is not None and admit.admitted and not admit.probe and batched:
             runner.report_to = breaker_workflow_id(inp.task_type, info.task_queue)
         result = await handle_ticket(runner, inp, DEFAULT_POLICY, skip_reason=skip)
         if guardrails:
