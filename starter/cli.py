@@ -124,14 +124,15 @@ def ticket_submit(
             console.print(f"  {views.workflow_url(settings, handle.id)}")
         if watch:
             with Live(views.progress_panel(handle.id, None), console=console, refresh_per_second=8) as live:
-                done = asyncio.ensure_future(handle.result())
+                # Until done, or until the task waits for a person (an approval, a human resolution).
+                done = asyncio.ensure_future(tickets.settled(client, handle, inp))
                 while not done.done():
                     live.update(views.progress_panel(handle.id, await tickets.progress(client, handle.id)))
                     await asyncio.wait({done}, timeout=0.25)
                 live.update(views.progress_panel(handle.id, await tickets.progress(client, handle.id)))
             _print_result(done.result(), as_json)
         elif wait or as_json:
-            _print_result(await handle.result(), as_json)
+            _print_result(await tickets.settled(client, handle, inp), as_json)
 
     _run(run)
 
@@ -141,6 +142,9 @@ def _print_result(res: TicketResult, as_json: bool) -> None:
         print(json.dumps(views.result_json(res), indent=2))
     else:
         console.print(views.result_panel(res))
+        if res.status == "awaiting_approval":
+            console.print(f"Waiting for approval: `keel approve {res.workflow_id} --as alice` "
+                          f"or `keel reject {res.workflow_id} --as bob` (approvers: KEEL_APPROVERS).")
 
 
 @ticket_app.command("batch")

