@@ -10,6 +10,7 @@ unlisted approver that is ignored, and an approval by update), and writes tests/
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -62,3 +63,5 @@ async def main(name: str, approval: bool = False) -> None:
 if __name__ == "__main__":
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
     asyncio.run(main(args[0] if args else "ticket_v1", approval="--approval" in sys.argv))
+    # See starter.cli.main: skip an interpreter teardown that the Temporal client's threads can abort.
+    os._exit(0)

@@ -423,7 +423,9 @@ async def test_no_write_without_a_listed_approvers_decision_for_any_model_output
 
     seen: Counter[str] = Counter()
 
-    @hypothesis.settings(max_examples=25, deadline=None, suppress_health_check=list(hypothesis.HealthCheck))
+    # Derandomized: the same 25 examples every run, so the coverage check below is stable.
+    @hypothesis.settings(max_examples=25, deadline=None, derandomize=True,
+                         suppress_health_check=list(hypothesis.HealthCheck))
     @hypothesis.given(script=scripts())
     def prop(script: Script) -> None:
         res = asyncio.run_coroutine_threadsafe(run(script), loop).result(timeout=60)

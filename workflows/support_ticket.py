@@ -45,12 +45,11 @@ SA_AWAITING = SearchAttributeKey.for_bool(names.SA_AWAITING_APPROVAL)
 COST_CONTROLS_PATCH = "keel-cost-controls-v1"
 """Budgets, spiral detection and the circuit breaker change the commands a ticket makes: histories
 recorded before them replay on the old path."""
-BATCHED_USAGE_PATCH = "keel-breaker-batched-usage-v1"
-"""The worker reports an admitted task's usage to its breaker, batched, from the routing activity;
-before, the workflow signalled the breaker itself at the end (one more round trip per task)."""
 GUARDRAILS_PATCH = "keel-guardrails-v1"
-"""Layer 2 checks, approvals that pause the task, the output filter and the human hold: they change
-which tool calls run and add timers, so histories recorded before them replay on the old path."""
+"""Layer 2 checks, approvals that pause the task, the output filter and the human hold (they change
+which tool calls run and add timers), and usage reported to the breaker by the worker, batched, from
+the routing activity (before, the workflow signalled the breaker itself: one more round trip per
+task). One patch for both: every patch costs each task a marker and a search-attribute upsert."""
 
 
 def make_runner(inp: TicketInput, workflow_id: str, calls: Calls, controls: bool = True) -> AgentRunner:
@@ -186,7 +185,6 @@ class SupportTicketWorkflow:
         # local activity can land in a later workflow task than the activity's own marker (when the
         # activity outlasts the task's heartbeat), and on replay `patched` would then be asked before
         # the marker is known (found by the guardrails property test, which replays every example).
-        batched = controls and workflow.patched(BATCHED_USAGE_PATCH)
         guardrails = controls and workflow.patched(GUARDRAILS_PATCH)
         runner = make_runner(inp, workflow.info().workflow_id, TemporalCalls(), controls)
         self._runner = runner
@@ -214,7 +212,7 @@ class SupportTicketWorkflow:
             runner.approval_gate = self._request_approval
             runner.approval_mode = self._approval_policy.mode
         skip = None if admit is None or admit.admitted else admit.reason
-        if admit is not None and admit.admitted and not admit.probe and batched:
+        if admit is not None and admit.admitted and not admit.probe and guardrails:
             runner.report_to = breaker_workflow_id(inp.task_type, info.task_queue)
         result = await handle_ticket(runner, inp, DEFAULT_POLICY, skip_reason=skip)
         if guardrails:
