@@ -72,6 +72,12 @@ class BreakerActivities:
 
     @activity.defn(name=BREAKER_ADMIT_ACTIVITY)
     async def admit(self, req: AdmitRequest) -> AdmitDecision:
+        """The local activity of tasks started before admission moved into the first model call."""
+        return await self.decide(req)
+
+    async def decide(self, req: AdmitRequest) -> AdmitDecision:
+        """Within any activity: the update id derives from that activity's id, so its retries get the
+        breaker's first answer instead of being counted again."""
         breaker_id = breaker_workflow_id(req.config.task_type, req.config.scope)
         if self._admit_cache_s <= 0:
             return await self._ask(breaker_id, req)

@@ -8,6 +8,7 @@ import time
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities.breaker import BreakerActivities
 from activities.ledger import Ledger
 from activities.prompts import load_prompt
 from activities.providers.base import Provider
@@ -17,11 +18,17 @@ from core.tokens import estimate_input_tokens
 from core.tools import TOOLS
 from core.types import LlmRequest, LlmResponse
 
+BREAKER_OPEN = "BreakerOpen"
+"""Non-retryable: the task's cost circuit breaker refused it; the details carry its AdmitDecision."""
+
 
 class LlmActivities:
-    def __init__(self, providers: dict[str, Provider], ledger: Ledger) -> None:
+    def __init__(self, providers: dict[str, Provider], ledger: Ledger, breakers: BreakerActivities | None = None
+                 ) -> None:
         self._providers = providers
         self._ledger = ledger
+        self._breakers = breakers
+        """Answers `LlmRequest.admit` (a task's first call): one activity instead of a separate admit."""
 
     @activity.defn(name=LLM_ACTIVITY)
     async def llm_call(self, req: LlmRequest) -> LlmResponse:
@@ -44,6 +51,11 @@ class LlmActivities:
                                        non_retryable=True)
             req = req.model_copy(update={"tools": [*req.tools, *(TOOLS[n].spec() for n in req.tool_names)],
                                          "tool_names": []})
+        admission = None
+        if req.admit is not None and self._breakers is not None:
+            admission = await self._breakers.decide(req.admit)
+            if not admission.admitted:
+                raise ApplicationError(admission.reason, admission, type=BREAKER_OPEN, non_retryable=True)
         prompt = load_prompt(req.prompt, req.task.prompt_version)
         if req.max_input_tokens is not None:
             # The workflow estimated without the system prompt's exact size; this is the exact check.
@@ -68,6 +80,7 @@ class LlmActivities:
             model=result.model or req.model.model,
             prompt_version=prompt.version,
             prompt_hash=prompt.short_hash,
+            admission=admission,
         )
         # Written in this activity, not a separate one: one round trip per step. The upsert on
         # (workflow id, step) keeps a retried call to one row.

@@ -715,8 +715,8 @@ def report(r: dict[str, Any]) -> str:
         "   foreign CPU: other processes on this machine during the phase; high values skew the comparison.)",
         "",
         *(
-            [f"  rounds:    {len(r['rounds'])} (a fresh dev server each; the table is the last round, the "
-             "ratios below are medians)",
+            [f"  rounds:    {len(r['rounds'])} (a fresh dev server each; in the table, tickets/s and CPU per "
+             "step are medians, the rest is the last round; the ratios below are medians)",
              *(f"    round {i}: Keel/bare {x['throughput_ratio_vs_bare']:.2f}x, CPU "
                f"{x['cpu_ms_per_step_over_bare']:+.2f} ms/step ({x['tickets_per_s']:.2f} vs "
                f"{x['bare_tickets_per_s']:.2f} tickets/s; foreign CPU "

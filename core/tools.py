@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from core.types import Permission, ToolSpec
 
@@ -52,8 +52,17 @@ class ToolDef(BaseModel):
     name: str
     description: str
     args: type[_Args]
-    permission: Permission
     writes: bool
+    permission: Permission = "confirm"
+    """A write needs a human's approval unless declared otherwise (`autonomous`, sparingly)."""
+
+    @model_validator(mode="after")
+    def _reads_cannot_write(self) -> ToolDef:
+        if self.writes and self.permission == "read_only":
+            raise ValueError(f"tool {self.name!r} writes, so it cannot be read_only")
+        if not self.writes and self.permission != "read_only":
+            raise ValueError(f"tool {self.name!r} only reads: declare it read_only")
+        return self
 
     def spec(self) -> ToolSpec:
         return _spec(self.name)
@@ -96,8 +105,7 @@ TOOLS: dict[str, ToolDef] = {
             name="issue_refund",
             description="Refund (part of) one of the customer's transactions.",
             args=IssueRefundArgs,
-            permission="confirm",
-            writes=True,
+            writes=True,  # permission: confirm, the default for writes
         ),
         ToolDef(
             name="send_reply",

@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
+from core.breaker import AdmitDecision, AdmitRequest
+
 Role = Literal["system", "user", "assistant", "tool"]
 Permission = Literal["read_only", "confirm", "autonomous"]
 StepKind = Literal["classify", "route", "extract", "plan", "reason", "draft", "synthesize"]
@@ -182,6 +184,9 @@ class LlmRequest(BaseModel):
     model: ModelSpec = Field(default_factory=ModelSpec)
     temperature: float = 0.0
     sim: SimConfig = Field(default_factory=SimConfig)
+    admit: AdmitRequest | None = None
+    """On a task's first model call: ask the task type's cost circuit breaker first (see
+    activities.llm). Refused: the call fails with BreakerOpen before any model is called."""
 
 
 class LlmResponse(BaseModel):
@@ -195,6 +200,8 @@ class LlmResponse(BaseModel):
     model: str = "sim-large"
     prompt_version: str = "v1"
     prompt_hash: str = ""
+    admission: AdmitDecision | None = None
+    """The breaker's answer when the request carried `admit`."""
 
 
 class ToolRequest(BaseModel):

@@ -86,6 +86,17 @@ def test_layer2_rules() -> None:
     assert arguments_digest({"a": 1, "b": 2}) == arguments_digest({"b": 2, "a": 1})
 
 
+def test_writes_default_to_confirm_and_reads_cannot_write() -> None:
+    from core.tools import TOOLS, GetAccountArgs, ToolDef
+
+    assert ToolDef(name="close_account", description="", args=GetAccountArgs, writes=True).permission == "confirm"
+    with pytest.raises(ValueError, match="cannot be read_only"):
+        ToolDef(name="x", description="", args=GetAccountArgs, writes=True, permission="read_only")
+    with pytest.raises(ValueError, match="declare it read_only"):
+        ToolDef(name="x", description="", args=GetAccountArgs, writes=False)
+    assert {n for n, t in TOOLS.items() if t.permission == "autonomous"} == {"send_reply", "escalate_to_human"}
+
+
 # -- layer 1: approvals on the dev server ---------------------------------------------------------
 
 

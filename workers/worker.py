@@ -52,10 +52,11 @@ def activities_for(
     reporter: UsageReporter,
 ) -> list[Callable[..., Any]]:
     ledger = Ledger(engine)
+    breakers = BreakerActivities(client, task_queue, admit_cache_s=settings.breaker_admit_cache_s)
     return [
-        LlmActivities(providers, ledger).llm_call,
+        LlmActivities(providers, ledger, breakers).llm_call,
         *ToolActivities(engine, ledger, reporter).all(),
-        BreakerActivities(client, task_queue, admit_cache_s=settings.breaker_admit_cache_s).admit,
+        breakers.admit,
     ]
 
 

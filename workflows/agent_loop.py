@@ -19,6 +19,7 @@ from temporalio.exceptions import ActivityError, ApplicationError, TimeoutError
 with workflow.unsafe.imports_passed_through():
     from pydantic import ValidationError
 
+    from core.breaker import AdmitDecision, AdmitRequest
     from core.guardrails import TaskFacts, arguments_digest, check_action
     from core.names import (
         LLM_ACTIVITY,
@@ -67,6 +68,10 @@ TOOL_RETRY = RetryPolicy(
     maximum_attempts=5,
     non_retryable_error_types=NON_RETRYABLE_ERRORS,
 )
+
+
+class BreakerRefused(Exception):
+    """The task's cost circuit breaker refused the task at its first model call (nothing was spent)."""
 
 
 @dataclass
@@ -176,6 +181,12 @@ class AgentRunner:
         self.proposals = 0
         self.validation_failures = 0
         self.guardrail_events: list[GuardrailEvent] = []
+        self.admit: AdmitRequest | None = None
+        """Sent with the task's first model call (the breaker answers inside that activity)."""
+        self.admission: AdmitDecision | None = None
+        """The breaker's answer, from the first model call's response."""
+        self.breaker_id: str | None = None
+        """Where an admitted (non-probe) task's usage goes, reported by the routing call (report_to)."""
         self.on_step: Callable[[Progress], None] | None = None
         """Called as each step starts: the workflow shows it as its current details in the UI."""
         self.report_to: str | None = None
@@ -251,6 +262,8 @@ class AgentRunner:
                 json_output=json_output,
                 model=model,
                 sim=self.sim,
+                # Only the chain's first model: a fallback's activity would take another probe slot.
+                admit=self.admit if i == 0 else None,
             )
             try:
                 resp = await self.calls.llm(req)
@@ -258,6 +271,9 @@ class AgentRunner:
                 cause = e.cause if isinstance(e, ActivityError) else e
                 if isinstance(cause, ApplicationError) and cause.type == "BudgetWouldExceed":
                     raise self.budget.stop("tokens", cause.message) from e
+                if isinstance(cause, ApplicationError) and cause.type == "BreakerOpen":
+                    self.admit = None
+                    raise BreakerRefused(cause.message) from e
                 retryable = isinstance(cause, TimeoutError) or (
                     isinstance(cause, ApplicationError) and not cause.non_retryable
                     and cause.type in ("ProviderRateLimited", "ProviderUnavailable")
@@ -266,6 +282,11 @@ class AgentRunner:
                     raise
                 self.decide("fallback", f"{model.label} failed after retries ({cause}); trying {chain[i + 1].label}")
                 continue
+            if self.admit is not None:
+                self.admit = None
+                self.admission = resp.admission
+                if resp.admission is not None and resp.admission.admitted and not resp.admission.probe:
+                    self.report_to = self.breaker_id
             self._account(model, resp)
             return resp
         raise AssertionError("unreachable: the chain is never empty")

@@ -180,29 +180,23 @@ class SupportTicketWorkflow:
 
     @workflow.run
     async def run(self, inp: TicketInput) -> TicketResult:
-        controls = workflow.patched(COST_CONTROLS_PATCH)
         # Every patch is asked for here, before the first await: a patch marker recorded after a
         # local activity can land in a later workflow task than the activity's own marker (when the
         # activity outlasts the task's heartbeat), and on replay `patched` would then be asked before
         # the marker is known (found by the guardrails property test, which replays every example).
-        guardrails = controls and workflow.patched(GUARDRAILS_PATCH)
+        # The newest patch implies the older ones and is the only one a new task records: each patch
+        # costs a marker and a search-attribute upsert (TemporalChangeVersion) per task.
+        guardrails = workflow.patched(GUARDRAILS_PATCH)
+        controls = guardrails or workflow.patched(COST_CONTROLS_PATCH)
         runner = make_runner(inp, workflow.info().workflow_id, TemporalCalls(), controls)
         self._runner = runner
         runner.on_step = _show_step
         admit: AdmitDecision | None = None
         info = workflow.info()
+        breaker_id = breaker_workflow_id(inp.task_type, info.task_queue)
+        wants_breaker = controls and inp.breaker and bool(inp.text.strip())
         if controls:
             runner.on_budget_state = lambda state: workflow.upsert_search_attributes([SA_BUDGET.value_set(state)])
-            if inp.breaker and inp.text.strip():
-                # A local activity: the decision is recorded in this history without a round trip
-                # through the server's activity queue.
-                admit = await workflow.execute_local_activity(
-                    BREAKER_ADMIT_ACTIVITY,
-                    AdmitRequest(config=breaker_config(inp.task_type, info.task_queue), workflow_id=info.workflow_id),
-                    result_type=AdmitDecision,
-                    start_to_close_timeout=timedelta(seconds=30),
-                    retry_policy=RetryPolicy(maximum_attempts=10, maximum_interval=timedelta(seconds=10)),
-                )
         if guardrails:
             # A task submitted without an approval policy (an older client, a hand-made input) names no
             # one to wait for: its proposals go to the human queue, as before approvals existed.
@@ -211,9 +205,22 @@ class SupportTicketWorkflow:
             runner.facts = TaskFacts(customer_id=inp.customer_id, max_refund=DEFAULT_POLICY.max_refund)
             runner.approval_gate = self._request_approval
             runner.approval_mode = self._approval_policy.mode
+            if wants_breaker:
+                # The breaker answers inside the task's first model call (no activity of its own); a
+                # refusal ends the task before any model is called (BreakerRefused).
+                runner.admit = AdmitRequest(config=breaker_config(inp.task_type, info.task_queue),
+                                            workflow_id=info.workflow_id)
+                runner.breaker_id = breaker_id
+        elif wants_breaker:
+            # Before guardrails: a local activity asked the breaker before the pipeline started.
+            admit = await workflow.execute_local_activity(
+                BREAKER_ADMIT_ACTIVITY,
+                AdmitRequest(config=breaker_config(inp.task_type, info.task_queue), workflow_id=info.workflow_id),
+                result_type=AdmitDecision,
+                start_to_close_timeout=timedelta(seconds=30),
+                retry_policy=RetryPolicy(maximum_attempts=10, maximum_interval=timedelta(seconds=10)),
+            )
         skip = None if admit is None or admit.admitted else admit.reason
-        if admit is not None and admit.admitted and not admit.probe and guardrails:
-            runner.report_to = breaker_workflow_id(inp.task_type, info.task_queue)
         result = await handle_ticket(runner, inp, DEFAULT_POLICY, skip_reason=skip)
         if guardrails:
             result.approvals = self._approvals
@@ -231,9 +238,10 @@ class SupportTicketWorkflow:
         # Search attributes change when something a user filters on changes (customer, task type,
         # feature and "running" are set by the client at start).
         workflow.upsert_search_attributes(updates)
+        admit = runner.admission if guardrails else admit
         if admit is not None and admit.admitted and runner.report_to is None:
             # Probes (and histories recorded before batching) report exactly once, from here.
-            await workflow.get_external_workflow_handle(breaker_workflow_id(inp.task_type, info.task_queue)).signal(
+            await workflow.get_external_workflow_handle(breaker_id).signal(
                 BREAKER_RECORD_SIGNAL,
                 UsageReport(workflow_id=result.workflow_id, tokens=result.tokens, cost_usd=result.cost_usd,
                             probe=admit.probe),

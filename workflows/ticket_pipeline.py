@@ -17,7 +17,7 @@ with workflow.unsafe.imports_passed_through():
     from core.types import Classification, Message, Route, TaskStatus, TicketInput, TicketResult
 
 # Our own workflow code is imported inside the sandbox (not passed through), so it stays checked.
-from workflows.agent_loop import AgentRunner, LoopResult, run_agent_loop, tool_defs
+from workflows.agent_loop import AgentRunner, BreakerRefused, LoopResult, run_agent_loop, tool_defs
 from workflows.budget import BudgetExceeded
 
 CLASSIFY_PROMPT = "support/classify"
@@ -40,10 +40,7 @@ async def handle_ticket(
         # Nothing is lost: the ticket goes to the human queue with the reason, and is recorded.
         return await _finish(runner, result, "rejected", "human", "invalid ticket: " + "; ".join(problems), None)
     if skip_reason is not None:
-        runner.budget.limit_hit = "breaker"
-        runner.budget.detail = skip_reason
-        runner.decide("breaker", skip_reason)
-        return await _finish(runner, result, "escalated", "human", skip_reason, None)
+        return await _breaker_refused(runner, result, skip_reason)
 
     messages = [ticket_message(inp)]
     cls: Classification | None = None
@@ -67,6 +64,8 @@ async def handle_ticket(
         draft = await runner.llm(
             "draft", DRAFT_PROMPT, [*messages, Message(role="user", content="Write the reply to the customer now.")]
         )
+    except BreakerRefused as e:
+        return await _breaker_refused(runner, result, str(e))
     except BudgetExceeded as e:
         # The kill switch: no call that would cross the budget was made. The task ends here with the
         # best output it has, in the human queue, and counts as abandoned.
@@ -88,6 +87,13 @@ async def handle_ticket(
         priority = loop.escalation_priority if loop.escalation else None
         return await _finish(runner, result, "escalated", "human", "; ".join(reasons), cls, priority)
     return await _finish(runner, result, "resolved", "reply", "answered by the agent", cls)
+
+
+async def _breaker_refused(runner: AgentRunner, result: TicketResult, reason: str) -> TicketResult:
+    runner.budget.limit_hit = "breaker"
+    runner.budget.detail = reason
+    runner.decide("breaker", reason)
+    return await _finish(runner, result, "escalated", "human", reason, None)
 
 
 def _identity(runner: AgentRunner) -> CustomerIdentity | None:
