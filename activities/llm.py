@@ -12,6 +12,7 @@ from activities.breaker import BreakerActivities
 from activities.ledger import Ledger
 from activities.prompts import load_prompt
 from activities.providers.base import Provider
+from activities.tracing import Tracing
 from core.names import LLM_ACTIVITY
 from core.pricing import UnpricedModelError, cost_usd, price_for
 from core.tokens import estimate_input_tokens
@@ -23,15 +24,22 @@ BREAKER_OPEN = "BreakerOpen"
 
 
 class LlmActivities:
-    def __init__(self, providers: dict[str, Provider], ledger: Ledger, breakers: BreakerActivities | None = None
-                 ) -> None:
+    def __init__(self, providers: dict[str, Provider], ledger: Ledger, breakers: BreakerActivities | None = None,
+                 tracing: Tracing | None = None) -> None:
         self._providers = providers
         self._ledger = ledger
+        self._tracing = tracing or Tracing.off()
         self._breakers = breakers
         """Answers `LlmRequest.admit` (a task's first call): one activity instead of a separate admit."""
 
     @activity.defn(name=LLM_ACTIVITY)
     async def llm_call(self, req: LlmRequest) -> LlmResponse:
+        with self._tracing.llm_span(req) as span:
+            resp = await self._call(req)
+            self._tracing.llm_result(span, resp)
+            return resp
+
+    async def _call(self, req: LlmRequest) -> LlmResponse:
         provider = self._providers.get(req.model.provider)
         if provider is None:
             raise ApplicationError(

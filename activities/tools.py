@@ -23,6 +23,7 @@ from temporalio.exceptions import ApplicationError
 from activities.breaker import UsageReporter
 from activities.db import AccountRow, CustomerRow, HumanQueueRow, PolicyRow, RefundRow, ReplyRow, TransactionRow
 from activities.ledger import Ledger
+from activities.tracing import Tracing
 from core.breaker import UsageReport
 from core.tools import (
     TOOLS,
@@ -51,11 +52,13 @@ def _unknown_customer(customer_id: str) -> ToolResult:
 
 
 class ToolActivities:
-    def __init__(self, engine: Engine, ledger: Ledger, reporter: UsageReporter | None = None) -> None:
+    def __init__(self, engine: Engine, ledger: Ledger, reporter: UsageReporter | None = None,
+                 tracing: Tracing | None = None) -> None:
         self.engine = engine
         self.ledger = ledger
         self.reporter = reporter
         """Receives the usage of tasks whose routing call names a breaker (`ToolRequest.report_to`)."""
+        self.tracing = tracing or Tracing.off()
 
     def all(self) -> list[Callable[..., Any]]:
         """The activities for `Worker(activities=...)`: async wrappers of the sync ones below. On
@@ -72,10 +75,12 @@ class ToolActivities:
         inline = self.engine.dialect.name == "sqlite"
 
         async def run(req: ToolRequest) -> ToolResult:
-            if inline:
-                result = self._run(name, req, handler)
-            else:
-                result = await asyncio.to_thread(self._run, name, req, handler)
+            with self.tracing.tool_span(name, req) as span:
+                if inline:
+                    result = self._run(name, req, handler)
+                else:
+                    result = await asyncio.to_thread(self._run, name, req, handler)
+                self.tracing.tool_result(span, req, result)
             if req.report_to and req.outcome is not None and self.reporter is not None:
                 o = req.outcome
                 self.reporter.add(req.report_to, UsageReport(workflow_id=req.task.workflow_id,

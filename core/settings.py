@@ -57,6 +57,10 @@ class KeelSettings(BaseSettings):
     """A proposal nobody decides within this time sends its task to the human queue."""
     hold_escalated: bool = False
     """An escalated task stays open until a human resolves it (`keel resolve`)."""
+    tracing: bool = True
+    """OpenTelemetry spans: over OTLP if OTEL_EXPORTER_OTLP_ENDPOINT is set, else to `home`/spans.jsonl."""
+    trace_content: bool = False
+    """Record prompt and completion text on spans (they hold customer data)."""
     breaker_admit_cache_s: float = 2.0
     """A worker reuses its cost circuit breaker's "closed" answer this long (0: ask for every task).
     A tripped breaker stops new tasks on every worker within this time."""

@@ -148,6 +148,8 @@ class Decision(BaseModel):
     kind: str
     """route | escalate | block | repeat | wrap_up | answer_now | kill | fallback | breaker"""
     reason: str
+    at: datetime | None = None
+    """When (workflow time); absent in histories recorded before it was kept."""
 
 
 class TaskContext(BaseModel):
@@ -215,6 +217,8 @@ class ToolRequest(BaseModel):
     written in the same activity, so recording it costs no extra round trip."""
     guardrails: list[GuardrailEvent] = Field(default_factory=list)
     """On the routing call: the task's guardrail events, written to the ledger with its outcome."""
+    decisions: list[Decision] = Field(default_factory=list)
+    """On the routing call: the task's decisions, recorded as events of its span (tracing)."""
     report_to: str | None = None
     """Set on the routing call of a task its cost circuit breaker admitted (not as a probe): the
     breaker's workflow id. The worker reports the task's usage to it, batched with other tasks'."""

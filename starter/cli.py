@@ -16,6 +16,7 @@ from rich.markup import escape
 from temporalio.client import WorkflowFailureError
 from temporalio.service import RPCError
 
+from activities import tracing
 from core.dataset import sample_tickets
 from core.settings import KeelSettings
 from core.types import SimConfig, TicketResult
@@ -265,6 +266,7 @@ def main() -> None:
         app()
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    tracing.shutdown()  # export the starter's spans: os._exit below skips atexit handlers
     # Skip interpreter teardown: the Temporal client's Rust threads can abort a finalizing
     # interpreter ("PyGILState_Release ... must be current", temporalio/sdk-python#300).
     sys.stdout.flush()

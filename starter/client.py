@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 from temporalio.client import Client
+from temporalio.contrib.opentelemetry import TracingInterceptor
 
+from activities.tracing import process_tracer
 from core.codec import data_converter
 from core.settings import KeelSettings
 
 
-async def connect(settings: KeelSettings) -> Client:
+async def connect(settings: KeelSettings, *, tracing: bool | None = None) -> Client:
+    """`tracing` (default: KEEL_TRACING) adds Temporal's OpenTelemetry interceptor: the starter's span
+    is the root of the task's trace, and workers made from this client trace workflows and activities."""
+    tracer = process_tracer(settings) if (settings.tracing if tracing is None else tracing) else None
     return await Client.connect(
         settings.temporal_address,
+        interceptors=[TracingInterceptor(tracer)] if tracer is not None else [],
         namespace=settings.temporal_namespace,
         api_key=settings.temporal_api_key,
         tls=settings.temporal_tls or bool(settings.temporal_api_key),

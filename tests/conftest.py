@@ -147,6 +147,13 @@ async def assert_eventually(fn: Callable[[], Awaitable[T]], check: Callable[[T],
 
 
 @pytest.fixture(autouse=True)
+def _no_process_tracing(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The CLI commands run in this process (CliRunner): without this they would write spans to the
+    # checkout's .keel/. Tracing is tested with its own providers (tests/test_tracing.py).
+    monkeypatch.setenv("KEEL_TRACING", "false")
+
+
+@pytest.fixture(autouse=True)
 def _no_real_provider_keys(monkeypatch: pytest.MonkeyPatch) -> None:
     # Tests never call real providers: the keys are removed so a slip fails loudly with an auth error.
     for var in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "OPENAI_BASE_URL", "ANTHROPIC_BASE_URL"):

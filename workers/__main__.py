@@ -8,6 +8,8 @@ import os
 import signal
 
 from activities.breaker import UsageReporter
+from activities.tracing import Tracing
+from activities.tracing import shutdown as shutdown_tracing
 from core.settings import KeelSettings
 from starter.client import connect
 from workers.worker import build_worker
@@ -18,7 +20,7 @@ async def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     client = await connect(settings)
     reporter = UsageReporter(client, settings.breaker_report_flush_s)
-    worker = build_worker(client, settings, reporter=reporter)
+    worker = build_worker(client, settings, reporter=reporter, tracing=Tracing.from_settings(settings))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -27,6 +29,7 @@ async def main() -> None:
     async with worker:
         await stop.wait()
     await reporter.aclose()
+    shutdown_tracing()
     logging.info("keel worker stopped")
 
 

@@ -20,6 +20,7 @@ from activities.providers.base import Provider
 from activities.providers.openai_provider import OpenAIProvider
 from activities.providers.sim import SimProvider
 from activities.tools import ToolActivities
+from activities.tracing import Tracing
 from core.settings import KeelSettings
 from workflows.registry import WORKFLOWS
 
@@ -49,13 +50,13 @@ def default_providers(settings: KeelSettings) -> dict[str, Provider]:
 
 def activities_for(
     engine: Engine, providers: dict[str, Provider], client: Client, task_queue: str, settings: KeelSettings,
-    reporter: UsageReporter,
+    reporter: UsageReporter, tracing: Tracing,
 ) -> list[Callable[..., Any]]:
     ledger = Ledger(engine)
     breakers = BreakerActivities(client, task_queue, admit_cache_s=settings.breaker_admit_cache_s)
     return [
-        LlmActivities(providers, ledger, breakers).llm_call,
-        *ToolActivities(engine, ledger, reporter).all(),
+        LlmActivities(providers, ledger, breakers, tracing).llm_call,
+        *ToolActivities(engine, ledger, reporter, tracing).all(),
         breakers.admit,
     ]
 
@@ -69,14 +70,17 @@ def build_worker(
     providers: dict[str, Provider] | None = None,
     extra_activities: list[Callable[..., Any]] | None = None,
     reporter: UsageReporter | None = None,
+    tracing: Tracing | None = None,
 ) -> Worker:
-    """`reporter`: pass one to flush it (`aclose`) when the worker stops; else one is made here."""
+    """`reporter`: pass one to flush it (`aclose`) when the worker stops; else one is made here.
+    `tracing`: the activities' spans (the workflow spans come from the client's TracingInterceptor)."""
     if engine is None:
         engine = make_engine(settings.db_url)
         init_db(engine)
     queue = task_queue or settings.task_queue
     reporter = reporter or UsageReporter(client, settings.breaker_report_flush_s)
-    acts = activities_for(engine, providers or default_providers(settings), client, queue, settings, reporter)
+    acts = activities_for(engine, providers or default_providers(settings), client, queue, settings, reporter,
+                          tracing or Tracing.off())
     return Worker(
         client,
         task_queue=queue,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Protocol
 
 from temporalio import workflow
@@ -187,6 +187,8 @@ class AgentRunner:
         """The breaker's answer, from the first model call's response."""
         self.breaker_id: str | None = None
         """Where an admitted (non-probe) task's usage goes, reported by the routing call (report_to)."""
+        self.clock: Callable[[], datetime] | None = None
+        """workflow.now in a workflow: decisions carry their time (for the trace's span events)."""
         self.on_step: Callable[[Progress], None] | None = None
         """Called as each step starts: the workflow shows it as its current details in the UI."""
         self.report_to: str | None = None
@@ -204,7 +206,8 @@ class AgentRunner:
         self.observations.append(text)
 
     def decide(self, kind: str, reason: str) -> None:
-        self.decisions.append(Decision(step=self.progress.step, kind=kind, reason=reason))
+        at = self.clock() if self.clock is not None else None
+        self.decisions.append(Decision(step=self.progress.step, kind=kind, reason=reason, at=at))
 
     def guardrail(self, kind: str, tool: str | None, detail: str, ok: bool = False) -> None:
         ev = GuardrailEvent(step=self.progress.step, kind=kind, tool=tool, detail=detail, ok=ok)
@@ -325,7 +328,8 @@ class AgentRunner:
         call_id = f"{self.task.workflow_id}/{step}"
         req = ToolRequest(task=self.task, step=step, call_id=call_id, arguments=dict(arguments), outcome=outcome,
                           report_to=self.report_to if outcome is not None else None,
-                          guardrails=list(self.guardrail_events) if outcome is not None else [])
+                          guardrails=list(self.guardrail_events) if outcome is not None else [],
+                          decisions=list(self.decisions) if outcome is not None else [])
         result = await self.calls.tool(name, req)
         self.tools_executed.append(name)
         self.progress.tools_executed = list(self.tools_executed)

@@ -198,6 +198,7 @@ class SupportTicketWorkflow:
         if controls:
             runner.on_budget_state = lambda state: workflow.upsert_search_attributes([SA_BUDGET.value_set(state)])
         if guardrails:
+            runner.clock = workflow.now
             # A task submitted without an approval policy (an older client, a hand-made input) names no
             # one to wait for: its proposals go to the human queue, as before approvals existed.
             self._approval_policy = inp.approval or APPROVALS.model_copy(update={"mode": "escalate"})
