@@ -48,6 +48,24 @@ APPROVALS = ApprovalPolicy(
 """Who may approve each `confirm` tool (KEEL_APPROVERS overrides the lists: see core.settings)."""
 
 
+ACKNOWLEDGEMENTS: dict[str, str] = {
+    "refund_request": "we have your refund request and are checking the transaction now",
+    "billing_question": "we have your question about a charge and are looking at your account now",
+    "account_access": "we have your access problem and are checking your account now",
+    "card_issue": "we have your card question and are checking your card now",
+    "fraud_report": "we have your report; a specialist from our fraud team is taking it now",
+    "general_inquiry": "we have your message and are looking into it now",
+}
+"""The fast acknowledgement: composed from the small tier's classification (the first step), readable
+by the `progress` query seconds before the full answer."""
+
+
+def acknowledgement(category: str, urgency: str) -> str:
+    text = ACKNOWLEDGEMENTS.get(category, ACKNOWLEDGEMENTS["general_inquiry"])
+    soon = " We will answer as a priority." if urgency in ("high", "urgent") else ""
+    return f"Thank you for contacting Keel Bank: {text}.{soon}"
+
+
 def budget_for(task_type: str) -> Budget:
     return BUDGETS.get(task_type, Budget())
 

@@ -162,6 +162,9 @@ class TaskContext(BaseModel):
     feature: str = "support"
     task_type: str = "support_ticket"
     prompt_version: str = "v1"
+    input_hash: str = ""
+    """sha256 of the customer id and ticket text, 16 hex (core.metrics.ticket_input_hash): groups repeated
+    submissions of the same input (outcome consistency). Empty in histories recorded before it existed."""
 
 
 class LlmRequest(BaseModel):
@@ -273,6 +276,16 @@ class TaskOutcome(BaseModel):
     input_tokens: int = 0
     output_tokens: int = 0
     cost_usd: float = 0.0
+    tools: list[str] = Field(default_factory=list)
+    """Tools executed, in order; the routing call (send_reply / escalate_to_human) last."""
+    reasoning_loops: int = 0
+    repeated_calls: int = 0
+    answer_tokens: int = 0
+    """Output tokens of the draft call (the final answer); 0 when no reply was drafted."""
+    input_hash: str = ""
+    """The task's TaskContext.input_hash."""
+    limit_hit: str | None = None
+    """BudgetReport.limit_hit at the end (tokens, usd, steps, breaker)."""
 
 
 ApprovalMode = Literal["wait", "escalate"]
@@ -415,6 +428,7 @@ class TicketResult(BaseModel):
     redactions: dict[str, int] = Field(default_factory=dict)
     """PII removed from the reply before it left, by kind."""
     resolution: HumanResolution | None = None
+    acknowledgement: str | None = None
 
 
 class Progress(BaseModel):
@@ -429,6 +443,8 @@ class Progress(BaseModel):
     budget: BudgetReport | None = None
     pending_action: PendingAction | None = None
     """The write waiting for a human's approval (status awaiting_approval)."""
+    acknowledgement: str | None = None
+    """Set after the first step (the small tier's classification): what the customer can be told now."""
 
 
 ToolRequest.model_rebuild()

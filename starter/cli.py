@@ -25,6 +25,7 @@ from starter.approvals_cli import approvals, approve, reject, resolve_cmd
 from starter.breaker_cli import breaker_app
 from starter.codec_cli import codec_server
 from starter.console import client_or_exit, console, err, load_settings
+from starter.trace_cli import trace_cmd
 
 app = typer.Typer(help="Keel: durable, budgeted, observable LLM agents on Temporal.", no_args_is_help=True)
 ticket_app = typer.Typer(help="Support tickets: submit one, or a batch.", no_args_is_help=True)
@@ -35,6 +36,7 @@ app.command("approvals")(approvals)
 app.command("approve")(approve)
 app.command("reject")(reject)
 app.command("resolve")(resolve_cmd)
+app.command("trace")(trace_cmd)
 def _sim(settings: KeelSettings, seed: int | None, spiral_rate: float | None, latency: str | None) -> SimConfig:
     lo = hi = 0
     if latency:
@@ -208,6 +210,29 @@ def status(workflow_id: str) -> None:
     async def run() -> None:
         client = await client_or_exit(settings)
         console.print(views.progress_panel(workflow_id, await tickets.progress(client, workflow_id)))
+
+    _run(run)
+
+
+@app.command()
+def watch(workflow_id: str) -> None:
+    """Draw a task's live progress (step, action, tokens against budget, the fast acknowledgement)
+    until it is done or waits for a person."""
+    settings = load_settings()
+
+    async def run() -> None:
+        client = await client_or_exit(settings)
+        handle = client.get_workflow_handle(workflow_id)
+        done = asyncio.ensure_future(handle.result())
+        p = await tickets.progress(client, workflow_id)
+        with Live(views.progress_panel(workflow_id, p), console=console, refresh_per_second=8) as live:
+            while not done.done() and p.status not in tickets.WAITING_FOR_PEOPLE:
+                await asyncio.wait({done}, timeout=0.25)
+                p = await tickets.progress(client, workflow_id)
+                live.update(views.progress_panel(workflow_id, p))
+        if not done.done():
+            done.cancel()
+            console.print(f"{workflow_id} is {p.status}: `keel approvals` / `keel resolve` (see the README).")
 
     _run(run)
 

@@ -79,6 +79,8 @@ def progress_panel(workflow_id: str, p: Progress | None) -> Panel:
     t.add_row("status", f"[bold]{p.status}[/bold]")
     t.add_row("step", f"{p.step}: {p.action}")
     t.add_row("category", p.category or "-")
+    if p.acknowledgement:
+        t.add_row("ack", escape(p.acknowledgement))
     t.add_row("tokens", f"{p.tokens:,} ({p.llm_calls} LLM calls, ${p.cost_usd:.5f})")
     t.add_row("tools", ", ".join(p.tools_executed) or "-")
     if p.budget is not None:

@@ -3,6 +3,7 @@ and the GenAI attributes checked. The local span store is used when no endpoint 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 from collections.abc import Iterator
@@ -167,3 +168,64 @@ def test_local_span_store_without_an_endpoint(tmp_path: Path, monkeypatch: pytes
     provider.shutdown()
     [line] = (tmp_path / SPANS_FILE).read_text().splitlines()
     assert json.loads(line)["name"] == "chat sim-small"
+
+
+async def test_keel_trace_draws_the_tree_from_the_history(
+    client: Client, settings: KeelSettings, worker_factory: Any
+) -> None:
+    from typer.testing import CliRunner
+
+    from starter.cli import app
+    from starter.trace_cli import render, task_trace
+
+    refund = next(s for s in sample_tickets(40) if s.category == "refund_request")
+    async with worker_factory(client):
+        res = await run_ticket(client, settings, ticket(refund.customer_id, refund.text, spiral_rate=1.0))
+    t = await task_trace(client, res.workflow_id)
+    assert t.status == "COMPLETED" and t.result is not None and t.result.workflow_id == res.workflow_id
+    llm = [n for n in t.nodes if n.kind == "llm"]
+    tools = [n for n in t.nodes if n.kind == "tool"]
+    decisions = [n for n in t.nodes if n.kind == "decision"]
+    assert len(llm) == res.llm_calls and sum(n.tokens for n in llm) == res.tokens
+    assert [n.name for n in tools] == res.tools_executed
+    assert [(d.name, d.detail) for d in decisions] == [(d.kind, d.reason) for d in res.decisions]
+    assert all("sim (offline simulator)" in (n.model or "") for n in llm)
+    # Decisions come after the calls of their step.
+    steps = [n.step for n in t.nodes if n.step is not None]
+    assert steps == sorted(steps)
+    assert "decision" in str(render(t).children[-1].label) or tools
+
+    env = {"TEMPORAL_ADDRESS": client.service_client.config.target_host, "KEEL_TASK_QUEUE": settings.task_queue}
+    out = await asyncio.to_thread(CliRunner().invoke, app, ["trace", res.workflow_id, "--json"], env=env)
+    assert out.exit_code == 0, out.output
+    doc = json.loads(out.output)
+    assert doc["workflow_id"] == res.workflow_id and len(doc["nodes"]) == len(t.nodes)
+    out = await asyncio.to_thread(CliRunner().invoke, app, ["trace", res.workflow_id], env=env)
+    assert out.exit_code == 0 and "route" in out.output and "llm" in out.output
+    out = await asyncio.to_thread(CliRunner().invoke, app, ["trace", "no-such-task"], env=env)
+    assert out.exit_code == 1 and "no task" in out.output
+
+
+async def test_fast_acknowledgement_and_keel_watch(client: Client, settings: KeelSettings, worker_factory: Any) -> None:
+    """Tasks start asynchronously; the small tier's classification gives an acknowledgement readable by
+    the progress query within the first step, long before the answer (the sim takes 200 ms a call)."""
+    from typer.testing import CliRunner
+
+    from starter import tickets as tk
+    from starter.cli import app
+    from tests.conftest import assert_eventually
+
+    card = next(s for s in sample_tickets(40) if s.category == "card_issue")
+    inp = ticket(card.customer_id, card.text, latency_ms_min=200, latency_ms_max=200)
+    env = {"TEMPORAL_ADDRESS": client.service_client.config.target_host, "KEEL_TASK_QUEUE": settings.task_queue,
+           "COLUMNS": "200"}
+    async with worker_factory(client):
+        handle = await tk.start_ticket(client, settings, inp)
+        p = await assert_eventually(lambda: tk.progress(client, handle.id), lambda p: p.acknowledgement is not None)
+        assert p.status == "running" and p.step <= 2, p
+        assert p.acknowledgement is not None and "card" in p.acknowledgement
+        out = await asyncio.to_thread(CliRunner().invoke, app, ["watch", handle.id], env=env)
+        res = await handle.result()
+    assert out.exit_code == 0, out.output
+    assert "Thank you for contacting Keel Bank" in out.output and res.status in out.output
+    assert res.acknowledgement == p.acknowledgement and res.llm_calls > p.llm_calls

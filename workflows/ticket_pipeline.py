@@ -11,7 +11,7 @@ from temporalio import workflow
 with workflow.unsafe.imports_passed_through():
     from pydantic import ValidationError
 
-    from core.policy import CATEGORIES, SupportPolicy, ticket_problems
+    from core.policy import CATEGORIES, SupportPolicy, acknowledgement, ticket_problems
     from core.redaction import CustomerIdentity, filter_reply, redact
     from core.tools import AGENT_TOOLS
     from core.types import Classification, Message, Route, TaskStatus, TicketInput, TicketResult
@@ -49,6 +49,7 @@ async def handle_ticket(
         cls = await _classify(runner, messages, policy.classify_attempts)
         if cls is not None:
             runner.progress.category = cls.category
+            runner.progress.acknowledgement = acknowledgement(cls.category, cls.urgency)
             messages.append(Message(role="user", content="Classification: " + cls.model_dump_json()))
         loop = await run_agent_loop(
             runner,
@@ -216,5 +217,6 @@ async def _finish(
             "repeated_calls": runner.repeated_calls,
             "decisions": runner.decisions,
             "validation_failures": runner.validation_failures,
+            "acknowledgement": runner.progress.acknowledgement,
         }
     )
