@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import DateTime, Engine, event, func, select, text
+from sqlalchemy import Connection, DateTime, Engine, event, func, inspect, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import StaticPool
 from sqlalchemy.types import TypeDecorator
@@ -165,6 +165,38 @@ class LedgerRow(SQLModel, table=True):
     category: str | None = None
     attempt: int = 1
     created_at: datetime = _created_at()
+    # Outcome rows: the agent's figures (core.types.TaskOutcome). Nullable: added to existing files by init_db.
+    steps: int | None = None
+    tools: str | None = None
+    """JSON list of the tools executed, in order."""
+    reasoning_loops: int | None = None
+    repeated_calls: int | None = None
+    answer_tokens: int | None = None
+    input_hash: str | None = None
+    limit_hit: str | None = None
+
+
+class AlertRow(SQLModel, table=True):
+    """A behavioral alert (core.alerts). A repeat within the policy's dedup time is counted on the row."""
+
+    __tablename__ = "alerts"
+    id: int | None = Field(default=None, primary_key=True)
+    dedup_key: str = Field(index=True)
+    """rule:task_type:subject"""
+    rule: str
+    task_type: str = ""
+    feature: str = ""
+    subject: str = ""
+    message: str
+    value: float
+    threshold: float
+    workflow_id: str
+    """The task that raised it."""
+    last_workflow_id: str
+    """The last task that repeated it."""
+    count: int = 1
+    created_at: datetime = _created_at()
+    last_seen_at: datetime = Field(default_factory=utcnow, sa_type=UtcDateTime)
 
 
 def make_engine(url: str) -> Engine:
@@ -211,6 +243,7 @@ def init_db(engine: Engine) -> bool:
         if conn.dialect.name == "postgresql":
             conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _SEED_LOCK_ID})
         SQLModel.metadata.create_all(conn)
+        _add_missing_columns(conn)
         if conn.execute(select(func.count()).select_from(CustomerRow)).scalar_one():
             return False
         ds = build_dataset()
@@ -223,3 +256,27 @@ def init_db(engine: Engine) -> bool:
         ):
             conn.execute(tables[name].insert(), [r.model_dump() for r in rows])
         return True
+
+
+def _add_missing_columns(conn: Connection) -> list[str]:
+    """The migration of files made by an older Keel: `ALTER TABLE ... ADD COLUMN` for each nullable
+    column a model gained after its table was created (create_all makes missing tables, never columns).
+    Runs inside init_db's locked transaction, so concurrent starts add each column once."""
+    inspector = inspect(conn)
+    added = []
+    for table in SQLModel.metadata.sorted_tables:
+        if not inspector.has_table(table.name):
+            continue
+        have = {c["name"] for c in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name in have:
+                continue
+            if not column.nullable:
+                raise RuntimeError(f"table {table.name!r} lacks the NOT NULL column {column.name!r}: "
+                                   "only nullable columns are added automatically; migrate it by hand")
+            prep = conn.dialect.identifier_preparer
+            ddl = (f"ALTER TABLE {prep.format_table(table)} ADD COLUMN {prep.format_column(column)} "
+                   f"{column.type.compile(dialect=conn.dialect)}")
+            conn.execute(text(ddl))
+            added.append(f"{table.name}.{column.name}")
+    return added

@@ -7,6 +7,7 @@ ledger never counts a step twice. Reporting groups llm rows only.
 from __future__ import annotations
 
 import functools
+import json
 from datetime import UTC, datetime
 from typing import Any
 
@@ -133,6 +134,13 @@ class Ledger:
             "output_tokens": outcome.output_tokens,
             "cost_usd": outcome.cost_usd,
             "ok": outcome.status in ("resolved", "escalated"),
+            "steps": outcome.steps,
+            "tools": json.dumps(outcome.tools),
+            "reasoning_loops": outcome.reasoning_loops,
+            "repeated_calls": outcome.repeated_calls,
+            "answer_tokens": outcome.answer_tokens,
+            "input_hash": outcome.input_hash or task.input_hash or None,
+            "limit_hit": outcome.limit_hit,
         }
         self._upsert(values, session)
 
@@ -201,13 +209,19 @@ class Ledger:
             "tool_errors": tool_errors,
         }
 
-    def outcomes(self, since: datetime | None = None) -> list[dict[str, Any]]:
-        """Outcome rows, oldest first."""
+    def outcomes(self, since: datetime | None = None, task_type: str | None = None) -> list[dict[str, Any]]:
+        """Outcome rows, oldest first; `tools` decoded to a list (None in rows from before it was kept)."""
         stmt = select(LedgerRow).where(col(LedgerRow.kind) == "outcome")
         if since is not None:
             stmt = stmt.where(col(LedgerRow.created_at) >= _as_utc(since))
+        if task_type is not None:
+            stmt = stmt.where(col(LedgerRow.task_type) == task_type)
         stmt = stmt.order_by(col(LedgerRow.created_at), col(LedgerRow.key))
         fields = ("workflow_id", "ticket_id", "customer", "feature", "task_type", "prompt_version", "status",
-                  "route", "reason", "category", "input_tokens", "output_tokens", "cost_usd", "created_at")
+                  "route", "reason", "category", "input_tokens", "output_tokens", "cost_usd", "created_at",
+                  "steps", "tools", "reasoning_loops", "repeated_calls", "answer_tokens", "input_hash", "limit_hit")
         with Session(self.engine) as s:
-            return [{f: getattr(r, f) for f in fields} for r in s.scalars(stmt)]
+            rows = [{f: getattr(r, f) for f in fields} for r in s.scalars(stmt)]
+        for r in rows:
+            r["tools"] = json.loads(r["tools"]) if r["tools"] else None
+        return rows

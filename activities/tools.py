@@ -20,6 +20,7 @@ from sqlmodel import Session, col
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities.alerts import TaskObserver
 from activities.breaker import UsageReporter
 from activities.db import AccountRow, CustomerRow, HumanQueueRow, PolicyRow, RefundRow, ReplyRow, TransactionRow
 from activities.ledger import Ledger
@@ -53,12 +54,14 @@ def _unknown_customer(customer_id: str) -> ToolResult:
 
 class ToolActivities:
     def __init__(self, engine: Engine, ledger: Ledger, reporter: UsageReporter | None = None,
-                 tracing: Tracing | None = None) -> None:
+                 tracing: Tracing | None = None, observer: TaskObserver | None = None) -> None:
         self.engine = engine
         self.ledger = ledger
         self.reporter = reporter
         """Receives the usage of tasks whose routing call names a breaker (`ToolRequest.report_to`)."""
         self.tracing = tracing or Tracing.off()
+        self.observer = observer
+        """Told of every task whose outcome row committed: metrics and behavioral alerts (never raises)."""
 
     def all(self) -> list[Callable[..., Any]]:
         """The activities for `Worker(activities=...)`: async wrappers of the sync ones below. On
@@ -151,6 +154,8 @@ class ToolActivities:
                 self.ledger.record_outcome(req.task, req.outcome, session=s)
                 self.ledger.record_guardrails(req, session=s)
             s.commit()
+        if req.outcome is not None and result.ok and self.observer is not None:
+            self.observer.task_finished(req.task, req.outcome)
         return result
 
 

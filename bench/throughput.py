@@ -403,7 +403,10 @@ async def bench_keel(
     task_queue = f"bench-keel-{uuid.uuid4().hex[:10]}"
     home = tmp / "keel-home"
     settings = keel_settings(task_queue, home)
-    env = child_env(tmp, {"TEMPORAL_ADDRESS": address, "KEEL_TASK_QUEUE": task_queue, "KEEL_HOME": str(home)})
+    # Everything on as deployed by default (tracing to the local span store, metrics, alerts), except the
+    # metrics endpoints: they would bind fixed ports, and nobody scrapes them here.
+    env = child_env(tmp, {"TEMPORAL_ADDRESS": address, "KEEL_TASK_QUEUE": task_queue, "KEEL_HOME": str(home),
+                          "KEEL_METRICS_PORT": "0", "KEEL_SDK_METRICS_PORT": "0"})
 
     workflow_ids: dict[str, str] = {}
 

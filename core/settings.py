@@ -59,6 +59,8 @@ class KeelSettings(BaseSettings):
     """An escalated task stays open until a human resolves it (`keel resolve`)."""
     tracing: bool = True
     """OpenTelemetry spans: over OTLP if OTEL_EXPORTER_OTLP_ENDPOINT is set, else to `home`/spans.jsonl."""
+    phoenix_port: int = 6006
+    """Port of Arize Phoenix when `keel up --traces phoenix` starts it."""
     trace_content: bool = False
     """Record prompt and completion text on spans (they hold customer data)."""
     breaker_admit_cache_s: float = 2.0
@@ -66,6 +68,16 @@ class KeelSettings(BaseSettings):
     A tripped breaker stops new tasks on every worker within this time."""
     breaker_report_flush_s: float = 0.5
     """A worker sends the usage of its finished tasks to their breaker, batched, this often."""
+    metrics_port: int = Field(9464, ge=0, le=65535)
+    """The worker's Prometheus endpoint for Keel's task metrics (keel_*); 0: off."""
+    sdk_metrics_port: int = Field(9465, ge=0, le=65535)
+    """The worker's Prometheus endpoint for the Temporal SDK's own metrics (temporal_*); 0: off."""
+    metrics_host: str = "127.0.0.1"
+    """Address both metrics endpoints bind to; 0.0.0.0 for a Prometheus on another host."""
+    alerts: bool = True
+    """Evaluate behavioral alerts (core.alerts) in the worker after every task."""
+    alert_webhook_url: str | None = None
+    """Where the worker POSTs each new alert as JSON (besides the log)."""
 
     @field_validator("model_small", "model_large")
     @classmethod

@@ -25,6 +25,8 @@ from starter.approvals_cli import approvals, approve, reject, resolve_cmd
 from starter.breaker_cli import breaker_app
 from starter.codec_cli import codec_server
 from starter.console import client_or_exit, console, err, load_settings
+from starter.inspect_cli import history_app, prompts_app, replay_cmd
+from starter.metrics_cli import alerts, metrics
 from starter.trace_cli import trace_cmd
 
 app = typer.Typer(help="Keel: durable, budgeted, observable LLM agents on Temporal.", no_args_is_help=True)
@@ -36,6 +38,11 @@ app.command("approvals")(approvals)
 app.command("approve")(approve)
 app.command("reject")(reject)
 app.command("resolve")(resolve_cmd)
+app.command("replay")(replay_cmd)
+app.add_typer(history_app, name="history")
+app.add_typer(prompts_app, name="prompts")
+app.command("metrics")(metrics)
+app.command("alerts")(alerts)
 app.command("trace")(trace_cmd)
 def _sim(settings: KeelSettings, seed: int | None, spiral_rate: float | None, latency: str | None) -> SimConfig:
     lo = hi = 0
@@ -55,9 +62,14 @@ def _sim(settings: KeelSettings, seed: int | None, spiral_rate: float | None, la
 
 @app.command()
 def up(detach: Annotated[bool, typer.Option("--detach", "-d", help="Leave the stack running and return.")] = False,
+       traces: Annotated[str | None, typer.Option(
+           "--traces", help="Also start a trace UI for the agent's spans: `phoenix` (Arize Phoenix, offline; "
+                            "pip install -e '.[phoenix]').")] = None,
        ) -> None:
     """Start the local Temporal dev server (with the UI and Keel's search attributes) and a worker."""
     settings = load_settings()
+    if traces not in (None, "phoenix"):
+        raise typer.BadParameter(f"--traces {traces!r}: the one trace UI Keel can start is 'phoenix'")
 
     async def run() -> None:
         stop = asyncio.Event()
@@ -67,8 +79,11 @@ def up(detach: Annotated[bool, typer.Option("--detach", "-d", help="Leave the st
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, stop.set)
         try:
-            state = await stack.up(settings, console.print)
+            state = await stack.up(settings, console.print, traces)
             console.print(f"Temporal UI: [bold]{settings.ui_url}[/bold]   address: {settings.temporal_address}")
+            if state.traces_endpoint:
+                console.print(f"Agent traces (Phoenix): [bold]{state.traces_endpoint}[/bold]  (`keel` commands export "
+                              "their spans there while this stack runs)")
             if detach:
                 console.print("Stop it with `keel down` (or `make down`).")
                 return
@@ -88,7 +103,7 @@ def up(detach: Annotated[bool, typer.Option("--detach", "-d", help="Leave the st
     try:
         asyncio.run(run())
     except stack.StackError as e:
-        err.print(f"[red]{e}[/red]")
+        err.print(f"[red]{escape(str(e))}[/red]")
         raise typer.Exit(1) from e
 
 
@@ -109,12 +124,13 @@ def ticket_submit(
     sim_seed: Annotated[int | None, typer.Option(help="Seed of the sim model")] = None,
     spiral_rate: Annotated[float | None, typer.Option(help="Sim: share of tasks that spiral")] = None,
     sim_latency: Annotated[str | None, typer.Option(help="Sim: latency per call in ms, e.g. 1000-3000")] = None,
+    prompt_version: Annotated[str, typer.Option(help="Prompt version (prompts/<name>.<version>.md)")] = "v1",
 ) -> None:
     """Submit one support ticket; prints the workflow id and its Temporal UI link."""
     settings = load_settings()
     try:
         sim = _sim(settings, sim_seed, spiral_rate, sim_latency)
-        inp = tickets.make_input(settings, customer, text, ticket_id, sim)
+        inp = tickets.make_input(settings, customer, text, ticket_id, sim, prompt_version=prompt_version)
     except tickets.TicketInputError as e:
         err.print(f"[red]ticket refused:[/red] {e}")
         raise typer.Exit(2) from e
@@ -159,6 +175,7 @@ def ticket_batch(
     sim_seed: Annotated[int | None, typer.Option(help="Seed of the sim model")] = None,
     spiral_rate: Annotated[float | None, typer.Option(help="Sim: share of tasks that spiral")] = None,
     sim_latency: Annotated[str | None, typer.Option(help="Sim: latency per call in ms, e.g. 1000-3000")] = None,
+    prompt_version: Annotated[str, typer.Option(help="Prompt version (prompts/<name>.<version>.md)")] = "v1",
 ) -> None:
     """Run many tickets and print a result table."""
     settings = load_settings()
@@ -168,9 +185,10 @@ def ticket_batch(
     sim = _sim(settings, sim_seed, spiral_rate, sim_latency)
     try:
         if file is not None:
-            inputs = tickets.load_batch_file(file, settings, sim)
+            inputs = tickets.load_batch_file(file, settings, sim, prompt_version)
         else:
-            inputs = [tickets.make_input(settings, t.customer_id, t.text, t.ticket_id, sim)
+            inputs = [tickets.make_input(settings, t.customer_id, t.text, t.ticket_id, sim,
+                                         prompt_version=prompt_version)
                       for t in sample_tickets(sample or 0, seed=sim.seed)]
     except tickets.TicketInputError as e:
         err.print(f"[red]{e}[/red]")

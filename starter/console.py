@@ -12,6 +12,7 @@ from temporalio.client import Client
 from core.codec import EncryptionConfigError
 from core.settings import KeelSettings
 from starter.client import connect
+from starter.stack import apply_traces_endpoint
 
 # Piped output (make demo | tee, CI logs) gets a width that fits the batch table.
 _WIDTH = None if sys.stdout.isatty() or "COLUMNS" in os.environ else 120
@@ -21,10 +22,12 @@ err = Console(stderr=True, width=_WIDTH)
 
 def load_settings() -> KeelSettings:
     try:
-        return KeelSettings()
+        settings = KeelSettings()
     except ValueError as e:
         err.print(f"[red]invalid settings:[/red] {e}")
         raise typer.Exit(2) from e
+    apply_traces_endpoint(settings)
+    return settings
 
 
 async def client_or_exit(settings: KeelSettings) -> Client:

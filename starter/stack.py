@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import json
 import os
 import shutil
@@ -99,6 +100,9 @@ class StackState:
     worker_pid: int | None = None
     address: str = ""
     ui_url: str = ""
+    phoenix_pid: int | None = None
+    traces_endpoint: str | None = None
+    """OTLP endpoint of the stack's trace UI (Phoenix): `keel` commands export their spans there too."""
 
     @staticmethod
     def path(settings: KeelSettings) -> Path:
@@ -203,10 +207,51 @@ async def start_server(settings: KeelSettings, say: Say) -> int | None:
     raise StackError(f"temporal server did not answer within 60 s:\n{_tail(log)}")
 
 
-async def start_worker(settings: KeelSettings, say: Say) -> int:
+PHOENIX_INSTALL = "pip install -e '.[phoenix]'"
+
+
+async def start_phoenix(settings: KeelSettings, say: Say) -> tuple[int, str]:
+    """Arize Phoenix, an LLM trace UI that runs offline, as the stack's span store. Returns its pid and
+    OTLP endpoint."""
+    if importlib.util.find_spec("phoenix") is None:
+        raise StackError(f"Arize Phoenix is not installed: {PHOENIX_INSTALL} (an optional extra; it runs offline)")
+    host, port = settings.temporal_host, settings.phoenix_port
+    if port_open(host, port):
+        raise StackError(f"Phoenix's port {port} on {host} is held by another process; set KEEL_PHOENIX_PORT")
+    log = settings.home / "phoenix.log"
+    env = {**os.environ, "PHOENIX_HOST": host, "PHOENIX_PORT": str(port),
+           "PHOENIX_WORKING_DIR": str((settings.home / "phoenix").resolve())}
+    proc = _spawn([sys.executable, "-m", "phoenix.server.main", "serve"], log, env=env)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise StackError(f"Phoenix exited with code {proc.returncode}:\n{_tail(log)}")
+        if port_open(host, port):
+            say(f"Phoenix started (pid {proc.pid}): traces at http://{host}:{port}")
+            return proc.pid, f"http://{host}:{port}"
+        await asyncio.sleep(0.3)
+    stop_pid(proc.pid)
+    raise StackError(f"Phoenix did not answer within 120 s:\n{_tail(log)}")
+
+
+def apply_traces_endpoint(settings: KeelSettings) -> None:
+    """A `keel` command started while the local stack exports to Phoenix exports there too (unless
+    OTEL_EXPORTER_OTLP_ENDPOINT says otherwise): the starter's span is the root of each task's trace."""
+    if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or not StackState.path(settings).is_file():
+        return
+    with contextlib.suppress(ValueError, TypeError):
+        endpoint = StackState.load(settings).traces_endpoint
+        if endpoint:
+            os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = endpoint
+
+
+async def start_worker(settings: KeelSettings, say: Say, traces_endpoint: str | None = None) -> int:
     log = settings.home / "worker.log"
     offset = log.stat().st_size if log.is_file() else 0
-    proc = _spawn([sys.executable, "-m", "workers"], log, env=dict(os.environ))
+    env = dict(os.environ)
+    if traces_endpoint:
+        env.update({"OTEL_EXPORTER_OTLP_ENDPOINT": traces_endpoint, "OTEL_SERVICE_NAME": "keel-worker"})
+    proc = _spawn([sys.executable, "-m", "workers"], log, env=env)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -221,22 +266,28 @@ async def start_worker(settings: KeelSettings, say: Say) -> int:
     raise StackError(f"worker did not start within 60 s:\n{_tail(log)}")
 
 
-async def up(settings: KeelSettings, say: Say) -> StackState:
+async def up(settings: KeelSettings, say: Say, traces: str | None = None) -> StackState:
+    """`traces="phoenix"`: also start Arize Phoenix and send the worker's spans to it."""
     state = StackState.load(settings)
     if not alive(state.server_pid):
         state.server_pid = None
     if not alive(state.worker_pid):
         state.worker_pid = None
+    if not alive(state.phoenix_pid):
+        state.phoenix_pid, state.traces_endpoint = None, None
     if state.server_pid is None:
         state.server_pid = await start_server(settings, say)
     else:
         say(f"Temporal dev server already running (pid {state.server_pid})")
     try:
+        if traces == "phoenix" and state.phoenix_pid is None:
+            state.phoenix_pid, state.traces_endpoint = await start_phoenix(settings, say)
         if state.worker_pid is None:
-            state.worker_pid = await start_worker(settings, say)
+            state.worker_pid = await start_worker(settings, say, state.traces_endpoint)
         else:
             say(f"worker already running (pid {state.worker_pid})")
     except BaseException:
+        stop_pid(state.phoenix_pid)
         stop_pid(state.server_pid)
         raise
     state.address, state.ui_url = settings.temporal_address, settings.ui_url
@@ -251,7 +302,9 @@ def down(settings: KeelSettings, say: Say) -> None:
         say(f"worker stopped (pid {state.worker_pid})")
     if stop_pid(state.server_pid):
         say(f"Temporal dev server stopped (pid {state.server_pid})")
-    if not state.worker_pid and not state.server_pid:
+    if stop_pid(state.phoenix_pid):
+        say(f"Phoenix stopped (pid {state.phoenix_pid})")
+    if not state.worker_pid and not state.server_pid and not state.phoenix_pid:
         say("nothing to stop")
     with contextlib.suppress(FileNotFoundError):
         StackState.path(settings).unlink()

@@ -14,11 +14,13 @@ from pydantic import ValidationError
 from temporalio.client import Client, WorkflowHandle
 from temporalio.common import SearchAttributeKey, SearchAttributePair, TypedSearchAttributes
 
+from activities.prompts import PROMPTS_DIR
 from core import names
 from core.policy import APPROVALS, BUDGETS, budget_for, ticket_problems
 from core.pricing import UnpricedModelError, price_for
 from core.settings import KeelSettings, parse_approvers
 from core.types import ApprovalPolicy, ModelSpec, Progress, SimConfig, TicketInput, TicketResult
+from workflows.ticket_pipeline import AGENT_PROMPT, CLASSIFY_PROMPT, DRAFT_PROMPT
 
 SA_CUSTOMER = SearchAttributeKey.for_keyword(names.SA_CUSTOMER)
 SA_TASK_TYPE = SearchAttributeKey.for_keyword(names.SA_TASK_TYPE)
@@ -32,6 +34,20 @@ class TicketInputError(ValueError):
 
 
 _TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
+_VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
+PIPELINE_PROMPTS = (CLASSIFY_PROMPT, AGENT_PROMPT, DRAFT_PROMPT)
+"""Every prompt a support ticket uses: a prompt version must have all of them."""
+
+
+def prompt_version_problems(version: str) -> list[str]:
+    """Why `version` cannot serve the ticket pipeline (a malformed name, missing prompt files), or []."""
+    if not _VERSION.match(version):
+        return [f"prompt version {version!r} must be 1-32 letters, digits or _.- (e.g. v2)"]
+    missing = [f"{name}.{version}.md" for name in PIPELINE_PROMPTS
+               if not (PROMPTS_DIR / f"{name}.{version}.md").is_file()]
+    if missing:
+        return [f"prompt version {version!r} is incomplete: missing {', '.join(missing)} under {PROMPTS_DIR}"]
+    return []
 
 
 def make_input(
@@ -42,10 +58,13 @@ def make_input(
     sim: SimConfig | None = None,
     feature: str = "support",
     task_type: str = "support_ticket",
+    prompt_version: str = "v1",
 ) -> TicketInput:
     """A validated ticket: text within limits, chargeback tags present and well formed, every model
-    priced (an unpriced model is refused here, never counted as $0)."""
+    priced (an unpriced model is refused here, never counted as $0), every prompt of the pipeline
+    present in `prompt_version`."""
     problems = ticket_problems(customer_id, text)
+    problems += prompt_version_problems(prompt_version)
     for name, tag in (("customer id", customer_id.strip()), ("feature", feature), ("task type", task_type)):
         if tag and not _TAG.match(tag):
             problems.append(f"{name} {tag!r} must be 1-64 letters, digits or _.:- (it tags the ledger)")
@@ -67,6 +86,7 @@ def make_input(
         text=text,
         feature=feature,
         task_type=task_type,
+        prompt_version=prompt_version,
         # Pinned in the input (and so in the history): a later change of the policy's default must
         # not change how an already-started task replays.
         budget=budget_for(task_type),
@@ -129,9 +149,12 @@ async def result(client: Client, workflow_id: str) -> TicketResult:
     return r
 
 
-def load_batch_file(path: Path, settings: KeelSettings, sim: SimConfig | None = None) -> list[TicketInput]:
+def load_batch_file(path: Path, settings: KeelSettings, sim: SimConfig | None = None, prompt_version: str = "v1"
+                    ) -> list[TicketInput]:
     """A JSON list or JSON Lines of {"customer_id", "text", optional "ticket_id"}. Every problem in
     the file is reported (with its line or index) and nothing is started if there is any."""
+    if bad_version := prompt_version_problems(prompt_version):
+        raise TicketInputError("; ".join(bad_version))
     try:
         raw = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
@@ -168,7 +191,8 @@ def load_batch_file(path: Path, settings: KeelSettings, sim: SimConfig | None = 
             continue
         try:
             inputs.append(make_input(settings, str(item.get("customer_id", "")), str(item.get("text", "")),
-                                     item.get("ticket_id"), sim, str(item.get("feature", "support"))))
+                                     item.get("ticket_id"), sim, str(item.get("feature", "support")),
+                                     prompt_version=prompt_version))
         except (TicketInputError, ValidationError) as e:
             problems.append(f"{where}: {e}")
     if problems:

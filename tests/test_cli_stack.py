@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -38,6 +39,9 @@ def stack_env(tmp_path: Path) -> Iterator[dict[str, str]]:
         "KEEL_UI_PORT": str(free_port()),
         "KEEL_TASK_QUEUE": "cli-e2e",
         "COLUMNS": "200",
+        # The worker's metrics endpoints default to fixed ports: tests never bind those.
+        "KEEL_METRICS_PORT": "0",
+        "KEEL_SDK_METRICS_PORT": "0",
     })
     yield env
     keel(env, "down", timeout=60)
@@ -159,3 +163,86 @@ def test_since_parsing() -> None:
     assert parse_since("2026-11-01") == datetime(2026, 11, 1, tzinfo=UTC)
     with pytest.raises(ValueError, match="--since"):
         parse_since("yesterday")
+
+
+FAKE_PHOENIX = '''
+"""A stand-in for Arize Phoenix's server (`python -m phoenix.server.main serve`): an OTLP/HTTP receiver
+on PHOENIX_HOST:PHOENIX_PORT that appends each request body to PHOENIX_WORKING_DIR/received.bin."""
+import http.server
+import os
+import pathlib
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        out = pathlib.Path(os.environ["PHOENIX_WORKING_DIR"])
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "received.bin", "ab") as f:
+            f.write(len(body).to_bytes(4, "big") + body)
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+if __name__ == "__main__":
+    addr = (os.environ["PHOENIX_HOST"], int(os.environ["PHOENIX_PORT"]))
+    http.server.ThreadingHTTPServer(addr, Handler).serve_forever()
+'''
+
+
+def _received_spans(path: Path) -> list[tuple[str, str, str]]:
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    data, spans = path.read_bytes(), []
+    while data:
+        n = int.from_bytes(data[:4], "big")
+        req = ExportTraceServiceRequest()
+        req.ParseFromString(data[4:4 + n])
+        data = data[4 + n:]
+        for rs in req.resource_spans:
+            service = next(a.value.string_value for a in rs.resource.attributes if a.key == "service.name")
+            spans += [(s.name, s.trace_id.hex(), service) for ss in rs.scope_spans for s in ss.spans]
+    return spans
+
+
+def test_up_with_a_trace_ui_exports_one_trace_per_task(stack_env: dict[str, str], tmp_path: Path) -> None:
+    """`keel up --traces phoenix` wiring, with a stand-in for Phoenix's server (the real one is an optional
+    extra): started and stopped with the stack, the worker's and the starter's spans both sent to it."""
+    missing = keel(stack_env, "up", "--detach", "--traces", "phoenix", timeout=60)
+    if "phoenix" not in sys.modules and missing.returncode != 0:
+        assert "Arize Phoenix is not installed" in missing.stderr and "[phoenix]" in missing.stderr
+    fake = tmp_path / "fake"
+    (fake / "phoenix" / "server").mkdir(parents=True)
+    (fake / "phoenix" / "__init__.py").write_text("")
+    (fake / "phoenix" / "server" / "__init__.py").write_text("")
+    (fake / "phoenix" / "server" / "main.py").write_text(FAKE_PHOENIX)
+    stack_env.update({"PYTHONPATH": str(fake), "KEEL_TRACING": "true", "KEEL_PHOENIX_PORT": str(free_port()),
+                      "OTEL_BSP_SCHEDULE_DELAY": "100"})
+    stack_env.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None)
+    up = keel(stack_env, "up", "--detach", "--traces", "phoenix")
+    assert up.returncode == 0, up.stdout + up.stderr
+    assert "Phoenix started" in up.stdout and "Agent traces (Phoenix)" in up.stdout
+    sub = keel(stack_env, "ticket", "submit", "--customer", "C-1001", "--text", "Why was I charged a fee?", "--json",
+               "--spiral-rate", "0")
+    assert sub.returncode == 0, sub.stderr
+    wf = json.loads(sub.stdout)["workflow_id"]
+    received = tmp_path / ".keel" / "phoenix" / "received.bin"
+    deadline = time.monotonic() + 30
+    spans: list[tuple[str, str, str]] = []
+    while time.monotonic() < deadline:
+        spans = _received_spans(received) if received.is_file() else []
+        if any(n.startswith("execute_tool send_reply") for n, _, _ in spans):
+            break
+        time.sleep(0.2)
+    [root] = [s for s in spans if s[0] == "StartWorkflow:SupportTicket"]
+    assert root[2] == "keel"  # the starter's span, exported by the `keel` command itself
+    trace = [s for s in spans if s[1] == root[1]]
+    assert {"keel-worker"} <= {s[2] for s in trace}
+    assert any(n.startswith("chat sim-") for n, _, _ in trace)
+    assert any(n.startswith("execute_tool") for n, _, _ in trace)
+    assert wf
+    down = keel(stack_env, "down")
+    assert down.returncode == 0 and "Phoenix stopped" in down.stdout

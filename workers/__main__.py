@@ -7,7 +7,10 @@ import logging
 import os
 import signal
 
+from activities.alerts import TaskObserver
 from activities.breaker import UsageReporter
+from activities.db import init_db, make_engine
+from activities.metrics import KeelMetrics, sdk_runtime, serve_metrics
 from activities.tracing import Tracing
 from activities.tracing import shutdown as shutdown_tracing
 from core.settings import KeelSettings
@@ -18,9 +21,16 @@ from workers.worker import build_worker
 async def main() -> None:
     settings = KeelSettings()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    client = await connect(settings)
+    # Temporal's SDK metrics on KEEL_SDK_METRICS_PORT (the client's runtime), Keel's on KEEL_METRICS_PORT.
+    client = await connect(settings, runtime=sdk_runtime(settings))
     reporter = UsageReporter(client, settings.breaker_report_flush_s)
-    worker = build_worker(client, settings, reporter=reporter, tracing=Tracing.from_settings(settings))
+    engine = make_engine(settings.db_url)
+    init_db(engine)
+    metrics = KeelMetrics.shared()
+    serve_metrics(settings, metrics)
+    observer = TaskObserver.from_settings(engine, settings, metrics)
+    worker = build_worker(client, settings, engine=engine, reporter=reporter, tracing=Tracing.from_settings(settings),
+                          observer=observer)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -29,6 +39,7 @@ async def main() -> None:
     async with worker:
         await stop.wait()
     await reporter.aclose()
+    await asyncio.to_thread(observer.close, 5.0)  # alerts of the last tasks, and their webhooks
     shutdown_tracing()
     logging.info("keel worker stopped")
 

@@ -11,6 +11,7 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
+from activities.alerts import TaskObserver
 from activities.breaker import BreakerActivities, UsageReporter
 from activities.db import init_db, make_engine
 from activities.ledger import Ledger
@@ -50,13 +51,13 @@ def default_providers(settings: KeelSettings) -> dict[str, Provider]:
 
 def activities_for(
     engine: Engine, providers: dict[str, Provider], client: Client, task_queue: str, settings: KeelSettings,
-    reporter: UsageReporter, tracing: Tracing,
+    reporter: UsageReporter, tracing: Tracing, observer: TaskObserver | None = None,
 ) -> list[Callable[..., Any]]:
     ledger = Ledger(engine)
     breakers = BreakerActivities(client, task_queue, admit_cache_s=settings.breaker_admit_cache_s)
     return [
         LlmActivities(providers, ledger, breakers, tracing).llm_call,
-        *ToolActivities(engine, ledger, reporter, tracing).all(),
+        *ToolActivities(engine, ledger, reporter, tracing, observer).all(),
         breakers.admit,
     ]
 
@@ -71,16 +72,20 @@ def build_worker(
     extra_activities: list[Callable[..., Any]] | None = None,
     reporter: UsageReporter | None = None,
     tracing: Tracing | None = None,
+    observer: TaskObserver | None = None,
 ) -> Worker:
     """`reporter`: pass one to flush it (`aclose`) when the worker stops; else one is made here.
-    `tracing`: the activities' spans (the workflow spans come from the client's TracingInterceptor)."""
+    `tracing`: the activities' spans (the workflow spans come from the client's TracingInterceptor).
+    `observer`: metrics and behavioral alerts at the end of each task; default: from settings, recording
+    into the process's metrics (served by `python -m workers`)."""
     if engine is None:
         engine = make_engine(settings.db_url)
         init_db(engine)
     queue = task_queue or settings.task_queue
     reporter = reporter or UsageReporter(client, settings.breaker_report_flush_s)
+    observer = observer or TaskObserver.from_settings(engine, settings)
     acts = activities_for(engine, providers or default_providers(settings), client, queue, settings, reporter,
-                          tracing or Tracing.off())
+                          tracing or Tracing.off(), observer)
     return Worker(
         client,
         task_queue=queue,

@@ -166,6 +166,8 @@ class AgentRunner:
         self.output_tokens = 0
         self.cost_usd = 0.0
         self.llm_calls = 0
+        self.answer_tokens = 0
+        """Output tokens of the last draft call (the final answer)."""
         self.tools_executed: list[str] = []
         self.tools_blocked: list[BlockedAction] = []
         self.observations: list[str] = []
@@ -229,6 +231,12 @@ class AgentRunner:
                 "input_tokens": self.input_tokens,
                 "output_tokens": self.output_tokens,
                 "cost_usd": round(self.cost_usd, 8),
+                "tools": list(self.tools_executed),
+                "reasoning_loops": self.reasoning_loops,
+                "repeated_calls": self.repeated_calls,
+                "answer_tokens": self.answer_tokens,
+                "input_hash": self.task.input_hash,
+                "limit_hit": self.budget.limit_hit,
             }
         )
 
@@ -291,6 +299,8 @@ class AgentRunner:
                 if resp.admission is not None and resp.admission.admitted and not resp.admission.probe:
                     self.report_to = self.breaker_id
             self._account(model, resp)
+            if kind == "draft":
+                self.answer_tokens = resp.usage.output_tokens
             return resp
         raise AssertionError("unreachable: the chain is never empty")
 
@@ -326,6 +336,8 @@ class AgentRunner:
     async def tool(self, name: str, arguments: Mapping[str, object], outcome: TaskOutcome | None = None) -> ToolResult:
         step = self._next_step(f"tool {name}")
         call_id = f"{self.task.workflow_id}/{step}"
+        if outcome is not None:  # the routing call: it counts in the outcome it writes (as in TicketResult)
+            outcome = outcome.model_copy(update={"tools": [*outcome.tools, name], "steps": step})
         req = ToolRequest(task=self.task, step=step, call_id=call_id, arguments=dict(arguments), outcome=outcome,
                           report_to=self.report_to if outcome is not None else None,
                           guardrails=list(self.guardrail_events) if outcome is not None else [],

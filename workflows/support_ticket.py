@@ -20,6 +20,7 @@ with workflow.unsafe.imports_passed_through():
         breaker_workflow_id,
     )
     from core.guardrails import TaskFacts
+    from core.metrics import ticket_input_hash
     from core.policy import APPROVALS, DEFAULT_POLICY, EXPECTED_TOKENS, budget_for
     from core.types import (
         ApprovalDecision,
@@ -61,6 +62,7 @@ def make_runner(inp: TicketInput, workflow_id: str, calls: Calls, controls: bool
         feature=inp.feature,
         task_type=inp.task_type,
         prompt_version=inp.prompt_version,
+        input_hash=ticket_input_hash(inp.customer_id, inp.text),
     )
     tiers = policy.tiers if inp.tiering else dict.fromkeys(policy.tiers, "large")
     return AgentRunner(

@@ -8,7 +8,9 @@ prompt injections) are switched on by the rates in `SimConfig`, so guardrails ca
 Stateless and seeded: every answer depends only on the request. Task-level decisions use
 `Random(f"{seed}:{key}:task")`, per-call decisions `Random(f"{seed}:{key}:{step}:{kind}")`, with
 key = ticket_id or workflow_id: the same ticket and seed replay the same path, and an activity retry
-gets the same answer.
+gets the same answer. A prompt version other than "v1" is mixed into the key (`<key>@<version>`), so a
+ticket run again on another prompt version (`keel replay --prompt-version`) can take another path; v1
+keeps the key unchanged, so every recorded history and test on v1 stays identical.
 
 Conversation conventions: the first user message is `Customer: C-1001\\nTicket: TK-1\\n\\n<text>`;
 a later user message may hold `Classification: {json}`; tool messages hold the tool's result dict
@@ -507,6 +509,8 @@ class SimProvider:
 
     async def complete(self, req: LlmRequest, system: str) -> ProviderResult:
         key = req.task.ticket_id or req.task.workflow_id
+        if req.task.prompt_version != "v1":
+            key = f"{key}@{req.task.prompt_version}"
         rng = random.Random(f"{req.sim.seed}:{key}:{req.step}:{req.kind}")
         u_hallucinate, u_json, u_args = rng.random(), rng.random(), rng.random()
         ticket = parse_ticket(req.messages)

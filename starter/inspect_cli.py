@@ -1,0 +1,784 @@
+"""Replay and inspection: `keel replay ID`, `keel history export ID`, `keel prompts list|diff`.
+
+- Replay: a task's history, fetched from Temporal, replayed with the Replayer against today's workflow
+  code (the worker's sandbox, the client's data converter, so an encrypted history replays with the
+  keys at hand). A divergence is reported with the nondeterminism message and the first diverging
+  event, found by replaying the history cut after each workflow task (a bisection).
+- Export: the history as JSON, exactly as tests/histories/ holds it (CI replays every file there).
+- What-if (`keel replay ID --prompt-version V` / `--model provider:model`): the ticket's agent run
+  again in this process, without Temporal, on the same input with the prompt version or models
+  replaced. Model calls are real (the LLM activity, its ledger rows under a workflow id of their own,
+  feature "what-if"); tool calls are served from the results recorded in the original history, and a
+  call that was never recorded is answered "not executed": a what-if never writes through a tool.
+- Prompts: the versions under prompts/ with their content hashes (the ones stamped on every ledger
+  row), and a unified diff between two of them.
+
+The functions are testable without the command line; the commands only print.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import difflib
+import hashlib
+import json
+import re
+import uuid
+from collections import deque
+from collections.abc import Sequence
+from functools import cache
+from itertools import zip_longest
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+
+import typer
+from pydantic import BaseModel, Field
+from rich import box
+from rich.markup import escape
+from rich.table import Table
+from temporalio.api.common.v1 import Payload
+from temporalio.api.enums.v1 import EventType
+from temporalio.api.history.v1 import HistoryEvent
+from temporalio.client import Client, WorkflowHistory
+from temporalio.converter import DataConverter
+from temporalio.exceptions import ApplicationError
+from temporalio.service import RPCError, RPCStatusCode
+from temporalio.workflow import NondeterminismError
+
+from activities.prompts import PROMPTS_DIR, load_prompt
+from core import names
+from core.pricing import UnpricedModelError, price_for
+from core.settings import KeelSettings
+from core.tools import TOOLS
+from core.types import (
+    ApprovalDecision,
+    LlmRequest,
+    LlmResponse,
+    ModelSpec,
+    PendingAction,
+    TicketInput,
+    TicketResult,
+    ToolRequest,
+    ToolResult,
+)
+from starter.console import client_or_exit, console, err, load_settings
+from starter.tickets import prompt_version_problems
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Engine
+    from temporalio.runtime import Runtime
+    from temporalio.worker import Replayer
+
+    from activities.llm import LlmActivities
+    from activities.providers.base import Provider
+
+M = TypeVar("M", bound=BaseModel)
+
+NOT_RECORDED = "not recorded in the original run: not executed (what-if replay has no side effects)"
+WHAT_IF_FEATURE = "what-if"
+
+
+class InspectError(Exception):
+    """A task or prompt that cannot be inspected (not found, not a ticket, bad arguments); says why."""
+
+
+# -- history ----------------------------------------------------------------------------------------------
+
+
+async def fetch_history(client: Client, workflow_id: str) -> WorkflowHistory:
+    try:
+        return await client.get_workflow_handle(workflow_id).fetch_history()
+    except RPCError as e:
+        if e.status == RPCStatusCode.NOT_FOUND:
+            raise InspectError(f"no workflow {workflow_id!r} in namespace {client.namespace!r}") from e
+        raise
+
+
+async def export_history(client: Client, workflow_id: str, out: Path | None = None) -> tuple[Path, int]:
+    """Write the history as tests/histories/ holds it (`WorkflowHistory.to_json()`); (path, events)."""
+    history = await fetch_history(client, workflow_id)
+    path = out or Path(f"{workflow_id}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(history.to_json(), encoding="utf-8")
+    return path, len(history.events)
+
+
+def _event_type(e: HistoryEvent) -> str:
+    """`ActivityTaskScheduled` for EVENT_TYPE_ACTIVITY_TASK_SCHEDULED."""
+    raw = EventType.Name(e.event_type).removeprefix("EVENT_TYPE_")
+    return "".join(w.capitalize() for w in raw.split("_"))
+
+
+# -- replay -----------------------------------------------------------------------------------------------
+
+
+class ReplayReport(BaseModel):
+    workflow_id: str
+    events: int
+    ok: bool
+    error: str | None = None
+    """The replay failure (for a divergence, the nondeterminism message)."""
+    error_type: str | None = None
+    event_id: int | None = None
+    """The first event the code no longer matches (or the first event of the diverging workflow task)."""
+    event_type: str | None = None
+    event_detail: str | None = None
+
+
+@cache
+def _quiet_runtime() -> Runtime:
+    from temporalio.runtime import Runtime, TelemetryConfig
+
+    return Runtime(telemetry=TelemetryConfig(logging=None))
+
+
+def make_replayer(data_converter: DataConverter) -> Replayer:
+    """The worker's workflows and sandbox. On a runtime of its own without core logging: a divergence
+    is reported here, once, instead of as a "Failing workflow task" warning per replay of the bisection."""
+    from temporalio.worker import Replayer
+
+    from workers.worker import SANDBOX
+    from workflows.registry import WORKFLOWS
+
+    return Replayer(workflows=WORKFLOWS, data_converter=data_converter, workflow_runner=SANDBOX,
+                    runtime=_quiet_runtime())
+
+
+def _failure_message(exc: BaseException) -> str:
+    """The core's message inside a NondeterminismError ("[TMPRL1100] Nondeterminism error: ...")."""
+    text = str(exc)
+    m = re.search(r'message: "((?:[^"\\]|\\.)*)"', text)
+    return m.group(1).replace('\\"', '"').replace("\\'", "'") if m else text
+
+
+async def _fails(replayer: Replayer, history: WorkflowHistory, cut: int) -> bool:
+    part = WorkflowHistory(history.workflow_id, list(history.events[:cut]))
+    res = await replayer.replay_workflow(part, raise_on_replay_failure=False)
+    return res.replay_failure is not None
+
+
+def _event_detail(e: HistoryEvent) -> str:
+    t = e.event_type
+    if t == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
+        return f"activity {e.activity_task_scheduled_event_attributes.activity_type.name}"
+    if t == EventType.EVENT_TYPE_TIMER_STARTED:
+        return f"timer {e.timer_started_event_attributes.timer_id}"
+    if t == EventType.EVENT_TYPE_MARKER_RECORDED:
+        return f"marker {e.marker_recorded_event_attributes.marker_name}"
+    if t == EventType.EVENT_TYPE_SIGNAL_EXTERNAL_WORKFLOW_EXECUTION_INITIATED:
+        return f"signal {e.signal_external_workflow_execution_initiated_event_attributes.signal_name}"
+    return ""
+
+
+async def _divergent_event(replayer: Replayer, history: WorkflowHistory, message: str) -> HistoryEvent | None:
+    """The first event the code diverges from. Histories cut right after a workflow task started are
+    what a worker is handed; the first such cut that fails replay holds the diverging workflow task,
+    whose commands are the events after its WorkflowTaskCompleted. Bisection: log2(tasks) replays."""
+    events = history.events
+    cuts = [i + 1 for i, e in enumerate(events) if e.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_STARTED]
+    lo, hi = 0, len(cuts)  # cuts[:lo] replay cleanly; cuts[hi:] fail (the whole history fails)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if await _fails(replayer, history, cuts[mid]):
+            hi = mid
+        else:
+            lo = mid + 1
+    start = cuts[lo - 1] if lo > 0 else 0
+    end = cuts[lo] if lo < len(cuts) else len(events)
+    window = list(events[start:end])
+    done = next((i for i, e in enumerate(window) if e.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED),
+                None)
+    commands = window[done + 1:] if done is not None else window
+    named = set(re.findall(r"'([^']+)'", message))
+    for e in commands:
+        detail = _event_detail(e)
+        if detail and detail.split(" ", 1)[1] in named:
+            return e
+    return next((e for e in commands if _event_detail(e)), commands[0] if commands else None)
+
+
+async def replay_history(history: WorkflowHistory, data_converter: DataConverter) -> ReplayReport:
+    """Replay against today's workflow code; on failure, the message and the first diverging event."""
+    replayer = make_replayer(data_converter)
+    res = await replayer.replay_workflow(history, raise_on_replay_failure=False)
+    report = ReplayReport(workflow_id=history.workflow_id, events=len(history.events), ok=res.replay_failure is None)
+    if res.replay_failure is None:
+        return report
+    report.error = _failure_message(res.replay_failure)
+    report.error_type = type(res.replay_failure).__name__
+    if not isinstance(res.replay_failure, NondeterminismError):
+        return report  # e.g. a payload that cannot be decoded: no event to point at
+    event = await _divergent_event(replayer, history, report.error)
+    if event is not None:
+        report.event_id, report.event_type = event.event_id, _event_type(event)
+        report.event_detail = _event_detail(event) or None
+    return report
+
+
+async def replay_workflow(client: Client, workflow_id: str) -> ReplayReport:
+    return await replay_history(await fetch_history(client, workflow_id), client.data_converter)
+
+
+# -- what-if ----------------------------------------------------------------------------------------------
+
+
+class PathStep(BaseModel):
+    step: int
+    kind: str
+    """The model call's step kind (classify, route, draft, ...), or "tool"."""
+    name: str
+    """The step kind, or the tool's name."""
+    model: str = ""
+    tokens: int = 0
+    tool_calls: list[str] = Field(default_factory=list)
+    """The tools the model asked for."""
+    ok: bool = True
+    note: str = ""
+
+    @property
+    def label(self) -> str:
+        if self.kind == "tool":
+            return f"tool {self.name}"
+        return self.name + (" -> " + ", ".join(self.tool_calls) if self.tool_calls else "")
+
+
+class RunSummary(BaseModel):
+    workflow_id: str
+    status: str
+    route: str | None = None
+    category: str | None = None
+    reason: str = ""
+    tokens: int = 0
+    cost_usd: float = 0.0
+    prompt_version: str = "v1"
+    models: list[str] = Field(default_factory=list)
+    tools_executed: list[str] = Field(default_factory=list)
+    steps: list[PathStep] = Field(default_factory=list)
+
+    @property
+    def path(self) -> list[str]:
+        return [s.label for s in self.steps]
+
+
+class WhatIfReport(BaseModel):
+    workflow_id: str
+    whatif_workflow_id: str
+    changes: dict[str, tuple[str, str]]
+    """What was replaced: {"prompt_version": (old, new), "small_model": ..., "large_model": ...}."""
+    old: RunSummary
+    new: RunSummary
+    not_executed: list[str] = Field(default_factory=list)
+    """Tool calls of the what-if run with no recorded result (not executed)."""
+    notes: list[str] = Field(default_factory=list)
+
+    @property
+    def same_path(self) -> bool:
+        return self.old.path == self.new.path
+
+    @property
+    def first_difference(self) -> int | None:
+        """Index (0-based) of the first step where the paths differ, or None."""
+        for i, (a, b) in enumerate(zip_longest(self.old.path, self.new.path)):
+            if a != b:
+                return i
+        return None
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.model_dump(mode="json"), "same_path": self.same_path}
+
+
+def tool_key(name: str, arguments: dict[str, Any]) -> str:
+    """A tool call's identity: its name and the canonical JSON of its arguments."""
+    return f"{name}:{json.dumps(arguments, sort_keys=True, separators=(',', ':'), default=str)}"
+
+
+class Recording(BaseModel):
+    """What a ticket's history recorded: its input, every model and tool call, decisions, the result."""
+
+    workflow_id: str
+    input: TicketInput
+    steps: list[PathStep] = Field(default_factory=list)
+    tools: list[tuple[str, ToolResult]] = Field(default_factory=list)
+    """(tool_key, result) of every completed tool call, in order."""
+    decisions: list[ApprovalDecision] = Field(default_factory=list)
+    """Approval decisions sent to the task (signals and accepted updates), in order."""
+    result: TicketResult | None = None
+    close_status: str = "Running"
+
+
+async def _decode(dc: DataConverter, payloads: Sequence[Payload], t: type[M]) -> M:
+    values = await dc.decode(list(payloads), [t])
+    if not values or not isinstance(values[0], t):
+        raise InspectError(f"the history holds no {t.__name__} where one was expected")
+    return values[0]
+
+
+async def read_recording(history: WorkflowHistory, dc: DataConverter) -> Recording:
+    """Decode a SupportTicket history (with the client's data converter: encrypted payloads need the keys)."""
+    events = list(history.events)
+    if not events or events[0].event_type != EventType.EVENT_TYPE_WORKFLOW_EXECUTION_STARTED:
+        raise InspectError(f"the history of {history.workflow_id!r} does not start with the workflow's start")
+    started = events[0].workflow_execution_started_event_attributes
+    if started.workflow_type.name != names.SUPPORT_TICKET_WORKFLOW:
+        raise InspectError(f"{history.workflow_id!r} is a {started.workflow_type.name} workflow; "
+                           f"what-if replay runs {names.SUPPORT_TICKET_WORKFLOW} tasks")
+    try:
+        inp = await _decode(dc, started.input.payloads, TicketInput)
+    except InspectError:
+        raise
+    except Exception as exc:
+        raise InspectError(f"cannot decode the input of {history.workflow_id!r} ({exc}); an encrypted history "
+                           "needs KEEL_ENCRYPT=1 and the keys it was written with") from exc
+    rec = Recording(workflow_id=history.workflow_id, input=inp)
+    scheduled: dict[int, tuple[str, LlmRequest | ToolRequest]] = {}
+    steps: dict[int, PathStep] = {}
+    for e in events[1:]:
+        t = e.event_type
+        if t == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
+            a = e.activity_task_scheduled_event_attributes
+            name = a.activity_type.name
+            if name == names.LLM_ACTIVITY:
+                llm_req = await _decode(dc, a.input.payloads, LlmRequest)
+                scheduled[e.event_id] = (name, llm_req)
+                steps[e.event_id] = PathStep(step=llm_req.step, kind=llm_req.kind, name=llm_req.kind,
+                                             model=f"{llm_req.model.provider}:{llm_req.model.model}")
+            elif name in TOOLS:
+                tool_req = await _decode(dc, a.input.payloads, ToolRequest)
+                scheduled[e.event_id] = (name, tool_req)
+                steps[e.event_id] = PathStep(step=tool_req.step, kind="tool", name=name)
+        elif t == EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED:
+            c = e.activity_task_completed_event_attributes
+            if c.scheduled_event_id not in scheduled:
+                continue
+            name, req = scheduled[c.scheduled_event_id]
+            step = steps[c.scheduled_event_id]
+            if isinstance(req, LlmRequest):
+                resp = await _decode(dc, c.result.payloads, LlmResponse)
+                step.tokens = resp.usage.total_tokens
+                step.tool_calls = [tc.name for tc in resp.tool_calls]
+            else:
+                res = await _decode(dc, c.result.payloads, ToolResult)
+                rec.tools.append((tool_key(name, req.arguments), res))
+                step.ok, step.note = res.ok, res.error or ""
+        elif t in (EventType.EVENT_TYPE_ACTIVITY_TASK_FAILED, EventType.EVENT_TYPE_ACTIVITY_TASK_TIMED_OUT,
+                   EventType.EVENT_TYPE_ACTIVITY_TASK_CANCELED):
+            if t == EventType.EVENT_TYPE_ACTIVITY_TASK_FAILED:
+                sched = e.activity_task_failed_event_attributes.scheduled_event_id
+            elif t == EventType.EVENT_TYPE_ACTIVITY_TASK_TIMED_OUT:
+                sched = e.activity_task_timed_out_event_attributes.scheduled_event_id
+            else:
+                sched = e.activity_task_canceled_event_attributes.scheduled_event_id
+            if sched in steps:
+                steps[sched].ok, steps[sched].note = False, _event_type(e)
+        elif t == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED:
+            s = e.workflow_execution_signaled_event_attributes
+            if s.signal_name == names.APPROVAL_SIGNAL:
+                rec.decisions.append(await _decode(dc, s.input.payloads, ApprovalDecision))
+        elif t == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_ACCEPTED:
+            u = e.workflow_execution_update_accepted_event_attributes.accepted_request.input
+            if u.name == names.DECIDE_UPDATE:
+                rec.decisions.append(await _decode(dc, u.args.payloads, ApprovalDecision))
+        elif t == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED:
+            rec.result = await _decode(dc, e.workflow_execution_completed_event_attributes.result.payloads,
+                                       TicketResult)
+            rec.close_status = "Completed"
+        elif t in (EventType.EVENT_TYPE_WORKFLOW_EXECUTION_FAILED, EventType.EVENT_TYPE_WORKFLOW_EXECUTION_TERMINATED,
+                   EventType.EVENT_TYPE_WORKFLOW_EXECUTION_TIMED_OUT, EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CANCELED):
+            rec.close_status = _event_type(e).removeprefix("WorkflowExecution")
+    rec.steps = sorted(steps.values(), key=lambda s: s.step)
+    return rec
+
+
+def _accepted(rec: Recording) -> dict[str, ApprovalDecision]:
+    """The decisions that counted, by action id: those the result lists as accepted (or, for a task
+    still running, the first per action)."""
+    counted = {(a.action_id, a.approver, a.decision) for a in rec.result.approvals if a.accepted} if rec.result \
+        else None
+    out: dict[str, ApprovalDecision] = {}
+    for d in rec.decisions:
+        if d.action_id not in out and (counted is None or (d.action_id, d.approver, d.decision) in counted):
+            out[d.action_id] = d
+    return out
+
+
+class WhatIfCalls:
+    """The `Calls` protocol of a what-if run: real model calls through the LLM activity (its ledger
+    rows under the what-if's own workflow id), tool results served from the original history."""
+
+    def __init__(self, llm: LlmActivities, recorded: Sequence[tuple[str, ToolResult]]) -> None:
+        self._llm = llm
+        self._recorded: dict[str, deque[ToolResult]] = {}
+        for key, res in recorded:
+            self._recorded.setdefault(key, deque()).append(res)
+        self.steps: list[PathStep] = []
+        self.not_executed: list[str] = []
+
+    async def llm(self, req: LlmRequest) -> LlmResponse:
+        from temporalio.testing import ActivityEnvironment
+
+        # The activity reads activity.info() (the attempt number): ActivityEnvironment provides it.
+        resp: LlmResponse = await ActivityEnvironment().run(self._llm.llm_call, req)
+        self.steps.append(PathStep(step=req.step, kind=req.kind, name=req.kind,
+                                   model=f"{req.model.provider}:{req.model.model}", tokens=resp.usage.total_tokens,
+                                   tool_calls=[tc.name for tc in resp.tool_calls]))
+        return resp
+
+    async def tool(self, name: str, req: ToolRequest) -> ToolResult:
+        key = tool_key(name, req.arguments)
+        queue = self._recorded.get(key)
+        if queue:
+            # In recorded order; the last result of a key keeps answering repeats of it.
+            res = queue.popleft() if len(queue) > 1 else queue[0]
+            note = "recorded result" if res.ok else (res.error or "recorded error")
+        else:
+            res = ToolResult(ok=False, error=NOT_RECORDED)
+            note = "not recorded: not executed"
+            self.not_executed.append(f"step {req.step}: {key}")
+        self.steps.append(PathStep(step=req.step, kind="tool", name=name, ok=res.ok, note=note))
+        return res
+
+
+def _summary(workflow_id: str, result: TicketResult | None, status: str, prompt_version: str,
+             steps: list[PathStep]) -> RunSummary:
+    if result is None:
+        return RunSummary(workflow_id=workflow_id, status=status.lower(), prompt_version=prompt_version, steps=steps,
+                          tokens=sum(s.tokens for s in steps))
+    return RunSummary(workflow_id=workflow_id, status=result.status, route=result.route, category=result.category,
+                      reason=result.reason, tokens=result.tokens, cost_usd=result.cost_usd,
+                      prompt_version=prompt_version, models=result.models, tools_executed=result.tools_executed,
+                      steps=steps)
+
+
+def _parse_model(spec: str, what: str) -> ModelSpec:
+    try:
+        model = ModelSpec.parse(spec)
+        price_for(model.provider, model.model)
+    except (ValueError, UnpricedModelError) as e:
+        raise InspectError(f"{what} {spec!r}: {e}") from e
+    return model
+
+
+async def what_if(
+    client: Client,
+    settings: KeelSettings,
+    workflow_id: str,
+    *,
+    prompt_version: str | None = None,
+    model: str | None = None,
+    small_model: str | None = None,
+    large_model: str | None = None,
+    engine: Engine | None = None,
+    providers: dict[str, Provider] | None = None,
+) -> WhatIfReport:
+    """Run the ticket of `workflow_id` again, in this process, with the prompt version and/or models
+    replaced. `model` replaces both tiers; `small_model`/`large_model` one each (they win over `model`).
+    `engine`: the ledger's database (default: the settings'); `providers`: default the worker's."""
+    from activities.db import init_db, make_engine
+    from activities.ledger import Ledger
+    from activities.llm import LlmActivities
+    from core.guardrails import TaskFacts
+    from core.policy import APPROVALS, DEFAULT_POLICY
+    from workers.worker import default_providers
+    from workflows.support_ticket import make_runner
+    from workflows.ticket_pipeline import handle_ticket
+
+    rec = await read_recording(await fetch_history(client, workflow_id), client.data_converter)
+    old = rec.input
+    version = prompt_version or old.prompt_version
+    if problems := prompt_version_problems(version):
+        raise InspectError("; ".join(problems))
+    small, large = old.small_model, old.large_model
+    if small_spec := small_model or model:
+        small = _parse_model(small_spec, "--small-model" if small_model else "--model")
+    if large_spec := large_model or model:
+        large = _parse_model(large_spec, "--large-model" if large_model else "--model")
+    changes: dict[str, tuple[str, str]] = {}
+    if version != old.prompt_version:
+        changes["prompt_version"] = (old.prompt_version, version)
+    for key, before, after in (("small_model", old.small_model, small), ("large_model", old.large_model, large)):
+        if before != after:
+            changes[key] = (before.label, after.label)
+    inp = old.model_copy(update={
+        "prompt_version": version, "small_model": small, "large_model": large, "feature": WHAT_IF_FEATURE,
+        # Latency only delays a sim answer (its last draw): the what-if takes the same path without it.
+        "sim": old.sim.model_copy(update={"latency_ms_min": 0, "latency_ms_max": 0}),
+        "hold_for_human": False,
+    })
+    whatif_id = f"whatif-{workflow_id}-{uuid.uuid4().hex[:8]}"
+    notes = [f"model calls are in the ledger under workflow id {whatif_id} (feature {WHAT_IF_FEATURE!r}); "
+             "tool results were served from the original history, nothing was written"]
+
+    own_engine = engine is None
+    if engine is None:
+        engine = make_engine(settings.db_url)
+        init_db(engine)
+    try:
+        calls = WhatIfCalls(LlmActivities(providers or default_providers(settings), Ledger(engine)), rec.tools)
+        runner = make_runner(inp, whatif_id, calls)
+        # As SupportTicketWorkflow sets up a task today (guardrails on; no breaker: nothing is admitted).
+        approval = inp.approval or APPROVALS.model_copy(update={"mode": "escalate"})
+        decisions = _accepted(rec)
+
+        async def recorded_decision(action: PendingAction) -> ApprovalDecision | None:
+            d = decisions.get(action.action_id)
+            if d is not None and d.arguments_digest not in (None, action.arguments_digest):
+                notes.append(f"{action.action_id}: the recorded decision was on other arguments; treated as none")
+                d = None
+            if d is None:
+                notes.append(f"{action.action_id}: no recorded decision applies; treated as timed out")
+            return d
+
+        runner.guardrails = True
+        runner.facts = TaskFacts(customer_id=inp.customer_id, max_refund=DEFAULT_POLICY.max_refund)
+        runner.approval_gate = recorded_decision
+        runner.approval_mode = approval.mode
+        try:
+            result = await handle_ticket(runner, inp, DEFAULT_POLICY)
+        except ApplicationError as e:
+            raise InspectError(f"the what-if run failed at step {runner.progress.step}: {e.type}: {e.message}") from e
+    finally:
+        if own_engine:
+            engine.dispose()
+    return WhatIfReport(
+        workflow_id=workflow_id,
+        whatif_workflow_id=whatif_id,
+        changes=changes,
+        old=_summary(workflow_id, rec.result, rec.close_status, old.prompt_version, rec.steps),
+        new=_summary(whatif_id, result, "completed", version, calls.steps),
+        not_executed=calls.not_executed,
+        notes=notes,
+    )
+
+
+# -- prompts ----------------------------------------------------------------------------------------------
+
+
+class PromptInfo(BaseModel):
+    name: str
+    version: str
+    sha256: str
+    size: int
+    """Bytes of the file."""
+    path: str
+
+    @property
+    def short_hash(self) -> str:
+        return self.sha256[:12]
+
+
+def _version_key(version: str) -> tuple[Any, ...]:
+    return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", version))
+
+
+def list_prompts(root: Path | None = None) -> list[PromptInfo]:
+    """Every `<name>.<version>.md` under prompts/, with the content hash the ledger stamps."""
+    root = root or PROMPTS_DIR
+    out = []
+    for path in root.rglob("*.md"):
+        stem, dot, version = path.name.removesuffix(".md").partition(".")
+        if not dot or not version:
+            continue
+        name = (path.parent.relative_to(root) / stem).as_posix()
+        # The hash activities.prompts.load_prompt stamps on every call: of the text, stripped.
+        sha = hashlib.sha256(path.read_text(encoding="utf-8").strip().encode()).hexdigest()
+        out.append(PromptInfo(name=name, version=version, sha256=sha, size=path.stat().st_size, path=str(path)))
+    return sorted(out, key=lambda p: (p.name, _version_key(p.version)))
+
+
+def _parse_ref(ref: str) -> tuple[str, str]:
+    name, at, version = ref.rpartition("@")
+    if not at or not name or not version:
+        raise InspectError(f"{ref!r}: name a prompt version as NAME@VERSION, e.g. support/agent@v1")
+    return name, version
+
+
+def diff_prompts(a: str, b: str) -> str:
+    """A unified diff of two prompt versions, e.g. `support/agent@v1` and `support/agent@v2` (the
+    text the model is given: the file, stripped). Empty when they are identical."""
+    texts = []
+    for ref in (a, b):
+        name, version = _parse_ref(ref)
+        try:
+            p = load_prompt(name, version)
+        except ApplicationError as e:
+            known = [f"{i.name}@{i.version}" for i in list_prompts()]
+            raise InspectError(f"unknown prompt {ref!r}; known: {', '.join(known) or 'none'}") from e
+        texts.append((f"{ref} ({p.short_hash})", p.text))
+    (fa, ta), (fb, tb) = texts
+    return "".join(difflib.unified_diff(ta.splitlines(keepends=True), tb.splitlines(keepends=True), fa, fb))
+
+
+# -- commands ---------------------------------------------------------------------------------------------
+
+
+history_app = typer.Typer(help="Task histories: export one for tests/histories/.", no_args_is_help=True)
+prompts_app = typer.Typer(help="Prompt versions under prompts/: list them, compare two.", no_args_is_help=True)
+
+
+def _fail(msg: str, code: int = 1) -> typer.Exit:
+    err.print(f"[red]{escape(msg)}[/red]")
+    return typer.Exit(code)
+
+
+def _run(fn: Any) -> Any:
+    try:
+        return asyncio.run(fn())
+    except InspectError as e:
+        raise _fail(str(e)) from e
+    except RPCError as e:
+        raise _fail(f"Temporal: {e.message}") from e
+
+
+def replay_cmd(
+    workflow_id: Annotated[str, typer.Argument(help="The task's workflow id")],
+    prompt_version: Annotated[str | None, typer.Option(
+        "--prompt-version", help="What-if: run the ticket again on this prompt version (tools served from the "
+                                 "history)")] = None,
+    model: Annotated[str | None, typer.Option(
+        "--model", help="What-if: provider:model for both tiers, e.g. sim:sim-large")] = None,
+    small_model: Annotated[str | None, typer.Option("--small-model", help="What-if: provider:model, small tier")
+                           ] = None,
+    large_model: Annotated[str | None, typer.Option("--large-model", help="What-if: provider:model, large tier")
+                           ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
+) -> None:
+    """Replay a task's history against today's workflow code (exit 1 on a divergence); with
+    --prompt-version or --model, run the ticket again on them and show the old and new path side by side."""
+    settings = load_settings()
+    whatif = any(v is not None for v in (prompt_version, model, small_model, large_model))
+
+    async def run() -> int:
+        client = await client_or_exit(settings)
+        if whatif:
+            report = await what_if(client, settings, workflow_id, prompt_version=prompt_version, model=model,
+                                   small_model=small_model, large_model=large_model)
+            if as_json:
+                print(json.dumps(report.to_json(), indent=2))
+            else:
+                print_what_if(report)
+            return 0
+        rep = await replay_workflow(client, workflow_id)
+        if as_json:
+            print(json.dumps(rep.model_dump(mode="json"), indent=2))
+        elif rep.ok:
+            console.print(f"{escape(workflow_id)}: [green]replays cleanly[/green] ({rep.events} events)")
+        else:
+            where = ""
+            if rep.event_id is not None:
+                where = f" at event {rep.event_id} ({', '.join(filter(None, [rep.event_type, rep.event_detail]))})"
+            err.print(f"[red]{escape(workflow_id)}: diverges from today's code{escape(where)}[/red] "
+                      f"({rep.events} events)\n  {rep.error_type}: {escape(rep.error or '')}")
+        return 0 if rep.ok else 1
+
+    if _run(run):
+        raise typer.Exit(1)
+
+
+def print_what_if(r: WhatIfReport) -> None:
+    changed = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in r.changes.items()) or "nothing (the same prompts and models)"
+    console.print(f"What-if of [bold]{escape(r.workflow_id)}[/bold]: {escape(changed)}")
+    t = Table(box=box.SIMPLE_HEAD, title="old path  |  new path")
+    for col, justify in (("#", "right"), ("old: call", "left"), ("model", "left"), ("tokens", "right"),
+                         ("", "center"), ("new: call", "left"), ("model", "left"), ("tokens", "right")):
+        t.add_column(col, justify=justify)  # type: ignore[arg-type]
+    first = r.first_difference
+    for i, (a, b) in enumerate(zip_longest(r.old.steps, r.new.steps)):
+        same = a is not None and b is not None and a.label == b.label
+        mark = "=" if same else "≠"
+        cells = []
+        for s in (a, b):
+            if s is None:
+                cells += ["", "", ""]
+                continue
+            label = s.label + ("" if s.ok or s.kind != "tool" else f" ({s.note})" if s.note else " (failed)")
+            cells += [escape(label), escape(s.model), f"{s.tokens:,}" if s.kind != "tool" else ""]
+        style = "bold" if first is not None and i == first else None
+        t.add_row(str(i + 1), *cells[:3], mark, *cells[3:], style=style)
+    console.print(t)
+    s = Table(box=box.SIMPLE_HEAD, title="outcome")
+    for col in ("", "old", "new"):
+        s.add_column(col)
+    o, n = r.old, r.new
+    for label, a, b in (
+        ("workflow id", o.workflow_id, n.workflow_id),
+        ("prompt version", o.prompt_version, n.prompt_version),
+        ("status", o.status, n.status),
+        ("route", o.route or "", n.route or ""),
+        ("category", o.category or "", n.category or ""),
+        ("tokens", f"{o.tokens:,}", f"{n.tokens:,}"),
+        ("cost", f"${o.cost_usd:.5f}", f"${n.cost_usd:.5f}"),
+        ("tool calls", ", ".join(o.tools_executed), ", ".join(n.tools_executed)),
+        ("models", ", ".join(o.models), ", ".join(n.models)),
+        ("reason", o.reason, n.reason),
+    ):
+        s.add_row(label, escape(a), escape(b))
+    console.print(s)
+    if r.same_path:
+        console.print("[green]same path[/green] (every step's kind, tool and requested tools)")
+    else:
+        console.print(f"[yellow]the path changed at row {(first or 0) + 1}[/yellow]")
+    for x in r.not_executed:
+        console.print(f"  not recorded, not executed: {escape(x)}")
+    for note in r.notes:
+        console.print(f"  {escape(note)}")
+
+
+@history_app.command("export")
+def history_export(
+    workflow_id: Annotated[str, typer.Argument(help="The task's workflow id")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="File to write (default: <ID>.json)")] = None,
+) -> None:
+    """Write a task's history as JSON, as tests/histories/ holds it (CI replays every file there)."""
+    settings = load_settings()
+
+    async def run() -> tuple[Path, int, bool]:
+        client = await client_or_exit(settings)
+        path, events = await export_history(client, workflow_id, out)
+        return path, events, client.data_converter.payload_codec is not None
+
+    path, events, encrypted = _run(run)
+    console.print(f"wrote {escape(str(path))} ({events} events)")
+    if encrypted:
+        console.print("[yellow]note:[/yellow] payloads are encrypted (KEEL_ENCRYPT): the file replays only with "
+                      "these keys; tests/histories/ is replayed without keys, so record those unencrypted.")
+
+
+@prompts_app.command("list")
+def prompts_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Every prompt version: name, version, short content hash (as in the ledger), size."""
+    from starter.tickets import PIPELINE_PROMPTS
+
+    infos = list_prompts()
+    versions = sorted({i.version for i in infos}, key=_version_key)
+    complete = [v for v in versions if not prompt_version_problems(v)]
+    if as_json:
+        print(json.dumps({"prompts": [{**i.model_dump(), "short_hash": i.short_hash} for i in infos],
+                          "ticket_versions": complete}, indent=2))
+        return
+    t = Table(box=box.SIMPLE_HEAD)
+    for col, justify in (("name", "left"), ("version", "left"), ("hash", "left"), ("bytes", "right")):
+        t.add_column(col, justify=justify)  # type: ignore[arg-type]
+    for i in infos:
+        t.add_row(escape(i.name), escape(i.version), i.short_hash, f"{i.size:,}")
+    console.print(t)
+    console.print(f"versions complete for support tickets ({', '.join(PIPELINE_PROMPTS)}): "
+                  f"{', '.join(complete) or 'none'}  (use with --prompt-version)")
+
+
+@prompts_app.command("diff")
+def prompts_diff(
+    a: Annotated[str, typer.Argument(help="NAME@VERSION, e.g. support/agent@v1")],
+    b: Annotated[str, typer.Argument(help="NAME@VERSION, e.g. support/agent@v2")],
+) -> None:
+    """A unified diff of two prompt versions (the text the model is given)."""
+    try:
+        diff = diff_prompts(a, b)
+    except InspectError as e:
+        raise _fail(str(e), 2) from e
+    if not diff:
+        console.print(f"{escape(a)} and {escape(b)} are identical")
+        return
+    for line in diff.splitlines():
+        style = "green" if line.startswith("+") else "red" if line.startswith("-") else \
+            "cyan" if line.startswith("@@") else None
+        console.print(escape(line), style=style, highlight=False, soft_wrap=True)
