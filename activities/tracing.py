@@ -99,7 +99,7 @@ class Tracing:
 
     @classmethod
     def from_settings(cls, settings: KeelSettings) -> Tracing:
-        return cls(process_tracer(settings) if settings.tracing else None, settings.trace_content)
+        return cls(process_tracer(settings) if settings.tracing_enabled else None, settings.trace_content)
 
     @contextmanager
     def llm_span(self, req: LlmRequest) -> Iterator[Span | None]:

@@ -15,7 +15,7 @@ async def connect(settings: KeelSettings, *, tracing: bool | None = None, runtim
     """`tracing` (default: KEEL_TRACING) adds Temporal's OpenTelemetry interceptor: the starter's span
     is the root of the task's trace, and workers made from this client trace workflows and activities.
     `runtime`: a Temporal Runtime of its own (the worker's, with the SDK's Prometheus metrics); default: the SDK's."""
-    tracer = process_tracer(settings) if (settings.tracing if tracing is None else tracing) else None
+    tracer = process_tracer(settings) if (settings.tracing_enabled if tracing is None else tracing) else None
     return await Client.connect(
         settings.temporal_address,
         interceptors=[TracingInterceptor(tracer)] if tracer is not None else [],

@@ -219,7 +219,7 @@ def test_up_with_a_trace_ui_exports_one_trace_per_task(stack_env: dict[str, str]
     (fake / "phoenix" / "__init__.py").write_text("")
     (fake / "phoenix" / "server" / "__init__.py").write_text("")
     (fake / "phoenix" / "server" / "main.py").write_text(FAKE_PHOENIX)
-    stack_env.update({"PYTHONPATH": str(fake), "KEEL_TRACING": "true", "KEEL_PHOENIX_PORT": str(free_port()),
+    stack_env.update({"PYTHONPATH": str(fake), "KEEL_TRACING": "auto", "KEEL_PHOENIX_PORT": str(free_port()),
                       "OTEL_BSP_SCHEDULE_DELAY": "100"})
     stack_env.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None)
     up = keel(stack_env, "up", "--detach", "--traces", "phoenix")

@@ -229,3 +229,14 @@ async def test_fast_acknowledgement_and_keel_watch(client: Client, settings: Kee
     assert out.exit_code == 0, out.output
     assert "Thank you for contacting Keel Bank" in out.output and res.status in out.output
     assert res.acknowledgement == p.acknowledgement and res.llm_calls > p.llm_calls
+
+
+def test_tracing_setting_auto_follows_the_endpoint(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_ENDPOINT", raising=False)
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", raising=False)
+    assert KeelSettings(tracing="auto").tracing_enabled is False
+    assert KeelSettings(tracing="true").tracing_enabled is True and KeelSettings(tracing="0").tracing == "off"
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318")
+    assert KeelSettings(tracing="auto").tracing_enabled is True and KeelSettings(tracing="off").tracing_enabled is False
+    with pytest.raises(ValueError):
+        KeelSettings(tracing="sometimes")
