@@ -695,7 +695,7 @@ def report(r: dict[str, Any]) -> str:
         f"  machine:   {m['cpu_model']}, {m['cores']} cores; {m['platform']}",
         f"  versions:  Python {m['python']}, temporalio {m['temporalio']}, {m['temporal_cli']}",
         "  workers:   separate processes, bytecode cache on (in a temp dir); sandboxed workflow runner",
-        "  keel:      default settings (tracing to the local span store, metrics, alerts)"
+        "  keel:      default settings (guardrails, metrics, alerts; tracing off: no OTLP endpoint is set)"
         + (f" with {' '.join(f'{k}={v}' for k, v in r['keel_env'].items())}" if r.get("keel_env") else ""),
         f"  workload:  {r['tickets']} tickets (+{r['warmup_tickets']} warm-up, not counted), concurrency "
         f"{r['concurrency']}, sim model at zero latency, spiral rate {r['spiral_rate']:.0%}",
