@@ -27,7 +27,7 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.trace import Span, Status, StatusCode, Tracer
 
-from core.settings import KeelSettings
+from core.settings import KeelSettings, otlp_endpoint
 from core.types import Decision, LlmRequest, LlmResponse, ToolRequest, ToolResult
 
 TRACER_NAME = "keel"
@@ -48,10 +48,6 @@ class JsonlSpanExporter(SpanExporter):
         with self._lock, self.path.open("a", encoding="utf-8") as f:
             f.write("\n".join(lines) + "\n")
         return SpanExportResult.SUCCESS
-
-
-def otlp_endpoint() -> str | None:
-    return os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
 
 
 def make_provider(settings: KeelSettings, service: str, exporter: SpanExporter | None = None) -> TracerProvider:

@@ -34,9 +34,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import logging
-import os
 import signal
 import sys
 import tempfile
@@ -60,14 +58,15 @@ from activities.providers.sim import task_traits
 from bench.throughput import (
     SEARCH_ATTRIBUTE_KEYS,
     SPIRAL_RATE,
-    BenchError,
     child_env,
     find_server_pid,
+    hard_exit,
     inherited_output_to,
     keel_settings,
     log,
     machine_info,
     percentile,
+    run_benchmark,
     status_counts,
     temporal_binary,
     ticket_inputs,
@@ -501,28 +500,8 @@ def main(argv: list[str] | None = None) -> int:
         except ValidationError as e:
             parser.error(f"invalid budget override: {e.errors()[0]['loc'][0]}: {e.errors()[0]['msg']}")
 
-    async def guarded() -> dict[str, Any]:
-        # SIGTERM cancels like Ctrl-C does, so the `finally` blocks stop the worker and the server.
-        task = asyncio.current_task()
-        assert task is not None
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-        return await run(args.tickets, args.concurrency, override)
-
-    try:
-        result = asyncio.run(guarded())
-    except BenchError as e:
-        log(f"failed: {e}")
-        return 1
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        log("interrupted; worker and server stopped")
-        return 130
-    print(json.dumps(result) if args.json else report(result))
-    return 0
+    return run_benchmark(lambda: run(args.tickets, args.concurrency, override), args.json, report)
 
 
 if __name__ == "__main__":
-    code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # See bench/throughput.py: the Temporal client's Rust threads can abort CPython's finalization.
-    os._exit(code)
+    hard_exit(main())

@@ -764,17 +764,26 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--keel-env {kv!r}: use KEEL_NAME=value")
         KEEL_WORKER_ENV[key] = value
 
-    async def guarded() -> dict[str, Any]:
-        # SIGTERM cancels like Ctrl-C does, so the `finally` blocks stop the workers and the server.
-        task = asyncio.current_task()
-        assert task is not None
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-        rounds = []
+    async def rounds() -> dict[str, Any]:
+        results = []
         for i in range(args.rounds):
             if args.rounds > 1:
                 log(f"round {i + 1} of {args.rounds}")
-            rounds.append(await run(args.tickets, args.concurrency))
-        return combine(rounds)
+            results.append(await run(args.tickets, args.concurrency))
+        return combine(results)
+
+    return run_benchmark(rounds, args.json, report)
+
+
+def run_benchmark(bench: Callable[[], Awaitable[dict[str, Any]]], as_json: bool,
+                  render: Callable[[dict[str, Any]], str]) -> int:
+    """Run `bench` (SIGTERM cancels it like Ctrl-C, so its `finally` blocks stop workers and server) and
+    print its result as JSON or as the report. Returns the exit code."""
+    async def guarded() -> dict[str, Any]:
+        task = asyncio.current_task()
+        assert task is not None
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        return await bench()
 
     try:
         result = asyncio.run(guarded())
@@ -784,15 +793,18 @@ def main(argv: list[str] | None = None) -> int:
     except (KeyboardInterrupt, asyncio.CancelledError):
         log("interrupted; workers and server stopped")
         return 130
-    print(json.dumps(result) if args.json else report(result))
+    print(json.dumps(result) if as_json else render(result))
     return 0
 
 
-if __name__ == "__main__":
-    code = main()
+def hard_exit(code: int) -> None:
+    """Flush and leave without CPython's finalization, which the Temporal client's Rust threads can
+    abort ("PyGILState_Release: thread state must be current", temporalio/sdk-python#300). Workers and
+    server are stopped and temp dirs removed by then."""
     sys.stdout.flush()
     sys.stderr.flush()
-    # The Temporal client's Rust threads can abort CPython's finalization ("PyGILState_Release: thread
-    # state must be current", temporalio/sdk-python#300). Workers and server are stopped, the temp dir
-    # removed and the output flushed by now: skip the finalization.
     os._exit(code)
+
+
+if __name__ == "__main__":
+    hard_exit(main())

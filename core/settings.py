@@ -97,8 +97,7 @@ class KeelSettings(BaseSettings):
     @property
     def tracing_enabled(self) -> bool:
         if self.tracing == "auto":
-            env = os.environ
-            return bool(env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT"))
+            return otlp_endpoint() is not None
         return self.tracing == "on"
 
     @field_validator("approvers")
@@ -135,3 +134,8 @@ def parse_approvers(spec: str) -> dict[str, list[str]]:
             raise ValueError(f"KEEL_APPROVERS entry {part!r} must look like 'tool=name1,name2'")
         out[tool.strip()] = people
     return out
+
+
+def otlp_endpoint() -> str | None:
+    """The OTLP endpoint for spans, as the OpenTelemetry exporter reads it from the environment."""
+    return os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")

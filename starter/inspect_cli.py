@@ -476,10 +476,9 @@ async def what_if(
     from activities.db import init_db, make_engine
     from activities.ledger import Ledger
     from activities.llm import LlmActivities
-    from core.guardrails import TaskFacts
-    from core.policy import APPROVALS, DEFAULT_POLICY
+    from core.policy import DEFAULT_POLICY
     from workers.worker import default_providers
-    from workflows.support_ticket import make_runner
+    from workflows.support_ticket import approval_policy_of, make_runner
     from workflows.ticket_pipeline import handle_ticket
 
     rec = await read_recording(await fetch_history(client, workflow_id), client.data_converter)
@@ -516,7 +515,7 @@ async def what_if(
         calls = WhatIfCalls(LlmActivities(providers or default_providers(settings), Ledger(engine)), rec.tools)
         runner = make_runner(inp, whatif_id, calls)
         # As SupportTicketWorkflow sets up a task today (guardrails on; no breaker: nothing is admitted).
-        approval = inp.approval or APPROVALS.model_copy(update={"mode": "escalate"})
+        approval = approval_policy_of(inp)
         decisions = _accepted(rec)
 
         async def recorded_decision(action: PendingAction) -> ApprovalDecision | None:
@@ -528,10 +527,7 @@ async def what_if(
                 notes.append(f"{action.action_id}: no recorded decision applies; treated as timed out")
             return d
 
-        runner.guardrails = True
-        runner.facts = TaskFacts(customer_id=inp.customer_id, max_refund=DEFAULT_POLICY.max_refund)
-        runner.approval_gate = recorded_decision
-        runner.approval_mode = approval.mode
+        runner.arm_guardrails(DEFAULT_POLICY.max_refund, recorded_decision, approval.mode)
         try:
             result = await handle_ticket(runner, inp, DEFAULT_POLICY)
         except ApplicationError as e:

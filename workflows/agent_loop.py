@@ -196,6 +196,16 @@ class AgentRunner:
         self.report_to: str | None = None
         """The cost circuit breaker the routing call reports this task's usage to (see ToolRequest)."""
 
+    def arm_guardrails(
+        self, max_refund: float, gate: Callable[[PendingAction], Awaitable[ApprovalDecision | None]],
+        mode: ApprovalMode,
+    ) -> None:
+        """Layer-2 checks from this task's own facts, and `confirm` writes through `gate` (in `mode`)."""
+        self.guardrails = True
+        self.facts = TaskFacts(customer_id=self.task.customer, max_refund=max_refund)
+        self.approval_gate = gate
+        self.approval_mode = mode
+
     # -- bookkeeping -------------------------------------------------------------------------
     def _next_step(self, action: str) -> int:
         self.progress.step += 1

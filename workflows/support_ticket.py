@@ -19,11 +19,11 @@ with workflow.unsafe.imports_passed_through():
         UsageReport,
         breaker_workflow_id,
     )
-    from core.guardrails import TaskFacts
     from core.metrics import ticket_input_hash
     from core.policy import APPROVALS, DEFAULT_POLICY, EXPECTED_TOKENS, budget_for
     from core.types import (
         ApprovalDecision,
+        ApprovalPolicy,
         ApprovalRecord,
         HumanResolution,
         PendingAction,
@@ -33,7 +33,7 @@ with workflow.unsafe.imports_passed_through():
         TicketResult,
     )
 
-# Our own workflow code is imported inside the sandbox (not passed through), so it stays checked.
+# Passed through the sandbox by the worker (workers.worker.PURE_WORKFLOW_MODULES): pure decision code.
 from workflows.agent_loop import AgentRunner, Calls, TemporalCalls
 from workflows.ticket_pipeline import handle_ticket
 
@@ -76,6 +76,12 @@ def make_runner(inp: TicketInput, workflow_id: str, calls: Calls, controls: bool
         controls=controls,
         fallbacks=inp.fallbacks,
     )
+
+
+def approval_policy_of(inp: TicketInput) -> ApprovalPolicy:
+    """A task submitted without an approval policy (an older client, a hand-made input) names no one
+    to wait for: its proposals go to the human queue, as before approvals existed."""
+    return inp.approval or APPROVALS.model_copy(update={"mode": "escalate"})
 
 
 def _show_step(p: Progress) -> None:
@@ -201,13 +207,8 @@ class SupportTicketWorkflow:
             runner.on_budget_state = lambda state: workflow.upsert_search_attributes([SA_BUDGET.value_set(state)])
         if guardrails:
             runner.clock = workflow.now
-            # A task submitted without an approval policy (an older client, a hand-made input) names no
-            # one to wait for: its proposals go to the human queue, as before approvals existed.
-            self._approval_policy = inp.approval or APPROVALS.model_copy(update={"mode": "escalate"})
-            runner.guardrails = True
-            runner.facts = TaskFacts(customer_id=inp.customer_id, max_refund=DEFAULT_POLICY.max_refund)
-            runner.approval_gate = self._request_approval
-            runner.approval_mode = self._approval_policy.mode
+            self._approval_policy = approval_policy_of(inp)
+            runner.arm_guardrails(DEFAULT_POLICY.max_refund, self._request_approval, self._approval_policy.mode)
             if wants_breaker:
                 # The breaker answers inside the task's first model call (no activity of its own); a
                 # refusal ends the task before any model is called (BreakerRefused).
