@@ -16,6 +16,7 @@ from sqlalchemy.pool import StaticPool
 from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, SQLModel, create_engine
 
+from core.corpus import CORPUS
 from core.dataset import build_dataset
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -128,6 +129,30 @@ class HumanQueueRow(SQLModel, table=True):
     created_at: datetime = _created_at()
 
 
+class ReportRow(SQLModel, table=True):
+    """A published report, plan or answer of a multi-agent task (tool publish_report)."""
+
+    __tablename__ = "reports"
+    id: int | None = Field(default=None, primary_key=True)
+    idempotency_key: str = Field(unique=True)
+    workflow_id: str = Field(index=True)
+    kind: str = Field(index=True)
+    title: str
+    body: str
+    created_at: datetime = _created_at()
+
+
+class DocumentRow(SQLModel, table=True):
+    """The internal document corpus the research agents search (core.corpus, seeded by init_db)."""
+
+    __tablename__ = "documents"
+    id: str = Field(primary_key=True)
+    title: str
+    tags: str = ""
+    """Space-separated keywords."""
+    body: str
+
+
 class LedgerRow(SQLModel, table=True):
     """One row per (workflow_id, step, kind); kind is llm | tool | outcome.
 
@@ -174,6 +199,11 @@ class LedgerRow(SQLModel, table=True):
     answer_tokens: int | None = None
     input_hash: str | None = None
     limit_hit: str | None = None
+    parent_workflow_id: str | None = Field(default=None, index=True)
+    """A child task's parent (orchestrator, supervisor, swarm, shadow): a parent's spend is its own rows
+    plus the rows whose parent it is."""
+    dry_run: bool | None = None
+    """Tool rows of a shadow run's writes: validated and recorded, never executed."""
 
 
 class AlertRow(SQLModel, table=True):
@@ -244,6 +274,9 @@ def init_db(engine: Engine) -> bool:
             conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _SEED_LOCK_ID})
         SQLModel.metadata.create_all(conn)
         _add_missing_columns(conn)
+        if CORPUS and not conn.execute(select(func.count()).select_from(DocumentRow)).scalar_one():
+            # Its own check: a file made before the corpus existed gets it too.
+            conn.execute(SQLModel.metadata.tables["documents"].insert(), [d.model_dump() for d in CORPUS])
         if conn.execute(select(func.count()).select_from(CustomerRow)).scalar_one():
             return False
         ds = build_dataset()

@@ -21,7 +21,8 @@ from core.types import LlmRequest, LlmResponse, TaskContext, TaskOutcome, ToolRe
 OUTCOME_STEP = -1
 """The step of a task's outcome row."""
 
-GROUP_COLUMNS = ("customer", "feature", "task_type", "model", "provider", "tier", "step_kind", "prompt_version")
+GROUP_COLUMNS = ("customer", "feature", "task_type", "model", "provider", "tier", "step_kind", "prompt_version",
+                 "parent_workflow_id")
 """What `Ledger.costs` can group by."""
 
 
@@ -42,6 +43,7 @@ def _tags(task: TaskContext, step: int, kind: str, attempt: int) -> dict[str, An
         "prompt_version": task.prompt_version,
         "attempt": attempt,
         "created_at": utcnow(),
+        "parent_workflow_id": task.parent_workflow_id or None,
     }
 
 
@@ -120,6 +122,7 @@ class Ledger:
             "latency_ms": result.latency_ms,
             "ok": result.ok,
             "error": result.error,
+            "dry_run": True if req.dry_run else None,
         }
         self._upsert(values, session)
 
@@ -208,6 +211,23 @@ class Ledger:
             "tool_calls": tools,
             "tool_errors": tool_errors,
         }
+
+    def family_totals(self, parent_id: str) -> dict[str, Any]:
+        """LLM calls, tokens and cost of a pattern's parent: its own calls plus every child's (each
+        attempt of a retried child included), from the ledger rows."""
+        llm = col(LedgerRow.kind) == "llm"
+        mine = (col(LedgerRow.workflow_id) == parent_id) | (col(LedgerRow.parent_workflow_id) == parent_id)
+        stmt = select(
+            func.count(),
+            func.coalesce(func.sum(col(LedgerRow.input_tokens)), 0),
+            func.coalesce(func.sum(col(LedgerRow.output_tokens)), 0),
+            func.coalesce(func.sum(col(LedgerRow.cost_usd)), 0.0),
+            func.count(func.distinct(col(LedgerRow.workflow_id))),
+        ).where(llm, mine)
+        with Session(self.engine) as s:
+            calls, tin, tout, cost, tasks = s.execute(stmt).one()
+        return {"workflow_id": parent_id, "llm_calls": calls, "input_tokens": tin, "output_tokens": tout,
+                "tokens": tin + tout, "cost_usd": cost, "tasks": tasks}
 
     def outcomes(self, since: datetime | None = None, task_type: str | None = None) -> list[dict[str, Any]]:
         """Outcome rows, oldest first; `tools` decoded to a list (None in rows from before it was kept)."""

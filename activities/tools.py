@@ -20,9 +20,19 @@ from sqlmodel import Session, col
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities import dr_tools, research_tools
 from activities.alerts import TaskObserver
 from activities.breaker import UsageReporter
-from activities.db import AccountRow, CustomerRow, HumanQueueRow, PolicyRow, RefundRow, ReplyRow, TransactionRow
+from activities.db import (
+    AccountRow,
+    CustomerRow,
+    HumanQueueRow,
+    PolicyRow,
+    RefundRow,
+    ReplyRow,
+    ReportRow,
+    TransactionRow,
+)
 from activities.ledger import Ledger
 from activities.tracing import Tracing
 from core.breaker import UsageReport
@@ -33,6 +43,7 @@ from core.tools import (
     GetTransactionsArgs,
     IssueRefundArgs,
     LookupPolicyArgs,
+    PublishReportArgs,
     SendReplyArgs,
 )
 from core.types import ToolRequest, ToolResult
@@ -71,6 +82,11 @@ class ToolActivities:
             ("get_account", _get_account), ("get_transactions", _get_transactions),
             ("lookup_policy", _lookup_policy), ("issue_refund", _issue_refund),
             ("send_reply", _send_reply), ("escalate_to_human", _escalate),
+            # multi-agent patterns
+            ("search_documents", research_tools.search_documents), ("read_document", research_tools.read_document),
+            ("transaction_stats", research_tools.transaction_stats), ("ledger_costs", research_tools.ledger_costs),
+            ("get_service_status", dr_tools.get_service_status), ("lookup_runbook", dr_tools.lookup_runbook),
+            ("publish_report", _publish_report),
         ]
         return [self._async_activity(name, handler) for name, handler in handlers]
 
@@ -135,12 +151,28 @@ class ToolActivities:
                                 latency_ms=round((time.perf_counter() - start) * 1000, 3))
             self.ledger.record_tool(req, name, result, attempt)
             raise ApplicationError(result.error or "", type="ToolArgumentError", non_retryable=True) from None
+        if req.dry_run and TOOLS[name].writes:
+            return self._dry_run(name, req, args, start, attempt)
         try:
             return self._transaction(name, req, handler, args, start, attempt)
         except IntegrityError:
             # Another attempt of this very step committed first (unique idempotency key): run
             # again, which now finds and returns that attempt's row.
             return self._transaction(name, req, handler, args, start, attempt)
+
+    def _dry_run(self, name: str, req: ToolRequest, args: BaseModel, start: float, attempt: int) -> ToolResult:
+        """A shadow run's write: validated (above) and recorded in the ledger (`dry_run`), never
+        executed. The task's outcome row, when the request carries it, is written as usual."""
+        result = ToolResult(ok=True, content={"dry_run": True, "status": "recorded, not executed (shadow run)",
+                                              "tool": name, "arguments": args.model_dump()},
+                            latency_ms=round((time.perf_counter() - start) * 1000, 3))
+        with Session(self.engine, expire_on_commit=False) as s:
+            self.ledger.record_tool(req, name, result, attempt, session=s)
+            if req.outcome is not None:
+                self.ledger.record_outcome(req.task, req.outcome, session=s)
+                self.ledger.record_guardrails(req, session=s)
+            s.commit()
+        return result
 
     def _transaction(
         self, name: str, req: ToolRequest, handler: Handler, args: BaseModel, start: float, attempt: int
@@ -259,6 +291,26 @@ def _escalate(s: Session, req: ToolRequest, args: EscalateArgs) -> ToolResult:
         s.add(q)
         s.flush()
     return ToolResult(ok=True, content={"queue_item_id": f"HQ-{q.id}", "status": "queued", "reason": q.reason})
+
+
+def _publish_report(s: Session, req: ToolRequest, args: PublishReportArgs) -> ToolResult:
+    r = _existing(s, ReportRow, req.idempotency_key)
+    if r is None:
+        r = ReportRow(idempotency_key=req.idempotency_key, workflow_id=req.task.workflow_id, kind=args.kind,
+                      title=args.title, body=args.body)
+        s.add(r)
+        s.flush()
+    return ToolResult(ok=True, content={"report_id": f"RE-{r.id}", "kind": r.kind, "title": r.title})
+
+
+def reports(engine: Engine, workflow_id: str | None = None) -> list[dict[str, Any]]:
+    """Published reports (newest first), or those of one workflow."""
+    stmt = select(ReportRow).order_by(col(ReportRow.created_at).desc(), col(ReportRow.id).desc())
+    if workflow_id is not None:
+        stmt = stmt.where(col(ReportRow.workflow_id) == workflow_id)
+    with Session(engine) as s:
+        return [{"report_id": f"RE-{r.id}", "workflow_id": r.workflow_id, "kind": r.kind, "title": r.title,
+                 "body": r.body, "created_at": r.created_at} for r in s.scalars(stmt)]
 
 
 def human_queue(engine: Engine, status: str | None = "open") -> list[dict[str, Any]]:

@@ -8,6 +8,12 @@ TASK_QUEUE = "keel"
 
 # Workflows
 SUPPORT_TICKET_WORKFLOW = "SupportTicket"
+AGENT_TASK_WORKFLOW = "AgentTask"
+"""A child agent of a multi-agent pattern: the agent loop with its own prompt, tools, model and budget."""
+RESEARCH_REPORT_WORKFLOW = "ResearchReport"
+SUPERVISED_PLAN_WORKFLOW = "SupervisedPlan"
+SWARM_WORKFLOW = "Swarm"
+SHADOW_WORKFLOW = "Shadow"
 
 # Activities
 LLM_ACTIVITY = "llm_call"

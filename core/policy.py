@@ -25,6 +25,7 @@ DEFAULT_TIERS: dict[StepKind, Tier] = {
     "reason": "large",
     "draft": "large",
     "synthesize": "large",
+    "review": "large",
 }
 
 

@@ -15,7 +15,7 @@ from core.breaker import AdmitDecision, AdmitRequest
 
 Role = Literal["system", "user", "assistant", "tool"]
 Permission = Literal["read_only", "confirm", "autonomous"]
-StepKind = Literal["classify", "route", "extract", "plan", "reason", "draft", "synthesize"]
+StepKind = Literal["classify", "route", "extract", "plan", "reason", "draft", "synthesize", "review"]
 Tier = Literal["small", "large"]
 ProviderName = Literal["sim", "openai", "anthropic"]
 
@@ -165,6 +165,9 @@ class TaskContext(BaseModel):
     input_hash: str = ""
     """sha256 of the customer id and ticket text, 16 hex (core.metrics.ticket_input_hash): groups repeated
     submissions of the same input (outcome consistency). Empty in histories recorded before it existed."""
+    parent_workflow_id: str = ""
+    """The parent pattern's workflow (orchestrator, supervisor, swarm, shadow) of a child task, else
+    empty: the ledger's `parent_workflow_id`, so a parent's spend is the sum of its children's rows."""
 
 
 class LlmRequest(BaseModel):
@@ -225,6 +228,8 @@ class ToolRequest(BaseModel):
     report_to: str | None = None
     """Set on the routing call of a task its cost circuit breaker admitted (not as a probe): the
     breaker's workflow id. The worker reports the task's usage to it, batched with other tasks'."""
+    dry_run: bool = False
+    """A write of a shadow (candidate) run: the activity validates and records it, never executes it."""
 
     @property
     def idempotency_key(self) -> str:
@@ -261,7 +266,7 @@ TaskStatus = Literal[
     "running", "resolved", "escalated", "rejected", "failed", "budget_exceeded", "awaiting_approval",
     "awaiting_human", "resolved_by_human",
 ]
-Route = Literal["reply", "human"]
+Route = Literal["reply", "human", "report"]
 
 
 class TaskOutcome(BaseModel):
@@ -383,6 +388,9 @@ class TicketInput(BaseModel):
     approvers in mode "escalate" (nobody was named to wait for)."""
     hold_for_human: bool = False
     """An escalated task waits for a human's `resolve` signal before it completes."""
+    dry_run: bool = False
+    """Shadow mode's candidate: every write is recorded, never executed (see ToolRequest.dry_run), and
+    a `confirm` write is recorded as a proposal without asking anyone."""
 
 
 class BlockedAction(BaseModel):
@@ -429,6 +437,8 @@ class TicketResult(BaseModel):
     """PII removed from the reply before it left, by kind."""
     resolution: HumanResolution | None = None
     acknowledgement: str | None = None
+    dry_run_actions: list[BlockedAction] = Field(default_factory=list)
+    """Writes of a dry run (shadow candidate): recorded with their arguments, never executed."""
 
 
 class Progress(BaseModel):
@@ -448,3 +458,125 @@ class Progress(BaseModel):
 
 
 ToolRequest.model_rebuild()
+
+
+# --- multi-agent patterns ----------------------------------------------------------------------
+
+
+class TaskUsage(BaseModel):
+    """Model usage of a task (or of a part of one)."""
+
+    llm_calls: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float = 0.0
+
+    @property
+    def tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+    def plus(self, other: TaskUsage) -> TaskUsage:
+        return TaskUsage(llm_calls=self.llm_calls + other.llm_calls,
+                         input_tokens=self.input_tokens + other.input_tokens,
+                         output_tokens=self.output_tokens + other.output_tokens,
+                         cost_usd=round(self.cost_usd + other.cost_usd, 8))
+
+
+class InjectedFailure(BaseModel):
+    """Fault injection for a child agent: its first `runs` attempts fail (non-retryably) when they reach
+    model call `at_step`, after spending real tokens on the calls before it."""
+
+    at_step: int = Field(2, ge=1)
+    runs: int = Field(1, ge=1)
+
+
+AgentTaskStatus = Literal["completed", "escalated", "budget_exceeded", "failed"]
+
+
+class AgentTaskInput(BaseModel):
+    """Input of AgentTaskWorkflow: one child agent of a pattern, with its own prompt, tools, model,
+    temperature and budget. The parent sets `attempt` (and a new workflow id) when it retries a child."""
+
+    name: str
+    """The child's name within its parent (e.g. "retrieval", "peer-2"); part of its workflow id."""
+    role: str = "worker"
+    prompt: str
+    """Prompt name under prompts/ (e.g. "research/retrieval")."""
+    prompt_version: str = "v1"
+    instructions: str
+    """The sub-task, sent as the first user message (`Task: ...`)."""
+    context: list[str] = Field(default_factory=list)
+    """Inputs from the parent or earlier children, each a user message (`Context: ...`)."""
+    tools: list[str] = Field(default_factory=list)
+    """Tool names (core.tools.TOOLS): a narrow set per role. None: a single model call."""
+    kind: StepKind = "reason"
+    json_output: bool = False
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    temperature: float = Field(0.0, ge=0, le=2)
+    sim: SimConfig = Field(default_factory=SimConfig)
+    budget: Budget = Field(default_factory=lambda: Budget(max_tokens=8_000, max_usd=0.05))
+    max_steps: int = Field(8, ge=1, le=50)
+    max_output_tokens: int = Field(800, ge=16)
+    customer: str = "internal"
+    """Chargeback tag of the ledger rows (the parent's)."""
+    feature: str = "research"
+    task_type: str = "agent_task"
+    key: str = ""
+    """Stable across attempts (the sim model seeds on it): a retried child takes the same path."""
+    attempt: int = Field(1, ge=1)
+    inject_failure: InjectedFailure | None = None
+    dry_run: bool = False
+    """Writes are recorded, never executed (shadow mode)."""
+
+
+class AgentTaskResult(BaseModel):
+    workflow_id: str
+    name: str
+    role: str = "worker"
+    status: AgentTaskStatus
+    output: str = ""
+    reason: str = ""
+    usage: TaskUsage = Field(default_factory=TaskUsage)
+    steps: int = 0
+    model: str = ""
+    tools_executed: list[str] = Field(default_factory=list)
+    tools_blocked: list[BlockedAction] = Field(default_factory=list)
+    dry_run_actions: list[BlockedAction] = Field(default_factory=list)
+    observations: list[str] = Field(default_factory=list)
+    decisions: list[Decision] = Field(default_factory=list)
+    budget: BudgetReport = Field(default_factory=BudgetReport)
+    attempt: int = 1
+
+
+ChildStatus = Literal["pending", "running", "completed", "escalated", "budget_exceeded", "failed", "not_started"]
+
+
+class ChildRecord(BaseModel):
+    """A parent's record of one of its children, over all its attempts."""
+
+    name: str
+    role: str = "worker"
+    workflow_id: str = ""
+    """The latest attempt's workflow id (attempt n > 1 is `<parent>/<name>~n`)."""
+    model: str = ""
+    status: ChildStatus = "pending"
+    attempts: int = 0
+    failures: list[str] = Field(default_factory=list)
+    """Why each failed attempt failed."""
+    usage: TaskUsage = Field(default_factory=TaskUsage)
+    """All attempts' usage, failed ones included (their tokens were spent)."""
+    budget_tokens: int | None = None
+    budget_usd: float | None = None
+    reason: str = ""
+
+
+class PatternProgress(BaseModel):
+    """The `progress` query of a pattern's parent workflow: its phase and every child's state."""
+
+    status: str = "running"
+    phase: str = "starting"
+    children: list[ChildRecord] = Field(default_factory=list)
+    tokens: int = 0
+    """Parent's own calls plus every child's (all attempts)."""
+    cost_usd: float = 0.0
+    budget: BudgetReport | None = None

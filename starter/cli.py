@@ -27,6 +27,10 @@ from starter.codec_cli import codec_server
 from starter.console import client_or_exit, console, err, load_settings
 from starter.inspect_cli import history_app, prompts_app, replay_cmd
 from starter.metrics_cli import alerts, metrics
+from starter.plan_cli import plan_cmd
+from starter.research_cli import research_cmd
+from starter.shadow_cli import shadow_app
+from starter.swarm_cli import swarm_cmd
 from starter.trace_cli import trace_cmd
 
 app = typer.Typer(help="Keel: durable, budgeted, observable LLM agents on Temporal.", no_args_is_help=True)
@@ -44,6 +48,10 @@ app.add_typer(prompts_app, name="prompts")
 app.command("metrics")(metrics)
 app.command("alerts")(alerts)
 app.command("trace")(trace_cmd)
+app.command("research")(research_cmd)
+app.command("plan")(plan_cmd)
+app.command("swarm")(swarm_cmd)
+app.add_typer(shadow_app, name="shadow")
 def _sim(settings: KeelSettings, seed: int | None, spiral_rate: float | None, latency: str | None) -> SimConfig:
     lo = hi = 0
     if latency:

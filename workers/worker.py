@@ -16,16 +16,20 @@ from activities.breaker import BreakerActivities, UsageReporter
 from activities.db import init_db, make_engine
 from activities.ledger import Ledger
 from activities.llm import LlmActivities
+from activities.patterns import PatternActivities
 from activities.providers.anthropic_provider import AnthropicProvider
 from activities.providers.base import Provider
 from activities.providers.openai_provider import OpenAIProvider
 from activities.providers.sim import SimProvider
+from activities.shadow import ShadowActivities
 from activities.tools import ToolActivities
 from activities.tracing import Tracing
 from core.settings import KeelSettings
 from workflows.registry import WORKFLOWS
 
-PURE_WORKFLOW_MODULES = ("workflows.agent_loop", "workflows.budget", "workflows.ticket_pipeline")
+PURE_WORKFLOW_MODULES = (
+    "workflows.agent_loop", "workflows.budget", "workflows.ticket_pipeline", "workflows.children",
+)
 """Decision code with no module state and no I/O, clock or randomness (the workflows' replay tests
 check it): shared with the sandbox like `core`, instead of re-imported for every workflow run, which
 was the largest single cost of a ticket in the worker (bench/throughput.py)."""
@@ -59,6 +63,8 @@ def activities_for(
         LlmActivities(providers, ledger, breakers, tracing).llm_call,
         *ToolActivities(engine, ledger, reporter, tracing, observer).all(),
         breakers.admit,
+        *PatternActivities(engine).all(),
+        *ShadowActivities(engine).all(),
     ]
 
 

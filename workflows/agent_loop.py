@@ -195,6 +195,12 @@ class AgentRunner:
         """Called as each step starts: the workflow shows it as its current details in the UI."""
         self.report_to: str | None = None
         """The cost circuit breaker the routing call reports this task's usage to (see ToolRequest)."""
+        self.temperature = 0.0
+        """Sampling temperature of every call (swarm peers differ by it)."""
+        self.dry_run = False
+        """Shadow mode: every write tool is recorded, never executed (ToolRequest.dry_run), and a
+        `confirm` write is recorded as a proposal without asking anyone."""
+        self.dry_run_actions: list[BlockedAction] = []
 
     def arm_guardrails(
         self, max_refund: float, gate: Callable[[PendingAction], Awaitable[ApprovalDecision | None]],
@@ -283,6 +289,7 @@ class AgentRunner:
                 json_output=json_output,
                 model=model,
                 sim=self.sim,
+                temperature=self.temperature,
                 # Only the chain's first model: a fallback's activity would take another probe slot.
                 admit=self.admit if i == 0 else None,
             )
@@ -348,11 +355,15 @@ class AgentRunner:
         call_id = f"{self.task.workflow_id}/{step}"
         if outcome is not None:  # the routing call: it counts in the outcome it writes (as in TicketResult)
             outcome = outcome.model_copy(update={"tools": [*outcome.tools, name], "steps": step})
+        dry = self.dry_run and TOOLS[name].writes
         req = ToolRequest(task=self.task, step=step, call_id=call_id, arguments=dict(arguments), outcome=outcome,
                           report_to=self.report_to if outcome is not None else None,
                           guardrails=list(self.guardrail_events) if outcome is not None else [],
-                          decisions=list(self.decisions) if outcome is not None else [])
+                          decisions=list(self.decisions) if outcome is not None else [], dry_run=dry)
         result = await self.calls.tool(name, req)
+        if dry:
+            self.dry_run_actions.append(BlockedAction(step=step, tool=name, reason="dry run: recorded, not executed",
+                                                      arguments_json=json.dumps(dict(arguments), sort_keys=True)))
         self.tools_executed.append(name)
         self.progress.tools_executed = list(self.tools_executed)
         return result
@@ -479,7 +490,8 @@ async def _handle_new_call(
         result.escalation_priority = str(arguments.get("priority", "normal"))
         runner.decide("escalate", result.escalation)
         return {"status": "will be escalated to a human when this step ends"}
-    if tool.permission == "confirm" and runner.approval_gate is not None and runner.approval_mode == "wait":
+    if (tool.permission == "confirm" and runner.approval_gate is not None and runner.approval_mode == "wait"
+            and not runner.dry_run):
         return await _await_approval(runner, call, tool, arguments, result, refuse)
     if tool.permission == "confirm":
         action = BlockedAction(

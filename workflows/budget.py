@@ -161,17 +161,32 @@ class BudgetGuard:
         return BudgetExceeded(limit, detail)
 
     # -- children --------------------------------------------------------------------------
+    def _short(self, child: Budget) -> LimitKind | None:
+        left_t, left_u = self._left_tokens(), self._left_usd()
+        if left_t is not None and (child.max_tokens is None or child.max_tokens > left_t):
+            return "tokens"
+        if left_u is not None and (child.max_usd is None or child.max_usd > left_u):
+            return "usd"
+        return None
+
+    def cannot_reserve(self, child: Budget) -> str | None:
+        """Why a child's caps do not fit what is left (and so it must not start), or None."""
+        if self._short(child) is None:
+            return None
+        tokens, usd = child.max_tokens or 0, child.max_usd or 0.0
+        left_t, left_u = self._left_tokens(), self._left_usd()
+        want = f"{tokens:,} tokens" if child.max_tokens is not None else "unlimited tokens"
+        want += f", ${usd:.4f}" if child.max_usd is not None else ", unlimited dollars"
+        have = f"{left_t:,} tokens" if left_t is not None else "unlimited tokens"
+        have += f", ${left_u:.4f}" if left_u is not None else ", unlimited dollars"
+        return f"a child task's budget ({want}) does not fit what is left of the parent's ({have})"
+
     def reserve(self, child: Budget) -> Reservation:
         """Hold a child's caps before it starts; refuse if they do not fit what is left."""
-        tokens = child.max_tokens or 0
-        usd = child.max_usd or 0.0
-        left_t, left_u = self._left_tokens(), self._left_usd()
-        tokens_short = left_t is not None and (child.max_tokens is None or tokens > left_t)
-        usd_short = left_u is not None and (child.max_usd is None or usd > left_u)
-        if tokens_short or usd_short:
-            raise self.stop("tokens" if tokens_short else "usd",
-                            f"a child task's budget ({tokens:,} tokens, ${usd:.4f}) does not fit what is left "
-                            f"({left_t} tokens, ${left_u if left_u is not None else 0:.4f})")
+        short, problem = self._short(child), self.cannot_reserve(child)
+        if short is not None and problem is not None:
+            raise self.stop(short, problem)
+        tokens, usd = child.max_tokens or 0, child.max_usd or 0.0
         self.reserved_tokens += tokens
         self.reserved_usd += usd
         return Reservation(tokens, usd)

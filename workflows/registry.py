@@ -1,8 +1,30 @@
 """The workflows a Keel worker registers."""
 
+from workflows.agent_task import AgentTaskWorkflow
 from workflows.breaker import CostCircuitBreakerWorkflow
+from workflows.research import ResearchReportWorkflow
+from workflows.shadow import ShadowWorkflow
+from workflows.supervisor import SupervisedPlanWorkflow
 from workflows.support_ticket import SupportTicketWorkflow
+from workflows.swarm import SwarmWorkflow
 
-WORKFLOWS = [SupportTicketWorkflow, CostCircuitBreakerWorkflow]
+WORKFLOWS = [
+    SupportTicketWorkflow,
+    CostCircuitBreakerWorkflow,
+    AgentTaskWorkflow,
+    ResearchReportWorkflow,
+    SupervisedPlanWorkflow,
+    SwarmWorkflow,
+    ShadowWorkflow,
+]
 
-__all__ = ["WORKFLOWS", "CostCircuitBreakerWorkflow", "SupportTicketWorkflow"]
+__all__ = [
+    "WORKFLOWS",
+    "AgentTaskWorkflow",
+    "CostCircuitBreakerWorkflow",
+    "ResearchReportWorkflow",
+    "ShadowWorkflow",
+    "SupervisedPlanWorkflow",
+    "SupportTicketWorkflow",
+    "SwarmWorkflow",
+]

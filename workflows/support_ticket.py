@@ -53,7 +53,8 @@ the routing activity (before, the workflow signalled the breaker itself: one mor
 task). One patch for both: every patch costs each task a marker and a search-attribute upsert."""
 
 
-def make_runner(inp: TicketInput, workflow_id: str, calls: Calls, controls: bool = True) -> AgentRunner:
+def make_runner(inp: TicketInput, workflow_id: str, calls: Calls, controls: bool = True,
+                parent_workflow_id: str = "") -> AgentRunner:
     policy = DEFAULT_POLICY
     task = TaskContext(
         workflow_id=workflow_id,
@@ -63,9 +64,10 @@ def make_runner(inp: TicketInput, workflow_id: str, calls: Calls, controls: bool
         task_type=inp.task_type,
         prompt_version=inp.prompt_version,
         input_hash=ticket_input_hash(inp.customer_id, inp.text),
+        parent_workflow_id=parent_workflow_id,
     )
     tiers = policy.tiers if inp.tiering else dict.fromkeys(policy.tiers, "large")
-    return AgentRunner(
+    runner = AgentRunner(
         calls,
         task,
         models={"small": inp.small_model, "large": inp.large_model},
@@ -76,6 +78,8 @@ def make_runner(inp: TicketInput, workflow_id: str, calls: Calls, controls: bool
         controls=controls,
         fallbacks=inp.fallbacks,
     )
+    runner.dry_run = inp.dry_run
+    return runner
 
 
 def approval_policy_of(inp: TicketInput) -> ApprovalPolicy:
@@ -196,7 +200,9 @@ class SupportTicketWorkflow:
         # costs a marker and a search-attribute upsert (TemporalChangeVersion) per task.
         guardrails = workflow.patched(GUARDRAILS_PATCH)
         controls = guardrails or workflow.patched(COST_CONTROLS_PATCH)
-        runner = make_runner(inp, workflow.info().workflow_id, TemporalCalls(), controls)
+        parent = workflow.info().parent
+        runner = make_runner(inp, workflow.info().workflow_id, TemporalCalls(), controls,
+                             parent.workflow_id if parent is not None else "")
         self._runner = runner
         runner.on_step = _show_step
         admit: AdmitDecision | None = None

@@ -218,5 +218,6 @@ async def _finish(
             "decisions": runner.decisions,
             "validation_failures": runner.validation_failures,
             "acknowledgement": runner.progress.acknowledgement,
+            "dry_run_actions": runner.dry_run_actions,
         }
     )

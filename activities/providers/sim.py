@@ -21,6 +21,7 @@ call), one saying "answer now" (or an empty tool list) gets a text answer at onc
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
 import random
 import re
@@ -497,6 +498,14 @@ def _cap_output(text: str, calls: list[ToolCall], max_tokens: int) -> tuple[str,
     return (text, False) if len(text) <= room else (text[:room], True)
 
 
+PATTERN_SIMS = {
+    "research": "activities.providers.sim_research",
+    "dr": "activities.providers.sim_dr",
+    "swarm": "activities.providers.sim_swarm",
+}
+"""Prompt families of the multi-agent patterns, each simulated by its own module: a module's
+`respond(req, rng) -> (text, tool_calls)` plays every role of that pattern (see their docstrings)."""
+
 AGENT_KINDS = ("reason", "route", "plan", "extract", "synthesize")
 """Step kinds of an agent loop: the sim acts as the agent (tool calls, then a final answer)."""
 
@@ -513,13 +522,18 @@ class SimProvider:
             key = f"{key}@{req.task.prompt_version}"
         rng = random.Random(f"{req.sim.seed}:{key}:{req.step}:{req.kind}")
         u_hallucinate, u_json, u_args = rng.random(), rng.random(), rng.random()
-        ticket = parse_ticket(req.messages)
+        family = req.prompt.partition("/")[0]
         text, tool_calls = "", []
-        if req.kind == "classify":
+        if family in PATTERN_SIMS:
+            module = importlib.import_module(PATTERN_SIMS[family])
+            text, tool_calls = module.respond(req, rng)
+        elif req.kind == "classify":
+            ticket = parse_ticket(req.messages)
             text = json.dumps(classify_text(ticket.text, rng))
             if u_json < req.sim.invalid_json_rate:
                 text = _broken_json(rng, text)
         elif req.kind in AGENT_KINDS:
+            ticket = parse_ticket(req.messages)
             action = self._decide(req, ticket, task_traits(req.sim, key))
             answer_now = _system_index(req.messages, "answer now") is not None
             if req.tools and not answer_now and u_hallucinate < req.sim.hallucinated_tool_rate:
@@ -534,7 +548,7 @@ class SimProvider:
                 tool_calls = [self._tool_call(req, rng, action, u_json, u_args)]
                 text = action.text
         else:
-            text = self._other(req, ticket)
+            text = self._other(req, parse_ticket(req.messages))
         if req.sim.latency_ms_max > 0:
             lo = req.sim.latency_ms_min
             await asyncio.sleep(rng.uniform(lo, max(lo, req.sim.latency_ms_max)) / 1000)

@@ -1,0 +1,10 @@
+"""`keel plan`. PLACEHOLDER: filled in by issue #6 work."""
+
+from __future__ import annotations
+
+import typer
+
+
+def plan_cmd() -> None:
+    """(not yet implemented)"""
+    raise typer.Exit(2)

@@ -1,0 +1,172 @@
+"""Running a pattern's child agents: budget reservation, real-usage accounting and retry of one child.
+
+Before a child starts, its budget caps are reserved from the parent's (BudgetGuard.reserve), so
+children running in parallel can never together spend more than the parent has left; a child that
+does not fit is not started. When a child ends its reservation is released and what it really used
+is charged, failed attempts included (their tokens were spent: the failure carries them, or the
+ledger is asked). A failed child is retried alone, as a new workflow (`<parent>/<name>~2`), so its
+ledger rows never overwrite the failed attempt's and the siblings are not run again.
+
+Deterministic: every wait is a Temporal child workflow or activity.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+from temporalio.exceptions import ApplicationError, ChildWorkflowError
+
+with workflow.unsafe.imports_passed_through():
+    from pydantic import ValidationError
+
+    from core import names
+    from core.policy import DEFAULT_TIERS
+    from core.types import (
+        AgentTaskInput,
+        AgentTaskResult,
+        Budget,
+        ChildRecord,
+        ModelSpec,
+        PatternProgress,
+        Route,
+        SimConfig,
+        TaskContext,
+        TaskOutcome,
+        TaskStatus,
+        TaskUsage,
+        ToolResult,
+    )
+
+from workflows.agent_loop import AgentRunner, TemporalCalls
+from workflows.budget import Reservation
+
+TASK_USAGE_ACTIVITY = "task_usage"
+"""Reads a task's usage from the ledger: for a child that failed without saying what it spent."""
+
+CHILD_EXECUTION_TIMEOUT = timedelta(minutes=30)
+
+
+def parent_runner(task_type: str, feature: str, budget: Budget, model: ModelSpec, sim: SimConfig,
+                  customer: str = "internal", key: str = "", prompt_version: str = "v1") -> AgentRunner:
+    """The runner of a pattern's parent workflow: its own model calls (plan, review, synthesize) and
+    the budget its children's reservations are held against. Call inside the workflow."""
+    info = workflow.info()
+    task = TaskContext(workflow_id=info.workflow_id, customer=customer, ticket_id=key or info.workflow_id,
+                       feature=feature, task_type=task_type, prompt_version=prompt_version)
+    runner = AgentRunner(TemporalCalls(), task, models={"small": model, "large": model}, tiers=dict(DEFAULT_TIERS),
+                         sim=sim, budget=budget)
+    runner.clock = workflow.now
+    return runner
+
+
+def child_id(parent_id: str, name: str, attempt: int) -> str:
+    return f"{parent_id}/{name}" if attempt == 1 else f"{parent_id}/{name}~{attempt}"
+
+
+class Children:
+    """The children of one parent, and the parent's books over them."""
+
+    def __init__(self, runner: AgentRunner, max_attempts: int = 3) -> None:
+        self.runner = runner
+        self.max_attempts = max_attempts
+        self.records: list[ChildRecord] = []
+        self.usage = TaskUsage()
+        """All children's usage, every attempt."""
+
+    @property
+    def parent_id(self) -> str:
+        return self.runner.task.workflow_id
+
+    def total(self) -> TaskUsage:
+        """The parent's own calls plus every child's."""
+        own = TaskUsage(llm_calls=self.runner.llm_calls, input_tokens=self.runner.input_tokens,
+                        output_tokens=self.runner.output_tokens, cost_usd=round(self.runner.cost_usd, 8))
+        return own.plus(self.usage)
+
+    def outcome(self, status: TaskStatus, route: Route, reason: str, category: str | None = None) -> TaskOutcome:
+        """The parent's outcome row: its totals are the whole family's (own calls plus every child's)."""
+        o = self.runner.outcome(status, route, reason, {"category": category} if category else {})
+        t = self.total()
+        return o.model_copy(update={"llm_calls": t.llm_calls, "input_tokens": t.input_tokens,
+                                    "output_tokens": t.output_tokens, "cost_usd": t.cost_usd})
+
+    async def publish(self, kind: str, title: str, body: str, status: TaskStatus = "resolved",
+                      reason: str = "", category: str | None = None) -> ToolResult:
+        """Store the pattern's product (tool publish_report); the same call writes the outcome row."""
+        args = {"kind": kind, "title": title[:200], "body": body[:20_000] or "(empty)"}
+        return await self.runner.tool("publish_report", args,
+                                      outcome=self.outcome(status, "report", reason, category))
+
+    async def escalate(self, reason: str, priority: str = "normal", status: TaskStatus = "escalated",
+                       category: str | None = None) -> ToolResult:
+        """Hand the task to the human queue with its reason; the same call writes the outcome row."""
+        args = {"reason": reason[:1000], "priority": priority}
+        return await self.runner.tool("escalate_to_human", args,
+                                      outcome=self.outcome(status, "human", reason, category))
+
+    def progress(self, status: str, phase: str) -> PatternProgress:
+        total = self.total()
+        return PatternProgress(status=status, phase=phase, children=self.records, tokens=total.tokens,
+                               cost_usd=total.cost_usd, budget=self.runner.budget.report())
+
+    async def run(self, inp: AgentTaskInput, summary: str = "") -> AgentTaskResult | None:
+        """Run one child to its end (retrying a failed one alone); None if it never completed."""
+        rec = ChildRecord(name=inp.name, role=inp.role, model=inp.model.label, budget_tokens=inp.budget.max_tokens,
+                          budget_usd=inp.budget.max_usd)
+        self.records.append(rec)
+        budget = self.runner.budget
+        for attempt in range(1, self.max_attempts + 1):
+            problem = budget.cannot_reserve(inp.budget)
+            if problem is not None:
+                rec.status = "not_started" if attempt == 1 else "failed"
+                rec.reason = problem
+                self.runner.decide("skip_child", f"{inp.name}: {problem}")
+                return None
+            reservation = budget.reserve(inp.budget)
+            wid = child_id(self.parent_id, inp.name, attempt)
+            rec.workflow_id, rec.attempts, rec.status = wid, attempt, "running"
+            try:
+                res: AgentTaskResult = await workflow.execute_child_workflow(
+                    names.AGENT_TASK_WORKFLOW,
+                    inp.model_copy(update={"attempt": attempt}),
+                    id=wid,
+                    result_type=AgentTaskResult,
+                    execution_timeout=CHILD_EXECUTION_TIMEOUT,
+                    # The parent retries (with a new id): Temporal must not re-run it under the same id.
+                    retry_policy=RetryPolicy(maximum_attempts=1),
+                    static_summary=summary or f"{inp.role} agent {inp.name} · {inp.model.label}",
+                )
+            except ChildWorkflowError as e:
+                spent = await self._spent(wid, e)
+                self._settle(rec, reservation, spent)
+                why = str(e.cause or e)
+                rec.failures.append(why)
+                rec.reason = why
+                last = attempt == self.max_attempts
+                self.runner.decide("child_failed", f"{wid}: {why}" + ("" if last else "; retrying this child alone"))
+                continue
+            self._settle(rec, reservation, res.usage)
+            rec.status, rec.reason = res.status, res.reason
+            return res
+        rec.status = "failed"
+        return None
+
+    def _settle(self, rec: ChildRecord, reservation: Reservation, spent: TaskUsage) -> None:
+        self.runner.budget.settle(reservation, spent.tokens, spent.cost_usd)
+        rec.usage = rec.usage.plus(spent)
+        self.usage = self.usage.plus(spent)
+
+    async def _spent(self, wid: str, e: ChildWorkflowError) -> TaskUsage:
+        cause = e.cause
+        if isinstance(cause, ApplicationError) and cause.details:
+            try:
+                return TaskUsage.model_validate(cause.details[0])
+            except ValidationError:
+                pass
+        # Timed out, terminated, or failed before it could say: the ledger has every call it made.
+        usage: TaskUsage = await workflow.execute_activity(
+            TASK_USAGE_ACTIVITY, wid, result_type=TaskUsage, start_to_close_timeout=timedelta(seconds=30),
+        )
+        return usage

@@ -1,0 +1,15 @@
+"""PLACEHOLDER for ResearchReportWorkflow (issue #6): replaced by the pattern's implementation."""
+
+from __future__ import annotations
+
+from temporalio import workflow
+
+with workflow.unsafe.imports_passed_through():
+    from core import names
+
+
+@workflow.defn(name=names.RESEARCH_REPORT_WORKFLOW)
+class ResearchReportWorkflow:
+    @workflow.run
+    async def run(self, inp: dict[str, object]) -> dict[str, object]:
+        raise NotImplementedError
