@@ -162,10 +162,12 @@ class Ledger:
 
     # --- reporting -----------------------------------------------------------------------
 
-    def costs(self, group_by: list[str], since: datetime | None = None) -> list[dict[str, Any]]:
+    def costs(self, group_by: list[str], since: datetime | None = None,
+              session: Session | None = None) -> list[dict[str, Any]]:
         """LLM spend grouped by any of GROUP_COLUMNS, most expensive group first.
 
-        Each row: the group's values, then calls, input_tokens, output_tokens, cost_usd."""
+        Each row: the group's values, then calls, input_tokens, output_tokens, cost_usd. `session`: run
+        in that transaction (a tool's, see activities.research_tools.ledger_costs) instead of a new one."""
         bad = [g for g in group_by if g not in GROUP_COLUMNS]
         if bad:
             raise ValueError(f"cannot group costs by {bad!r}: valid names are {', '.join(GROUP_COLUMNS)}")
@@ -183,8 +185,11 @@ class Ledger:
             stmt = stmt.where(col(LedgerRow.created_at) >= _as_utc(since))
         if cols:
             stmt = stmt.group_by(*cols).order_by(cost.desc(), *cols)
-        with Session(self.engine) as s:
-            rows = s.execute(stmt).mappings().all()
+        if session is not None:
+            rows = session.execute(stmt).mappings().all()
+        else:
+            with Session(self.engine) as s:
+                rows = s.execute(stmt).mappings().all()
         return [dict(r) for r in rows if r["calls"]]
 
     def task_totals(self, workflow_id: str) -> dict[str, Any]:

@@ -10,6 +10,7 @@ the client's data converter, so an encrypted history reads the same with the key
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import Sequence
 from typing import Annotated, Any
@@ -23,14 +24,14 @@ from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 
-from core.names import LLM_ACTIVITY
+from core.names import LLM_ACTIVITY, SUPPORT_TICKET_WORKFLOW
 from core.types import Decision, LlmRequest, LlmResponse, ModelSpec, TicketResult, ToolRequest, ToolResult
 from starter.console import client_or_exit, console, err, load_settings
 
 
 class TraceNode(BaseModel):
     kind: str
-    """llm | tool | wait | signal | update | decision"""
+    """llm | tool | wait | signal | update | decision | child"""
     step: int | None = None
     name: str
     detail: str = ""
@@ -39,6 +40,8 @@ class TraceNode(BaseModel):
     cost_usd: float = 0.0
     latency_ms: float | None = None
     model: str | None = None
+    child: TaskTrace | None = None
+    """kind "child": the child workflow's own trace (a multi-agent pattern's agents)."""
 
 
 class TaskTrace(BaseModel):
@@ -47,8 +50,16 @@ class TaskTrace(BaseModel):
     status: str
     """Temporal's execution status (RUNNING, COMPLETED, ...)."""
     result: TicketResult | None = None
+    summary: dict[str, Any] | None = None
+    """Other workflow types (the patterns' parents and children): status, usage and decisions."""
     nodes: list[TraceNode] = Field(default_factory=list)
     duration_s: float | None = None
+
+
+CHILD_DEPTH = 3
+
+
+TraceNode.model_rebuild()
 
 
 class TraceError(Exception):
@@ -60,7 +71,15 @@ async def _decode(client: Client, payloads: Sequence[Payload], t: type[BaseModel
     return values[0] if values else None
 
 
-async def task_trace(client: Client, workflow_id: str) -> TaskTrace:
+def _summary(result: dict[str, Any]) -> dict[str, Any]:
+    usage = result.get("usage") or {}
+    tokens = result.get("tokens", usage.get("input_tokens", 0) + usage.get("output_tokens", 0))
+    return {"status": result.get("status", "?"), "tokens": tokens,
+            "cost_usd": result.get("cost_usd", usage.get("cost_usd", 0.0)),
+            "decisions": result.get("decisions") or []}
+
+
+async def task_trace(client: Client, workflow_id: str, depth: int = 0) -> TaskTrace:
     handle = client.get_workflow_handle(workflow_id)
     try:
         desc = await handle.describe()
@@ -72,6 +91,7 @@ async def task_trace(client: Client, workflow_id: str) -> TaskTrace:
     trace = TaskTrace(workflow_id=workflow_id, workflow_type=desc.workflow_type,
                       status=desc.status.name if desc.status else "UNKNOWN")
     scheduled: dict[int, tuple[str, Any]] = {}
+    children: dict[int, TraceNode] = {}
     for ev in events:
         t = ev.event_type
         if t == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
@@ -107,16 +127,44 @@ async def task_trace(client: Client, workflow_id: str) -> TaskTrace:
         elif t == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_ACCEPTED:
             a5 = ev.workflow_execution_update_accepted_event_attributes
             trace.nodes.append(TraceNode(kind="update", name=a5.accepted_request.input.name))
+        elif t == EventType.EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_STARTED:
+            c = ev.child_workflow_execution_started_event_attributes
+            node = TraceNode(kind="child", name=c.workflow_type.name, detail=c.workflow_execution.workflow_id)
+            children[c.initiated_event_id] = node
+            trace.nodes.append(node)
+        elif t in (EventType.EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_FAILED,
+                   EventType.EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_TIMED_OUT,
+                   EventType.EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_TERMINATED):
+            f = (ev.child_workflow_execution_failed_event_attributes
+                 if t == EventType.EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_FAILED else None)
+            initiated = (f.initiated_event_id if f is not None
+                         else ev.child_workflow_execution_timed_out_event_attributes.initiated_event_id
+                         if t == EventType.EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_TIMED_OUT
+                         else ev.child_workflow_execution_terminated_event_attributes.initiated_event_id)
+            if (failed := children.get(initiated)) is not None:
+                failed.ok = False
+                failed.detail += f" -> {f.failure.message if f is not None else 'timed out or terminated'}"
         elif t == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED:
+            payloads = ev.workflow_execution_completed_event_attributes.result.payloads
             try:
-                trace.result = await _decode(client, ev.workflow_execution_completed_event_attributes.result.payloads,
-                                             TicketResult)
+                if desc.workflow_type == SUPPORT_TICKET_WORKFLOW:
+                    trace.result = await _decode(client, payloads, TicketResult)
+                else:
+                    decoded = (await client.data_converter.decode(list(payloads), [dict]))[0]
+                    trace.summary = _summary(decoded) if isinstance(decoded, dict) else None
             except Exception:
                 trace.result = None
     if events:
         trace.duration_s = (events[-1].event_time.ToDatetime() - events[0].event_time.ToDatetime()).total_seconds()
+    if depth < CHILD_DEPTH:
+        for node in children.values():
+            with contextlib.suppress(TraceError, RPCError):
+                node.child = await task_trace(client, node.detail.split(" -> ")[0], depth + 1)
     if trace.result is not None:
         trace.nodes = _with_decisions(trace.nodes, trace.result.decisions)
+    elif trace.summary is not None:
+        decisions = [Decision.model_validate(d) for d in trace.summary.get("decisions", [])]
+        trace.nodes = _with_decisions(trace.nodes, decisions)
     return trace
 
 
@@ -161,15 +209,21 @@ def _with_decisions(nodes: list[TraceNode], decisions: Sequence[Decision]) -> li
     return out
 
 
-def render(t: TaskTrace) -> Tree:
-    head = f"[bold]{t.workflow_id}[/bold]  {t.workflow_type}  {t.status}"
+def _head(t: TaskTrace) -> str:
+    head = f"[bold]{escape(t.workflow_id)}[/bold]  {t.workflow_type}  {t.status}"
     if t.result is not None:
         r = t.result
         head += (f"  {r.status} -> {r.route}  {r.tokens:,} tokens  ${r.cost_usd:.5f}"
                  f"  {r.llm_calls} LLM calls, {len(r.tools_executed)} tools")
+    elif t.summary is not None:
+        head += f"  {t.summary['status']}  {t.summary['tokens']:,} tokens  ${t.summary['cost_usd']:.5f}"
     if t.duration_s is not None:
         head += f"  {t.duration_s:.2f} s"
-    tree = Tree(head)
+    return head
+
+
+def render(t: TaskTrace, tree: Tree | None = None) -> Tree:
+    tree = Tree(_head(t)) if tree is None else tree
     for n in t.nodes:
         step = f"step {n.step:>2}  " if n.step is not None else "         "
         lat = f"  {n.latency_ms:,.0f} ms" if n.latency_ms is not None else ""
@@ -181,6 +235,13 @@ def render(t: TaskTrace) -> Tree:
             line = f"{step}[magenta]tool[/magenta] {escape(n.name)} {mark}{lat}  [dim]{escape(n.detail)}[/dim]"
         elif n.kind == "decision":
             line = f"{step}[yellow]decision[/yellow] {escape(n.name)}: {escape(n.detail)}"
+        elif n.kind == "child":
+            mark = "" if n.ok else "  [red]failed[/red]"
+            sub = tree.add(f"[green]child[/green] {escape(n.name)}{mark}  " + (
+                _head(n.child) if n.child is not None else escape(n.detail)))
+            if n.child is not None:
+                render(n.child, sub)
+            continue
         else:
             line = f"{step}[blue]{n.kind}[/blue] {escape(n.name)} {escape(n.detail)}"
         tree.add(line)
