@@ -229,6 +229,57 @@ class AlertRow(SQLModel, table=True):
     last_seen_at: datetime = Field(default_factory=utcnow, sa_type=UtcDateTime)
 
 
+class ShadowComparisonRow(SQLModel, table=True):
+    """Shadow mode: one row per shadowed ticket, the primary against the candidate (core.shadow)."""
+
+    __tablename__ = "shadow_comparisons"
+    shadow_workflow_id: str = Field(primary_key=True)
+    primary_workflow_id: str = Field(index=True)
+    candidate_workflow_id: str
+    ticket_id: str = ""
+    customer_id: str = ""
+    candidate: str = Field(index=True)
+    primary_status: str
+    candidate_status: str | None = None
+    primary_route: str
+    candidate_route: str | None = None
+    primary_category: str | None = None
+    candidate_category: str | None = None
+    same_outcome: bool = False
+    classification_agrees: bool | None = None
+    primary_cost_usd: float = 0.0
+    candidate_cost_usd: float | None = None
+    cost_delta_usd: float | None = None
+    primary_steps: int = 0
+    candidate_steps: int | None = None
+    step_delta: int | None = None
+    primary_tokens: int = 0
+    candidate_tokens: int | None = None
+    token_delta: int | None = None
+    dry_run_writes: int = 0
+    dry_run_actions: str = "[]"
+    """JSON list of the candidate's dry-run writes (core.types.BlockedAction)."""
+    proposed_writes: str = "[]"
+    """JSON list of the `confirm` writes the candidate proposed."""
+    candidate_failed: bool = False
+    candidate_error: str = ""
+    created_at: datetime = _created_at()
+
+
+class ShadowConfigRow(SQLModel, table=True):
+    """Shadow mode's configuration (`keel shadow start/stop`): at most one row is active."""
+
+    __tablename__ = "shadow_config"
+    id: int | None = Field(default=None, primary_key=True)
+    candidate: str
+    """The candidate's spec (core.shadow.CandidateSpec.label)."""
+    candidate_json: str
+    fraction: float
+    active: bool = Field(default=True, index=True)
+    started_at: datetime = Field(default_factory=utcnow, sa_type=UtcDateTime)
+    stopped_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
+
+
 def make_engine(url: str) -> Engine:
     """An engine for `url`. SQLite gets WAL, a busy timeout and BEGIN IMMEDIATE so that many
     activity threads (and processes) can write; other databases are used unchanged."""

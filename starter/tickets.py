@@ -3,22 +3,35 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import re
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
+from sqlalchemy.engine import Engine, make_url
 from temporalio.client import Client, WorkflowHandle
 from temporalio.common import SearchAttributeKey, SearchAttributePair, TypedSearchAttributes
+from temporalio.service import RPCError, RPCStatusCode
 
 from activities.prompts import PROMPTS_DIR
 from core import names
 from core.policy import APPROVALS, BUDGETS, budget_for, ticket_problems
 from core.pricing import UnpricedModelError, price_for
 from core.settings import KeelSettings, parse_approvers
+from core.shadow import (
+    SHADOW_FEATURE,
+    CandidateSpec,
+    ShadowComparison,
+    ShadowConfig,
+    ShadowInput,
+    is_shadowed,
+    shadow_workflow_id,
+)
 from core.types import ApprovalPolicy, ModelSpec, Progress, SimConfig, TicketInput, TicketResult
 from workflows.ticket_pipeline import AGENT_PROMPT, CLASSIFY_PROMPT, DRAFT_PROMPT
 
@@ -118,6 +131,9 @@ def ticket_summary(inp: TicketInput) -> str:
 
 
 async def start_ticket(client: Client, settings: KeelSettings, inp: TicketInput) -> WorkflowHandle[Any, TicketResult]:
+    shadow = None if inp.dry_run else shadow_config(settings)
+    if shadow is not None and is_shadowed(inp.ticket_id, shadow.fraction):
+        return await start_shadowed(client, settings, inp, shadow.candidate)
     return await client.start_workflow(
         names.SUPPORT_TICKET_WORKFLOW,
         inp,
@@ -135,6 +151,91 @@ async def start_ticket(client: Client, settings: KeelSettings, inp: TicketInput)
             ]
         ),
     )
+
+
+# --- shadow mode (`keel shadow start`) ----------------------------------------------------------
+
+SHADOW_CONFIG_CACHE_S = 2.0
+"""A process reuses its read of the shadow configuration this long: a batch reads it once or twice, and
+`keel shadow start/stop` reaches running submitters within this time."""
+SHADOW_START_TIMEOUT_S = 60.0
+_shadow_configs: dict[str, tuple[float, ShadowConfig | None]] = {}
+
+
+class ShadowStartError(RuntimeError):
+    """A shadowed ticket whose primary workflow did not appear in time (is a worker running?)."""
+
+
+@functools.cache
+def _ledger_engine(url: str) -> Engine:
+    from activities.db import make_engine
+
+    return make_engine(url)
+
+
+def _read_shadow_config(url: str) -> ShadowConfig | None:
+    from activities.shadow import active_shadow
+
+    u = make_url(url)
+    if u.get_backend_name() == "sqlite" and (not u.database or not Path(u.database).expanduser().is_file()):
+        return None  # no ledger file yet (nothing ran here): no shadow, and no file is created for asking
+    return active_shadow(_ledger_engine(url))
+
+
+def shadow_config(settings: KeelSettings) -> ShadowConfig | None:
+    """The active shadow configuration of the ledger in `settings`, or None (cached per process for
+    SHADOW_CONFIG_CACHE_S)."""
+    url, now = settings.db_url, time.monotonic()
+    hit = _shadow_configs.get(url)
+    if hit is not None and now - hit[0] < SHADOW_CONFIG_CACHE_S:
+        return hit[1]
+    config = _read_shadow_config(url)
+    _shadow_configs[url] = (now, config)
+    return config
+
+
+def forget_shadow_config() -> None:
+    """Drop the cached configuration (after `keel shadow start/stop` in this process)."""
+    _shadow_configs.clear()
+
+
+async def start_shadowed(
+    client: Client, settings: KeelSettings, inp: TicketInput, candidate: CandidateSpec,
+    timeout_s: float = SHADOW_START_TIMEOUT_S,
+) -> WorkflowHandle[Any, TicketResult]:
+    """Start the ticket as a ShadowWorkflow (`shadow-<primary id>`) whose primary child has the ticket's
+    normal workflow id, and return a handle to that PRIMARY once it exists: results, progress,
+    approvals and `settled()` work on it as on any ticket."""
+    primary_id = workflow_id_for(inp)
+    await client.start_workflow(
+        names.SHADOW_WORKFLOW,
+        ShadowInput(primary=inp, candidate=candidate, primary_workflow_id=primary_id),
+        id=shadow_workflow_id(primary_id),
+        task_queue=settings.task_queue,
+        result_type=ShadowComparison,
+        static_summary=f"Shadow of ticket {inp.ticket_id} · candidate {candidate.label}",
+        search_attributes=TypedSearchAttributes([
+            SearchAttributePair(SA_CUSTOMER, inp.customer_id),
+            SearchAttributePair(SA_TASK_TYPE, inp.task_type),
+            SearchAttributePair(SA_FEATURE, SHADOW_FEATURE),
+            SearchAttributePair(SA_STATUS, "running"),
+        ]),
+    )
+    handle: WorkflowHandle[Any, TicketResult] = client.get_workflow_handle(primary_id, result_type=TicketResult)
+    deadline, pause = time.monotonic() + timeout_s, 0.02
+    while True:
+        try:
+            await handle.describe()
+            return handle
+        except RPCError as e:
+            if e.status != RPCStatusCode.NOT_FOUND:
+                raise
+        if time.monotonic() > deadline:
+            raise ShadowStartError(
+                f"shadow workflow {shadow_workflow_id(primary_id)} has not started ticket {primary_id} within "
+                f"{timeout_s:.0f}s: is a worker polling task queue {settings.task_queue!r}? It starts when one is.")
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, 0.25)
 
 
 async def progress(client: Client, workflow_id: str) -> Progress:

@@ -1,0 +1,343 @@
+"""Shadow mode, the pure part: what a candidate is, which tickets are shadowed, how a primary and its
+candidate are compared, and the report over many comparisons.
+
+A candidate (a prompt version and/or models) runs beside the primary on the same ticket, its writes
+dry-run (recorded, never executed); only the primary's output acts. Each shadowed ticket leaves one
+comparison row; `keel shadow report` summarizes them per candidate.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from datetime import datetime
+from statistics import fmean
+
+from pydantic import BaseModel, Field
+
+from core.policy import APPROVALS
+from core.pricing import UnpricedModelError, price_for
+from core.types import BlockedAction, ChildStatus, ModelSpec, TaskStatus, TaskUsage, TicketInput, TicketResult
+
+SHADOW_FEATURE = "shadow"
+"""Chargeback feature of every candidate run: shadow spend is reported apart from the product's."""
+SHADOW_RECORD_ACTIVITY = "shadow_record"
+"""Writes a comparison row (idempotent on the shadow workflow id)."""
+
+_VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
+"""A prompt version's name, as starter.tickets checks it (the files are checked there: core does no I/O)."""
+_KEYS = ("prompt", "model", "small", "large")
+SPEC_EXAMPLES = "prompt=v2, model=sim:sim-small, large=openai:gpt-4o,prompt=v2"
+
+
+class CandidateSpecError(ValueError):
+    """A candidate spec that cannot be used; the message says why."""
+
+
+class CandidateSpec(BaseModel):
+    """What the candidate changes from the primary: its prompt version and/or its models. Anything
+    left None is the primary's."""
+
+    prompt_version: str | None = None
+    small_model: ModelSpec | None = None
+    large_model: ModelSpec | None = None
+
+    @property
+    def label(self) -> str:
+        """The canonical spec string, e.g. `prompt=v2,large=openai:gpt-4o` (what reports group by)."""
+        parts = [f"prompt={self.prompt_version}"] if self.prompt_version else []
+        small, large = self.small_model, self.large_model
+        if small is not None and small == large:
+            parts.append(f"model={small.provider}:{small.model}")
+        else:
+            parts += [f"{tier}={m.provider}:{m.model}" for tier, m in (("small", small), ("large", large)) if m]
+        return ",".join(parts)
+
+    @classmethod
+    def parse(cls, spec: str, check_prices: bool = True) -> CandidateSpec:
+        """`key=value` pairs separated by commas: `prompt=VERSION`, `model=provider:model` (both tiers),
+        `small=provider:model`, `large=provider:model`. Raises CandidateSpecError, saying why."""
+        text = spec.strip()
+        if not text:
+            raise CandidateSpecError(f"empty candidate spec; examples: {SPEC_EXAMPLES}")
+        seen: dict[str, str] = {}
+        for part in (p.strip() for p in text.split(",")):
+            key, sep, value = part.partition("=")
+            key, value = key.strip().lower(), value.strip()
+            if not part:
+                raise CandidateSpecError(f"candidate spec {spec!r} has an empty part (a stray comma?)")
+            if not sep or not value:
+                raise CandidateSpecError(f"{part!r} in candidate spec {spec!r} must look like key=value; "
+                                         f"examples: {SPEC_EXAMPLES}")
+            if key not in _KEYS:
+                raise CandidateSpecError(f"unknown key {key!r} in candidate spec {spec!r}: use {', '.join(_KEYS)}")
+            if key in seen:
+                raise CandidateSpecError(f"{key!r} is given twice in candidate spec {spec!r}")
+            seen[key] = value
+        if "model" in seen and ("small" in seen or "large" in seen):
+            raise CandidateSpecError(f"candidate spec {spec!r}: `model` sets both tiers; do not combine it with "
+                                     "`small` or `large`")
+        models: dict[str, ModelSpec] = {}
+        for key in ("model", "small", "large"):
+            if key in seen:
+                try:
+                    models[key] = ModelSpec.parse(seen[key])
+                except ValueError as e:
+                    raise CandidateSpecError(f"{key}= in candidate spec {spec!r}: {e}") from None
+        both = models.get("model")
+        candidate = cls(prompt_version=seen.get("prompt"), small_model=both or models.get("small"),
+                        large_model=both or models.get("large"))
+        problems = candidate.problems(check_prices)
+        if problems:
+            raise CandidateSpecError(f"candidate spec {spec!r}: " + "; ".join(problems))
+        return candidate
+
+    def problems(self, check_prices: bool = True) -> list[str]:
+        """Why this candidate cannot run (a malformed prompt version, an unpriced model), or []. The
+        prompt files themselves are checked by the starter (starter.tickets.prompt_version_problems)."""
+        problems = []
+        if self.prompt_version is None and self.small_model is None and self.large_model is None:
+            problems.append("it changes nothing: give prompt=, model=, small= or large=")
+        if self.prompt_version is not None and not _VERSION.match(self.prompt_version):
+            problems.append(f"prompt version {self.prompt_version!r} must be 1-32 letters, digits or _.- (e.g. v2)")
+        if check_prices:
+            specs = {(m.provider, m.model) for m in (self.small_model, self.large_model) if m is not None}
+            for provider, model in sorted(specs):
+                try:
+                    price_for(provider, model)
+                except UnpricedModelError as e:
+                    problems.append(str(e))
+        return problems
+
+    def apply(self, primary: TicketInput) -> TicketInput:
+        """The candidate's input: the primary's ticket with this version, as a dry run charged to the
+        shadow feature, outside the circuit breaker, never waiting for anyone."""
+        approval = (primary.approval or APPROVALS).model_copy(update={"mode": "escalate"})
+        return primary.model_copy(update={
+            "prompt_version": self.prompt_version or primary.prompt_version,
+            "small_model": self.small_model or primary.small_model,
+            "large_model": self.large_model or primary.large_model,
+            "dry_run": True,
+            "feature": SHADOW_FEATURE,
+            "breaker": False,
+            "hold_for_human": False,
+            "approval": approval,
+        })
+
+
+class ShadowConfig(BaseModel):
+    """The active shadow configuration: this share of new tickets runs the candidate beside them."""
+
+    candidate: CandidateSpec
+    fraction: float = Field(ge=0, le=1)
+    started_at: datetime | None = None
+
+
+def shadow_point(ticket_id: str) -> int:
+    """Where a ticket falls in [0, 2^64): the first 8 bytes of sha256 of its id. Stable across runs,
+    processes and machines (Python's hash() is salted per process)."""
+    return int.from_bytes(hashlib.sha256(ticket_id.encode("utf-8")).digest()[:8], "big")
+
+
+def is_shadowed(ticket_id: str, fraction: float) -> bool:
+    """Whether this ticket is in the shadowed `fraction` (0: none, 1: all). Deterministic per ticket id."""
+    if not 0 <= fraction <= 1:
+        raise ValueError(f"fraction {fraction!r} must be between 0 and 1")
+    if fraction >= 1:
+        return True
+    return shadow_point(ticket_id) < int(fraction * 2**64)
+
+
+def candidate_workflow_id(primary_workflow_id: str) -> str:
+    return f"{primary_workflow_id}.shadow"
+
+
+def shadow_workflow_id(primary_workflow_id: str) -> str:
+    return f"shadow-{primary_workflow_id}"
+
+
+class ShadowInput(BaseModel):
+    """Input of ShadowWorkflow: one ticket, run by the primary and by the candidate."""
+
+    primary: TicketInput
+    candidate: CandidateSpec
+    primary_workflow_id: str
+    """The ticket's normal workflow id: approvals, watch and trace on the ticket work unchanged."""
+
+
+class ShadowComparison(BaseModel):
+    """One shadowed ticket: the primary against the candidate (deltas are candidate minus primary)."""
+
+    shadow_workflow_id: str
+    primary_workflow_id: str
+    candidate_workflow_id: str
+    ticket_id: str = ""
+    customer_id: str = ""
+    candidate: str
+    """The candidate's label (CandidateSpec.label)."""
+    primary_status: str
+    candidate_status: str | None = None
+    primary_route: str
+    candidate_route: str | None = None
+    primary_category: str | None = None
+    candidate_category: str | None = None
+    same_outcome: bool = False
+    """Same route and same final status (a primary resolved by a human counts as escalated)."""
+    classification_agrees: bool | None = None
+    """Same category; None when the candidate produced no result."""
+    primary_cost_usd: float = 0.0
+    candidate_cost_usd: float | None = None
+    cost_delta_usd: float | None = None
+    primary_steps: int = 0
+    candidate_steps: int | None = None
+    step_delta: int | None = None
+    primary_tokens: int = 0
+    candidate_tokens: int | None = None
+    token_delta: int | None = None
+    dry_run_writes: int = 0
+    dry_run_actions: list[BlockedAction] = Field(default_factory=list)
+    """The candidate's writes: validated and recorded, never executed."""
+    proposed_writes: list[BlockedAction] = Field(default_factory=list)
+    """`confirm` writes the candidate proposed (it never asks anyone for approval)."""
+    candidate_failed: bool = False
+    candidate_error: str = ""
+    created_at: datetime | None = None
+
+
+def final_status(status: str) -> str:
+    """The agent's outcome: a task a human resolved after its escalation was escalated by the agent."""
+    return "escalated" if status == "resolved_by_human" else status
+
+
+def compare(
+    primary: TicketResult,
+    candidate: TicketResult | None,
+    *,
+    shadow_workflow_id: str,
+    candidate_workflow_id: str,
+    candidate_label: str,
+    candidate_error: str = "",
+    candidate_spent: TaskUsage | None = None,
+) -> ShadowComparison:
+    """The comparison row of one shadowed ticket. `candidate` None: it failed (`candidate_error`),
+    after spending `candidate_spent` (from the ledger); its deltas stay None."""
+    c = ShadowComparison(
+        shadow_workflow_id=shadow_workflow_id, primary_workflow_id=primary.workflow_id,
+        candidate_workflow_id=candidate_workflow_id, ticket_id=primary.ticket_id, customer_id=primary.customer_id,
+        candidate=candidate_label, primary_status=primary.status, primary_route=primary.route,
+        primary_category=primary.category, primary_cost_usd=primary.cost_usd, primary_steps=primary.steps,
+        primary_tokens=primary.tokens,
+    )
+    if candidate is None:
+        spent = {"candidate_cost_usd": candidate_spent.cost_usd, "candidate_tokens": candidate_spent.tokens
+                 } if candidate_spent is not None else {}
+        return c.model_copy(update={"candidate_failed": True, "candidate_error": candidate_error or "failed", **spent})
+    proposed = [b for b in candidate.tools_blocked if b.reason.startswith("requires human approval")]
+    return c.model_copy(update={
+        "candidate_status": candidate.status,
+        "candidate_route": candidate.route,
+        "candidate_category": candidate.category,
+        "same_outcome": candidate.route == primary.route
+        and final_status(candidate.status) == final_status(primary.status),
+        "classification_agrees": candidate.category == primary.category,
+        "candidate_cost_usd": candidate.cost_usd,
+        "cost_delta_usd": round(candidate.cost_usd - primary.cost_usd, 8),
+        "candidate_steps": candidate.steps,
+        "step_delta": candidate.steps - primary.steps,
+        "candidate_tokens": candidate.tokens,
+        "token_delta": candidate.tokens - primary.tokens,
+        "dry_run_writes": len(candidate.dry_run_actions),
+        "dry_run_actions": candidate.dry_run_actions,
+        "proposed_writes": proposed,
+    })
+
+
+def failed_primary(workflow_id: str, inp: TicketInput, reason: str) -> TicketResult:
+    """What the comparison records for a primary that failed (it has no result of its own)."""
+    return TicketResult(workflow_id=workflow_id, ticket_id=inp.ticket_id, customer_id=inp.customer_id,
+                        status="failed", route="human", reason=reason)
+
+
+def child_status(status: TaskStatus) -> ChildStatus:
+    """A ticket's status as a pattern's child record shows it."""
+    mapping: dict[str, ChildStatus] = {"resolved": "completed", "resolved_by_human": "completed",
+                                       "budget_exceeded": "budget_exceeded", "failed": "failed"}
+    return mapping.get(status, "running" if status in ("running", "awaiting_approval", "awaiting_human")
+                       else "escalated")
+
+
+def usage_of(r: TicketResult) -> TaskUsage:
+    return TaskUsage(llm_calls=r.llm_calls, input_tokens=r.input_tokens, output_tokens=r.output_tokens,
+                     cost_usd=r.cost_usd)
+
+
+# --- the report -------------------------------------------------------------------------------
+
+
+class ShadowSummary(BaseModel):
+    """`keel shadow report` for one candidate. Rates, costs and means are over the tasks the candidate
+    finished (a failed candidate has no outcome to compare); failures are counted apart."""
+
+    candidate: str
+    tasks: int = 0
+    compared: int = 0
+    same_outcome: int = 0
+    same_outcome_rate: float | None = None
+    classification_agreement_rate: float | None = None
+    primary_cost_usd: float = 0.0
+    candidate_cost_usd: float = 0.0
+    total_cost_delta_usd: float = 0.0
+    mean_cost_delta_usd: float | None = None
+    mean_step_delta: float | None = None
+    mean_token_delta: float | None = None
+    dry_run_writes: int = 0
+    dry_run_by_tool: dict[str, int] = Field(default_factory=dict)
+    proposed_writes: int = 0
+    candidate_failures: int = 0
+    failed_candidate_cost_usd: float = 0.0
+    """What the failed candidates spent before they failed (not in the deltas)."""
+    failure_reasons: dict[str, int] = Field(default_factory=dict)
+    """Why candidates failed (first line of the error, truncated), with counts."""
+    outcome_changes: dict[str, int] = Field(default_factory=dict)
+    """`primary status/route -> candidate status/route` for tasks whose outcome differs."""
+    first_at: datetime | None = None
+    last_at: datetime | None = None
+
+
+def summarize(comparisons: list[ShadowComparison]) -> list[ShadowSummary]:
+    """One summary per candidate, in order of first appearance."""
+    groups: dict[str, list[ShadowComparison]] = {}
+    for c in comparisons:
+        groups.setdefault(c.candidate, []).append(c)
+    return [_summary(label, rows) for label, rows in groups.items()]
+
+
+def _summary(label: str, rows: list[ShadowComparison]) -> ShadowSummary:
+    done = [r for r in rows if not r.candidate_failed]
+    s = ShadowSummary(candidate=label, tasks=len(rows), compared=len(done),
+                      candidate_failures=len(rows) - len(done))
+    s.same_outcome = sum(r.same_outcome for r in done)
+    if done:
+        s.same_outcome_rate = s.same_outcome / len(done)
+        s.classification_agreement_rate = sum(bool(r.classification_agrees) for r in done) / len(done)
+        s.mean_cost_delta_usd = round(fmean(r.cost_delta_usd or 0.0 for r in done), 8)
+        s.mean_step_delta = fmean(r.step_delta or 0 for r in done)
+        s.mean_token_delta = fmean(r.token_delta or 0 for r in done)
+    s.primary_cost_usd = round(sum(r.primary_cost_usd for r in done), 8)
+    s.candidate_cost_usd = round(sum(r.candidate_cost_usd or 0.0 for r in done), 8)
+    s.total_cost_delta_usd = round(sum(r.cost_delta_usd or 0.0 for r in done), 8)
+    for r in rows:
+        s.dry_run_writes += r.dry_run_writes
+        s.proposed_writes += len(r.proposed_writes)
+        for a in r.dry_run_actions:
+            s.dry_run_by_tool[a.tool] = s.dry_run_by_tool.get(a.tool, 0) + 1
+        if r.candidate_failed:
+            s.failed_candidate_cost_usd = round(s.failed_candidate_cost_usd + (r.candidate_cost_usd or 0.0), 8)
+            why = (r.candidate_error.splitlines() or ["failed"])[0][:120]
+            s.failure_reasons[why] = s.failure_reasons.get(why, 0) + 1
+        elif not r.same_outcome:
+            change = f"{r.primary_status}/{r.primary_route} -> {r.candidate_status}/{r.candidate_route}"
+            s.outcome_changes[change] = s.outcome_changes.get(change, 0) + 1
+    stamps = [r.created_at for r in rows if r.created_at is not None]
+    s.first_at, s.last_at = (min(stamps), max(stamps)) if stamps else (None, None)
+    return s
