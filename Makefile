@@ -16,7 +16,13 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/keel up --detach
+	$(BIN)/keel shadow start --candidate prompt=v2 --fraction 0.25
 	$(BIN)/keel ticket batch --sample $(DEMO_TICKETS) --concurrency 12 --sim-latency 1000-3000
+	$(BIN)/keel shadow report
+	$(BIN)/keel shadow stop
+	$(BIN)/keel research "Why did refunds rise in Q3, and what did the duplicate charges cost us?"
+	$(BIN)/keel plan "payments-db primary in eu-west-1 is down: storage controller failure" --sim-seed 1
+	$(BIN)/keel swarm "My card is declined at the ATM and I was charged twice at ShopNow." --customer C-1001 --ticket-id TK-DEMO-SWARM
 	@echo "The stack is still running: open the Temporal UI above; 'make down' stops it."
 
 up: $(STAMP)

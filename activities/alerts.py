@@ -31,6 +31,7 @@ from activities.db import AlertRow, LedgerRow, utcnow
 from activities.metrics import KeelMetrics
 from core.alerts import DEFAULT_ALERT_POLICY, Alert, AlertPolicy, TaskFigures, TypeHistory, evaluate
 from core.settings import KeelSettings
+from core.shadow import SHADOW_FEATURE
 from core.types import TaskContext, TaskOutcome
 
 log = logging.getLogger("keel.alerts")
@@ -179,12 +180,15 @@ class AlertEngine:
 
     def _load(self, task_type: str, exclude: str) -> _TypeWindow:
         """The type's last tasks and every tool it executed, from the ledger (`exclude`: the task judged)."""
+        # Shadow candidates' dry runs are not the type's behaviour (they are compared in `keel shadow report`).
         outcome = select(LedgerRow).where(col(LedgerRow.kind) == "outcome", col(LedgerRow.task_type) == task_type,
-                                          col(LedgerRow.workflow_id) != exclude)
+                                          col(LedgerRow.workflow_id) != exclude,
+                                          col(LedgerRow.feature) != SHADOW_FEATURE)
         latest = outcome.order_by(col(LedgerRow.created_at).desc(), col(LedgerRow.key).desc()).limit(self._size)
         tools = select(col(LedgerRow.tool)).distinct().where(
             col(LedgerRow.kind) == "tool", col(LedgerRow.task_type) == task_type,
-            col(LedgerRow.workflow_id) != exclude, col(LedgerRow.tool).is_not(None))
+            col(LedgerRow.workflow_id) != exclude, col(LedgerRow.tool).is_not(None),
+            col(LedgerRow.feature) != SHADOW_FEATURE)
         with Session(self.engine) as s:
             rows = list(s.scalars(latest))
             seen = {str(t) for t in s.scalars(tools)}

@@ -16,6 +16,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, SQLModel, col
 
 from activities.db import LedgerRow, utcnow
+from core.shadow import SHADOW_FEATURE
 from core.types import LlmRequest, LlmResponse, TaskContext, TaskOutcome, ToolRequest, ToolResult
 
 OUTCOME_STEP = -1
@@ -234,9 +235,13 @@ class Ledger:
         return {"workflow_id": parent_id, "llm_calls": calls, "input_tokens": tin, "output_tokens": tout,
                 "tokens": tin + tout, "cost_usd": cost, "tasks": tasks}
 
-    def outcomes(self, since: datetime | None = None, task_type: str | None = None) -> list[dict[str, Any]]:
-        """Outcome rows, oldest first; `tools` decoded to a list (None in rows from before it was kept)."""
+    def outcomes(self, since: datetime | None = None, task_type: str | None = None,
+                 include_shadow: bool = False) -> list[dict[str, Any]]:
+        """Outcome rows, oldest first; `tools` decoded to a list (None in rows from before it was kept).
+        Shadow candidates' rows (feature "shadow": dry runs, nothing they decided acted) only when asked."""
         stmt = select(LedgerRow).where(col(LedgerRow.kind) == "outcome")
+        if not include_shadow:
+            stmt = stmt.where(col(LedgerRow.feature) != SHADOW_FEATURE)
         if since is not None:
             stmt = stmt.where(col(LedgerRow.created_at) >= _as_utc(since))
         if task_type is not None:

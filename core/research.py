@@ -180,6 +180,12 @@ class ResearchInput(BaseModel):
     child_failures: dict[str, InjectedFailure] = Field(default_factory=dict)
     """Per sub-task name: fault injection (its first attempts fail at a model call)."""
     max_child_attempts: int = Field(3, ge=1, le=5)
+    roles: dict[str, RolePolicy] | None = None
+    """The role policies (prompt, tools, tier, budget), pinned at submit by the CLI so a later change of
+    ROLE_POLICIES never alters a running task or its replay; None: ROLE_POLICIES as they are."""
+
+    def role(self, name: str) -> RolePolicy:
+        return (self.roles or ROLE_POLICIES).get(name) or ROLE_POLICIES[name]
 
 
 class ResearchResult(BaseModel):
@@ -220,7 +226,7 @@ def question_problems(question: str) -> list[str]:
 
 
 def child_budget(sub: Subtask, inp: ResearchInput) -> Budget:
-    base = ROLE_POLICIES[sub.role].budget
+    base = inp.role(sub.role).budget
     override = inp.child_budgets.get(sub.name)
     if override is None:
         return base
@@ -233,7 +239,7 @@ def child_budget(sub: Subtask, inp: ResearchInput) -> Budget:
 def child_input(sub: Subtask, inp: ResearchInput, parent_id: str, context: list[str]) -> AgentTaskInput:
     """The child agent of one sub-task: its role's prompt, tools, tier and budget, the research question
     and `context` (earlier children's outputs) as its context."""
-    role = ROLE_POLICIES[sub.role]
+    role = inp.role(sub.role)
     return AgentTaskInput(
         name=sub.name,
         role=sub.role,
@@ -244,6 +250,7 @@ def child_input(sub: Subtask, inp: ResearchInput, parent_id: str, context: list[
         tools=list(role.tools),
         kind=role.kind,
         model=inp.small_model if role.tier == "small" else inp.large_model,
+        tier=role.tier,
         sim=inp.sim,
         budget=child_budget(sub, inp),
         max_steps=role.max_steps,

@@ -512,6 +512,8 @@ class AgentTaskInput(BaseModel):
     kind: StepKind = "reason"
     json_output: bool = False
     model: ModelSpec = Field(default_factory=ModelSpec)
+    tier: Tier = "large"
+    """The tier `model` was chosen from (the ledger's `tier` column: `keel costs --by tier`)."""
     temperature: float = Field(0.0, ge=0, le=2)
     sim: SimConfig = Field(default_factory=SimConfig)
     budget: Budget = Field(default_factory=lambda: Budget(max_tokens=8_000, max_usd=0.05))

@@ -309,6 +309,9 @@ def _run(fn: object) -> None:
     except RPCError as e:
         err.print(f"[red]Temporal: {e.message}[/red]")
         raise typer.Exit(1) from e
+    except tickets.ShadowStartError as e:
+        err.print(f"[red]{e}[/red]")
+        raise typer.Exit(1) from e
 
 
 def main() -> None:

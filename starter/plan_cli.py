@@ -15,8 +15,16 @@ from temporalio.client import Client, WorkflowFailureError
 from temporalio.service import RPCError
 
 from core import names
+from core.policy import budget_for
 from core.runbooks import RUNBOOKS
-from core.supervisor import TASK_TYPE, Plan, SupervisedPlanInput, SupervisedPlanResult, input_problems
+from core.supervisor import (
+    TASK_TYPE,
+    WORKER_BUDGET,
+    Plan,
+    SupervisedPlanInput,
+    SupervisedPlanResult,
+    input_problems,
+)
 from core.types import ModelSpec, SimConfig
 from starter import patterns, views
 from starter.console import client_or_exit, console, err, load_settings
@@ -87,7 +95,10 @@ def plan_cmd(
     wid = patterns.new_id("plan")
     inp = SupervisedPlanInput(scenario=scenario, runbook=runbook, max_rounds=max_rounds, worker_model=worker,
                               reviewer_model=reviewer, sim=SimConfig(seed=sim_seed, spiral_rate=0.0),
-                              prompt_version=prompt_version, key=wid)
+                              prompt_version=prompt_version, key=wid,
+                              # Pinned in the input (and so in the history): a later policy change must
+                              # not alter a running task or its replay.
+                              budget=budget_for(TASK_TYPE), worker_budget=WORKER_BUDGET)
     problems = input_problems(inp)
     if problems:
         err.print(f"[red]plan refused:[/red] {'; '.join(problems)}")

@@ -22,6 +22,7 @@ from core.policy import budget_for
 from core.pricing import UnpricedModelError, price_for
 from core.research import (
     RESEARCH_PROMPTS,
+    ROLE_POLICIES,
     TASK_TYPE,
     ResearchInput,
     ResearchResult,
@@ -143,6 +144,7 @@ def research_cmd(
         budget=budget,
         child_budgets=parse_child_budgets(child_budget or []),
         child_failures=parse_child_failures(fail_child or []),
+        roles=dict(ROLE_POLICIES),
     )
     wid = patterns.new_id("research")
 

@@ -16,6 +16,7 @@ from temporalio.service import RPCError
 
 from core import names
 from core import swarm as sw
+from core.policy import budget_for
 from core.types import ModelSpec, SimConfig
 from starter import patterns, views
 from starter.console import client_or_exit, console, err, load_settings
@@ -79,7 +80,10 @@ def swarm_cmd(
     peer_specs = [p.model_copy(update={"seed": p.seed + sim_seed}) for p in sw.default_peers(peers, specs)]
     inp = sw.SwarmInput(text=text, customer_id=customer, ticket_id=ticket_id or wid, peers=peers,
                         peer_specs=peer_specs, models=specs, threshold=threshold, prompt_version=prompt_version,
-                        sim=SimConfig(seed=sim_seed, spiral_rate=0.0))
+                        sim=SimConfig(seed=sim_seed, spiral_rate=0.0),
+                        # Pinned in the input (and so in the history): a later policy change must not
+                        # alter a running task or its replay.
+                        budget=budget_for("swarm"), peer_budget=sw.SWARM_POLICY.peer_budget)
     problems = sw.problems(inp)
     if problems:
         err.print(f"[red]swarm refused:[/red] {'; '.join(problems)}")

@@ -57,6 +57,8 @@ class TaskTrace(BaseModel):
 
 
 CHILD_DEPTH = 3
+ARGS_SHOWN = 300
+"""A tool call's arguments are cut at this many characters (a published report is its whole text)."""
 
 
 TraceNode.model_rebuild()
@@ -189,6 +191,8 @@ async def _completed(client: Client, name: str, req: Any, payloads: Sequence[Pay
     except Exception:
         result = None
     args = json.dumps(req.arguments, sort_keys=True) if isinstance(req, ToolRequest) else ""
+    if len(args) > ARGS_SHOWN:
+        args = args[:ARGS_SHOWN] + f"... ({len(args):,} characters)"
     ok = result.ok if result else True
     detail = args if ok else f"{args} -> {result.error if result else 'failed'}"
     return TraceNode(kind="tool", step=getattr(req, "step", None), name=name, detail=detail, ok=ok,

@@ -47,7 +47,9 @@ from workflows.registry import WORKFLOWS
 DS = build_dataset()
 CUSTOMER = DS.customers[0]
 SAMPLES = sample_tickets(16)
-REFUND = next(t for t in SAMPLES if t.category == "refund_request")
+REFUND = next(t for t in sample_tickets(200) if t.category == "refund_request" and t.customer_id == "C-1040")
+"""A customer no other test refunds: the ledger database lives for the whole session, and a duplicate charge
+refunded by another test would leave nothing to refund here."""
 BILLING_TEXT = "Why was I charged a fee of 4.90 EUR?"
 WRITES = {name for name, t in TOOLS.items() if t.writes}
 

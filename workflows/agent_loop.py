@@ -27,6 +27,7 @@ with workflow.unsafe.imports_passed_through():
         NON_RETRYABLE_ERRORS,
         TOOL_START_TO_CLOSE,
     )
+    from core.pricing import UnpricedModelError
     from core.tokens import estimate_input_tokens
     from core.tools import TOOLS, ToolDef
     from core.types import (
@@ -272,8 +273,13 @@ class AgentRunner:
         for i, model in enumerate(chain):
             max_out, max_in = self.max_output_tokens, None
             if self.controls:
-                allowance = self.budget.allow_call(model, estimate_input_tokens(messages, specs),
-                                                   self.max_output_tokens)
+                try:
+                    allowance = self.budget.allow_call(model, estimate_input_tokens(messages, specs),
+                                                       self.max_output_tokens)
+                except UnpricedModelError as e:
+                    # Raised in workflow code it would fail the workflow task, retried forever: fail the
+                    # task instead, with the reason (a model nobody priced is never counted as $0).
+                    raise ApplicationError(str(e), type="UnpricedModel", non_retryable=True) from e
                 max_out, max_in = allowance.max_output_tokens, allowance.max_input_tokens
             step = self._next_step(f"{kind} ({model.label})")
             req = LlmRequest(

@@ -92,8 +92,8 @@ class AgentTaskWorkflow:
             parent_workflow_id=info.parent.workflow_id if info.parent is not None else "",
         )
         runner = AgentRunner(calls, task, models={"small": inp.model, "large": inp.model},
-                             tiers=dict(DEFAULT_TIERS), sim=inp.sim, max_output_tokens=inp.max_output_tokens,
-                             budget=inp.budget)
+                             tiers=dict.fromkeys(DEFAULT_TIERS, inp.tier), sim=inp.sim,
+                             max_output_tokens=inp.max_output_tokens, budget=inp.budget)
         runner.temperature = inp.temperature
         runner.dry_run = inp.dry_run
         runner.clock = workflow.now

@@ -1,0 +1,104 @@
+"""Record the multi-agent patterns' histories for tests/histories/ (run when a deliberate, patched change of
+one of their workflows lands):
+
+    .venv/bin/python -m tests.record_pattern_histories
+
+Starts a throwaway dev server from the installed binary and runs, on the sim model: a research report whose
+analysis child fails once and is retried alone, a supervised plan rejected then accepted, a disagreeing swarm,
+and a shadowed refund ticket. Writes the parents' histories and one child's (pattern_*.json); test_replay
+replays every file there against today's code. A parent's children's ids derive from its own, so the
+recorded workflow ids are the file names (`__` for `/`: pattern_research_v1__analysis is a child's).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from temporalio.client import Client
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.testing import WorkflowEnvironment
+
+from activities.db import init_db, make_engine
+from core import names
+from core import swarm as sw
+from core.dataset import sample_tickets
+from core.research import ROLE_POLICIES, ResearchInput, ResearchResult
+from core.settings import KeelSettings
+from core.shadow import CandidateSpec, ShadowComparison, shadow_workflow_id
+from core.supervisor import SupervisedPlanInput, SupervisedPlanResult
+from core.types import InjectedFailure, ModelSpec, SimConfig
+from starter import tickets
+from tests.conftest import SEARCH_ATTRIBUTE_KEYS, _binary, ticket
+from workers.worker import build_worker
+
+OUT = Path(__file__).parent / "histories"
+SIM = SimConfig(spiral_rate=0.0)
+
+
+async def save(client: Client, workflow_id: str, name: str) -> None:
+    history = await client.get_workflow_handle(workflow_id).fetch_history()
+    (OUT / f"{name}.json").write_text(history.to_json())
+    print(f"wrote {name}.json ({len(history.events)} events) from {workflow_id}")
+
+
+async def run(client: Client, settings: KeelSettings, workflow: str, inp: Any, wid: str, result_type: type) -> Any:
+    handle = await client.start_workflow(workflow, inp, id=wid, task_queue=settings.task_queue,
+                                         result_type=result_type)
+    return await handle.result()
+
+
+async def main() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        engine = make_engine(f"sqlite:///{tmp}/keel.db")
+        init_db(engine)
+        settings = KeelSettings(home=Path(tmp), task_queue="record")
+        env = await WorkflowEnvironment.start_local(
+            dev_server_existing_path=_binary("temporal"), data_converter=pydantic_data_converter,
+            search_attributes=SEARCH_ATTRIBUTE_KEYS,
+        )
+        async with env, build_worker(env.client, settings, engine=engine):
+            c = env.client
+            research: ResearchResult = await run(
+                c, settings, names.RESEARCH_REPORT_WORKFLOW,
+                ResearchInput(question="Why did refunds rise in Q3, and what did the duplicate charges cost us?",
+                              sim=SIM, roles=dict(ROLE_POLICIES),
+                              child_failures={"analysis": InjectedFailure(at_step=2, runs=1)}),
+                "pattern_research_v1", ResearchResult)
+            assert research.status == "completed", research.status
+            await save(c, research.workflow_id, "pattern_research_v1")
+            await save(c, f"{research.workflow_id}/analysis", "pattern_research_v1__analysis")
+
+            plan: SupervisedPlanResult = await run(
+                c, settings, names.SUPERVISED_PLAN_WORKFLOW,
+                SupervisedPlanInput(scenario="payments-db primary in eu-west-1 is down", sim=SimConfig(seed=1,
+                                    spiral_rate=0.0), key="plan-recorded"),
+                "pattern_plan_v1", SupervisedPlanResult)
+            assert plan.status == "accepted" and len(plan.rounds) == 2, (plan.status, len(plan.rounds))
+            await save(c, plan.workflow_id, "pattern_plan_v1")
+
+            swarm: sw.SwarmResult = await run(
+                c, settings, names.SWARM_WORKFLOW,
+                sw.SwarmInput(text="My card is declined at the ATM and I was charged twice at ShopNow.",
+                              customer_id="C-1001", ticket_id="TK-DEMO-SWARM",
+                              models=[ModelSpec(model="sim-small"), ModelSpec(model="sim-large")], sim=SIM),
+                "pattern_swarm_v1", sw.SwarmResult)
+            assert swarm.status == "escalated", swarm.status
+            await save(c, swarm.workflow_id, "pattern_swarm_v1")
+
+            refund = next(t for t in sample_tickets(16) if t.category == "refund_request")
+            inp = ticket(refund.customer_id, refund.text, ticket_id="TK-shadow-recorded")
+            handle = await tickets.start_shadowed(c, settings, inp, CandidateSpec.parse("prompt=v2"))
+            await handle.result()
+            comparison: ShadowComparison = await c.get_workflow_handle(
+                shadow_workflow_id(handle.id), result_type=ShadowComparison).result()
+            await save(c, comparison.shadow_workflow_id, "pattern_shadow_v1")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
+    # See starter.cli.main: skip an interpreter teardown that the Temporal client's threads can abort.
+    os._exit(0)
