@@ -43,7 +43,7 @@ from starter.inspect_cli import (
     what_if,
 )
 from tests.conftest import assert_eventually, run_ticket, ticket
-from tests.test_replay import HISTORIES, replayer
+from tests.test_replay import TICKET_HISTORY, replayer
 
 BILLING = ("C-1011", "Why was I charged a fee of 4.90 EUR this month? I thought my account was free.")
 REFUND = ("C-1028", "I was charged twice at CloudHost for 198.78 EUR. Please refund the duplicate charge.")
@@ -107,7 +107,7 @@ async def test_replay_export_and_cli(client: Client, settings: KeelSettings, wor
 
 async def test_a_changed_history_reports_the_divergence() -> None:
     """Tampered like test_replay's test_changed_history_is_detected: the report names the event."""
-    doc = json.loads(HISTORIES[0].read_text())
+    doc = json.loads(TICKET_HISTORY.read_text())
     tampered = None
     for event in doc["events"]:
         attrs = event.get("activityTaskScheduledEventAttributes")
@@ -124,8 +124,9 @@ async def test_a_changed_history_reports_the_divergence() -> None:
     assert (rep.event_id, rep.event_type, rep.event_detail) == (tampered, "ActivityTaskScheduled",
                                                                   "activity close_account")
     # The untampered file replays cleanly through the same function.
-    clean = await replay_history(WorkflowHistory.from_json("clean", HISTORIES[0].read_text()), pydantic_data_converter)
-    assert clean.ok and clean.events == len(json.loads(HISTORIES[0].read_text())["events"])
+    clean = await replay_history(WorkflowHistory.from_json("clean", TICKET_HISTORY.read_text()),
+                                 pydantic_data_converter)
+    assert clean.ok and clean.events == len(json.loads(TICKET_HISTORY.read_text())["events"])
 
 
 # -- what-if -----------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -196,3 +197,22 @@ async def test_results_serialise_for_the_cli(client: Client, settings: KeelSetti
     for key in ("workflow_id", "status", "category", "route", "tools_executed", "tools_blocked", "tokens",
                 "cost_usd"):
         assert key in doc
+
+
+async def test_unpriced_model_fails_the_task_with_its_reason(client: Client, settings: KeelSettings,
+                                                            worker_factory) -> None:
+    """A model missing from the price table is never counted as $0, and never leaves the workflow task
+    retrying forever (the budget check raises in workflow code): the task fails at once, saying why."""
+    from temporalio.client import WorkflowFailureError
+
+    from core.types import ModelSpec
+
+    inp = ticket(CUSTOMER.id, "Why was I charged a fee of 4.90 EUR?").model_copy(
+        update={"small_model": ModelSpec(provider="sim", model="sim-unpriced")})
+    async with worker_factory(client):
+        handle = await tickets.start_ticket(client, settings, inp)
+        with pytest.raises(WorkflowFailureError) as exc:
+            # Bounded: before the fix the workflow task failed and was retried forever, so this never returned.
+            await asyncio.wait_for(handle.result(), timeout=30)
+    assert "sim-unpriced" in str(exc.value.cause)
+    assert getattr(exc.value.cause, "type", None) == "UnpricedModel"
