@@ -13,14 +13,15 @@ from typing import Annotated
 import typer
 from rich.live import Live
 from rich.markup import escape
-from temporalio.client import WorkflowFailureError
+from temporalio.client import Client, WorkflowFailureError
 from temporalio.service import RPCError
 
 from activities import tracing
+from core import names
 from core.dataset import sample_tickets
 from core.settings import KeelSettings
 from core.types import SimConfig, TicketResult
-from starter import stack, tickets, views
+from starter import patterns, stack, tickets, views
 from starter.approvals_cli import approvals, approve, reject, resolve_cmd
 from starter.breaker_cli import breaker_app
 from starter.codec_cli import codec_server
@@ -32,6 +33,9 @@ from starter.research_cli import research_cmd
 from starter.shadow_cli import shadow_app
 from starter.swarm_cli import swarm_cmd
 from starter.trace_cli import trace_cmd
+
+PATTERN_WORKFLOWS = (names.RESEARCH_REPORT_WORKFLOW, names.SUPERVISED_PLAN_WORKFLOW, names.SWARM_WORKFLOW,
+                     names.SHADOW_WORKFLOW)
 
 app = typer.Typer(help="Keel: durable, budgeted, observable LLM agents on Temporal.", no_args_is_help=True)
 ticket_app = typer.Typer(help="Support tickets: submit one, or a batch.", no_args_is_help=True)
@@ -230,25 +234,38 @@ class _Null:
 
 @app.command()
 def status(workflow_id: str) -> None:
-    """Live progress of a task: step, current action, tokens, status."""
+    """Live progress of a task: step, current action, tokens, status (a pattern: its phase and children)."""
     settings = load_settings()
 
     async def run() -> None:
         client = await client_or_exit(settings)
+        if await _is_pattern(client, workflow_id):
+            p = await patterns.pattern_progress(client, workflow_id)
+            console.print(patterns.pattern_panel(workflow_id, p))
+            return
         console.print(views.progress_panel(workflow_id, await tickets.progress(client, workflow_id)))
 
     _run(run)
 
 
+async def _is_pattern(client: Client, workflow_id: str) -> bool:
+    """A multi-agent pattern's parent (its progress is its phase and its children's), not a single agent."""
+    desc = await client.get_workflow_handle(workflow_id).describe()
+    return desc.workflow_type in PATTERN_WORKFLOWS
+
+
 @app.command()
 def watch(workflow_id: str) -> None:
     """Draw a task's live progress (step, action, tokens against budget, the fast acknowledgement)
-    until it is done or waits for a person."""
+    until it is done or waits for a person; a pattern's parent with its children's progress."""
     settings = load_settings()
 
     async def run() -> None:
         client = await client_or_exit(settings)
         handle = client.get_workflow_handle(workflow_id)
+        if await _is_pattern(client, workflow_id):
+            await patterns.watch(client, console, handle)
+            return
         done = asyncio.ensure_future(handle.result())
         p = await tickets.progress(client, workflow_id)
         with Live(views.progress_panel(workflow_id, p), console=console, refresh_per_second=8) as live:

@@ -23,7 +23,6 @@ with workflow.unsafe.imports_passed_through():
         Message,
         Progress,
         TaskContext,
-        TaskUsage,
         ToolRequest,
         ToolResult,
     )
@@ -31,6 +30,7 @@ with workflow.unsafe.imports_passed_through():
 # Passed through the sandbox by the worker (workers.worker.PURE_WORKFLOW_MODULES): pure decision code.
 from workflows.agent_loop import AgentRunner, Calls, TemporalCalls, run_agent_loop, tool_defs
 from workflows.budget import BudgetExceeded
+from workflows.children import usage_of
 
 AGENT_TASK_FAILED = "AgentTaskFailed"
 """Non-retryable failure type of a child; its first detail is the TaskUsage it had spent."""
@@ -60,11 +60,6 @@ class _FaultyCalls:
 def task_messages(inp: AgentTaskInput) -> list[Message]:
     return [Message(role="user", content=f"Task: {inp.instructions}"),
             *(Message(role="user", content=f"Context: {c}") for c in inp.context)]
-
-
-def usage_of(runner: AgentRunner) -> TaskUsage:
-    return TaskUsage(llm_calls=runner.llm_calls, input_tokens=runner.input_tokens,
-                     output_tokens=runner.output_tokens, cost_usd=round(runner.cost_usd, 8))
 
 
 @workflow.defn(name=names.AGENT_TASK_WORKFLOW)

@@ -61,6 +61,28 @@ def parent_runner(task_type: str, feature: str, budget: Budget, model: ModelSpec
     return runner
 
 
+def usage_of(runner: AgentRunner) -> TaskUsage:
+    """A runner's own calls (a child's whole usage; a parent's own, without its children's)."""
+    return TaskUsage(llm_calls=runner.llm_calls, input_tokens=runner.input_tokens,
+                     output_tokens=runner.output_tokens, cost_usd=round(runner.cost_usd, 8))
+
+
+class PatternParent:
+    """What every pattern's parent workflow shares: its children's books and the `progress` query
+    (its phase and each child's state), before the children exist too."""
+
+    def __init__(self) -> None:
+        self._children: Children | None = None
+        self._status = "running"
+        self._phase = "starting"
+
+    @workflow.query(name=names.PROGRESS_QUERY)
+    def progress(self) -> PatternProgress:
+        if self._children is None:
+            return PatternProgress(status=self._status, phase=self._phase)
+        return self._children.progress(self._status, self._phase)
+
+
 def child_id(parent_id: str, name: str, attempt: int) -> str:
     return f"{parent_id}/{name}" if attempt == 1 else f"{parent_id}/{name}~{attempt}"
 
@@ -81,9 +103,7 @@ class Children:
 
     def total(self) -> TaskUsage:
         """The parent's own calls plus every child's."""
-        own = TaskUsage(llm_calls=self.runner.llm_calls, input_tokens=self.runner.input_tokens,
-                        output_tokens=self.runner.output_tokens, cost_usd=round(self.runner.cost_usd, 8))
-        return own.plus(self.usage)
+        return usage_of(self.runner).plus(self.usage)
 
     def outcome(self, status: TaskStatus, route: Route, reason: str, category: str | None = None) -> TaskOutcome:
         """The parent's outcome row: its totals are the whole family's (own calls plus every child's)."""

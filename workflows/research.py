@@ -44,22 +44,16 @@ with workflow.unsafe.imports_passed_through():
         question_problems,
         research_status,
     )
-    from core.types import AgentTaskResult, ChildRecord, Message, PatternProgress, TaskUsage
+    from core.types import AgentTaskResult, ChildRecord, Message
 
 # Passed through the sandbox by the worker (workers.worker.PURE_WORKFLOW_MODULES): pure decision code.
-from workflows.agent_loop import AgentRunner
 from workflows.budget import BudgetExceeded
-from workflows.children import Children, parent_runner
+from workflows.children import Children, PatternParent, parent_runner, usage_of
 
 SA_STATUS = SearchAttributeKey.for_keyword(names.SA_STATUS)
 SA_TOKENS = SearchAttributeKey.for_int(names.SA_TOKENS)
 SA_COST = SearchAttributeKey.for_float(names.SA_COST_USD)
 SA_BUDGET = SearchAttributeKey.for_keyword(names.SA_BUDGET)
-
-
-def _own_usage(runner: AgentRunner) -> TaskUsage:
-    return TaskUsage(llm_calls=runner.llm_calls, input_tokens=runner.input_tokens,
-                     output_tokens=runner.output_tokens, cost_usd=round(runner.cost_usd, 8))
 
 
 def _cause(e: BaseException) -> str:
@@ -68,18 +62,7 @@ def _cause(e: BaseException) -> str:
 
 
 @workflow.defn(name=names.RESEARCH_REPORT_WORKFLOW)
-class ResearchReportWorkflow:
-    def __init__(self) -> None:
-        self._children: Children | None = None
-        self._status = "running"
-        self._phase = "starting"
-
-    @workflow.query(name=names.PROGRESS_QUERY)
-    def progress(self) -> PatternProgress:
-        if self._children is None:
-            return PatternProgress(status=self._status, phase=self._phase)
-        return self._children.progress(self._status, self._phase)
-
+class ResearchReportWorkflow(PatternParent):
     @workflow.run
     async def run(self, inp: ResearchInput) -> ResearchResult:
         wid = workflow.info().workflow_id
@@ -177,7 +160,7 @@ class ResearchReportWorkflow:
             workflow_id=wid, question=inp.question, status=status, reason=reason, title=title, report=report,
             report_id=str(published.content.get("report_id")) if published.ok else None, plan=plan,
             plan_source=plan_source, children=children.records, missing=missing, usage=total,
-            own_usage=_own_usage(runner), budget=runner.budget.report(), decisions=runner.decisions,
+            own_usage=usage_of(runner), budget=runner.budget.report(), decisions=runner.decisions,
         )
         updates: list[SearchAttributeUpdate[Any]] = [
             SA_STATUS.value_set(status), SA_TOKENS.value_set(total.tokens), SA_COST.value_set(total.cost_usd),

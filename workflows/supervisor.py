@@ -39,11 +39,10 @@ with workflow.unsafe.imports_passed_through():
         worker_instructions,
     )
     from core.tools import PLANNING_TOOLS
-    from core.types import AgentTaskInput, Message, PatternProgress, TaskUsage
+    from core.types import AgentTaskInput, Message, TaskUsage
 
-from workflows.agent_loop import AgentRunner
 from workflows.budget import BudgetExceeded
-from workflows.children import Children, parent_runner
+from workflows.children import Children, PatternParent, parent_runner, usage_of
 
 SA_STATUS = SearchAttributeKey.for_keyword(names.SA_STATUS)
 SA_TOKENS = SearchAttributeKey.for_int(names.SA_TOKENS)
@@ -53,11 +52,6 @@ WORKER_MAX_OUTPUT_TOKENS = 1_600
 """A plan of a dozen steps with rollbacks and verifications is about 1,000 tokens of JSON."""
 
 
-def _own_usage(runner: AgentRunner) -> TaskUsage:
-    return TaskUsage(llm_calls=runner.llm_calls, input_tokens=runner.input_tokens,
-                     output_tokens=runner.output_tokens, cost_usd=round(runner.cost_usd, 8))
-
-
 def _since(now: TaskUsage, before: TaskUsage) -> TaskUsage:
     return TaskUsage(llm_calls=now.llm_calls - before.llm_calls, input_tokens=now.input_tokens - before.input_tokens,
                      output_tokens=now.output_tokens - before.output_tokens,
@@ -65,18 +59,7 @@ def _since(now: TaskUsage, before: TaskUsage) -> TaskUsage:
 
 
 @workflow.defn(name=names.SUPERVISED_PLAN_WORKFLOW)
-class SupervisedPlanWorkflow:
-    def __init__(self) -> None:
-        self._children: Children | None = None
-        self._status = "running"
-        self._phase = "starting"
-
-    @workflow.query(name=names.PROGRESS_QUERY)
-    def progress(self) -> PatternProgress:
-        if self._children is None:
-            return PatternProgress(status=self._status, phase=self._phase)
-        return self._children.progress(self._status, self._phase)
-
+class SupervisedPlanWorkflow(PatternParent):
     def _set_phase(self, phase: str) -> None:
         self._phase = phase
         workflow.set_current_details(f"supervisor · {phase}")
@@ -137,11 +120,11 @@ class SupervisedPlanWorkflow:
                     if violations else f"all {len(rule_ids)} rules pass"))
                 # -- the supervisor's own LLM review --
                 self._set_phase(f"round {round_no}: review")
-                own_before = _own_usage(runner)
+                own_before = usage_of(runner)
                 messages = [Message(role="user", content=t) for t in
                             review_messages_text(inp, round_no, plan, res.output, rule_ids, violations)]
                 resp = await runner.llm("review", "dr/review", messages, json_output=True)
-                rec.review_usage = _since(_own_usage(runner), own_before)
+                rec.review_usage = _since(usage_of(runner), own_before)
                 verdict, note = parse_verdict(resp.text)
                 if verdict is not None:
                     rec.verdict, rec.feedback = verdict.verdict, verdict.feedback
@@ -181,7 +164,7 @@ class SupervisedPlanWorkflow:
 
         total = children.total()
         result.worker_usage = children.usage
-        result.review_usage = _own_usage(runner)
+        result.review_usage = usage_of(runner)
         result.usage = total
         result.review_overhead = round(result.review_usage.tokens / total.tokens, 4) if total.tokens else 0.0
         result.children = children.records

@@ -22,10 +22,9 @@ with workflow.unsafe.imports_passed_through():
     from core import names
     from core import swarm as sw
     from core.policy import budget_for
-    from core.types import AgentTaskInput, AgentTaskResult, ChildRecord, ModelSpec, PatternProgress, TaskUsage
+    from core.types import AgentTaskInput, AgentTaskResult, ChildRecord, ModelSpec
 
-from workflows.agent_loop import AgentRunner
-from workflows.children import Children, parent_runner
+from workflows.children import Children, PatternParent, parent_runner, usage_of
 
 SA_STATUS = SearchAttributeKey.for_keyword(names.SA_STATUS)
 SA_TOKENS = SearchAttributeKey.for_int(names.SA_TOKENS)
@@ -57,11 +56,6 @@ def peer_input(inp: sw.SwarmInput, spec: sw.PeerSpec, key: str, customer: str) -
     )
 
 
-def _own_usage(runner: AgentRunner) -> TaskUsage:
-    return TaskUsage(llm_calls=runner.llm_calls, input_tokens=runner.input_tokens,
-                     output_tokens=runner.output_tokens, cost_usd=round(runner.cost_usd, 8))
-
-
 def _answer(spec: sw.PeerSpec, rec: ChildRecord, res: AgentTaskResult | None) -> sw.PeerAnswer:
     if res is None:  # failed on every attempt, or never started (its budget did not fit)
         return sw.peer_answer(spec, None, workflow_id=rec.workflow_id, model=rec.model, status=rec.status,
@@ -72,18 +66,7 @@ def _answer(spec: sw.PeerSpec, rec: ChildRecord, res: AgentTaskResult | None) ->
 
 
 @workflow.defn(name=names.SWARM_WORKFLOW)
-class SwarmWorkflow:
-    def __init__(self) -> None:
-        self._children: Children | None = None
-        self._status = "running"
-        self._phase = "starting"
-
-    @workflow.query(name=names.PROGRESS_QUERY)
-    def progress(self) -> PatternProgress:
-        if self._children is None:
-            return PatternProgress(status=self._status, phase=self._phase)
-        return self._children.progress(self._status, self._phase)
-
+class SwarmWorkflow(PatternParent):
     @workflow.run
     async def run(self, inp: sw.SwarmInput) -> sw.SwarmResult:
         info = workflow.info()
@@ -143,7 +126,7 @@ class SwarmWorkflow:
 
         usage = children.total()
         result = result.model_copy(update={
-            "children": list(children.records), "usage": usage, "own_usage": _own_usage(runner),
+            "children": list(children.records), "usage": usage, "own_usage": usage_of(runner),
             "budget": runner.budget.report(), "decisions": list(runner.decisions),
         })
         self._status, self._phase = result.status, "done"

@@ -53,9 +53,10 @@ _PRIORITY = ["fraud_report", "account_access", "refund_request", "billing_questi
 _DOMINATES = {"fraud_report": {"card_issue", "refund_request"}}
 
 
-def classify_text(text: str, rng: random.Random | None = None) -> dict[str, Any]:
-    """{"category", "urgency", "confidence"} for a ticket text, by keyword rules."""
-    rng = rng or random.Random(0)
+def keyword_matches(text: str) -> dict[str, list[int]]:
+    """The categories the keyword rules leave standing, with their matches' weights: a general inquiry
+    loses to any other match, a dominating category removes the ones it makes incidental, a strong
+    match beats weak ones. One entry for a clear ticket, several for an ambiguous one, none for no match."""
     low = text.lower()
     hits = {cat: [w for p, w in rules if re.search(p, low)] for cat, rules in _RULES.items()}
     matched = {cat: ws for cat, ws in hits.items() if ws}
@@ -67,6 +68,14 @@ def classify_text(text: str, rng: random.Random | None = None) -> dict[str, Any]
                 matched.pop(loser, None)
     if any(max(ws) > 1 for ws in matched.values()):
         matched = {cat: ws for cat, ws in matched.items() if max(ws) > 1}
+    return matched
+
+
+def classify_text(text: str, rng: random.Random | None = None) -> dict[str, Any]:
+    """{"category", "urgency", "confidence"} for a ticket text, by keyword rules."""
+    rng = rng or random.Random(0)
+    low = text.lower()
+    matched = keyword_matches(text)
     if len(matched) == 1:
         category, ws = next(iter(matched.items()))
         confidence = min(0.97, 0.8 + 0.03 * sum(ws) + rng.uniform(0, 0.04))

@@ -36,26 +36,15 @@ import json
 import random
 import re
 
-from activities.providers.sim import _DOMINATES, _PRIORITY, _RULES, _broken_json, classify_text, parse_ticket
+from activities.providers.sim import _PRIORITY, _RULES, _broken_json, classify_text, keyword_matches, parse_ticket
 from core.types import LlmRequest, Message, ToolCall
 
 
 def candidate_categories(text: str) -> list[str]:
-    """The categories the keyword rules cannot choose between, in classify_text's priority order: one
-    for a clear ticket, several for an ambiguous one. Mirrors classify_text's filtering (a general
-    inquiry loses to any other match, a dominating category removes the ones it makes incidental, a
-    strong match beats weak ones); with no match at all, general_inquiry."""
-    low = text.lower()
-    matched = {cat: [w for p, w in rules if re.search(p, low)] for cat, rules in _RULES.items()}
-    matched = {cat: ws for cat, ws in matched.items() if ws}
-    if len(matched) > 1:
-        matched.pop("general_inquiry", None)
-    for cat, losers in _DOMINATES.items():
-        if cat in matched:
-            for loser in losers:
-                matched.pop(loser, None)
-    if any(max(ws) > 1 for ws in matched.values()):
-        matched = {cat: ws for cat, ws in matched.items() if max(ws) > 1}
+    """The categories the keyword rules cannot choose between (sim.keyword_matches), in classify_text's
+    priority order: one for a clear ticket, several for an ambiguous one; with no match at all,
+    general_inquiry."""
+    matched = keyword_matches(text)
     return [c for c in _PRIORITY if c in matched] or ["general_inquiry"]
 
 
