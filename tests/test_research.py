@@ -50,6 +50,7 @@ from core.research import (
 )
 from core.tools import LedgerCostsArgs, ReadDocumentArgs, SearchDocumentsArgs, TransactionStatsArgs
 from core.types import Budget, InjectedFailure, ModelSpec, PatternProgress, SimConfig, TaskContext, ToolRequest
+from starter.trace_cli import render, task_trace
 from workers.worker import SANDBOX
 from workflows.registry import WORKFLOWS
 
@@ -159,6 +160,14 @@ async def test_report_end_to_end_books_and_progress(
     assert sa.get(SearchAttributeKey.for_float(names.SA_COST_USD)) == pytest.approx(r.usage.cost_usd)
 
 
+def render_text(trace: Any) -> str:
+    from rich.console import Console
+
+    console = Console(width=200, record=True)
+    console.print(render(trace))
+    return console.export_text()
+
+
 async def test_failing_child_is_retried_alone(
     client: Client, settings: Any, worker_factory: WorkerFactory, db_engine: Engine
 ) -> None:
@@ -174,7 +183,19 @@ async def test_failing_child_is_retried_alone(
         replayer = Replayer(workflows=WORKFLOWS, data_converter=pydantic_data_converter, workflow_runner=SANDBOX)
         for wid in (pid, f"{pid}/analysis"):
             await replayer.replay_workflow(await client.get_workflow_handle(wid).fetch_history())
+        trace = await task_trace(client, pid)
     assert r.status == "completed", (r.reason, r.children)
+    # `keel trace` draws each child under the parent, the failed attempt marked, with the child's own calls.
+    kids = [n for n in trace.nodes if n.kind == "child"]
+    by_id = {n.detail.split(" -> ")[0]: n for n in kids}
+    assert sorted(by_id) == sorted(started) and len(kids) == 4
+    assert [wid for wid, n in by_id.items() if not n.ok] == [f"{pid}/analysis"]
+    assert "injected failure" in by_id[f"{pid}/analysis"].detail
+    assert all(n.child is not None and any(c.kind == "llm" for c in n.child.nodes) for n in kids)
+    own = sum(n.tokens for n in trace.nodes if n.kind == "llm")
+    assert own + sum(c.tokens for n in kids if n.child for c in n.child.nodes if c.kind == "llm") == r.usage.tokens
+    assert trace.summary is not None and trace.summary["tokens"] == r.usage.tokens
+    assert "child AgentTask" in render_text(trace)
     # Only the failed child ran again, as a new workflow; its siblings ran exactly once.
     assert started == [f"{pid}/retrieval", f"{pid}/analysis", f"{pid}/analysis~2", f"{pid}/writing"]
     assert first.status == WorkflowExecutionStatus.FAILED
