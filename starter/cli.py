@@ -20,6 +20,7 @@ from activities import tracing
 from core import names
 from core.dataset import sample_tickets
 from core.settings import KeelSettings
+from core.shadow import is_shadowed, shadow_workflow_id
 from core.types import SimConfig, TicketResult
 from starter import patterns, stack, tickets, views
 from starter.approvals_cli import approvals, approve, reject, resolve_cmd
@@ -153,6 +154,10 @@ def ticket_submit(
         if not as_json:
             console.print(f"started [bold]{handle.id}[/bold]  model: {escape(inp.large_model.label)}")
             console.print(f"  {views.workflow_url(settings, handle.id)}")
+            shadow = tickets.shadow_config(settings)
+            if shadow is not None and is_shadowed(inp.ticket_id, shadow.fraction):
+                console.print(f"  shadowed by candidate {escape(shadow.candidate.label)} (dry run): "
+                              f"{shadow_workflow_id(handle.id)}")
         if watch:
             with Live(views.progress_panel(handle.id, None), console=console, refresh_per_second=8) as live:
                 # Until done, or until the task waits for a person (an approval, a human resolution).
