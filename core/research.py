@@ -211,10 +211,7 @@ class ResearchResult(BaseModel):
 
     @property
     def children_usage(self) -> TaskUsage:
-        return TaskUsage(llm_calls=self.usage.llm_calls - self.own_usage.llm_calls,
-                         input_tokens=self.usage.input_tokens - self.own_usage.input_tokens,
-                         output_tokens=self.usage.output_tokens - self.own_usage.output_tokens,
-                         cost_usd=round(self.usage.cost_usd - self.own_usage.cost_usd, 8))
+        return self.usage.minus(self.own_usage)
 
 
 def question_problems(question: str) -> list[str]:

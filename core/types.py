@@ -481,6 +481,13 @@ class TaskUsage(BaseModel):
                          output_tokens=self.output_tokens + other.output_tokens,
                          cost_usd=round(self.cost_usd + other.cost_usd, 8))
 
+    def minus(self, other: TaskUsage) -> TaskUsage:
+        """What was used beyond `other` (an earlier reading, or a part of this usage)."""
+        return TaskUsage(llm_calls=self.llm_calls - other.llm_calls,
+                         input_tokens=self.input_tokens - other.input_tokens,
+                         output_tokens=self.output_tokens - other.output_tokens,
+                         cost_usd=round(self.cost_usd - other.cost_usd, 8))
+
 
 class InjectedFailure(BaseModel):
     """Fault injection for a child agent: its first `runs` attempts fail (non-retryably) when they reach

@@ -7,6 +7,7 @@ import sys
 
 import typer
 from rich.console import Console
+from sqlalchemy.engine import Engine
 from temporalio.client import Client
 
 from core.codec import EncryptionConfigError
@@ -28,6 +29,16 @@ def load_settings() -> KeelSettings:
         raise typer.Exit(2) from e
     apply_traces_endpoint(settings)
     return settings
+
+
+def ledger_engine() -> Engine:
+    """The ledger database of the settings, brought up to date (an older file gets the new columns and
+    tables) before a report reads it."""
+    from activities.db import init_db, make_engine
+
+    engine = make_engine(load_settings().db_url)
+    init_db(engine)
+    return engine
 
 
 async def client_or_exit(settings: KeelSettings) -> Client:

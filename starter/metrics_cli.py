@@ -9,9 +9,8 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 from rich.table import Table
-from sqlalchemy.engine import Engine
 
-from starter.console import console, err, load_settings
+from starter.console import console, err, ledger_engine
 from starter.views import parse_since
 
 SinceOpt = Annotated[str | None, typer.Option("--since", help="Only tasks since: 24h, 7d, 30m, or an ISO date (UTC)")]
@@ -24,13 +23,6 @@ def _since(since: str | None) -> datetime | None:
         err.print(f"[red]{e}[/red]")
         raise typer.Exit(2) from e
 
-
-def _engine() -> Engine:
-    from activities.db import init_db, make_engine
-
-    engine = make_engine(load_settings().db_url)
-    init_db(engine)  # an older ledger file gets the new columns and tables before it is read
-    return engine
 
 
 def _num(v: float | None, fmt: str = ".2f") -> str:
@@ -51,7 +43,7 @@ def metrics(
     from core.metrics import summarize
 
     start = _since(since)
-    rows = Ledger(_engine()).outcomes(since=start, task_type=task_type)
+    rows = Ledger(ledger_engine()).outcomes(since=start, task_type=task_type)
     doc = {"since": start.isoformat() if start else None, "task_type": task_type, **summarize(rows)}
     if as_json:
         print(json.dumps(doc, indent=2, default=str))
@@ -86,7 +78,7 @@ def alerts(
     """Behavioral alerts raised by the workers (steps, tokens, new tools, category shifts), latest first."""
     from activities.alerts import list_alerts
 
-    rows = list_alerts(_engine(), since=_since(since), task_type=task_type)
+    rows = list_alerts(ledger_engine(), since=_since(since), task_type=task_type)
     if as_json:
         print(json.dumps(rows, indent=2, default=str))
         return

@@ -14,22 +14,14 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 from rich.table import Table
-from sqlalchemy.engine import Engine
 
 from core.shadow import SPEC_EXAMPLES, CandidateSpec, CandidateSpecError, ShadowConfig, ShadowSummary
 from starter import tickets
-from starter.console import console, err, load_settings
+from starter.console import console, err, ledger_engine
 from starter.views import parse_since
 
 shadow_app = typer.Typer(help="Shadow mode: run a candidate version beside the primary.", no_args_is_help=True)
 
-
-def _engine() -> Engine:
-    from activities.db import init_db, make_engine
-
-    engine = make_engine(load_settings().db_url)
-    init_db(engine)  # the shadow tables, in a ledger made before they existed
-    return engine
 
 
 def parse_candidate(spec: str) -> CandidateSpec:
@@ -61,7 +53,7 @@ def start(
         raise typer.Exit(2) from e
     from activities.shadow import start_shadow
 
-    config = start_shadow(_engine(), spec, fraction)
+    config = start_shadow(ledger_engine(), spec, fraction)
     tickets.forget_shadow_config()
     console.print(f"shadow mode on: {_describe(config)}")
     console.print("Its writes are dry-run (recorded, never executed); its spend is charged to feature 'shadow'. "
@@ -73,7 +65,7 @@ def stop() -> None:
     """Stop shadowing new tickets (shadows already running finish and are reported)."""
     from activities.shadow import stop_shadow
 
-    config = stop_shadow(_engine())
+    config = stop_shadow(ledger_engine())
     tickets.forget_shadow_config()
     if config is None:
         console.print("shadow mode was not on")
@@ -86,7 +78,7 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="One JSON object
     """The active shadow configuration and how many tickets it has compared."""
     from activities.shadow import comparisons, last_shadow
 
-    engine = _engine()
+    engine = ledger_engine()
     last = last_shadow(engine)
     if last is None:
         doc: dict[str, object] = {"active": False}
@@ -152,7 +144,7 @@ def report(
     except ValueError as e:
         err.print(f"[red]{e}[/red]")
         raise typer.Exit(2) from e
-    summaries = shadow_report(_engine(), start)
+    summaries = shadow_report(ledger_engine(), start)
     if as_json:
         print(json.dumps([s.model_dump(mode="json") for s in summaries], indent=2))
         return

@@ -14,15 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from temporalio.client import Client
-from temporalio.contrib.pydantic import pydantic_data_converter
-from temporalio.testing import WorkflowEnvironment
 
-from activities.db import init_db, make_engine
 from core import names
 from core import swarm as sw
 from core.dataset import sample_tickets
@@ -32,8 +28,8 @@ from core.shadow import CandidateSpec, ShadowComparison, shadow_workflow_id
 from core.supervisor import SupervisedPlanInput, SupervisedPlanResult
 from core.types import InjectedFailure, ModelSpec, SimConfig
 from starter import tickets
-from tests.conftest import SEARCH_ATTRIBUTE_KEYS, _binary, ticket
-from workers.worker import build_worker
+from tests.conftest import ticket
+from tests.record_history import recording_stack
 
 OUT = Path(__file__).parent / "histories"
 SIM = SimConfig(spiral_rate=0.0)
@@ -52,50 +48,41 @@ async def run(client: Client, settings: KeelSettings, workflow: str, inp: Any, w
 
 
 async def main() -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        engine = make_engine(f"sqlite:///{tmp}/keel.db")
-        init_db(engine)
-        settings = KeelSettings(home=Path(tmp), task_queue="record")
-        env = await WorkflowEnvironment.start_local(
-            dev_server_existing_path=_binary("temporal"), data_converter=pydantic_data_converter,
-            search_attributes=SEARCH_ATTRIBUTE_KEYS,
-        )
-        async with env, build_worker(env.client, settings, engine=engine):
-            c = env.client
-            research: ResearchResult = await run(
-                c, settings, names.RESEARCH_REPORT_WORKFLOW,
-                ResearchInput(question="Why did refunds rise in Q3, and what did the duplicate charges cost us?",
-                              sim=SIM, roles=dict(ROLE_POLICIES),
-                              child_failures={"analysis": InjectedFailure(at_step=2, runs=1)}),
-                "pattern_research_v1", ResearchResult)
-            assert research.status == "completed", research.status
-            await save(c, research.workflow_id, "pattern_research_v1")
-            await save(c, f"{research.workflow_id}/analysis", "pattern_research_v1__analysis")
+    async with recording_stack() as (c, settings):
+        research: ResearchResult = await run(
+            c, settings, names.RESEARCH_REPORT_WORKFLOW,
+            ResearchInput(question="Why did refunds rise in Q3, and what did the duplicate charges cost us?",
+                          sim=SIM, roles=dict(ROLE_POLICIES),
+                          child_failures={"analysis": InjectedFailure(at_step=2, runs=1)}),
+            "pattern_research_v1", ResearchResult)
+        assert research.status == "completed", research.status
+        await save(c, research.workflow_id, "pattern_research_v1")
+        await save(c, f"{research.workflow_id}/analysis", "pattern_research_v1__analysis")
 
-            plan: SupervisedPlanResult = await run(
-                c, settings, names.SUPERVISED_PLAN_WORKFLOW,
-                SupervisedPlanInput(scenario="payments-db primary in eu-west-1 is down", sim=SimConfig(seed=1,
-                                    spiral_rate=0.0), key="plan-recorded"),
-                "pattern_plan_v1", SupervisedPlanResult)
-            assert plan.status == "accepted" and len(plan.rounds) == 2, (plan.status, len(plan.rounds))
-            await save(c, plan.workflow_id, "pattern_plan_v1")
+        plan: SupervisedPlanResult = await run(
+            c, settings, names.SUPERVISED_PLAN_WORKFLOW,
+            SupervisedPlanInput(scenario="payments-db primary in eu-west-1 is down", sim=SimConfig(seed=1,
+                                spiral_rate=0.0), key="plan-recorded"),
+            "pattern_plan_v1", SupervisedPlanResult)
+        assert plan.status == "accepted" and len(plan.rounds) == 2, (plan.status, len(plan.rounds))
+        await save(c, plan.workflow_id, "pattern_plan_v1")
 
-            swarm: sw.SwarmResult = await run(
-                c, settings, names.SWARM_WORKFLOW,
-                sw.SwarmInput(text="My card is declined at the ATM and I was charged twice at ShopNow.",
-                              customer_id="C-1001", ticket_id="TK-DEMO-SWARM",
-                              models=[ModelSpec(model="sim-small"), ModelSpec(model="sim-large")], sim=SIM),
-                "pattern_swarm_v1", sw.SwarmResult)
-            assert swarm.status == "escalated", swarm.status
-            await save(c, swarm.workflow_id, "pattern_swarm_v1")
+        swarm: sw.SwarmResult = await run(
+            c, settings, names.SWARM_WORKFLOW,
+            sw.SwarmInput(text="My card is declined at the ATM and I was charged twice at ShopNow.",
+                          customer_id="C-1001", ticket_id="TK-DEMO-SWARM",
+                          models=[ModelSpec(model="sim-small"), ModelSpec(model="sim-large")], sim=SIM),
+            "pattern_swarm_v1", sw.SwarmResult)
+        assert swarm.status == "escalated", swarm.status
+        await save(c, swarm.workflow_id, "pattern_swarm_v1")
 
-            refund = next(t for t in sample_tickets(16) if t.category == "refund_request")
-            inp = ticket(refund.customer_id, refund.text, ticket_id="TK-shadow-recorded")
-            handle = await tickets.start_shadowed(c, settings, inp, CandidateSpec.parse("prompt=v2"))
-            await handle.result()
-            comparison: ShadowComparison = await c.get_workflow_handle(
-                shadow_workflow_id(handle.id), result_type=ShadowComparison).result()
-            await save(c, comparison.shadow_workflow_id, "pattern_shadow_v1")
+        refund = next(t for t in sample_tickets(16) if t.category == "refund_request")
+        inp = ticket(refund.customer_id, refund.text, ticket_id="TK-shadow-recorded")
+        handle = await tickets.start_shadowed(c, settings, inp, CandidateSpec.parse("prompt=v2"))
+        await handle.result()
+        comparison: ShadowComparison = await c.get_workflow_handle(
+            shadow_workflow_id(handle.id), result_type=ShadowComparison).result()
+        await save(c, comparison.shadow_workflow_id, "pattern_shadow_v1")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from datetime import timedelta
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ApplicationError, ChildWorkflowError
+from temporalio.exceptions import ApplicationError, ChildWorkflowError, FailureError
 
 with workflow.unsafe.imports_passed_through():
     from pydantic import ValidationError
@@ -59,6 +59,11 @@ def parent_runner(task_type: str, feature: str, budget: Budget, model: ModelSpec
                          sim=sim, budget=budget)
     runner.clock = workflow.now
     return runner
+
+
+def failure_reason(e: BaseException) -> str:
+    """The message of what failed: an activity's or child's error, not Temporal's wrapper around it."""
+    return str(e.cause if isinstance(e, FailureError) and e.cause is not None else e)
 
 
 def usage_of(runner: AgentRunner) -> TaskUsage:
@@ -161,7 +166,7 @@ class Children:
             except ChildWorkflowError as e:
                 spent = await self._spent(wid, e)
                 self._settle(rec, reservation, spent)
-                why = str(e.cause or e)
+                why = failure_reason(e)
                 rec.failures.append(why)
                 rec.reason = why
                 last = attempt == self.max_attempts

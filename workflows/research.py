@@ -48,17 +48,12 @@ with workflow.unsafe.imports_passed_through():
 
 # Passed through the sandbox by the worker (workers.worker.PURE_WORKFLOW_MODULES): pure decision code.
 from workflows.budget import BudgetExceeded
-from workflows.children import Children, PatternParent, parent_runner, usage_of
+from workflows.children import Children, PatternParent, failure_reason, parent_runner, usage_of
 
 SA_STATUS = SearchAttributeKey.for_keyword(names.SA_STATUS)
 SA_TOKENS = SearchAttributeKey.for_int(names.SA_TOKENS)
 SA_COST = SearchAttributeKey.for_float(names.SA_COST_USD)
 SA_BUDGET = SearchAttributeKey.for_keyword(names.SA_BUDGET)
-
-
-def _cause(e: BaseException) -> str:
-    cause = e.cause if isinstance(e, ActivityError) and e.cause is not None else e
-    return str(cause)
 
 
 @workflow.defn(name=names.RESEARCH_REPORT_WORKFLOW)
@@ -97,7 +92,7 @@ class ResearchReportWorkflow(PatternParent):
             runner.decide("kill", f"the parent's budget does not allow the plan call: {e}")
         except ActivityError as e:
             plan, plan_source = default_plan(inp.question), "default"
-            runner.decide("default_plan", f"the plan call failed ({_cause(e)}); using the default plan")
+            runner.decide("default_plan", f"the plan call failed ({failure_reason(e)}); using the default plan")
 
         title = plan.title if plan is not None and plan.title else default_title(inp.question)
         outputs: dict[str, str] = {}
@@ -140,7 +135,7 @@ class ResearchReportWorkflow(PatternParent):
                 stopped = str(e)
                 runner.decide("kill", f"the parent's budget does not allow the synthesis: {e}")
             except ActivityError as e:
-                runner.decide("fallback", f"the synthesis call failed ({_cause(e)}); publishing the findings")
+                runner.decide("fallback", f"the synthesis call failed ({failure_reason(e)}); publishing the findings")
 
         status: ResearchStatus = research_status(delivered_count, missing, bool(stopped))
         if not report:

@@ -39,7 +39,7 @@ with workflow.unsafe.imports_passed_through():
         worker_instructions,
     )
     from core.tools import PLANNING_TOOLS
-    from core.types import AgentTaskInput, Message, TaskUsage
+    from core.types import AgentTaskInput, Message
 
 from workflows.budget import BudgetExceeded
 from workflows.children import Children, PatternParent, parent_runner, usage_of
@@ -50,12 +50,6 @@ SA_COST = SearchAttributeKey.for_float(names.SA_COST_USD)
 
 WORKER_MAX_OUTPUT_TOKENS = 1_600
 """A plan of a dozen steps with rollbacks and verifications is about 1,000 tokens of JSON."""
-
-
-def _since(now: TaskUsage, before: TaskUsage) -> TaskUsage:
-    return TaskUsage(llm_calls=now.llm_calls - before.llm_calls, input_tokens=now.input_tokens - before.input_tokens,
-                     output_tokens=now.output_tokens - before.output_tokens,
-                     cost_usd=round(now.cost_usd - before.cost_usd, 8))
 
 
 @workflow.defn(name=names.SUPERVISED_PLAN_WORKFLOW)
@@ -104,7 +98,7 @@ class SupervisedPlanWorkflow(PatternParent):
                                                          f"· {inp.worker_model.label}")
                 child = children.records[-1]
                 rec.worker_id, rec.worker_status = child.workflow_id, child.status
-                rec.worker_usage = _since(children.usage, before)
+                rec.worker_usage = children.usage.minus(before)
                 if res is None:
                     escalation = f"round {round_no}: the worker did not produce a plan ({child.status}: {child.reason})"
                     rec.action, rec.note = "escalate", escalation
@@ -124,7 +118,7 @@ class SupervisedPlanWorkflow(PatternParent):
                 messages = [Message(role="user", content=t) for t in
                             review_messages_text(inp, round_no, plan, res.output, rule_ids, violations)]
                 resp = await runner.llm("review", "dr/review", messages, json_output=True)
-                rec.review_usage = _since(usage_of(runner), own_before)
+                rec.review_usage = usage_of(runner).minus(own_before)
                 verdict, note = parse_verdict(resp.text)
                 if verdict is not None:
                     rec.verdict, rec.feedback = verdict.verdict, verdict.feedback
