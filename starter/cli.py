@@ -7,14 +7,14 @@ import json
 import os
 import signal
 import sys
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.live import Live
 from rich.markup import escape
-from temporalio.client import Client, WorkflowFailureError
-from temporalio.service import RPCError
+from temporalio.client import Client
 
 from activities import tracing
 from core import names
@@ -26,7 +26,7 @@ from starter import patterns, stack, tickets, views
 from starter.approvals_cli import approvals, approve, reject, resolve_cmd
 from starter.breaker_cli import breaker_app
 from starter.codec_cli import codec_server
-from starter.console import client_or_exit, console, err, load_settings
+from starter.console import client_or_exit, console, err, load_settings, run_task
 from starter.inspect_cli import history_app, prompts_app, replay_cmd
 from starter.metrics_cli import alerts, metrics
 from starter.plan_cli import plan_cmd
@@ -322,15 +322,9 @@ def costs(
     views.print_rows(console, rows, group, fmt, title=f"LLM costs by {', '.join(group)}")
 
 
-def _run(fn: object) -> None:
+def _run(fn: Callable[[], Coroutine[Any, Any, None]]) -> None:
     try:
-        asyncio.run(fn())  # type: ignore[operator]
-    except WorkflowFailureError as e:
-        err.print(f"[red]task failed:[/red] {e.cause or e}")
-        raise typer.Exit(1) from e
-    except RPCError as e:
-        err.print(f"[red]Temporal: {e.message}[/red]")
-        raise typer.Exit(1) from e
+        run_task(fn)
     except tickets.ShadowStartError as e:
         err.print(f"[red]{e}[/red]")
         raise typer.Exit(1) from e

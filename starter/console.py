@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import typer
 from rich.console import Console
 from sqlalchemy.engine import Engine
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowFailureError
+from temporalio.service import RPCError
 
 from core.codec import EncryptionConfigError
 from core.settings import KeelSettings
@@ -29,6 +33,18 @@ def load_settings() -> KeelSettings:
         raise typer.Exit(2) from e
     apply_traces_endpoint(settings)
     return settings
+
+
+def run_task(main: Callable[[], Coroutine[Any, Any, None]], what: str = "task") -> None:
+    """Run a command's coroutine; a failed workflow or an unreachable Temporal is a clear error, exit 1."""
+    try:
+        asyncio.run(main())
+    except WorkflowFailureError as e:
+        err.print(f"[red]{what} failed:[/red] {e.cause or e}")
+        raise typer.Exit(1) from e
+    except RPCError as e:
+        err.print(f"[red]Temporal: {e.message}[/red]")
+        raise typer.Exit(1) from e
 
 
 def ledger_engine() -> Engine:

@@ -4,15 +4,13 @@ then every round (violations, verdict, feedback), the final plan, and the review
 
 from __future__ import annotations
 
-import asyncio
 import json
 from typing import Annotated
 
 import typer
 from rich.markup import escape
 from rich.table import Table
-from temporalio.client import Client, WorkflowFailureError
-from temporalio.service import RPCError
+from temporalio.client import Client
 
 from core import names
 from core.policy import budget_for
@@ -27,7 +25,7 @@ from core.supervisor import (
 )
 from core.types import ModelSpec, SimConfig
 from starter import patterns, views
-from starter.console import client_or_exit, console, err, load_settings
+from starter.console import client_or_exit, console, err, load_settings, run_task
 
 
 def plan_table(plan: Plan, title: str) -> Table:
@@ -123,11 +121,4 @@ def plan_cmd(
                 console.print()
             print_result(res)
 
-    try:
-        asyncio.run(run())
-    except WorkflowFailureError as e:
-        err.print(f"[red]plan failed:[/red] {e.cause or e}")
-        raise typer.Exit(1) from e
-    except RPCError as e:
-        err.print(f"[red]Temporal: {e.message}[/red]")
-        raise typer.Exit(1) from e
+    run_task(run, "plan")

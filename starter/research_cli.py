@@ -5,7 +5,6 @@ the orchestrator's own calls against its children's."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 from typing import Annotated
 
@@ -13,8 +12,7 @@ import typer
 from rich.markdown import Markdown
 from rich.markup import escape
 from rich.table import Table
-from temporalio.client import Client, WorkflowFailureError
-from temporalio.service import RPCError
+from temporalio.client import Client
 
 from activities.prompts import PROMPTS_DIR
 from core import names
@@ -30,7 +28,7 @@ from core.research import (
 )
 from core.types import Budget, InjectedFailure, ModelSpec, SimConfig, TaskUsage
 from starter import patterns, views
-from starter.console import client_or_exit, console, err, load_settings
+from starter.console import client_or_exit, console, err, load_settings, run_task
 
 
 def prompt_problems(version: str) -> list[str]:
@@ -163,11 +161,4 @@ def research_cmd(
         else:
             print_result(res)
 
-    try:
-        asyncio.run(run())
-    except WorkflowFailureError as e:
-        err.print(f"[red]research failed:[/red] {e.cause or e}")
-        raise typer.Exit(1) from e
-    except RPCError as e:
-        err.print(f"[red]Temporal: {e.message}[/red]")
-        raise typer.Exit(1) from e
+    run_task(run, "research")

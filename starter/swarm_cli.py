@@ -4,22 +4,20 @@ decision."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 from typing import Annotated
 
 import typer
 from rich.markup import escape
 from rich.table import Table
-from temporalio.client import Client, WorkflowFailureError
-from temporalio.service import RPCError
+from temporalio.client import Client
 
 from core import names
 from core import swarm as sw
 from core.policy import budget_for
 from core.types import ModelSpec, SimConfig
 from starter import patterns, views
-from starter.console import client_or_exit, console, err, load_settings
+from starter.console import client_or_exit, console, err, load_settings, run_task
 
 
 def result_table(r: sw.SwarmResult) -> Table:
@@ -107,11 +105,4 @@ def swarm_cmd(
         if res.status == "rejected":
             raise typer.Exit(2)
 
-    try:
-        asyncio.run(run())
-    except WorkflowFailureError as e:
-        err.print(f"[red]swarm failed:[/red] {e.cause or e}")
-        raise typer.Exit(1) from e
-    except RPCError as e:
-        err.print(f"[red]Temporal: {e.message}[/red]")
-        raise typer.Exit(1) from e
+    run_task(run, "swarm")
