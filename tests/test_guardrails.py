@@ -198,9 +198,9 @@ async def test_edit_beyond_policy_is_refused_and_never_runs(
     assert res.validation_failures >= 1
 
 
-async def test_approval_timeout_escalates(ts_env: WorkflowEnvironment, settings: KeelSettings,
+async def test_approval_timeout_escalates(own_ts_env: WorkflowEnvironment, settings: KeelSettings,
                                           worker_factory: WorkerFactory, db_engine: Engine) -> None:
-    client = ts_env.client
+    client = own_ts_env.client
     s = refund_sample(4)
     async with worker_factory(client):
         handle = await tickets.start_ticket(client, settings, ticket(s.customer_id, s.text, approval_mode="wait"))
