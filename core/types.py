@@ -391,6 +391,10 @@ class TicketInput(BaseModel):
     dry_run: bool = False
     """Shadow mode's candidate: every write is recorded, never executed (see ToolRequest.dry_run), and
     a `confirm` write is recorded as a proposal without asking anyone."""
+    pipeline_version: int = 0
+    """The ticket pipeline this task runs, pinned at submission (`core.names.PIPELINE_VERSION`), so it
+    replays on the same path whatever code runs later. 0 (inputs recorded before the field existed):
+    the path is chosen by the history's patch markers, as then."""
 
 
 class BlockedAction(BaseModel):

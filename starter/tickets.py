@@ -103,6 +103,7 @@ def make_input(
         # Pinned in the input (and so in the history): a later change of the policy's default must
         # not change how an already-started task replays.
         budget=budget_for(task_type),
+        pipeline_version=names.PIPELINE_VERSION,
         small_model=small,
         large_model=large,
         sim=sim or SimConfig(seed=settings.sim_seed, spiral_rate=settings.sim_spiral_rate),

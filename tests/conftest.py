@@ -139,6 +139,7 @@ def ticket(
         text=text,
         sim=SimConfig(**{"spiral_rate": 0.0, **sim}),
         approval=APPROVALS.model_copy(update={"mode": approval_mode}),
+        pipeline_version=names.PIPELINE_VERSION,  # as keel submits it (make_input)
     )
 
 

@@ -38,7 +38,7 @@ from activities.providers.sim import SimProvider
 from activities.tools import ToolActivities
 from core.breaker import BREAKER_STATE_QUERY, BreakerState, breaker_workflow_id
 from core.dataset import sample_tickets
-from core.names import LLM_ACTIVITY, SA_BUDGET
+from core.names import LLM_ACTIVITY, PIPELINE_VERSION, SA_BUDGET
 from core.policy import EXPECTED_TOKENS
 from core.settings import KeelSettings
 from core.tools import TOOLS
@@ -141,6 +141,8 @@ def budgeted_tickets(draw: st.DrawFn) -> TicketInput:
         budget=Budget(max_tokens=draw(st.integers(3_000, 20_000)), max_usd=draw(st.none() | st.floats(0.002, 0.05))),
         # The breaker would start skipping the model after a run of spirals; that is another feature.
         breaker=False,
+        # Both paths: pinned by the input (as submitted now) and chosen by patch markers (older tasks).
+        pipeline_version=draw(st.sampled_from([0, PIPELINE_VERSION])),
     )
 
 
@@ -242,6 +244,44 @@ async def test_spiral_within_budget_is_stopped_by_its_thresholds(
     assert kinds.index("wrap_up") < kinds.index("answer_now") < kinds.index("kill")
     assert res.partial_output
     assert state == "limit:tokens"
+
+
+async def _budget_events(client: Client, workflow_id: str) -> tuple[list[str], list[str]]:
+    """(marker names, KeelBudget values upserted, in order) of a task's history."""
+    history = await client.get_workflow_handle(workflow_id).fetch_history()
+    markers = [e.marker_recorded_event_attributes.marker_name for e in history.events
+               if e.HasField("marker_recorded_event_attributes")]
+    budgets = [json.loads(f.data) for e in history.events
+               if e.HasField("upsert_workflow_search_attributes_event_attributes")
+               for k, f in e.upsert_workflow_search_attributes_event_attributes.search_attributes.indexed_fields.items()
+               if k == SA_BUDGET]
+    return markers, budgets
+
+
+async def test_pinned_pipeline_records_no_patch_marker_and_upserts_the_budget_at_hard_only(
+    client: Client, settings: KeelSettings, worker_factory: WorkerFactory, db_engine: Engine
+) -> None:
+    """A task pinned to the current pipeline takes the same decisions as one whose path comes from the
+    patch markers (an older task), without the marker, its TemporalChangeVersion upsert, and the soft
+    KeelBudget upsert (each a visibility write on the server)."""
+    runs = {}
+    for version in (PIPELINE_VERSION, 0):
+        # One ticket id (the sim seeds on it), run twice in turn: the path of TK-s2 fires soft, hard and kill.
+        inp = TicketInput(ticket_id="TK-s2", customer_id="C-1001", text="My card was declined online.",
+                          sim=SimConfig(seed=2, spiral_rate=1.0), budget=Budget(max_tokens=8_000, max_usd=None),
+                          breaker=False, pipeline_version=version)
+        async with worker_factory(client):
+            res = await run_ticket(client, settings, inp)
+        runs[version] = (res, *(await _budget_events(client, res.workflow_id)))
+    pinned, pinned_markers, pinned_budgets = runs[PIPELINE_VERSION]
+    legacy, legacy_markers, legacy_budgets = runs[0]
+    assert pinned_markers == [] and pinned_budgets == ["hard", "limit:tokens"]
+    assert legacy_markers == ["core_patch"] and legacy_budgets == ["soft", "hard", "limit:tokens"]
+    desc = await client.get_workflow_handle(pinned.workflow_id).describe()
+    assert "TemporalChangeVersion" not in {p.key.name for p in desc.typed_search_attributes}
+    # Same seed, same ticket, same decisions and figures.
+    assert (pinned.status, pinned.tokens, pinned.steps, [d.kind for d in pinned.decisions]) == (
+        legacy.status, legacy.tokens, legacy.steps, [d.kind for d in legacy.decisions])
 
 
 # --- 2. a dollar limit alone -------------------------------------------------------------------
