@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, DateTime, Engine, event, func, inspect, select, text
+from sqlalchemy import Connection, DateTime, Engine, Table, event, func, inspect, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import StaticPool
 from sqlalchemy.types import TypeDecorator
@@ -44,6 +44,11 @@ class UtcDateTime(TypeDecorator[datetime]):
         if value is None:
             return None
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def table_of(model: type[SQLModel]) -> Table:
+    """The Core table of a SQLModel table class (for statements that skip the ORM)."""
+    return SQLModel.metadata.tables[str(model.__tablename__)]
 
 
 def _created_at() -> Any:

@@ -74,7 +74,7 @@ class Ledger:
         if dialect in ("sqlite", "postgresql"):
             stmt = _upsert_statement(dialect, tuple(values))
             if session is not None:
-                session.execute(stmt, values)
+                session.connection().execute(stmt, values)  # Core: no ORM execution layer per row
             else:
                 # A Core connection, not an ORM session: this runs on every model and tool call.
                 with self.engine.begin() as conn:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, RowMapping, Table, bindparam, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col
 from temporalio import activity
@@ -32,6 +32,8 @@ from activities.db import (
     ReplyRow,
     ReportRow,
     TransactionRow,
+    table_of,
+    utcnow,
 )
 from activities.ledger import Ledger
 from activities.tracing import Tracing
@@ -53,10 +55,6 @@ Handler = Callable[[Session, ToolRequest, Any], ToolResult]
 
 def _fail(error: str) -> ToolResult:
     return ToolResult(ok=False, error=error)
-
-
-def _customer(s: Session, customer_id: str) -> CustomerRow | None:
-    return s.get(CustomerRow, customer_id)
 
 
 def _unknown_customer(customer_id: str) -> ToolResult:
@@ -192,21 +190,42 @@ class ToolActivities:
 
 
 # --- the tools, each inside the caller's transaction ---------------------------------------
+# SQLAlchemy Core on the session's connection, not ORM objects: these run on every tool call, and
+# loading rows as ORM instances cost 3-4x the queries themselves (bench/throughput.py). The tables
+# are the SQLModel ones of activities.db; the writes set every column's default here, as the
+# models would.
+
+_CUSTOMERS = table_of(CustomerRow)
+_ACCOUNTS = table_of(AccountRow)
+_TRANSACTIONS = table_of(TransactionRow)
+_POLICIES = table_of(PolicyRow)
+_REFUNDS = table_of(RefundRow)
+_REPLIES = table_of(ReplyRow)
+_QUEUE = table_of(HumanQueueRow)
+_REPORTS = table_of(ReportRow)
+
+_CUSTOMER_BY_ID = select(_CUSTOMERS).where(_CUSTOMERS.c.id == bindparam("id"))
+_ACCOUNTS_OF = select(_ACCOUNTS).where(_ACCOUNTS.c.customer_id == bindparam("id")).order_by(_ACCOUNTS.c.id)
+_POLICY_BY_TOPIC = select(_POLICIES).where(_POLICIES.c.topic == bindparam("topic"))
+_TRANSACTION_BY_ID = select(_TRANSACTIONS).where(_TRANSACTIONS.c.id == bindparam("id"))
+
+
+def _customer(s: Session, customer_id: str) -> RowMapping | None:
+    return s.connection().execute(_CUSTOMER_BY_ID, {"id": customer_id}).mappings().first()
 
 
 def _get_account(s: Session, req: ToolRequest, args: GetAccountArgs) -> ToolResult:
     c = _customer(s, args.customer_id)
     if c is None:
         return _unknown_customer(args.customer_id)
-    stmt = select(AccountRow).where(col(AccountRow.customer_id) == c.id).order_by(col(AccountRow.id))
-    accounts = s.scalars(stmt)
+    accounts = s.connection().execute(_ACCOUNTS_OF, {"id": c["id"]}).mappings()
     return ToolResult(ok=True, content={
         "customer": {
-            "id": c.id, "name": c.name, "email": c.email, "phone": c.phone, "tier": c.tier,
-            "locked": c.locked, "card_status": c.card_status, "card_last4": f"**** {c.card_number[-4:]}",
+            "id": c["id"], "name": c["name"], "email": c["email"], "phone": c["phone"], "tier": c["tier"],
+            "locked": c["locked"], "card_status": c["card_status"], "card_last4": f"**** {c['card_number'][-4:]}",
         },
         "accounts": [
-            {"id": a.id, "iban": a.iban, "kind": a.kind, "balance": a.balance, "currency": a.currency}
+            {"id": a["id"], "iban": a["iban"], "kind": a["kind"], "balance": a["balance"], "currency": a["currency"]}
             for a in accounts
         ],
     })
@@ -215,92 +234,91 @@ def _get_account(s: Session, req: ToolRequest, args: GetAccountArgs) -> ToolResu
 def _get_transactions(s: Session, req: ToolRequest, args: GetTransactionsArgs) -> ToolResult:
     if _customer(s, args.customer_id) is None:
         return _unknown_customer(args.customer_id)
+    t = _TRANSACTIONS.c
     stmt = (
-        select(TransactionRow)
-        .where(col(TransactionRow.customer_id) == args.customer_id, col(TransactionRow.days_ago) <= args.days)
-        .order_by(col(TransactionRow.days_ago), col(TransactionRow.id).desc())
+        select(t.id, t.merchant, t.amount, t.days_ago, t.kind, t.disputed, t.duplicate_of)
+        .where(t.customer_id == args.customer_id, t.days_ago <= args.days)
+        .order_by(t.days_ago, t.id.desc())
         .limit(args.limit)
     )
-    return ToolResult(ok=True, content={"transactions": [
-        {"id": t.id, "merchant": t.merchant, "amount": t.amount, "days_ago": t.days_ago, "kind": t.kind,
-         "disputed": t.disputed, "duplicate_of": t.duplicate_of}
-        for t in s.scalars(stmt)
-    ]})
+    return ToolResult(ok=True, content={"transactions": [dict(r) for r in s.connection().execute(stmt).mappings()]})
 
 
 def _lookup_policy(s: Session, req: ToolRequest, args: LookupPolicyArgs) -> ToolResult:
     topic = args.topic.strip().lower().replace(" ", "_").replace("-", "_")
-    p = s.get(PolicyRow, topic)
+    p = s.connection().execute(_POLICY_BY_TOPIC, {"topic": topic}).mappings().first()
     if p is None:
-        known = s.scalars(select(col(PolicyRow.topic)).order_by(col(PolicyRow.topic))).all()
+        known = s.scalars(select(_POLICIES.c.topic).order_by(_POLICIES.c.topic)).all()
         return _fail(f"no policy on {args.topic!r}; known topics: {', '.join(known)}")
-    return ToolResult(ok=True, content={"topic": p.topic, "text": p.text, "max_refund": p.max_refund})
+    return ToolResult(ok=True, content={"topic": p["topic"], "text": p["text"], "max_refund": p["max_refund"]})
 
 
-def _existing(s: Session, table: Any, key: str) -> Any:
-    return s.scalars(select(table).where(table.idempotency_key == key)).first()
+def _existing(s: Session, table: Table, key: str) -> RowMapping | None:
+    return s.connection().execute(select(table).where(table.c.idempotency_key == key)).mappings().first()
+
+
+def _insert(s: Session, table: Table, **values: Any) -> RowMapping:
+    """INSERT one row (created_at now) and return it (RETURNING: SQLite 3.35+, PostgreSQL)."""
+    stmt = insert(table).values(created_at=utcnow(), **values).returning(*table.c)
+    return s.connection().execute(stmt).mappings().one()
 
 
 def _issue_refund(s: Session, req: ToolRequest, args: IssueRefundArgs) -> ToolResult:
-    r = _existing(s, RefundRow, req.idempotency_key)
+    r = _existing(s, _REFUNDS, req.idempotency_key)
     if r is None:
         if _customer(s, args.customer_id) is None:
             return _unknown_customer(args.customer_id)
-        t = s.get(TransactionRow, args.transaction_id)
+        conn = s.connection()
+        t = conn.execute(_TRANSACTION_BY_ID, {"id": args.transaction_id}).mappings().first()
         if t is None:
             return _fail(f"transaction {args.transaction_id!r} not found")
-        if t.customer_id != args.customer_id:
+        if t["customer_id"] != args.customer_id:
             return _fail(f"transaction {args.transaction_id!r} does not belong to customer {args.customer_id!r}")
         amount = round(args.amount, 2)
-        refunded: float = s.scalar(
-            select(func.coalesce(func.sum(col(RefundRow.amount)), 0.0)).where(col(RefundRow.transaction_id) == t.id)
-        ) or 0.0
-        refundable = round(t.amount - refunded, 2)
+        refunded: float = conn.execute(
+            select(func.coalesce(func.sum(_REFUNDS.c.amount), 0.0)).where(_REFUNDS.c.transaction_id == t["id"])
+        ).scalar() or 0.0
+        refundable = round(t["amount"] - refunded, 2)
         if amount > refundable:
             already = f" ({refunded:.2f} already refunded)" if refunded else ""
             return _fail(f"refund of {amount:.2f} exceeds the refundable amount {refundable:.2f} of "
-                         f"transaction {t.id!r}{already}")
-        r = RefundRow(idempotency_key=req.idempotency_key, workflow_id=req.task.workflow_id,
-                      customer_id=args.customer_id, transaction_id=t.id, amount=amount, reason=args.reason)
-        s.add(r)
-        account = s.get(AccountRow, t.account_id)
-        if account is not None:
-            account.balance = round(account.balance + amount, 2)
-        s.flush()
-    return ToolResult(ok=True, content={"refund_id": f"RF-{r.id}", "transaction_id": r.transaction_id,
-                                        "amount": r.amount, "status": r.status})
+                         f"transaction {t['id']!r}{already}")
+        r = _insert(s, _REFUNDS, idempotency_key=req.idempotency_key, workflow_id=req.task.workflow_id,
+                    customer_id=args.customer_id, transaction_id=t["id"], amount=amount, reason=args.reason,
+                    status="executed")
+        a = _ACCOUNTS.c
+        balance = conn.execute(select(a.balance).where(a.id == t["account_id"])).scalar()
+        if balance is not None:
+            conn.execute(update(_ACCOUNTS).where(a.id == t["account_id"]).values(balance=round(balance + amount, 2)))
+    return ToolResult(ok=True, content={"refund_id": f"RF-{r['id']}", "transaction_id": r["transaction_id"],
+                                        "amount": r["amount"], "status": r["status"]})
 
 
 def _send_reply(s: Session, req: ToolRequest, args: SendReplyArgs) -> ToolResult:
-    r = _existing(s, ReplyRow, req.idempotency_key)
+    r = _existing(s, _REPLIES, req.idempotency_key)
     if r is None:
         if _customer(s, args.customer_id) is None:
             return _unknown_customer(args.customer_id)
-        r = ReplyRow(idempotency_key=req.idempotency_key, workflow_id=req.task.workflow_id,
-                     customer_id=args.customer_id, body=args.body)
-        s.add(r)
-        s.flush()
-    return ToolResult(ok=True, content={"reply_id": f"RP-{r.id}", "customer_id": r.customer_id, "status": r.status})
+        r = _insert(s, _REPLIES, idempotency_key=req.idempotency_key, workflow_id=req.task.workflow_id,
+                    customer_id=args.customer_id, body=args.body, status="sent")
+    return ToolResult(ok=True, content={"reply_id": f"RP-{r['id']}", "customer_id": r["customer_id"],
+                                        "status": r["status"]})
 
 
 def _escalate(s: Session, req: ToolRequest, args: EscalateArgs) -> ToolResult:
-    q = _existing(s, HumanQueueRow, req.idempotency_key)
+    q = _existing(s, _QUEUE, req.idempotency_key)
     if q is None:
-        q = HumanQueueRow(idempotency_key=req.idempotency_key, workflow_id=req.task.workflow_id,
-                          customer_id=req.task.customer, reason=args.reason, priority=args.priority)
-        s.add(q)
-        s.flush()
-    return ToolResult(ok=True, content={"queue_item_id": f"HQ-{q.id}", "status": "queued", "reason": q.reason})
+        q = _insert(s, _QUEUE, idempotency_key=req.idempotency_key, workflow_id=req.task.workflow_id,
+                    customer_id=req.task.customer, reason=args.reason, priority=args.priority, status="open")
+    return ToolResult(ok=True, content={"queue_item_id": f"HQ-{q['id']}", "status": "queued", "reason": q["reason"]})
 
 
 def _publish_report(s: Session, req: ToolRequest, args: PublishReportArgs) -> ToolResult:
-    r = _existing(s, ReportRow, req.idempotency_key)
+    r = _existing(s, _REPORTS, req.idempotency_key)
     if r is None:
-        r = ReportRow(idempotency_key=req.idempotency_key, workflow_id=req.task.workflow_id, kind=args.kind,
-                      title=args.title, body=args.body)
-        s.add(r)
-        s.flush()
-    return ToolResult(ok=True, content={"report_id": f"RE-{r.id}", "kind": r.kind, "title": r.title})
+        r = _insert(s, _REPORTS, idempotency_key=req.idempotency_key, workflow_id=req.task.workflow_id,
+                    kind=args.kind, title=args.title, body=args.body)
+    return ToolResult(ok=True, content={"report_id": f"RE-{r['id']}", "kind": r["kind"], "title": r["title"]})
 
 
 def reports(engine: Engine, workflow_id: str | None = None) -> list[dict[str, Any]]:

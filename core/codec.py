@@ -17,12 +17,18 @@ import binascii
 import dataclasses
 import os
 from collections.abc import Mapping, Sequence
+from typing import ClassVar
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from temporalio.api.common.v1 import Payload
-from temporalio.contrib.pydantic import pydantic_data_converter
-from temporalio.converter import DataConverter, DefaultFailureConverterWithEncodedAttributes, PayloadCodec
+from temporalio.contrib.pydantic import PydanticPayloadConverter
+from temporalio.converter import (
+    DataConverter,
+    DefaultFailureConverterWithEncodedAttributes,
+    EncodingPayloadConverter,
+    PayloadCodec,
+)
 
 from core.settings import KeelSettings
 
@@ -170,14 +176,39 @@ def codec_from_settings(settings: KeelSettings, *, required: bool = False) -> En
     return EncryptionCodec(keys, active or None)
 
 
+class KeelPayloadConverter(PydanticPayloadConverter):
+    """Temporal's pydantic payload converter (the same JSON), with its encoding converters built once
+    per process and shared, and so their cache of pydantic TypeAdapters.
+
+    The SDK makes a new payload converter for every workflow activation and every activity task (a
+    data converter with a serialization context), and each new PydanticPayloadConverter starts an
+    empty TypeAdapter cache: every LlmRequest, LlmResponse or ToolResult decoded in the worker built
+    its TypeAdapter again (bench/throughput.py). The shared converters keep no per-call state; the
+    cache is thread-safe and bounded (1024 types)."""
+
+    _shared: ClassVar[tuple[EncodingPayloadConverter, ...] | None] = None
+
+    def __init__(self) -> None:
+        shared = KeelPayloadConverter._shared
+        if shared is None:
+            super().__init__()
+            KeelPayloadConverter._shared = tuple(self.converters.values())
+        else:
+            self._set_converters(*shared)
+
+
+keel_data_converter = DataConverter(payload_converter_class=KeelPayloadConverter)
+"""pydantic_data_converter's payloads, cheaper to make per activation (KeelPayloadConverter)."""
+
+
 def data_converter(settings: KeelSettings) -> DataConverter:
     """Pydantic JSON payloads; with KEEL_ENCRYPT, encrypted, and failure messages and stack traces moved
     into the (encrypted) failure payload, so an error quoting the ticket does not leak it either."""
     codec = codec_from_settings(settings)
     if codec is None:
-        return pydantic_data_converter
+        return keel_data_converter
     return dataclasses.replace(
-        pydantic_data_converter,
+        keel_data_converter,
         payload_codec=codec,
         failure_converter_class=DefaultFailureConverterWithEncodedAttributes,
     )

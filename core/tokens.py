@@ -22,10 +22,29 @@ def tokens_for_chars(chars: int) -> int:
     return math.ceil(chars / CHARS_PER_TOKEN)
 
 
+_SPEC_CHARS: dict[int, tuple[ToolSpec, int]] = {}
+_SPEC_CHARS_MAX = 256
+
+
+def _spec_chars(t: ToolSpec) -> int:
+    """len(json.dumps(t.model_dump())), remembered per spec object: the specs a task sends are the
+    same cached objects on every call (core.tools.ToolDef.spec). The entry holds the object, so its id
+    cannot be reused while the entry exists. Pure: the same number as computing it every time."""
+    hit = _SPEC_CHARS.get(id(t))
+    if hit is not None and hit[0] is t:
+        return hit[1]
+    n = len(json.dumps(t.model_dump()))
+    if len(_SPEC_CHARS) >= _SPEC_CHARS_MAX:
+        _SPEC_CHARS.clear()
+    _SPEC_CHARS[id(t)] = (t, n)
+    return n
+
+
 def request_chars(messages: Sequence[Message], tools: Sequence[ToolSpec]) -> int:
     chars = sum(len(m.content) + sum(len(tc.arguments_json) for tc in m.tool_calls) for m in messages)
     if tools:
-        chars += len(json.dumps([t.model_dump() for t in tools]))
+        # == len(json.dumps([t.model_dump() for t in tools])): "[" + items joined by ", " + "]"
+        chars += 2 + 2 * (len(tools) - 1) + sum(_spec_chars(t) for t in tools)
     return chars
 
 

@@ -295,3 +295,18 @@ def test_soft_threshold_never_follows_hard() -> None:
     # Refused up front, so the order of the thresholds can never be violated.
     with pytest.raises(ValueError, match="soft_ratio"):
         Budget(max_tokens=1_000, max_usd=None, soft_ratio=0.9, hard_ratio=0.5)
+
+
+def test_request_chars_counts_tool_specs_as_their_json() -> None:
+    """The remembered size of a tool spec equals its JSON, for cached specs and for copies."""
+    import json
+
+    from core.tokens import request_chars
+    from core.tools import TOOLS
+    from core.types import Message
+
+    specs = [t.spec() for t in TOOLS.values()]
+    for k in range(len(specs) + 1):
+        expected = len(json.dumps([t.model_dump() for t in specs[:k]])) if k else 0
+        assert request_chars([Message(role="user", content="hi")], specs[:k]) == 2 + expected
+        assert request_chars([], [s.model_copy(deep=True) for s in specs[:k]]) == expected

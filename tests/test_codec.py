@@ -25,14 +25,16 @@ from temporalio.testing import WorkflowEnvironment
 from core.codec import (
     EncryptionCodec,
     EncryptionConfigError,
+    KeelPayloadConverter,
     PayloadDecryptionError,
     codec_from_settings,
     data_converter,
+    keel_data_converter,
     parse_keys,
 )
 from core.dataset import build_dataset
 from core.settings import KeelSettings
-from core.types import TicketResult
+from core.types import TicketInput, TicketResult
 from starter.codec_server import CodecServer, default_origins
 from tests.conftest import _binary, run_ticket, ticket
 
@@ -128,9 +130,24 @@ async def test_unencrypted_payloads_pass_through() -> None:
 
 
 def test_encryption_off_keeps_the_pydantic_converter() -> None:
-    assert data_converter(KeelSettings()) is pydantic_data_converter
+    assert data_converter(KeelSettings()) is keel_data_converter
     # keys alone do not turn it on
-    assert data_converter(KeelSettings(encryption_keys=f"k1:{B1}")) is pydantic_data_converter
+    assert data_converter(KeelSettings(encryption_keys=f"k1:{B1}")) is keel_data_converter
+    assert keel_data_converter.payload_codec is None
+
+
+def test_keel_payloads_are_the_pydantic_converters() -> None:
+    """Keel's converter writes what pydantic_data_converter writes and reads what it reads (recorded
+    histories, other clients), its per-process shared converters holding no state between calls."""
+    value = TicketInput(customer_id="C-1001", text="My card was declined.", budget=None)
+    ours, theirs = keel_data_converter.payload_converter, pydantic_data_converter.payload_converter
+    payloads = theirs.to_payloads([value])
+    assert ours.to_payloads([value]) == payloads
+    assert ours.from_payloads(payloads, [TicketInput]) == [value]
+    # Made anew per activation by the SDK: each new one shares the first one's encoding converters.
+    fresh, other = KeelPayloadConverter(), KeelPayloadConverter()
+    assert list(fresh.converters.values()) == list(other.converters.values())
+    assert fresh.from_payloads(payloads, [TicketInput]) == [value]
 
 
 def test_settings_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -139,7 +156,7 @@ def test_settings_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
     conv = data_converter(KeelSettings())
     assert isinstance(conv.payload_codec, EncryptionCodec)
     assert conv.payload_codec.key_id == "k1" and conv.payload_codec.key_ids == ("k1", "k2")  # first listed
-    assert conv.payload_converter_class is pydantic_data_converter.payload_converter_class
+    assert conv.payload_converter_class is KeelPayloadConverter
     monkeypatch.setenv("KEEL_ENCRYPTION_KEY_ID", "k2")
     codec = data_converter(KeelSettings()).payload_codec
     assert isinstance(codec, EncryptionCodec) and codec.key_id == "k2"
