@@ -9,6 +9,10 @@
 3. asyncio: the same ticket pipeline with the activities called directly, no Temporal (the price of
    durability).
 
+Keel and bare run side by side on one dev server: both workers up, they take turns in --chunks chunks
+each (Keel, bare, bare, Keel, ...), one system at a time on the machine, so that a slow stretch of a
+shared machine or a fuller server database weighs on both alike. A system's figures add up its chunks.
+
 With --rounds R the whole comparison runs R times, each on a fresh dev server; the targets are judged
 on the medians (the spread is printed: on a shared 2-core machine one round's ratio moves by +-0.05).
 
@@ -22,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import platform
@@ -34,7 +39,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -67,6 +72,8 @@ R = TypeVar("R")
 
 KEEL_READY_LINE = "keel worker on task queue"
 WARMUP_TICKETS = 8
+DEFAULT_CHUNKS = 4
+"""Keel and bare alternate this many times per round (see `run`)."""
 """Run before the measured tickets and not counted: first imports, SQLAlchemy's statement cache,
 SQLite pages, the server's first tasks on a new queue."""
 SPIRAL_RATE = 0.15
@@ -199,6 +206,16 @@ class Phase:
         capacity = (b.t - a.t) * (os.cpu_count() or 1)
         return cls(wall_ms, activities, b.t - a.t, b.cpu_s - a.cpu_s, b.server_cpu_s - a.server_cpu_s,
                    max(0.0, 100 * foreign / capacity))
+
+    @classmethod
+    def merge(cls, parts: Sequence[Phase]) -> Phase:
+        """The chunks of one system as one phase: their tickets, wall time and CPU added up."""
+        elapsed = sum(p.elapsed_s for p in parts)
+        return cls(
+            [w for p in parts for w in p.wall_ms], [a for p in parts for a in p.activities], elapsed,
+            sum(p.cpu_s for p in parts), sum(p.server_cpu_s for p in parts),
+            sum(p.foreign_cpu_pct * p.elapsed_s for p in parts) / elapsed if elapsed else 0.0,
+        )
 
     @property
     def n(self) -> int:
@@ -398,10 +415,37 @@ def ticket_inputs(settings: KeelSettings, tickets: Sequence[SampleTicket]) -> li
     return [make_input(settings, t.customer_id, t.text, t.ticket_id, sim=sim) for t in tickets]
 
 
-async def bench_keel(
-    client: Client, address: str, server_pid: int | None, tmp: Path, tickets: Sequence[SampleTicket],
-    warmup: Sequence[SampleTicket], concurrency: int,
-) -> tuple[Phase, list[TicketResult]]:
+@dataclass
+class LiveSystem:
+    """A system under test with its worker running: `chunk` runs some of its items between two CPU
+    snapshots (the worker's, the server's, the machine's)."""
+
+    name: str
+    worker: WorkerProcess
+    server_pid: int | None
+    concurrency: int
+    start: Callable[[Any], Awaitable[Any]]
+    count: Callable[[Any], int]
+    phases: list[Phase] = field(default_factory=list)
+    results: list[Any] = field(default_factory=list)
+
+    async def chunk(self, items: Sequence[Any]) -> None:
+        phase, results = await measure(self.worker.cpu_s, self.server_pid, items, [], self.concurrency, self.start,
+                                       self.count)
+        self.phases.append(phase)
+        self.results.extend(results)
+
+    def phase(self) -> Phase:
+        p = Phase.merge(self.phases)
+        p.peak_rss_mb = self.worker.peak_rss_mb()
+        return p
+
+
+@contextlib.asynccontextmanager
+async def keel_system(
+    client: Client, address: str, server_pid: int | None, tmp: Path, warmup: Sequence[SampleTicket],
+    concurrency: int, workflow_ids: dict[str, str],
+) -> AsyncIterator[tuple[LiveSystem, KeelSettings]]:
     task_queue = f"bench-keel-{uuid.uuid4().hex[:10]}"
     home = tmp / "keel-home"
     settings = keel_settings(task_queue, home)
@@ -410,8 +454,6 @@ async def bench_keel(
     env = child_env(tmp, {"TEMPORAL_ADDRESS": address, "KEEL_TASK_QUEUE": task_queue, "KEEL_HOME": str(home),
                           "KEEL_METRICS_PORT": "0", "KEEL_SDK_METRICS_PORT": "0", **KEEL_WORKER_ENV})
 
-    workflow_ids: dict[str, str] = {}
-
     async def one(inp: TicketInput) -> TicketResult:
         handle = await start_ticket(client, settings, inp)
         workflow_ids[inp.ticket_id] = handle.id
@@ -419,23 +461,14 @@ async def bench_keel(
 
     argv = [sys.executable, "-m", "workers"]
     async with worker_process("keel", argv, env, tmp / "keel-worker.log", client, task_queue, KEEL_READY_LINE) as w:
-        phase, results = await measure(
-            w.cpu_s, server_pid, ticket_inputs(settings, tickets), ticket_inputs(settings, warmup), concurrency,
-            one, ticket_activities,
-        )
-        phase.peak_rss_mb = w.peak_rss_mb()
-    phase.history_activities, phase.workflow_tasks = await history_counts(
-        client, [workflow_ids[t.ticket_id] for t in tickets]
-    )
-    return phase, results
+        await run_concurrent(ticket_inputs(settings, warmup), concurrency, one)
+        yield LiveSystem("keel", w, server_pid, concurrency, one, ticket_activities), settings
 
 
-# --- 2. bare Temporal -----------------------------------------------------------------------
-
-
-async def bench_bare(
-    address: str, server_pid: int | None, tmp: Path, n: int, steps: int, concurrency: int
-) -> Phase:
+@contextlib.asynccontextmanager
+async def bare_system(
+    address: str, server_pid: int | None, tmp: Path, steps: int, concurrency: int, run_id: str,
+) -> AsyncIterator[tuple[LiveSystem, Client]]:
     # `bench` is not an installed package: `python bench/throughput.py` finds it only from the root.
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
@@ -444,27 +477,27 @@ async def bench_bare(
 
     client = await Client.connect(address)  # the default data converter, as in the bare worker
     task_queue = f"bench-bare-{uuid.uuid4().hex[:10]}"
-    run_id = uuid.uuid4().hex[:8]
 
     async def one(i: int) -> int:
         done: int = await client.execute_workflow(
             BARE_WORKFLOW, BareInput(steps=steps), id=f"bare-{run_id}-{i}", task_queue=task_queue, result_type=int
         )
+        if done != steps:
+            raise BenchError(f"bare workflow {i} ran {done} steps, expected {steps}")
         return done
 
     argv = [sys.executable, "-m", "bench.bare", "--address", address, "--task-queue", task_queue]
     env = child_env(tmp, {})
     async with worker_process("bare", argv, env, tmp / "bare-worker.log", client, task_queue, BARE_READY_LINE) as w:
-        phase, results = await measure(
-            w.cpu_s, server_pid, range(n), range(n, n + WARMUP_TICKETS), concurrency, one, int
-        )
-        phase.peak_rss_mb = w.peak_rss_mb()
-    if any(r != steps for r in results):
-        raise BenchError(f"bare workflows ran {set(results)} steps, expected {steps}")
-    phase.history_activities, phase.workflow_tasks = await history_counts(
-        client, [f"bare-{run_id}-{i}" for i in range(n)]
-    )
-    return phase
+        await run_concurrent(range(-WARMUP_TICKETS, 0), concurrency, one)
+        yield LiveSystem("bare", w, server_pid, concurrency, one, int), client
+
+
+def chunked(items: Sequence[T], chunks: int) -> list[Sequence[T]]:
+    """`items` in `chunks` consecutive parts of (nearly) equal size."""
+    k = max(1, min(chunks, len(items)))
+    bounds = [round(i * len(items) / k) for i in range(k + 1)]
+    return [items[a:b] for a, b in itertools.pairwise(bounds)]
 
 
 # --- 3. asyncio, no Temporal ----------------------------------------------------------------
@@ -572,12 +605,18 @@ def status_counts(results: Sequence[TicketResult]) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-async def run(n: int, concurrency: int) -> dict[str, Any]:
+async def run(n: int, concurrency: int, chunks: int = DEFAULT_CHUNKS) -> dict[str, Any]:
     temporal = temporal_binary()
     tickets = sample_tickets(n, seed=0)
     warmup = sample_tickets(WARMUP_TICKETS, seed=1)
     with tempfile.TemporaryDirectory(prefix="keel-bench-") as tmp_name:
         tmp = Path(tmp_name)
+        # The asyncio baseline first: it also gives the activities per ticket the bare workflow repeats
+        # (the same pipeline, the same seeded tickets: the same calls as on Temporal).
+        log(f"asyncio: {n} tickets")
+        aio = await bench_asyncio(tmp, tickets, warmup, concurrency)
+        log(f"asyncio: {aio.per_s:.2f} tickets/s")
+        steps = max(1, round(aio.total_activities / aio.n))
         log(f"starting the dev server from {temporal} (its output: {tmp / 'server.log'})")
         with inherited_output_to(tmp / "server.log"):
             env = await WorkflowEnvironment.start_local(
@@ -588,23 +627,41 @@ async def run(n: int, concurrency: int) -> dict[str, Any]:
         try:
             address = env.client.service_client.config.target_host
             server_pid = find_server_pid(int(address.rsplit(":", 1)[1]))
-            log(f"dev server on {address}; keel: {n} tickets, concurrency {concurrency}")
-            keel, results = await bench_keel(env.client, address, server_pid, tmp, tickets, warmup, concurrency)
-            apt = keel.total_activities / keel.n
-            steps = max(1, round(apt))
-            log(f"keel: {keel.per_s:.2f} tickets/s; bare: {n} workflows of {steps} activities")
-            bare = await bench_bare(address, server_pid, tmp, n, steps, concurrency)
-            log(f"bare: {bare.per_s:.2f} workflows/s; asyncio: {n} tickets")
-            aio = await bench_asyncio(tmp, tickets, warmup, concurrency)
-            log(f"asyncio: {aio.per_s:.2f} tickets/s")
+            run_id = uuid.uuid4().hex[:8]
+            workflow_ids: dict[str, str] = {}
+            async with (
+                keel_system(env.client, address, server_pid, tmp, warmup, concurrency, workflow_ids) as (k, ks),
+                bare_system(address, server_pid, tmp, steps, concurrency, run_id) as (b, bare_client),
+            ):
+                # Side by side: Keel and bare take turns, chunk by chunk, each chunk alone on the machine
+                # (the other worker idle), the first to go alternating; so a slower stretch of a shared
+                # machine, or a fuller server database, weighs on both alike.
+                log(f"keel: {n} tickets and bare: {n} workflows of {steps} activities, in {chunks} alternating "
+                    f"chunks each; concurrency {concurrency}")
+                for i, (kc, bc) in enumerate(zip(chunked(ticket_inputs(ks, tickets), chunks),
+                                                 chunked(range(n), chunks), strict=True)):
+                    order = [(k, kc), (b, bc)] if i % 2 == 0 else [(b, bc), (k, kc)]
+                    for system, items in order:
+                        await system.chunk(items)
+                keel, bare = k.phase(), b.phase()
+                results: list[TicketResult] = k.results
+                log(f"keel: {keel.per_s:.2f} tickets/s; bare: {bare.per_s:.2f} workflows/s")
+                keel.history_activities, keel.workflow_tasks = await history_counts(
+                    env.client, [workflow_ids[t.ticket_id] for t in tickets]
+                )
+                bare.history_activities, bare.workflow_tasks = await history_counts(
+                    bare_client, [f"bare-{run_id}-{i}" for i in range(n)]
+                )
         finally:
             await env.shutdown()
 
+    apt = keel.total_activities / keel.n
     ratio = keel.per_s / bare.per_s
     over = keel.cpu_ms_per_step - bare.cpu_ms_per_step
     return {
         "tickets": n,
         "concurrency": concurrency,
+        "chunks": chunks,
         "warmup_tickets": WARMUP_TICKETS,
         "spiral_rate": SPIRAL_RATE,
         "tickets_per_s": round(keel.per_s, 3),
@@ -695,6 +752,8 @@ def report(r: dict[str, Any]) -> str:
         f"  machine:   {m['cpu_model']}, {m['cores']} cores; {m['platform']}",
         f"  versions:  Python {m['python']}, temporalio {m['temporalio']}, {m['temporal_cli']}",
         "  workers:   separate processes, bytecode cache on (in a temp dir); sandboxed workflow runner",
+        f"  schedule:  Keel and bare take turns on one dev server, {r.get('chunks', 1)} chunks each, alternating who"
+        " goes first",
         "  keel:      default settings (guardrails, metrics, alerts; tracing off: no OTLP endpoint is set)"
         + (f" with {' '.join(f'{k}={v}' for k, v in r['keel_env'].items())}" if r.get("keel_env") else ""),
         f"  workload:  {r['tickets']} tickets (+{r['warmup_tickets']} warm-up, not counted), concurrency "
@@ -752,12 +811,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tickets", type=int, default=200, help="measured tickets per system (default 200)")
     parser.add_argument("--concurrency", type=int, default=20, help="tickets in flight (default 20)")
     parser.add_argument("--rounds", type=int, default=1, help="repeat the whole comparison; judge the medians")
+    parser.add_argument("--chunks", type=int, default=DEFAULT_CHUNKS,
+                        help=f"Keel and bare take turns in this many chunks each (default {DEFAULT_CHUNKS})")
     parser.add_argument("--keel-env", action="append", default=[], metavar="KEY=VALUE",
                         help="a setting for the Keel worker, e.g. KEEL_TRACING=false (repeatable)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
     args = parser.parse_args(argv)
-    if args.tickets < 1 or args.concurrency < 1 or args.rounds < 1:
-        parser.error("--tickets, --concurrency and --rounds must be at least 1")
+    if args.tickets < 1 or args.concurrency < 1 or args.rounds < 1 or args.chunks < 1:
+        parser.error("--tickets, --concurrency, --rounds and --chunks must be at least 1")
     for kv in args.keel_env:
         key, sep, value = kv.partition("=")
         if not sep or not key.startswith("KEEL_"):
@@ -769,7 +830,7 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(args.rounds):
             if args.rounds > 1:
                 log(f"round {i + 1} of {args.rounds}")
-            results.append(await run(args.tickets, args.concurrency))
+            results.append(await run(args.tickets, args.concurrency, args.chunks))
         return combine(results)
 
     return run_benchmark(rounds, args.json, report)
