@@ -11,7 +11,7 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Connection, Engine, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, SQLModel, col
 
@@ -63,17 +63,28 @@ def _upsert_statement(dialect: str, columns: tuple[str, ...]) -> Any:
     )
 
 
+Tx = Session | Connection | None
+"""Where a row is written: a tool's transaction (ORM Session or Core Connection), or None for its own."""
+
+
 class Ledger:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
     # --- writing -------------------------------------------------------------------------
 
-    def _upsert(self, values: dict[str, Any], session: Session | None) -> None:
+    def _upsert(self, values: dict[str, Any], session: Tx) -> None:
+        """`session`: a tool's transaction (an ORM Session or a Core Connection), or None for one of its own."""
         dialect = self.engine.dialect.name
+        if isinstance(session, Connection) and dialect not in ("sqlite", "postgresql"):
+            with Session(bind=session) as s:
+                self._upsert(values, s)
+            return
         if dialect in ("sqlite", "postgresql"):
             stmt = _upsert_statement(dialect, tuple(values))
-            if session is not None:
+            if isinstance(session, Connection):
+                session.execute(stmt, values)
+            elif session is not None:
                 session.connection().execute(stmt, values)  # Core: no ORM execution layer per row
             else:
                 # A Core connection, not an ORM session: this runs on every model and tool call.
@@ -85,6 +96,7 @@ class Ledger:
                 self._upsert(values, s)
                 s.commit()
             return
+        assert isinstance(session, Session)  # a Connection was wrapped above
         update = {k: v for k, v in values.items() if k not in ("key", "created_at")}
         # Other databases: read-then-write, correct as long as one attempt runs at a time.
         row = session.get(LedgerRow, values["key"])
@@ -95,7 +107,7 @@ class Ledger:
                 setattr(row, k, v)
         session.flush()
 
-    def record_llm(self, req: LlmRequest, resp: LlmResponse, attempt: int, session: Session | None = None) -> None:
+    def record_llm(self, req: LlmRequest, resp: LlmResponse, attempt: int, session: Tx = None) -> None:
         values = _tags(req.task, req.step, "llm", attempt) | {
             "provider": resp.provider,
             "model": resp.model,
@@ -115,7 +127,7 @@ class Ledger:
         self._upsert(values, session)
 
     def record_tool(
-        self, req: ToolRequest, tool: str, result: ToolResult, attempt: int, session: Session | None = None
+        self, req: ToolRequest, tool: str, result: ToolResult, attempt: int, session: Tx = None
     ) -> None:
         """Pass the tool's `session` so the row commits (or rolls back) with the tool's write."""
         values = _tags(req.task, req.step, "tool", attempt) | {
@@ -127,7 +139,7 @@ class Ledger:
         }
         self._upsert(values, session)
 
-    def record_outcome(self, task: TaskContext, outcome: TaskOutcome, session: Session | None = None) -> None:
+    def record_outcome(self, task: TaskContext, outcome: TaskOutcome, session: Tx = None) -> None:
         """The task's final status; the token/cost columns hold the workflow's own totals."""
         values = _tags(task, OUTCOME_STEP, "outcome", 1) | {
             "status": outcome.status,
@@ -148,7 +160,7 @@ class Ledger:
         }
         self._upsert(values, session)
 
-    def record_guardrails(self, req: ToolRequest, session: Session | None = None) -> None:
+    def record_guardrails(self, req: ToolRequest, session: Tx = None) -> None:
         """One row per guardrail event of the task (blocked calls, approvals, redactions), keyed by
         position: a retried routing call rewrites the same rows."""
         for i, ev in enumerate(req.guardrails):
@@ -164,7 +176,7 @@ class Ledger:
     # --- reporting -----------------------------------------------------------------------
 
     def costs(self, group_by: list[str], since: datetime | None = None,
-              session: Session | None = None) -> list[dict[str, Any]]:
+              session: Tx = None) -> list[dict[str, Any]]:
         """LLM spend grouped by any of GROUP_COLUMNS, most expensive group first.
 
         Each row: the group's values, then calls, input_tokens, output_tokens, cost_usd. `session`: run

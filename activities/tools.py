@@ -9,12 +9,13 @@ the request carries one) commits in the same transaction as the write.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Callable
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
-from sqlalchemy import Engine, RowMapping, Table, bindparam, func, insert, select, update
+from sqlalchemy import Connection, Engine, RowMapping, Select, Table, bindparam, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col
 from temporalio import activity
@@ -50,7 +51,22 @@ from core.tools import (
 )
 from core.types import ToolRequest, ToolResult
 
-Handler = Callable[[Session, ToolRequest, Any], ToolResult]
+Handler = Callable[[Connection, ToolRequest, Any], ToolResult]
+"""A tool's body, inside the caller's transaction on `Connection` (SQLAlchemy Core)."""
+OrmHandler = Callable[[Session, ToolRequest, Any], ToolResult]
+
+
+def _orm(handler: OrmHandler) -> Handler:
+    """A tool written with the ORM (the patterns' research and DR tools), on a Session joined to the
+    caller's connection and transaction (committed or rolled back with it)."""
+
+    def run(conn: Connection, req: ToolRequest, args: Any) -> ToolResult:
+        with Session(bind=conn, expire_on_commit=False) as s:
+            result = handler(s, req, args)
+            s.flush()
+            return result
+
+    return run
 
 
 def _fail(error: str) -> ToolResult:
@@ -81,9 +97,12 @@ class ToolActivities:
             ("lookup_policy", _lookup_policy), ("issue_refund", _issue_refund),
             ("send_reply", _send_reply), ("escalate_to_human", _escalate),
             # multi-agent patterns
-            ("search_documents", research_tools.search_documents), ("read_document", research_tools.read_document),
-            ("transaction_stats", research_tools.transaction_stats), ("ledger_costs", research_tools.ledger_costs),
-            ("get_service_status", dr_tools.get_service_status), ("lookup_runbook", dr_tools.lookup_runbook),
+            ("search_documents", _orm(research_tools.search_documents)),
+            ("read_document", _orm(research_tools.read_document)),
+            ("transaction_stats", _orm(research_tools.transaction_stats)),
+            ("ledger_costs", _orm(research_tools.ledger_costs)),
+            ("get_service_status", _orm(dr_tools.get_service_status)),
+            ("lookup_runbook", _orm(dr_tools.lookup_runbook)),
             ("publish_report", _publish_report),
         ]
         return [self._async_activity(name, handler) for name, handler in handlers]
@@ -164,33 +183,30 @@ class ToolActivities:
         result = ToolResult(ok=True, content={"dry_run": True, "status": "recorded, not executed (shadow run)",
                                               "tool": name, "arguments": args.model_dump()},
                             latency_ms=round((time.perf_counter() - start) * 1000, 3))
-        with Session(self.engine, expire_on_commit=False) as s:
-            self.ledger.record_tool(req, name, result, attempt, session=s)
+        with self.engine.begin() as conn:
+            self.ledger.record_tool(req, name, result, attempt, session=conn)
             if req.outcome is not None:
-                self.ledger.record_outcome(req.task, req.outcome, session=s)
-                self.ledger.record_guardrails(req, session=s)
-            s.commit()
+                self.ledger.record_outcome(req.task, req.outcome, session=conn)
+                self.ledger.record_guardrails(req, session=conn)
         return result
 
     def _transaction(
         self, name: str, req: ToolRequest, handler: Handler, args: BaseModel, start: float, attempt: int
     ) -> ToolResult:
-        with Session(self.engine, expire_on_commit=False) as s:
-            result = handler(s, req, args)
-            s.flush()
+        with self.engine.begin() as conn:
+            result = handler(conn, req, args)
             result.latency_ms = round((time.perf_counter() - start) * 1000, 3)
-            self.ledger.record_tool(req, name, result, attempt, session=s)
+            self.ledger.record_tool(req, name, result, attempt, session=conn)
             if req.outcome is not None and result.ok:
-                self.ledger.record_outcome(req.task, req.outcome, session=s)
-                self.ledger.record_guardrails(req, session=s)
-            s.commit()
+                self.ledger.record_outcome(req.task, req.outcome, session=conn)
+                self.ledger.record_guardrails(req, session=conn)
         if req.outcome is not None and result.ok and self.observer is not None:
             self.observer.task_finished(req.task, req.outcome)
         return result
 
 
 # --- the tools, each inside the caller's transaction ---------------------------------------
-# SQLAlchemy Core on the session's connection, not ORM objects: these run on every tool call, and
+# SQLAlchemy Core on the transaction's connection, not ORM objects: these run on every tool call, and
 # loading rows as ORM instances cost 3-4x the queries themselves (bench/throughput.py). The tables
 # are the SQLModel ones of activities.db; the writes set every column's default here, as the
 # models would.
@@ -208,17 +224,24 @@ _CUSTOMER_BY_ID = select(_CUSTOMERS).where(_CUSTOMERS.c.id == bindparam("id"))
 _ACCOUNTS_OF = select(_ACCOUNTS).where(_ACCOUNTS.c.customer_id == bindparam("id")).order_by(_ACCOUNTS.c.id)
 _POLICY_BY_TOPIC = select(_POLICIES).where(_POLICIES.c.topic == bindparam("topic"))
 _TRANSACTION_BY_ID = select(_TRANSACTIONS).where(_TRANSACTIONS.c.id == bindparam("id"))
+_T = _TRANSACTIONS.c
+_TRANSACTIONS_OF = (
+    select(_T.id, _T.merchant, _T.amount, _T.days_ago, _T.kind, _T.disputed, _T.duplicate_of)
+    .where(_T.customer_id == bindparam("id"), _T.days_ago <= bindparam("days"))
+    .order_by(_T.days_ago, _T.id.desc())
+    .limit(bindparam("limit"))
+)
 
 
-def _customer(s: Session, customer_id: str) -> RowMapping | None:
-    return s.connection().execute(_CUSTOMER_BY_ID, {"id": customer_id}).mappings().first()
+def _customer(conn: Connection, customer_id: str) -> RowMapping | None:
+    return conn.execute(_CUSTOMER_BY_ID, {"id": customer_id}).mappings().first()
 
 
-def _get_account(s: Session, req: ToolRequest, args: GetAccountArgs) -> ToolResult:
-    c = _customer(s, args.customer_id)
+def _get_account(conn: Connection, req: ToolRequest, args: GetAccountArgs) -> ToolResult:
+    c = _customer(conn, args.customer_id)
     if c is None:
         return _unknown_customer(args.customer_id)
-    accounts = s.connection().execute(_ACCOUNTS_OF, {"id": c["id"]}).mappings()
+    accounts = conn.execute(_ACCOUNTS_OF, {"id": c["id"]}).mappings()
     return ToolResult(ok=True, content={
         "customer": {
             "id": c["id"], "name": c["name"], "email": c["email"], "phone": c["phone"], "tier": c["tier"],
@@ -231,44 +254,42 @@ def _get_account(s: Session, req: ToolRequest, args: GetAccountArgs) -> ToolResu
     })
 
 
-def _get_transactions(s: Session, req: ToolRequest, args: GetTransactionsArgs) -> ToolResult:
-    if _customer(s, args.customer_id) is None:
+def _get_transactions(conn: Connection, req: ToolRequest, args: GetTransactionsArgs) -> ToolResult:
+    if _customer(conn, args.customer_id) is None:
         return _unknown_customer(args.customer_id)
-    t = _TRANSACTIONS.c
-    stmt = (
-        select(t.id, t.merchant, t.amount, t.days_ago, t.kind, t.disputed, t.duplicate_of)
-        .where(t.customer_id == args.customer_id, t.days_ago <= args.days)
-        .order_by(t.days_ago, t.id.desc())
-        .limit(args.limit)
-    )
-    return ToolResult(ok=True, content={"transactions": [dict(r) for r in s.connection().execute(stmt).mappings()]})
+    rows = conn.execute(_TRANSACTIONS_OF, {"id": args.customer_id, "days": args.days, "limit": args.limit})
+    return ToolResult(ok=True, content={"transactions": [dict(r) for r in rows.mappings()]})
 
 
-def _lookup_policy(s: Session, req: ToolRequest, args: LookupPolicyArgs) -> ToolResult:
+def _lookup_policy(conn: Connection, req: ToolRequest, args: LookupPolicyArgs) -> ToolResult:
     topic = args.topic.strip().lower().replace(" ", "_").replace("-", "_")
-    p = s.connection().execute(_POLICY_BY_TOPIC, {"topic": topic}).mappings().first()
+    p = conn.execute(_POLICY_BY_TOPIC, {"topic": topic}).mappings().first()
     if p is None:
-        known = s.scalars(select(_POLICIES.c.topic).order_by(_POLICIES.c.topic)).all()
+        known = conn.execute(select(_POLICIES.c.topic).order_by(_POLICIES.c.topic)).scalars().all()
         return _fail(f"no policy on {args.topic!r}; known topics: {', '.join(known)}")
     return ToolResult(ok=True, content={"topic": p["topic"], "text": p["text"], "max_refund": p["max_refund"]})
 
 
-def _existing(s: Session, table: Table, key: str) -> RowMapping | None:
-    return s.connection().execute(select(table).where(table.c.idempotency_key == key)).mappings().first()
+@functools.cache
+def _by_key(table: Table) -> Select[Any]:
+    return select(table).where(table.c.idempotency_key == bindparam("key"))
 
 
-def _insert(s: Session, table: Table, **values: Any) -> RowMapping:
+def _existing(conn: Connection, table: Table, key: str) -> RowMapping | None:
+    return conn.execute(_by_key(table), {"key": key}).mappings().first()
+
+
+def _insert(conn: Connection, table: Table, **values: Any) -> RowMapping:
     """INSERT one row (created_at now) and return it (RETURNING: SQLite 3.35+, PostgreSQL)."""
     stmt = insert(table).values(created_at=utcnow(), **values).returning(*table.c)
-    return s.connection().execute(stmt).mappings().one()
+    return conn.execute(stmt).mappings().one()
 
 
-def _issue_refund(s: Session, req: ToolRequest, args: IssueRefundArgs) -> ToolResult:
-    r = _existing(s, _REFUNDS, req.idempotency_key)
+def _issue_refund(conn: Connection, req: ToolRequest, args: IssueRefundArgs) -> ToolResult:
+    r = _existing(conn, _REFUNDS, req.idempotency_key)
     if r is None:
-        if _customer(s, args.customer_id) is None:
+        if _customer(conn, args.customer_id) is None:
             return _unknown_customer(args.customer_id)
-        conn = s.connection()
         t = conn.execute(_TRANSACTION_BY_ID, {"id": args.transaction_id}).mappings().first()
         if t is None:
             return _fail(f"transaction {args.transaction_id!r} not found")
@@ -283,7 +304,7 @@ def _issue_refund(s: Session, req: ToolRequest, args: IssueRefundArgs) -> ToolRe
             already = f" ({refunded:.2f} already refunded)" if refunded else ""
             return _fail(f"refund of {amount:.2f} exceeds the refundable amount {refundable:.2f} of "
                          f"transaction {t['id']!r}{already}")
-        r = _insert(s, _REFUNDS, idempotency_key=req.idempotency_key, workflow_id=req.task.workflow_id,
+        r = _insert(conn, _REFUNDS, idempotency_key=req.idempotency_key, workflow_id=req.task.workflow_id,
                     customer_id=args.customer_id, transaction_id=t["id"], amount=amount, reason=args.reason,
                     status="executed")
         a = _ACCOUNTS.c
@@ -294,29 +315,29 @@ def _issue_refund(s: Session, req: ToolRequest, args: IssueRefundArgs) -> ToolRe
                                         "amount": r["amount"], "status": r["status"]})
 
 
-def _send_reply(s: Session, req: ToolRequest, args: SendReplyArgs) -> ToolResult:
-    r = _existing(s, _REPLIES, req.idempotency_key)
+def _send_reply(conn: Connection, req: ToolRequest, args: SendReplyArgs) -> ToolResult:
+    r = _existing(conn, _REPLIES, req.idempotency_key)
     if r is None:
-        if _customer(s, args.customer_id) is None:
+        if _customer(conn, args.customer_id) is None:
             return _unknown_customer(args.customer_id)
-        r = _insert(s, _REPLIES, idempotency_key=req.idempotency_key, workflow_id=req.task.workflow_id,
+        r = _insert(conn, _REPLIES, idempotency_key=req.idempotency_key, workflow_id=req.task.workflow_id,
                     customer_id=args.customer_id, body=args.body, status="sent")
     return ToolResult(ok=True, content={"reply_id": f"RP-{r['id']}", "customer_id": r["customer_id"],
                                         "status": r["status"]})
 
 
-def _escalate(s: Session, req: ToolRequest, args: EscalateArgs) -> ToolResult:
-    q = _existing(s, _QUEUE, req.idempotency_key)
+def _escalate(conn: Connection, req: ToolRequest, args: EscalateArgs) -> ToolResult:
+    q = _existing(conn, _QUEUE, req.idempotency_key)
     if q is None:
-        q = _insert(s, _QUEUE, idempotency_key=req.idempotency_key, workflow_id=req.task.workflow_id,
+        q = _insert(conn, _QUEUE, idempotency_key=req.idempotency_key, workflow_id=req.task.workflow_id,
                     customer_id=req.task.customer, reason=args.reason, priority=args.priority, status="open")
     return ToolResult(ok=True, content={"queue_item_id": f"HQ-{q['id']}", "status": "queued", "reason": q["reason"]})
 
 
-def _publish_report(s: Session, req: ToolRequest, args: PublishReportArgs) -> ToolResult:
-    r = _existing(s, _REPORTS, req.idempotency_key)
+def _publish_report(conn: Connection, req: ToolRequest, args: PublishReportArgs) -> ToolResult:
+    r = _existing(conn, _REPORTS, req.idempotency_key)
     if r is None:
-        r = _insert(s, _REPORTS, idempotency_key=req.idempotency_key, workflow_id=req.task.workflow_id,
+        r = _insert(conn, _REPORTS, idempotency_key=req.idempotency_key, workflow_id=req.task.workflow_id,
                     kind=args.kind, title=args.title, body=args.body)
     return ToolResult(ok=True, content={"report_id": f"RE-{r['id']}", "kind": r["kind"], "title": r["title"]})
 
