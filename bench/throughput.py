@@ -576,16 +576,6 @@ def inherited_output_to(path: Path) -> Iterator[None]:
             os.close(f)
 
 
-def speed_probe_ms() -> float:
-    """CPU ms of a fixed pure-Python loop: the machine's speed at this moment. On a shared host it moves
-    (seen here from 240 to 410 ms within a minute), and every figure of a round moves with it."""
-    started = time.process_time()
-    acc = 0
-    for i in range(3_000_000):
-        acc += i * i
-    return round((time.process_time() - started) * 1000, 1)
-
-
 def machine_info(temporal: str) -> dict[str, Any]:
     cpu = "unknown"
     with contextlib.suppress(OSError):
@@ -617,7 +607,6 @@ def status_counts(results: Sequence[TicketResult]) -> dict[str, int]:
 
 async def run(n: int, concurrency: int, chunks: int = DEFAULT_CHUNKS) -> dict[str, Any]:
     temporal = temporal_binary()
-    probe_before = speed_probe_ms()
     tickets = sample_tickets(n, seed=0)
     warmup = sample_tickets(WARMUP_TICKETS, seed=1)
     with tempfile.TemporaryDirectory(prefix="keel-bench-") as tmp_name:
@@ -716,7 +705,6 @@ async def run(n: int, concurrency: int, chunks: int = DEFAULT_CHUNKS) -> dict[st
             },
         },
         "machine": machine_info(temporal),
-        "speed_probe_ms": [probe_before, speed_probe_ms()],
         "keel_env": dict(KEEL_WORKER_ENV),
     }
 
@@ -736,8 +724,7 @@ def combine(rounds: list[dict[str, Any]]) -> dict[str, Any]:
                 "throughput_ratio_vs_bare", "cpu_ms_per_step_over_bare", "throughput_ratio_vs_asyncio"):
         out[key] = round(med(key), 3)
     out["rounds"] = [{k: r[k] for k in ("throughput_ratio_vs_bare", "cpu_ms_per_step_over_bare", "tickets_per_s",
-                                          "bare_tickets_per_s", "foreign_cpu_pct", "bare_foreign_cpu_pct",
-                                          "speed_probe_ms")}
+                                          "bare_tickets_per_s", "foreign_cpu_pct", "bare_foreign_cpu_pct")}
                      for r in rounds]
     ratio, over = out["throughput_ratio_vs_bare"], out["cpu_ms_per_step_over_bare"]
     out["targets"] = {
@@ -763,8 +750,6 @@ def report(r: dict[str, Any]) -> str:
         "Keel throughput benchmark",
         f"  command:   {m['command']}",
         f"  machine:   {m['cpu_model']}, {m['cores']} cores; {m['platform']}",
-        f"  speed:     probe {r['speed_probe_ms'][0]:.0f} ms before, {r['speed_probe_ms'][1]:.0f} ms after (the last "
-        "round; CPU ms of a fixed Python loop: higher is a slower, busier host)",
         f"  versions:  Python {m['python']}, temporalio {m['temporalio']}, {m['temporal_cli']}",
         "  workers:   separate processes, bytecode cache on (in a temp dir); sandboxed workflow runner",
         f"  schedule:  Keel and bare take turns on one dev server, {r.get('chunks', 1)} chunks each, alternating who"
@@ -802,8 +787,7 @@ def report(r: dict[str, Any]) -> str:
              *(f"    round {i}: Keel/bare {x['throughput_ratio_vs_bare']:.2f}x, CPU "
                f"{x['cpu_ms_per_step_over_bare']:+.2f} ms/step ({x['tickets_per_s']:.2f} vs "
                f"{x['bare_tickets_per_s']:.2f} tickets/s; foreign CPU "
-               f"{max(x['foreign_cpu_pct'], x['bare_foreign_cpu_pct']):.0f}%; speed probe "
-               f"{x['speed_probe_ms'][0]:.0f}/{x['speed_probe_ms'][1]:.0f} ms)"
+               f"{max(x['foreign_cpu_pct'], x['bare_foreign_cpu_pct']):.0f}%)"
                for i, x in enumerate(r["rounds"], 1)),
              ""]
             if "rounds" in r else []
