@@ -133,3 +133,34 @@ def test_total_is_the_last_attempt_of_each_step(records: list[tuple[int, int, in
     with Session(engine) as s:
         rows = s.scalars(select(LedgerRow).where(LedgerRow.workflow_id == wf)).all()
     assert sorted((r.step, r.attempt) for r in rows) == sorted(attempts.items())
+
+
+def test_single_row_fast_path_writes_what_sqlalchemy_writes(engine: Engine, tmp_path: Path) -> None:
+    """A model call's row goes through SQLite's driver in one statement; a tool's rows go through
+    SQLAlchemy inside the tool's transaction. Both must store the same values, read back the same."""
+    req, resp = llm("wf-fast", 1, (120, 30), 0.0042)
+    Ledger(engine).record_llm(req, resp, attempt=2)  # the driver path (no session)
+    task = TaskContext(workflow_id="wf-fast", customer="C-1001")
+    outcome = TaskOutcome(status="resolved", route="reply", cost_usd=0.0042, input_tokens=120, output_tokens=30)
+    Ledger(engine).record_outcome(task, outcome)  # few columns: the others take their defaults
+    other = make_engine(f"sqlite:///{tmp_path}/other.db")
+    init_db(other)
+    with other.begin() as conn:
+        Ledger(other).record_llm(req, resp, attempt=2, session=conn)  # the SQLAlchemy path
+        Ledger(other).record_outcome(task, outcome, session=conn)
+
+    def rows(e: Engine) -> list[dict[str, object]]:
+        with Session(e) as s:
+            return [r.model_dump() for r in s.scalars(select(LedgerRow).order_by(LedgerRow.key))]
+
+    fast, slow = rows(engine), rows(other)
+    assert len(fast) == len(slow) == 2
+    for a, b in zip(fast, slow, strict=True):
+        created = a.pop("created_at"), b.pop("created_at")
+        assert a == b
+        assert all(isinstance(c, datetime) and c.tzinfo == UTC for c in created)
+        assert abs(created[0] - created[1]) < timedelta(minutes=1)
+    sql = "select created_at, typeof(created_at), ok, typeof(cached_input_tokens) from ledger order by key"
+    with engine.connect() as conn, other.connect() as conn2:
+        raw, raw2 = conn.exec_driver_sql(sql).all(), conn2.exec_driver_sql(sql).all()
+    assert [(len(r[0]), *r[1:]) for r in raw] == [(len(r[0]), *r[1:]) for r in raw2]  # same storage format
