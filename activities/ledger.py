@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, func, select
+from sqlalchemy import Connection, Dialect, Engine, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, SQLModel, col
 
@@ -85,73 +85,64 @@ class _DriverUpsert:
         return [proc(params[k]) if proc is not None else params[k] for k, proc in self.processors]
 
 
-@functools.cache
-def _driver_upsert(engine: Engine, columns: tuple[str, ...]) -> _DriverUpsert:
-    compiled = _upsert_statement("sqlite", columns).compile(dialect=engine.dialect, column_keys=list(columns))
+def _driver_upsert(dialect: Dialect, columns: tuple[str, ...]) -> _DriverUpsert:
+    compiled = _upsert_statement("sqlite", columns).compile(dialect=dialect, column_keys=list(columns))
     for column in compiled.insert_prefetch:
         if column.key not in columns and not (column.default is not None and column.default.is_scalar):
             raise TypeError(f"ledger column {column.key!r} has a default the driver path cannot compute")
     binds = {b.key: b for b in compiled.binds.values()}
-    dialect = engine.dialect
     return _DriverUpsert(compiled, tuple((k, binds[k].type.dialect_impl(dialect).bind_processor(dialect))
                                          for k in compiled.positiontup or []))
-
-
-Tx = Session | Connection | None
-"""Where a row is written: a tool's transaction (ORM Session or Core Connection), or None for its own."""
 
 
 class Ledger:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        self._driver: dict[tuple[str, ...], _DriverUpsert] = {}
+        """SQLite: the single-row upsert compiled per column set (see _write_alone)."""
 
     # --- writing -------------------------------------------------------------------------
 
-    def _upsert(self, values: dict[str, Any], session: Tx) -> None:
-        """`session`: a tool's transaction (an ORM Session or a Core Connection), or None for one of its own."""
+    def _upsert(self, values: dict[str, Any], conn: Connection | None) -> None:
+        """`conn`: the transaction of a tool's write, so the row commits or rolls back with it; None:
+        the row is written alone."""
         dialect = self.engine.dialect.name
-        if isinstance(session, Connection) and dialect not in ("sqlite", "postgresql"):
-            with Session(bind=session) as s:
-                self._upsert(values, s)
-            return
-        if dialect in ("sqlite", "postgresql"):
-            stmt = _upsert_statement(dialect, tuple(values))
-            if isinstance(session, Connection):
-                session.execute(stmt, values)
-            elif session is not None:
-                session.connection().execute(stmt, values)  # Core: no ORM execution layer per row
-            elif dialect == "sqlite":
-                # Every model call writes its row here, alone: one statement, run by the driver in
-                # autocommit (one SQLite statement is atomic), instead of BEGIN, execute and COMMIT
-                # through SQLAlchemy. In the worker each call into sqlite3 hands the GIL to the
-                # SDK's threads and back, which costs far more than the statement (bench/throughput.py:
-                # 0.40 instead of 0.74 ms of CPU per row in the worker, 0.15 ms on an idle thread).
-                up = _driver_upsert(self.engine, tuple(values))
-                with self.engine.connect() as conn:
-                    dbapi = conn.connection.dbapi_connection
-                    assert dbapi is not None
-                    dbapi.execute(up.sql, up.args(values))
-            else:
-                with self.engine.begin() as conn:
-                    conn.execute(stmt, values)
-            return
-        if session is None:
-            with Session(self.engine) as s:
-                self._upsert(values, s)
-                s.commit()
-            return
-        assert isinstance(session, Session)  # a Connection was wrapped above
-        update = {k: v for k, v in values.items() if k not in ("key", "created_at")}
-        # Other databases: read-then-write, correct as long as one attempt runs at a time.
-        row = session.get(LedgerRow, values["key"])
-        if row is None:
-            session.add(LedgerRow(**values))
+        if conn is None:
+            self._write_alone(values)
+        elif dialect in ("sqlite", "postgresql"):
+            conn.execute(_upsert_statement(dialect, tuple(values)), values)
         else:
-            for k, v in update.items():
-                setattr(row, k, v)
-        session.flush()
+            # Other databases: read-then-write, correct as long as one attempt runs at a time.
+            with Session(bind=conn) as s:
+                row = s.get(LedgerRow, values["key"])
+                if row is None:
+                    s.add(LedgerRow(**values))
+                else:
+                    for k, v in values.items():
+                        if k not in ("key", "created_at"):
+                            setattr(row, k, v)
+                s.flush()
 
-    def record_llm(self, req: LlmRequest, resp: LlmResponse, attempt: int, session: Tx = None) -> None:
+    def _write_alone(self, values: dict[str, Any]) -> None:
+        if self.engine.dialect.name != "sqlite":
+            with self.engine.begin() as conn:
+                self._upsert(values, conn)
+            return
+        # Every model call writes its row here, alone: one statement, run by the driver in autocommit
+        # (one SQLite statement is atomic), instead of BEGIN, execute and COMMIT through SQLAlchemy.
+        # In the worker each call into sqlite3 hands the GIL to the SDK's threads and back, which costs
+        # far more than the statement (bench/throughput.py: 0.40 instead of 0.74 ms of CPU per row in
+        # the worker, 0.15 ms on an idle thread).
+        columns = tuple(values)
+        up = self._driver.get(columns)
+        if up is None:
+            up = self._driver[columns] = _driver_upsert(self.engine.dialect, columns)
+        with self.engine.connect() as conn:
+            dbapi = conn.connection.dbapi_connection
+            assert dbapi is not None
+            dbapi.execute(up.sql, up.args(values))
+
+    def record_llm(self, req: LlmRequest, resp: LlmResponse, attempt: int, conn: Connection | None = None) -> None:
         values = _tags(req.task, req.step, "llm", attempt) | {
             "provider": resp.provider,
             "model": resp.model,
@@ -168,12 +159,12 @@ class Ledger:
             "latency_ms": resp.latency_ms,
             "ok": True,
         }
-        self._upsert(values, session)
+        self._upsert(values, conn)
 
     def record_tool(
-        self, req: ToolRequest, tool: str, result: ToolResult, attempt: int, session: Tx = None
+        self, req: ToolRequest, tool: str, result: ToolResult, attempt: int, conn: Connection | None = None
     ) -> None:
-        """Pass the tool's `session` so the row commits (or rolls back) with the tool's write."""
+        """Pass the tool's `conn` so the row commits (or rolls back) with the tool's write."""
         values = _tags(req.task, req.step, "tool", attempt) | {
             "tool": tool,
             "latency_ms": result.latency_ms,
@@ -181,9 +172,9 @@ class Ledger:
             "error": result.error,
             "dry_run": True if req.dry_run else None,
         }
-        self._upsert(values, session)
+        self._upsert(values, conn)
 
-    def record_outcome(self, task: TaskContext, outcome: TaskOutcome, session: Tx = None) -> None:
+    def record_outcome(self, task: TaskContext, outcome: TaskOutcome, conn: Connection | None = None) -> None:
         """The task's final status; the token/cost columns hold the workflow's own totals."""
         values = _tags(task, OUTCOME_STEP, "outcome", 1) | {
             "status": outcome.status,
@@ -202,9 +193,9 @@ class Ledger:
             "input_hash": outcome.input_hash or task.input_hash or None,
             "limit_hit": outcome.limit_hit,
         }
-        self._upsert(values, session)
+        self._upsert(values, conn)
 
-    def record_guardrails(self, req: ToolRequest, session: Tx = None) -> None:
+    def record_guardrails(self, req: ToolRequest, conn: Connection | None = None) -> None:
         """One row per guardrail event of the task (blocked calls, approvals, redactions), keyed by
         position: a retried routing call rewrites the same rows."""
         for i, ev in enumerate(req.guardrails):
@@ -215,12 +206,12 @@ class Ledger:
                 "reason": ev.detail[:2000],
                 "ok": ev.ok,
             }
-            self._upsert(values, session)
+            self._upsert(values, conn)
 
     # --- reporting -----------------------------------------------------------------------
 
     def costs(self, group_by: list[str], since: datetime | None = None,
-              session: Tx = None) -> list[dict[str, Any]]:
+              session: Session | Connection | None = None) -> list[dict[str, Any]]:
         """LLM spend grouped by any of GROUP_COLUMNS, most expensive group first.
 
         Each row: the group's values, then calls, input_tokens, output_tokens, cost_usd. `session`: run

@@ -184,11 +184,16 @@ class ToolActivities:
                                               "tool": name, "arguments": args.model_dump()},
                             latency_ms=round((time.perf_counter() - start) * 1000, 3))
         with self.engine.begin() as conn:
-            self.ledger.record_tool(req, name, result, attempt, session=conn)
-            if req.outcome is not None:
-                self.ledger.record_outcome(req.task, req.outcome, session=conn)
-                self.ledger.record_guardrails(req, session=conn)
+            self._record(conn, req, name, result, attempt)
         return result
+
+    def _record(self, conn: Connection, req: ToolRequest, name: str, result: ToolResult, attempt: int) -> None:
+        """The call's ledger row and, for a routing call that succeeded, the task's outcome and
+        guardrail rows: in the tool's transaction."""
+        self.ledger.record_tool(req, name, result, attempt, conn=conn)
+        if req.outcome is not None and result.ok:
+            self.ledger.record_outcome(req.task, req.outcome, conn=conn)
+            self.ledger.record_guardrails(req, conn=conn)
 
     def _transaction(
         self, name: str, req: ToolRequest, handler: Handler, args: BaseModel, start: float, attempt: int
@@ -196,10 +201,7 @@ class ToolActivities:
         with self.engine.begin() as conn:
             result = handler(conn, req, args)
             result.latency_ms = round((time.perf_counter() - start) * 1000, 3)
-            self.ledger.record_tool(req, name, result, attempt, session=conn)
-            if req.outcome is not None and result.ok:
-                self.ledger.record_outcome(req.task, req.outcome, session=conn)
-                self.ledger.record_guardrails(req, session=conn)
+            self._record(conn, req, name, result, attempt)
         if req.outcome is not None and result.ok and self.observer is not None:
             self.observer.task_finished(req.task, req.outcome)
         return result

@@ -146,8 +146,8 @@ def test_single_row_fast_path_writes_what_sqlalchemy_writes(engine: Engine, tmp_
     other = make_engine(f"sqlite:///{tmp_path}/other.db")
     init_db(other)
     with other.begin() as conn:
-        Ledger(other).record_llm(req, resp, attempt=2, session=conn)  # the SQLAlchemy path
-        Ledger(other).record_outcome(task, outcome, session=conn)
+        Ledger(other).record_llm(req, resp, attempt=2, conn=conn)  # the SQLAlchemy path
+        Ledger(other).record_outcome(task, outcome, conn=conn)
 
     def rows(e: Engine) -> list[dict[str, object]]:
         with Session(e) as s:
