@@ -6,6 +6,8 @@ All calls are synchronous: activities run them in worker threads.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -285,6 +287,18 @@ class ShadowConfigRow(SQLModel, table=True):
     stopped_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
 
 
+_READ_ONLY = "keel_read_only"
+
+
+@contextlib.contextmanager
+def read_only(engine: Engine) -> Iterator[Connection]:
+    """A connection for reads alone. On SQLite it takes no transaction and no write lock: each statement
+    reads a committed state in its own implicit transaction (two statements may see two states), and a
+    read never waits behind a writer. Other databases: a transaction, rolled back at the end."""
+    with engine.connect() as conn:
+        yield conn.execution_options(**{_READ_ONLY: True})
+
+
 def make_engine(url: str) -> Engine:
     """An engine for `url`. SQLite gets WAL, a busy timeout and BEGIN IMMEDIATE so that many
     activity threads (and processes) can write; other databases are used unchanged."""
@@ -314,8 +328,10 @@ def make_engine(url: str) -> Engine:
     def _on_begin(conn: Any) -> None:
         # A deferred transaction that reads and then writes can fail at once with SQLITE_BUSY
         # (the busy timeout does not apply to a lock upgrade); taking the write lock up front
-        # makes concurrent writers wait their turn instead.
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # makes concurrent writers wait their turn instead. A read-only connection (read_only
+        # below) begins nothing: each of its statements reads in its own implicit transaction.
+        if not conn.get_execution_options().get(_READ_ONLY):
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
 

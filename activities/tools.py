@@ -33,6 +33,7 @@ from activities.db import (
     ReplyRow,
     ReportRow,
     TransactionRow,
+    read_only,
     table_of,
     utcnow,
 )
@@ -170,6 +171,8 @@ class ToolActivities:
             raise ApplicationError(result.error or "", type="ToolArgumentError", non_retryable=True) from None
         if req.dry_run and TOOLS[name].writes:
             return self._dry_run(name, req, args, start, attempt)
+        if not TOOLS[name].writes and req.outcome is None:  # a routing call's outcome row needs the transaction
+            return self._read(name, req, handler, args, start, attempt)
         try:
             return self._transaction(name, req, handler, args, start, attempt)
         except IntegrityError:
@@ -194,6 +197,17 @@ class ToolActivities:
         if req.outcome is not None and result.ok:
             self.ledger.record_outcome(req.task, req.outcome, conn=conn)
             self.ledger.record_guardrails(req, conn=conn)
+
+    def _read(self, name: str, req: ToolRequest, handler: Handler, args: BaseModel, start: float,
+              attempt: int) -> ToolResult:
+        """A read-only tool: its queries outside any write transaction, then its ledger row alone (an
+        upsert, so a retried attempt rewrites it). On SQLite that is no BEGIN IMMEDIATE/COMMIT and no
+        write lock held during the reads: in the worker every call into sqlite3 costs a GIL round trip."""
+        with read_only(self.engine) as conn:
+            result = handler(conn, req, args)
+        result.latency_ms = round((time.perf_counter() - start) * 1000, 3)
+        self.ledger.record_tool(req, name, result, attempt)
+        return result
 
     def _transaction(
         self, name: str, req: ToolRequest, handler: Handler, args: BaseModel, start: float, attempt: int

@@ -246,3 +246,20 @@ def test_up_with_a_trace_ui_exports_one_trace_per_task(stack_env: dict[str, str]
     assert wf
     down = keel(stack_env, "down")
     assert down.returncode == 0 and "Phoenix stopped" in down.stdout
+
+
+def test_worker_gc_tuning() -> None:
+    import gc
+
+    from workers.worker import tune_gc
+
+    before = gc.get_threshold()
+    try:
+        tune_gc(KeelSettings(worker_gc_threshold=0))
+        assert gc.get_threshold() == before and gc.get_freeze_count() == 0
+        tune_gc(KeelSettings(worker_gc_threshold=12_345))
+        assert gc.get_threshold() == (12_345, *before[1:])
+        assert gc.get_freeze_count() > 0  # what was loaded is out of the collections' reach
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)

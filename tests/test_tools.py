@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, event, func, select
 from sqlmodel import Session
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
@@ -26,11 +26,12 @@ from activities.db import (
     TransactionRow,
     init_db,
     make_engine,
+    read_only,
 )
 from activities.ledger import Ledger
-from activities.tools import ToolActivities, human_queue
+from activities.tools import ToolActivities, _get_account, human_queue
 from core.dataset import build_dataset
-from core.tools import TOOLS
+from core.tools import TOOLS, GetAccountArgs
 from core.types import TaskContext, TaskOutcome, ToolRequest, ToolResult
 
 DS = build_dataset()
@@ -114,6 +115,21 @@ def test_get_account(tools: ToolActivities) -> None:
     assert c.card_number not in json.dumps(res.content)
     assert [a["id"] for a in res.content["accounts"]] == ["A-5001"]
     assert res.latency_ms >= 0
+
+
+def test_read_tools_take_no_write_lock_and_record_once(tools: ToolActivities, engine: Engine) -> None:
+    # Another writer holds SQLite's write lock: the reads go on; only the ledger row waits for it.
+    statements: list[str] = []
+    with engine.begin(), read_only(engine) as reader:  # engine.begin(): BEGIN IMMEDIATE
+        event.listen(reader, "before_cursor_execute", lambda *a: statements.append(a[2]))
+        res = _get_account(reader, req({}), GetAccountArgs(customer_id="C-1001"))
+        assert res.ok and res.content["customer"]["id"] == "C-1001"
+    assert len(statements) == 2 and not any("BEGIN" in s for s in statements)
+    r = req({"topic": "refunds"}, step=4)
+    first, again = run(tools.lookup_policy, r), run(tools.lookup_policy, r, attempt=2)
+    assert first.ok and again.content == first.content
+    rows = ledger_rows(engine, "wf-1", "tool")
+    assert [(row.step, row.tool, row.attempt, row.ok) for row in rows] == [(4, "lookup_policy", 2, True)]
 
 
 def test_unknown_customer_is_a_business_failure(tools: ToolActivities) -> None:

@@ -15,7 +15,7 @@ from activities.tracing import Tracing
 from activities.tracing import shutdown as shutdown_tracing
 from core.settings import KeelSettings
 from starter.client import connect
-from workers.worker import build_worker
+from workers.worker import build_worker, tune_gc
 
 
 async def main() -> None:
@@ -35,6 +35,7 @@ async def main() -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    tune_gc(settings)
     logging.info("keel worker on task queue %r at %s", settings.task_queue, settings.temporal_address)
     async with worker:
         await stop.wait()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import gc
 from collections.abc import Callable
 from typing import Any
 
@@ -41,6 +42,14 @@ SANDBOX = SandboxedWorkflowRunner(
         "core", "pydantic", "pydantic_core", *PURE_WORKFLOW_MODULES
     )
 )
+
+
+def tune_gc(settings: KeelSettings) -> None:
+    """Once the worker has loaded everything: see KeelSettings.worker_gc_threshold."""
+    if settings.worker_gc_threshold:
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(settings.worker_gc_threshold, *gc.get_threshold()[1:])
 
 
 def default_providers(settings: KeelSettings) -> dict[str, Provider]:
