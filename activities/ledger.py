@@ -65,34 +65,41 @@ def _upsert_statement(dialect: str, columns: tuple[str, ...]) -> Any:
     )
 
 
+_ABSENT = object()
+
+
 @dataclass(frozen=True)
 class _DriverUpsert:
-    """The upsert compiled once for SQLite's driver: its SQL text, and how to make its parameters
-    (SQLAlchemy's own: column defaults filled in, each value through its type's bind processor)."""
+    """The upsert compiled once for SQLite's driver: its SQL text and, for each of its parameters in
+    order, the value key, the column's (scalar) default for a key left out, and the type's bind
+    processor: what SQLAlchemy would do per call, worked out once."""
 
-    compiled: Any
-    processors: tuple[tuple[str, Callable[[Any], Any] | None], ...]
-
-    @property
-    def sql(self) -> str:
-        return str(self.compiled)
+    sql: str
+    params: tuple[tuple[str, Any, Callable[[Any], Any] | None], ...]
 
     def args(self, values: dict[str, Any]) -> list[Any]:
-        params = self.compiled.construct_params(values)
-        for column in self.compiled.insert_prefetch:  # columns left out: their (scalar) defaults
-            if params.get(column.key) is None and column.key not in values:
-                params[column.key] = column.default.arg
-        return [proc(params[k]) if proc is not None else params[k] for k, proc in self.processors]
+        out = []
+        for key, default, proc in self.params:
+            v = values.get(key, default)
+            if v is _ABSENT:
+                raise KeyError(f"ledger value {key!r} missing")
+            out.append(v if proc is None or v is None else proc(v))
+        return out
 
 
 def _driver_upsert(dialect: Dialect, columns: tuple[str, ...]) -> _DriverUpsert:
     compiled = _upsert_statement("sqlite", columns).compile(dialect=dialect, column_keys=list(columns))
-    for column in compiled.insert_prefetch:
-        if column.key not in columns and not (column.default is not None and column.default.is_scalar):
+    defaults: dict[str, Any] = {}
+    for column in compiled.insert_prefetch:  # columns left out of `columns`: their defaults
+        if column.key in columns:
+            continue
+        if not (column.default is not None and column.default.is_scalar):
             raise TypeError(f"ledger column {column.key!r} has a default the driver path cannot compute")
+        defaults[column.key] = column.default.arg
     binds = {b.key: b for b in compiled.binds.values()}
-    return _DriverUpsert(compiled, tuple((k, binds[k].type.dialect_impl(dialect).bind_processor(dialect))
-                                         for k in compiled.positiontup or []))
+    return _DriverUpsert(str(compiled), tuple(
+        (k, defaults.get(k, _ABSENT), binds[k].type.dialect_impl(dialect).bind_processor(dialect))
+        for k in compiled.positiontup or []))
 
 
 class Ledger:

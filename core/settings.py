@@ -41,6 +41,11 @@ class KeelSettings(BaseSettings):
     llm_timeout_s: float = 60.0
     max_concurrent_activities: int = 200
     max_concurrent_workflow_tasks: int = 100
+    workflow_sandbox: Literal["shared", "strict"] = "shared"
+    """shared: Keel's workflow modules are imported once per worker and shared with every workflow run
+    (about 10% less worker CPU); strict: Temporal's default isolation, the modules imported afresh in the
+    sandbox for every run, so its restrictions check them too (the test suite runs this way; use it while
+    writing a new workflow). See workers/worker.py."""
     worker_gc_threshold: int = Field(10_000, ge=0)
     """The worker (`python -m workers`) freezes what it loaded at start-up out of the garbage collector's
     reach (gc.freeze) and collects young objects after this many allocations instead of Python's 700, so

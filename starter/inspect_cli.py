@@ -133,14 +133,15 @@ def _quiet_runtime() -> Runtime:
 
 
 def make_replayer(data_converter: DataConverter) -> Replayer:
-    """The worker's workflows and sandbox. On a runtime of its own without core logging: a divergence
-    is reported here, once, instead of as a "Failing workflow task" warning per replay of the bisection."""
+    """The worker's workflows, in the strict sandbox (the modules imported afresh and checked, see
+    workers.worker). On a runtime of its own without core logging: a divergence is reported here, once,
+    instead of as a "Failing workflow task" warning per replay of the bisection."""
     from temporalio.worker import Replayer
 
-    from workers.worker import SANDBOX
+    from workers.worker import STRICT_SANDBOX
     from workflows.registry import WORKFLOWS
 
-    return Replayer(workflows=WORKFLOWS, data_converter=data_converter, workflow_runner=SANDBOX,
+    return Replayer(workflows=WORKFLOWS, data_converter=data_converter, workflow_runner=STRICT_SANDBOX,
                     runtime=_quiet_runtime())
 
 

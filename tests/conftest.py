@@ -97,7 +97,8 @@ def db_engine(tmp_path_factory: pytest.TempPathFactory) -> Engine:
 
 @pytest.fixture
 def settings(tmp_path: Path) -> KeelSettings:
-    return KeelSettings(home=tmp_path / ".keel", task_queue=f"tq-{uuid.uuid4().hex[:12]}")
+    # strict: the sandbox imports the workflow modules afresh for every run and checks them (workers.worker)
+    return KeelSettings(home=tmp_path / ".keel", task_queue=f"tq-{uuid.uuid4().hex[:12]}", workflow_sandbox="strict")
 
 
 @pytest.fixture

@@ -40,7 +40,7 @@ from core.breaker import (
 )
 from starter.breaker_cli import BreakerNotFound, breaker_app, breaker_states, reset_breaker, running_breaker_ids
 from tests.conftest import assert_eventually
-from workers.worker import SANDBOX
+from workers.worker import STRICT_SANDBOX
 from workflows.breaker import (
     CostCircuitBreakerWorkflow,
     apply_reset,
@@ -272,7 +272,7 @@ async def _harness(env: WorkflowEnvironment) -> AsyncIterator[Harness]:
     tq = f"breaker-{uuid.uuid4().hex[:12]}"
     acts = BreakerActivities(env.client, tq)
     async with Worker(env.client, task_queue=tq, workflows=[CostCircuitBreakerWorkflow], activities=[acts.admit],
-                      workflow_runner=SANDBOX):
+                      workflow_runner=STRICT_SANDBOX):
         harness = Harness(env, acts, tq)
         try:
             yield harness
@@ -355,7 +355,7 @@ async def test_bad_probes_reopen_it(ts: Harness) -> None:
     # The history so far (updates, signals, the cooldown timer) replays against the code.
     history = await ts.client.get_workflow_handle(breaker_workflow_id(cfg.task_type, cfg.scope)).fetch_history()
     replayer = Replayer(workflows=[CostCircuitBreakerWorkflow], data_converter=pydantic_data_converter,
-                        workflow_runner=SANDBOX)
+                        workflow_runner=STRICT_SANDBOX)
     await replayer.replay_workflow(history)
 
 

@@ -44,7 +44,7 @@ from core.settings import KeelSettings
 from core.tools import TOOLS
 from core.types import Budget, LlmRequest, LlmResponse, ModelSpec, SimConfig, TicketInput, TicketResult
 from tests.conftest import assert_eventually, run_ticket, running_worker, ticket
-from workers.worker import SANDBOX
+from workers.worker import STRICT_SANDBOX
 from workflows.agent_loop import LLM_RETRY
 from workflows.registry import WORKFLOWS
 
@@ -392,7 +392,7 @@ async def worker_with_llm(client: Client, settings: KeelSettings, engine: Engine
             activities=[llm.llm_call, *ToolActivities(engine, ledger).all(),
                         BreakerActivities(client, settings.task_queue).admit],
             activity_executor=pool,
-            workflow_runner=SANDBOX,
+            workflow_runner=STRICT_SANDBOX,
         )
         async with worker:
             yield worker

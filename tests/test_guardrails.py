@@ -36,7 +36,7 @@ from core.types import ApprovalDecision, HumanResolution, LlmRequest, PendingAct
 from starter import tickets
 from starter.approvals_cli import ApprovalError, decide, pending_action, pending_approvals, resolve
 from tests.conftest import assert_eventually, ticket
-from workers.worker import SANDBOX
+from workers.worker import STRICT_SANDBOX
 from workflows.registry import WORKFLOWS
 
 DS = build_dataset()
@@ -431,7 +431,7 @@ async def test_no_write_without_a_listed_approvers_decision_for_any_model_output
         # Every example's history replays against the code (signals, timers, approvals included).
         history = await handle.fetch_history()
         await Replayer(workflows=WORKFLOWS, data_converter=pydantic_data_converter,
-                       workflow_runner=SANDBOX).replay_workflow(history)
+                       workflow_runner=STRICT_SANDBOX).replay_workflow(history)
         return res
 
     seen: Counter[str] = Counter()

@@ -10,11 +10,12 @@ import pytest
 from temporalio.client import Client, WorkflowHistory
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer
+from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 from temporalio.workflow import NondeterminismError
 
 from core.settings import KeelSettings
 from tests.conftest import run_ticket, ticket
-from workers.worker import SANDBOX
+from workers.worker import SANDBOX, STRICT_SANDBOX
 from workflows.registry import WORKFLOWS
 
 HISTORIES = sorted((Path(__file__).parent / "histories").glob("*.json"))
@@ -22,19 +23,21 @@ TICKET_HISTORY = Path(__file__).parent / "histories" / "ticket_v1.json"
 """The history the tampering tests change (recorded under its file name as the workflow id)."""
 
 
-def replayer() -> Replayer:
-    return Replayer(workflows=WORKFLOWS, data_converter=pydantic_data_converter, workflow_runner=SANDBOX)
+def replayer(runner: SandboxedWorkflowRunner = STRICT_SANDBOX) -> Replayer:
+    return Replayer(workflows=WORKFLOWS, data_converter=pydantic_data_converter, workflow_runner=runner)
 
 
 def test_there_are_recorded_histories() -> None:
     assert HISTORIES, "tests/histories/ should hold at least one recorded ticket history"
 
 
+@pytest.mark.parametrize("runner", [STRICT_SANDBOX, SANDBOX], ids=["strict", "shared"])
 @pytest.mark.parametrize("path", HISTORIES, ids=[p.stem for p in HISTORIES])
-async def test_recorded_history_replays(path: Path) -> None:
+async def test_recorded_history_replays(path: Path, runner: SandboxedWorkflowRunner) -> None:
     # The recorded workflow id (a pattern's children's ids derive from it): the file name, `__` for `/`.
+    # Both sandboxes: the tests' strict one checks the modules, the workers' shared one is what runs.
     history = WorkflowHistory.from_json(path.stem.replace("__", "/"), path.read_text())  # noqa: ASYNC240
-    await replayer().replay_workflow(history)
+    await replayer(runner).replay_workflow(history)
 
 
 async def test_changed_history_is_detected() -> None:

@@ -27,7 +27,6 @@ with workflow.unsafe.imports_passed_through():
         ToolResult,
     )
 
-# Passed through the sandbox by the worker (workers.worker.PURE_WORKFLOW_MODULES): pure decision code.
 from workflows.agent_loop import AgentRunner, Calls, TemporalCalls, run_agent_loop, tool_defs
 from workflows.budget import BudgetExceeded
 from workflows.children import usage_of

@@ -46,7 +46,6 @@ with workflow.unsafe.imports_passed_through():
     )
     from core.types import AgentTaskResult, ChildRecord, Message
 
-# Passed through the sandbox by the worker (workers.worker.PURE_WORKFLOW_MODULES): pure decision code.
 from workflows.budget import BudgetExceeded
 from workflows.children import Children, PatternParent, failure_reason, parent_runner, usage_of
 

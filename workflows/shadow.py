@@ -34,7 +34,6 @@ with workflow.unsafe.imports_passed_through():
     )
     from core.types import ChildRecord, PatternProgress, TaskUsage, TicketInput, TicketResult
 
-# Passed through the sandbox by the worker (workers.worker.PURE_WORKFLOW_MODULES).
 from workflows.children import TASK_USAGE_ACTIVITY
 
 CANDIDATE_TIMEOUT = timedelta(hours=1)

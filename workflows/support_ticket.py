@@ -34,7 +34,6 @@ with workflow.unsafe.imports_passed_through():
         TicketResult,
     )
 
-# Passed through the sandbox by the worker (workers.worker.PURE_WORKFLOW_MODULES): pure decision code.
 from workflows.agent_loop import AgentRunner, Calls, TemporalCalls
 from workflows.ticket_pipeline import handle_ticket
 

@@ -16,7 +16,6 @@ with workflow.unsafe.imports_passed_through():
     from core.tools import AGENT_TOOLS
     from core.types import Classification, Message, Route, TaskStatus, TicketInput, TicketResult
 
-# Passed through the sandbox by the worker (workers.worker.PURE_WORKFLOW_MODULES): pure decision code.
 from workflows.agent_loop import AgentRunner, BreakerRefused, LoopResult, run_agent_loop, tool_defs
 from workflows.budget import BudgetExceeded
 
