@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -107,6 +108,8 @@ class Ledger:
         self.engine = engine
         self._driver: dict[tuple[str, ...], _DriverUpsert] = {}
         """SQLite: the single-row upsert compiled per column set (see _write_alone)."""
+        self._held = threading.local()
+        """SQLite: the pooled connection each thread writes its single rows on (see _write_alone)."""
 
     # --- writing -------------------------------------------------------------------------
 
@@ -144,10 +147,19 @@ class Ledger:
         up = self._driver.get(columns)
         if up is None:
             up = self._driver[columns] = _driver_upsert(self.engine.dialect, columns)
-        with self.engine.connect() as conn:
-            dbapi = conn.connection.dbapi_connection
-            assert dbapi is not None
-            dbapi.execute(up.sql, up.args(values))
+        held = getattr(self._held, "conn", None)
+        if held is None:
+            # One pooled connection per thread, held for these rows (the engine's connect settings
+            # applied): a checkout and return per row cost more than the statement.
+            held = self._held.conn = self.engine.raw_connection()
+        driver = held.driver_connection
+        assert driver is not None
+        try:
+            driver.execute(up.sql, up.args(values))
+        except BaseException:
+            self._held.conn = None
+            held.invalidate()  # a fresh connection for the next row
+            raise
 
     def record_llm(self, req: LlmRequest, resp: LlmResponse, attempt: int, conn: Connection | None = None) -> None:
         values = _tags(req.task, req.step, "llm", attempt) | {

@@ -164,3 +164,22 @@ def test_single_row_fast_path_writes_what_sqlalchemy_writes(engine: Engine, tmp_
     with engine.connect() as conn, other.connect() as conn2:
         raw, raw2 = conn.exec_driver_sql(sql).all(), conn2.exec_driver_sql(sql).all()
     assert [(len(r[0]), *r[1:]) for r in raw] == [(len(r[0]), *r[1:]) for r in raw2]  # same storage format
+
+
+def test_single_rows_after_a_failed_one(engine: Engine) -> None:
+    """The rows written alone share a held connection per thread: each is committed when written
+    (another connection sees it at once), and a failed statement leaves the next rows unharmed."""
+    ledger = Ledger(engine)
+    ledger.record_llm(*llm("wf-held", 1), attempt=1)
+    assert [r.step for r in llm_rows(engine)] == [1]
+    with engine.begin() as conn:  # a writer after it is not blocked by an open transaction
+        conn.exec_driver_sql("UPDATE ledger SET attempt = attempt WHERE workflow_id = 'wf-held'")
+    with engine.begin() as conn:
+        conn.exec_driver_sql("ALTER TABLE ledger RENAME TO ledger_away")
+    with pytest.raises(Exception, match="no such table"):
+        ledger.record_llm(*llm("wf-held", 2), attempt=1)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("ALTER TABLE ledger_away RENAME TO ledger")
+    ledger.record_llm(*llm("wf-held", 2), attempt=1)
+    ledger.record_llm(*llm("wf-held", 3), attempt=1)
+    assert sorted(r.step for r in llm_rows(engine)) == [1, 2, 3]
