@@ -16,6 +16,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Dialect, Engine, func, select
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.pool import PoolProxiedConnection, StaticPool
 from sqlmodel import Session, SQLModel, col
 
 from activities.db import LedgerRow, utcnow
@@ -103,6 +104,12 @@ def _driver_upsert(dialect: Dialect, columns: tuple[str, ...]) -> _DriverUpsert:
         for k in compiled.positiontup or []))
 
 
+def _execute(conn: PoolProxiedConnection, up: _DriverUpsert, values: dict[str, Any]) -> None:
+    driver = conn.dbapi_connection  # SQLite: the driver's own connection
+    assert driver is not None
+    driver.execute(up.sql, up.args(values))
+
+
 class Ledger:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -147,18 +154,22 @@ class Ledger:
         up = self._driver.get(columns)
         if up is None:
             up = self._driver[columns] = _driver_upsert(self.engine.dialect, columns)
+        if isinstance(self.engine.pool, StaticPool):  # one shared in-memory database: no connection of its own
+            with self.engine.connect() as conn:
+                _execute(conn.connection, up, values)
+            return
         held = getattr(self._held, "conn", None)
         if held is None:
-            # One pooled connection per thread, held for these rows (the engine's connect settings
-            # applied): a checkout and return per row cost more than the statement.
+            # A connection of this thread's own for these rows, made by the engine (its connect settings
+            # applied) and detached from its pool, so it never holds a pool slot: a checkout and return
+            # per row cost more than the statement.
             held = self._held.conn = self.engine.raw_connection()
-        driver = held.driver_connection
-        assert driver is not None
+            held.detach()
         try:
-            driver.execute(up.sql, up.args(values))
+            _execute(held, up, values)
         except BaseException:
             self._held.conn = None
-            held.invalidate()  # a fresh connection for the next row
+            held.invalidate()  # closed; a fresh connection for the next row
             raise
 
     def record_llm(self, req: LlmRequest, resp: LlmResponse, attempt: int, conn: Connection | None = None) -> None:
