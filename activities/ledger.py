@@ -116,7 +116,7 @@ class Ledger:
         self._driver: dict[tuple[str, ...], _DriverUpsert] = {}
         """SQLite: the single-row upsert compiled per column set (see _write_alone)."""
         self._held = threading.local()
-        """SQLite: the pooled connection each thread writes its single rows on (see _write_alone)."""
+        """SQLite: the connection (detached from the pool) each thread writes its single rows on (see _write_alone)."""
 
     # --- writing -------------------------------------------------------------------------
 
