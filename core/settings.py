@@ -71,7 +71,7 @@ class KeelSettings(BaseSettings):
     tracing: Literal["auto", "on", "off"] = "auto"
     """OpenTelemetry spans. auto: on when an OTLP endpoint is configured (OTEL_EXPORTER_OTLP_ENDPOINT, or
     the local stack's Phoenix); on: also without one, to the local span store `home`/spans.jsonl
-    (measured: tracing costs about a fifth of the worker's throughput, see the README); off."""
+    (measured: tracing adds about a tenth to the worker's CPU per step, see the README); off."""
     phoenix_port: int = 6006
     """Port of Arize Phoenix when `keel up --traces phoenix` starts it."""
     trace_content: bool = False
