@@ -70,6 +70,11 @@ def _orm(handler: OrmHandler) -> Handler:
     return run
 
 
+def _ms_since(start: float) -> float:
+    """A tool call's latency: milliseconds since `start` (time.perf_counter())."""
+    return round((time.perf_counter() - start) * 1000, 3)
+
+
 def _fail(error: str) -> ToolResult:
     return ToolResult(ok=False, error=error)
 
@@ -166,7 +171,7 @@ class ToolActivities:
                 f"{'.'.join(map(str, err['loc'])) or '(arguments)'}: {err['msg']}" for err in e.errors()
             )
             result = ToolResult(ok=False, error=f"invalid arguments for {name}: {problems}",
-                                latency_ms=round((time.perf_counter() - start) * 1000, 3))
+                                latency_ms=_ms_since(start))
             self.ledger.record_tool(req, name, result, attempt)
             raise ApplicationError(result.error or "", type="ToolArgumentError", non_retryable=True) from None
         if req.dry_run and TOOLS[name].writes:
@@ -185,7 +190,7 @@ class ToolActivities:
         executed. The task's outcome row, when the request carries it, is written as usual."""
         result = ToolResult(ok=True, content={"dry_run": True, "status": "recorded, not executed (shadow run)",
                                               "tool": name, "arguments": args.model_dump()},
-                            latency_ms=round((time.perf_counter() - start) * 1000, 3))
+                            latency_ms=_ms_since(start))
         with self.engine.begin() as conn:
             self._record(conn, req, name, result, attempt)
         return result
@@ -205,7 +210,7 @@ class ToolActivities:
         write lock held during the reads: in the worker every call into sqlite3 costs a GIL round trip."""
         with read_only(self.engine) as conn:
             result = handler(conn, req, args)
-        result.latency_ms = round((time.perf_counter() - start) * 1000, 3)
+        result.latency_ms = _ms_since(start)
         self.ledger.record_tool(req, name, result, attempt)
         return result
 
@@ -214,7 +219,7 @@ class ToolActivities:
     ) -> ToolResult:
         with self.engine.begin() as conn:
             result = handler(conn, req, args)
-            result.latency_ms = round((time.perf_counter() - start) * 1000, 3)
+            result.latency_ms = _ms_since(start)
             self._record(conn, req, name, result, attempt)
         if req.outcome is not None and result.ok and self.observer is not None:
             self.observer.task_finished(req.task, req.outcome)

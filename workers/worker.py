@@ -36,9 +36,7 @@ STRICT_SANDBOX = SandboxedWorkflowRunner(
 workflow run, so its restrictions (no clock, randomness, I/O or threads outside the Temporal APIs) also
 cover what those modules imported. The test suite runs every workflow this way (KEEL_WORKFLOW_SANDBOX)."""
 
-SANDBOX = SandboxedWorkflowRunner(
-    restrictions=SandboxRestrictions.default.with_passthrough_modules("core", "pydantic", "pydantic_core", "workflows")
-)
+SANDBOX = SandboxedWorkflowRunner(restrictions=STRICT_SANDBOX.restrictions.with_passthrough_modules("workflows"))
 """The workers' default: `workflows` imported once per worker and shared with every run, like `core`.
 Each run still executes inside the sandbox (its own globals; imports at run time restricted), but the
 modules' own references are not re-checked per run: that check is STRICT_SANDBOX's, in the tests.
