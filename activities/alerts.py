@@ -3,7 +3,7 @@
 `TaskObserver.task_finished` is called by ToolActivities right after a task's outcome row commits (the
 routing call). It records the task's metrics at once (microseconds) and hands the alert evaluation to
 one background thread, so the activity never waits for it and never fails because of it: an error is
-logged. The evaluation judges the task against the earlier tasks of its type (core.alerts): their
+logged. The evaluation judges the task against the earlier tasks of its type (keel.alerts): their
 figures are kept in memory per task type, loaded from the ledger at the type's first task and again
 every `refresh_s` (so tasks finished by other workers count too). An alert that fires is written to
 the `alerts` table; a repeat of the same rule, type and tool or category within the policy's
@@ -29,10 +29,10 @@ from sqlmodel import Session, col
 
 from activities.db import AlertRow, LedgerRow, utcnow
 from activities.metrics import KeelMetrics
-from core.alerts import DEFAULT_ALERT_POLICY, Alert, AlertPolicy, TaskFigures, TypeHistory, evaluate
-from core.settings import KeelSettings
-from core.shadow import SHADOW_FEATURE
-from core.types import TaskContext, TaskOutcome
+from keel.alerts import DEFAULT_ALERT_POLICY, Alert, AlertPolicy, TaskFigures, TypeHistory, evaluate
+from keel.settings import KeelSettings
+from keel.shadow import SHADOW_FEATURE
+from keel.types import TaskContext, TaskOutcome
 
 log = logging.getLogger("keel.alerts")
 

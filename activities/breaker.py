@@ -32,7 +32,7 @@ from temporalio.common import WorkflowIDConflictPolicy
 from temporalio.exceptions import ApplicationError, TemporalError
 from temporalio.service import RPCError
 
-from core.breaker import (
+from keel.breaker import (
     BREAKER_ADMIT_ACTIVITY,
     BREAKER_ADMIT_UPDATE,
     BREAKER_RECORD_BATCH_SIGNAL,

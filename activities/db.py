@@ -18,8 +18,8 @@ from sqlalchemy.pool import StaticPool
 from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, SQLModel, create_engine
 
-from core.corpus import CORPUS
-from core.dataset import build_dataset
+from keel.corpus import CORPUS
+from keel.dataset import build_dataset
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 _SEED_LOCK_ID = 0x6B65656C  # "keel": PostgreSQL advisory lock that serializes init_db
@@ -150,7 +150,7 @@ class ReportRow(SQLModel, table=True):
 
 
 class DocumentRow(SQLModel, table=True):
-    """The internal document corpus the research agents search (core.corpus, seeded by init_db)."""
+    """The internal document corpus the research agents search (keel.corpus, seeded by init_db)."""
 
     __tablename__ = "documents"
     id: str = Field(primary_key=True)
@@ -197,7 +197,7 @@ class LedgerRow(SQLModel, table=True):
     category: str | None = None
     attempt: int = 1
     created_at: datetime = _created_at()
-    # Outcome rows: the agent's figures (core.types.TaskOutcome). Nullable: added to existing files by init_db.
+    # Outcome rows: the agent's figures (keel.types.TaskOutcome). Nullable: added to existing files by init_db.
     steps: int | None = None
     tools: str | None = None
     """JSON list of the tools executed, in order."""
@@ -214,7 +214,7 @@ class LedgerRow(SQLModel, table=True):
 
 
 class AlertRow(SQLModel, table=True):
-    """A behavioral alert (core.alerts). A repeat within the policy's dedup time is counted on the row."""
+    """A behavioral alert (keel.alerts). A repeat within the policy's dedup time is counted on the row."""
 
     __tablename__ = "alerts"
     id: int | None = Field(default=None, primary_key=True)
@@ -237,7 +237,7 @@ class AlertRow(SQLModel, table=True):
 
 
 class ShadowComparisonRow(SQLModel, table=True):
-    """Shadow mode: one row per shadowed ticket, the primary against the candidate (core.shadow)."""
+    """Shadow mode: one row per shadowed ticket, the primary against the candidate (keel.shadow)."""
 
     __tablename__ = "shadow_comparisons"
     shadow_workflow_id: str = Field(primary_key=True)
@@ -265,7 +265,7 @@ class ShadowComparisonRow(SQLModel, table=True):
     token_delta: int | None = None
     dry_run_writes: int = 0
     dry_run_actions: str = "[]"
-    """JSON list of the candidate's dry-run writes (core.types.BlockedAction)."""
+    """JSON list of the candidate's dry-run writes (keel.types.BlockedAction)."""
     proposed_writes: str = "[]"
     """JSON list of the `confirm` writes the candidate proposed."""
     candidate_failed: bool = False
@@ -279,7 +279,7 @@ class ShadowConfigRow(SQLModel, table=True):
     __tablename__ = "shadow_config"
     id: int | None = Field(default=None, primary_key=True)
     candidate: str
-    """The candidate's spec (core.shadow.CandidateSpec.label)."""
+    """The candidate's spec (keel.shadow.CandidateSpec.label)."""
     candidate_json: str
     fraction: float
     active: bool = Field(default=True, index=True)

@@ -1,5 +1,5 @@
 """Tools of the disaster-recovery planner (the supervisor pattern's worker): the production services'
-status and the runbooks, over the shipped data in core.runbooks (a fixed snapshot of a fictional
+status and the runbooks, over the shipped data in keel.runbooks (a fixed snapshot of a fictional
 incident at Keel Bank). Read-only; handlers run inside the tool frame's transaction (activities.tools).
 """
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from sqlmodel import Session
 
-from core.runbooks import (
+from keel.runbooks import (
     MAX_PROMOTE_LAG_S,
     RULES_BY_ID,
     RUNBOOKS,
@@ -15,8 +15,8 @@ from core.runbooks import (
     normalize_topic,
     service_status,
 )
-from core.tools import GetServiceStatusArgs, LookupRunbookArgs
-from core.types import ToolRequest, ToolResult
+from keel.tools import GetServiceStatusArgs, LookupRunbookArgs
+from keel.types import ToolRequest, ToolResult
 
 
 def get_service_status(s: Session, req: ToolRequest, args: GetServiceStatusArgs) -> ToolResult:

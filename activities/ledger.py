@@ -20,8 +20,8 @@ from sqlalchemy.pool import PoolProxiedConnection, StaticPool
 from sqlmodel import Session, SQLModel, col
 
 from activities.db import LedgerRow, utcnow
-from core.shadow import SHADOW_FEATURE
-from core.types import LlmRequest, LlmResponse, TaskContext, TaskOutcome, ToolRequest, ToolResult
+from keel.shadow import SHADOW_FEATURE
+from keel.types import LlmRequest, LlmResponse, TaskContext, TaskOutcome, ToolRequest, ToolResult
 
 OUTCOME_STEP = -1
 """The step of a task's outcome row."""

@@ -13,11 +13,11 @@ from activities.ledger import Ledger
 from activities.prompts import load_prompt
 from activities.providers.base import Provider
 from activities.tracing import Tracing
-from core.names import LLM_ACTIVITY
-from core.pricing import UnpricedModelError, cost_usd, price_for
-from core.tokens import estimate_input_tokens
-from core.tools import TOOLS
-from core.types import LlmRequest, LlmResponse
+from keel.names import LLM_ACTIVITY
+from keel.pricing import UnpricedModelError, cost_usd, price_for
+from keel.tokens import estimate_input_tokens
+from keel.tools import TOOLS
+from keel.types import LlmRequest, LlmResponse
 
 BREAKER_OPEN = "BreakerOpen"
 """Non-retryable: the task's cost circuit breaker refused it; the details carry its AdmitDecision."""

@@ -26,9 +26,9 @@ from opentelemetry.sdk.resources import Resource
 from prometheus_client import CollectorRegistry, start_http_server
 from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
 
-from core.metrics import token_efficiency
-from core.settings import KeelSettings
-from core.types import TaskContext, TaskOutcome
+from keel.metrics import token_efficiency
+from keel.settings import KeelSettings
+from keel.types import TaskContext, TaskOutcome
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from sqlalchemy import Engine
 from temporalio import activity
 
 from activities.ledger import Ledger
-from core.types import TaskUsage
+from keel.types import TaskUsage
 from workflows.children import TASK_USAGE_ACTIVITY
 
 

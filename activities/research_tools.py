@@ -18,9 +18,9 @@ from sqlmodel import Session, col
 
 from activities.db import DocumentRow, TransactionRow, utcnow
 from activities.ledger import GROUP_COLUMNS, Ledger
-from core.corpus import normalize_term, search_terms
-from core.tools import LedgerCostsArgs, ReadDocumentArgs, SearchDocumentsArgs, TransactionStatsArgs
-from core.types import ToolRequest, ToolResult
+from keel.corpus import normalize_term, search_terms
+from keel.tools import LedgerCostsArgs, ReadDocumentArgs, SearchDocumentsArgs, TransactionStatsArgs
+from keel.types import ToolRequest, ToolResult
 
 TITLE_WEIGHT = 3
 TAG_WEIGHT = 2

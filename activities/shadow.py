@@ -15,7 +15,7 @@ from sqlmodel import Session, col
 from temporalio import activity
 
 from activities.db import ShadowComparisonRow, ShadowConfigRow, utcnow
-from core.shadow import (
+from keel.shadow import (
     SHADOW_RECORD_ACTIVITY,
     CandidateSpec,
     ShadowComparison,
@@ -23,7 +23,7 @@ from core.shadow import (
     ShadowSummary,
     summarize,
 )
-from core.types import BlockedAction
+from keel.types import BlockedAction
 
 _ACTIONS = TypeAdapter(list[BlockedAction])
 

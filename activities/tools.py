@@ -39,8 +39,8 @@ from activities.db import (
 )
 from activities.ledger import Ledger
 from activities.tracing import Tracing
-from core.breaker import UsageReport
-from core.tools import (
+from keel.breaker import UsageReport
+from keel.tools import (
     TOOLS,
     EscalateArgs,
     GetAccountArgs,
@@ -50,7 +50,7 @@ from core.tools import (
     PublishReportArgs,
     SendReplyArgs,
 )
-from core.types import ToolRequest, ToolResult
+from keel.types import ToolRequest, ToolResult
 
 Handler = Callable[[Connection, ToolRequest, Any], ToolResult]
 """A tool's body, inside the caller's transaction on `Connection` (SQLAlchemy Core)."""

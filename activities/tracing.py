@@ -27,8 +27,8 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.trace import Span, Status, StatusCode, Tracer
 
-from core.settings import KeelSettings, otlp_endpoint
-from core.types import Decision, LlmRequest, LlmResponse, ToolRequest, ToolResult
+from keel.settings import KeelSettings, otlp_endpoint
+from keel.types import Decision, LlmRequest, LlmResponse, ToolRequest, ToolResult
 
 TRACER_NAME = "keel"
 SPANS_FILE = "spans.jsonl"

@@ -26,7 +26,7 @@ effects only.
 
 `--budget-tokens`, `--budget-usd`, `--soft-ratio`, `--hard-ratio` override the budget of `controlled`
 and `tiered` (passed as TicketInput.budget; also the kill budget `over_budget` counts against), to try a
-tuning of core/policy.py without editing it.
+tuning of keel/policy.py without editing it.
 """
 
 from __future__ import annotations
@@ -72,10 +72,10 @@ from bench.throughput import (
     ticket_inputs,
     worker_process,
 )
-from core.breaker import BREAKER_STATE_QUERY, BreakerState, breaker_workflow_id
-from core.dataset import SampleTicket, sample_tickets
-from core.policy import BUDGETS, EXPECTED_TOKENS, UNLIMITED
-from core.types import Budget, SimConfig, TicketInput, TicketResult
+from keel.breaker import BREAKER_STATE_QUERY, BreakerState, breaker_workflow_id
+from keel.dataset import SampleTicket, sample_tickets
+from keel.policy import BUDGETS, EXPECTED_TOKENS, UNLIMITED
+from keel.types import Budget, SimConfig, TicketInput, TicketResult
 from starter.tickets import run_batch
 
 TASK_TYPE = "support_ticket"
@@ -262,7 +262,7 @@ async def serve(queues: list[str]) -> None:
     """`python -m bench.cost --serve Q1,Q2,...`: the production worker wiring (workers.worker.build_worker),
     one Worker per task queue in this one process, sharing the ledger, until SIGTERM/SIGINT."""
     from activities.db import init_db, make_engine
-    from core.settings import KeelSettings
+    from keel.settings import KeelSettings
     from starter.client import connect
     from workers.worker import build_worker
 

@@ -56,12 +56,12 @@ from activities.ledger import Ledger
 from activities.llm import LlmActivities
 from activities.providers.sim import SimProvider
 from activities.tools import ToolActivities
-from core import names
-from core.codec import data_converter
-from core.dataset import SampleTicket, sample_tickets
-from core.policy import DEFAULT_POLICY
-from core.settings import KeelSettings
-from core.types import LlmRequest, LlmResponse, SimConfig, TicketInput, TicketResult, ToolRequest, ToolResult
+from keel import names
+from keel.codec import data_converter
+from keel.dataset import SampleTicket, sample_tickets
+from keel.policy import DEFAULT_POLICY
+from keel.settings import KeelSettings
+from keel.types import LlmRequest, LlmResponse, SimConfig, TicketInput, TicketResult, ToolRequest, ToolResult
 from starter.tickets import make_input, start_ticket
 from workflows.support_ticket import make_runner
 from workflows.ticket_pipeline import handle_ticket

@@ -20,8 +20,8 @@ from rich.table import Table
 from temporalio.client import Client, WorkflowUpdateFailedError
 from temporalio.service import RPCError, RPCStatusCode
 
-from core import names
-from core.types import ApprovalDecision, ApprovalRecord, ApprovalVerdict, HumanResolution, PendingAction
+from keel import names
+from keel.types import ApprovalDecision, ApprovalRecord, ApprovalVerdict, HumanResolution, PendingAction
 from starter.console import client_or_exit, console, err, load_settings
 
 AWAITING = f"{names.SA_AWAITING_APPROVAL} = true AND ExecutionStatus = 'Running'"

@@ -17,7 +17,7 @@ from rich.table import Table
 from temporalio.client import Client, WorkflowQueryFailedError, WorkflowUpdateFailedError
 from temporalio.service import RPCError, RPCStatusCode
 
-from core.breaker import (
+from keel.breaker import (
     BREAKER_RESET_UPDATE,
     BREAKER_STATE_QUERY,
     BREAKER_WORKFLOW,
@@ -25,7 +25,7 @@ from core.breaker import (
     ResetRequest,
     breaker_workflow_id,
 )
-from core.settings import KeelSettings
+from keel.settings import KeelSettings
 from starter import views
 from starter.console import client_or_exit, console, err, load_settings
 

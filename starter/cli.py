@@ -17,11 +17,11 @@ from rich.markup import escape
 from temporalio.client import Client
 
 from activities import tracing
-from core import names
-from core.dataset import sample_tickets
-from core.settings import KeelSettings
-from core.shadow import is_shadowed, shadow_workflow_id
-from core.types import SimConfig, TicketResult
+from keel import names
+from keel.dataset import sample_tickets
+from keel.settings import KeelSettings
+from keel.shadow import is_shadowed, shadow_workflow_id
+from keel.types import SimConfig, TicketResult
 from starter import patterns, stack, tickets, views
 from starter.approvals_cli import approvals, approve, reject, resolve_cmd
 from starter.breaker_cli import breaker_app

@@ -7,8 +7,8 @@ from temporalio.contrib.opentelemetry import TracingInterceptor
 from temporalio.runtime import Runtime
 
 from activities.tracing import process_tracer
-from core.codec import data_converter
-from core.settings import KeelSettings
+from keel.codec import data_converter
+from keel.settings import KeelSettings
 
 
 async def connect(settings: KeelSettings, *, tracing: bool | None = None, runtime: Runtime | None = None) -> Client:

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from core.codec import ENV_KEYS, EncryptionConfigError, codec_from_settings, new_key
+from keel.codec import ENV_KEYS, EncryptionConfigError, codec_from_settings, new_key
 from starter.codec_server import CodecServer, default_origins
 from starter.console import console, err, load_settings
 

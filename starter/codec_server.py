@@ -24,7 +24,7 @@ from google.protobuf import json_format
 from temporalio.api.common.v1 import Payloads
 from temporalio.converter import PayloadCodec
 
-from core.codec import EncryptionCodec
+from keel.codec import EncryptionCodec
 
 log = logging.getLogger("keel.codec_server")
 

@@ -14,8 +14,8 @@ from sqlalchemy.engine import Engine
 from temporalio.client import Client, WorkflowFailureError
 from temporalio.service import RPCError
 
-from core.codec import EncryptionConfigError
-from core.settings import KeelSettings
+from keel.codec import EncryptionConfigError
+from keel.settings import KeelSettings
 from starter.client import connect
 from starter.stack import apply_traces_endpoint
 

@@ -46,11 +46,11 @@ from temporalio.service import RPCError, RPCStatusCode
 from temporalio.workflow import NondeterminismError
 
 from activities.prompts import PROMPTS_DIR, load_prompt
-from core import names
-from core.pricing import UnpricedModelError, price_for
-from core.settings import KeelSettings
-from core.tools import TOOLS
-from core.types import (
+from keel import names
+from keel.pricing import UnpricedModelError, price_for
+from keel.settings import KeelSettings
+from keel.tools import TOOLS
+from keel.types import (
     ApprovalDecision,
     LlmRequest,
     LlmResponse,
@@ -477,7 +477,7 @@ async def what_if(
     from activities.db import init_db, make_engine
     from activities.ledger import Ledger
     from activities.llm import LlmActivities
-    from core.policy import DEFAULT_POLICY
+    from keel.policy import DEFAULT_POLICY
     from workers.worker import default_providers
     from workflows.support_ticket import approval_policy_of, make_runner
     from workflows.ticket_pipeline import handle_ticket

@@ -40,7 +40,7 @@ def metrics(
 ) -> None:
     """Agent figures from the ledger: steps, tools, reasoning loops, token efficiency, consistency, outcomes."""
     from activities.ledger import Ledger
-    from core.metrics import summarize
+    from keel.metrics import summarize
 
     start = _since(since)
     rows = Ledger(ledger_engine()).outcomes(since=start, task_type=task_type)

@@ -17,9 +17,9 @@ from temporalio.client import Client, WorkflowHandle
 from temporalio.common import SearchAttributeKey, SearchAttributePair, TypedSearchAttributes
 from temporalio.service import RPCError
 
-from core import names
-from core.settings import KeelSettings
-from core.types import ChildRecord, PatternProgress, Progress
+from keel import names
+from keel.settings import KeelSettings
+from keel.types import ChildRecord, PatternProgress, Progress
 from starter.views import budget_text
 
 SA_CUSTOMER = SearchAttributeKey.for_keyword(names.SA_CUSTOMER)

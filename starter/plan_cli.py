@@ -12,10 +12,10 @@ from rich.markup import escape
 from rich.table import Table
 from temporalio.client import Client
 
-from core import names
-from core.policy import budget_for
-from core.runbooks import RUNBOOKS
-from core.supervisor import (
+from keel import names
+from keel.policy import budget_for
+from keel.runbooks import RUNBOOKS
+from keel.supervisor import (
     TASK_TYPE,
     WORKER_BUDGET,
     Plan,
@@ -23,7 +23,7 @@ from core.supervisor import (
     SupervisedPlanResult,
     input_problems,
 )
-from core.types import ModelSpec, SimConfig
+from keel.types import ModelSpec, SimConfig
 from starter import patterns, views
 from starter.console import client_or_exit, console, err, load_settings, run_task
 

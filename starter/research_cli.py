@@ -15,10 +15,10 @@ from rich.table import Table
 from temporalio.client import Client
 
 from activities.prompts import PROMPTS_DIR
-from core import names
-from core.policy import budget_for
-from core.pricing import UnpricedModelError, price_for
-from core.research import (
+from keel import names
+from keel.policy import budget_for
+from keel.pricing import UnpricedModelError, price_for
+from keel.research import (
     RESEARCH_PROMPTS,
     ROLE_POLICIES,
     TASK_TYPE,
@@ -26,7 +26,7 @@ from core.research import (
     ResearchResult,
     question_problems,
 )
-from core.types import Budget, InjectedFailure, ModelSpec, SimConfig, TaskUsage
+from keel.types import Budget, InjectedFailure, ModelSpec, SimConfig, TaskUsage
 from starter import patterns, views
 from starter.console import client_or_exit, console, err, load_settings, run_task
 

@@ -15,7 +15,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from core.shadow import SPEC_EXAMPLES, CandidateSpec, CandidateSpecError, ShadowConfig, ShadowSummary
+from keel.shadow import SPEC_EXAMPLES, CandidateSpec, CandidateSpecError, ShadowConfig, ShadowSummary
 from starter import tickets
 from starter.console import console, err, ledger_engine
 from starter.views import parse_since

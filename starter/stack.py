@@ -27,8 +27,8 @@ from temporalio.api.workflowservice.v1 import GetSystemInfoRequest
 from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 
-from core import names
-from core.settings import KeelSettings
+from keel import names
+from keel.settings import KeelSettings
 from starter.client import connect
 
 _SA_TYPES = {

@@ -12,10 +12,10 @@ from rich.markup import escape
 from rich.table import Table
 from temporalio.client import Client
 
-from core import names
-from core import swarm as sw
-from core.policy import budget_for
-from core.types import ModelSpec, SimConfig
+from keel import names
+from keel import swarm as sw
+from keel.policy import budget_for
+from keel.types import ModelSpec, SimConfig
 from starter import patterns, views
 from starter.console import client_or_exit, console, err, load_settings, run_task
 

@@ -19,11 +19,11 @@ from temporalio.common import SearchAttributeKey, SearchAttributePair, TypedSear
 from temporalio.service import RPCError, RPCStatusCode
 
 from activities.prompts import PROMPTS_DIR
-from core import names
-from core.policy import APPROVALS, BUDGETS, budget_for, ticket_problems
-from core.pricing import UnpricedModelError, price_for
-from core.settings import KeelSettings, parse_approvers
-from core.shadow import (
+from keel import names
+from keel.policy import APPROVALS, BUDGETS, budget_for, ticket_problems
+from keel.pricing import UnpricedModelError, price_for
+from keel.settings import KeelSettings, parse_approvers
+from keel.shadow import (
     SHADOW_FEATURE,
     CandidateSpec,
     ShadowComparison,
@@ -32,7 +32,7 @@ from core.shadow import (
     is_shadowed,
     shadow_workflow_id,
 )
-from core.types import ApprovalPolicy, ModelSpec, Progress, SimConfig, TicketInput, TicketResult
+from keel.types import ApprovalPolicy, ModelSpec, Progress, SimConfig, TicketInput, TicketResult
 from workflows.ticket_pipeline import AGENT_PROMPT, CLASSIFY_PROMPT, DRAFT_PROMPT
 
 SA_CUSTOMER = SearchAttributeKey.for_keyword(names.SA_CUSTOMER)

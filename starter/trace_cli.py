@@ -24,8 +24,8 @@ from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 
-from core.names import LLM_ACTIVITY, SUPPORT_TICKET_WORKFLOW
-from core.types import Decision, LlmRequest, LlmResponse, ModelSpec, TicketResult, ToolRequest, ToolResult
+from keel.names import LLM_ACTIVITY, SUPPORT_TICKET_WORKFLOW
+from keel.types import Decision, LlmRequest, LlmResponse, ModelSpec, TicketResult, ToolRequest, ToolResult
 from starter.console import client_or_exit, console, err, load_settings
 
 

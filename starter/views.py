@@ -16,8 +16,8 @@ from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
-from core.settings import KeelSettings
-from core.types import SIM_LABEL, BudgetReport, Progress, TicketResult
+from keel.settings import KeelSettings
+from keel.types import SIM_LABEL, BudgetReport, Progress, TicketResult
 
 
 def workflow_url(settings: KeelSettings, workflow_id: str) -> str:

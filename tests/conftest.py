@@ -24,11 +24,11 @@ from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
 from activities.db import init_db, make_engine
-from core import names
-from core.breaker import breaker_workflow_id
-from core.policy import APPROVALS
-from core.settings import KeelSettings
-from core.types import ApprovalMode, SimConfig, TicketInput, TicketResult
+from keel import names
+from keel.breaker import breaker_workflow_id
+from keel.policy import APPROVALS
+from keel.settings import KeelSettings
+from keel.types import ApprovalMode, SimConfig, TicketInput, TicketResult
 from starter import tickets
 from starter.stack import ensure_search_attributes
 from workers.worker import build_worker

@@ -22,11 +22,11 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
 from activities.db import init_db, make_engine
-from core.dataset import sample_tickets
-from core.names import APPROVAL_SIGNAL
-from core.policy import budget_for
-from core.settings import KeelSettings
-from core.types import ApprovalDecision
+from keel.dataset import sample_tickets
+from keel.names import APPROVAL_SIGNAL
+from keel.policy import budget_for
+from keel.settings import KeelSettings
+from keel.types import ApprovalDecision
 from starter.approvals_cli import decide, pending_action
 from starter.tickets import start_ticket
 from tests.conftest import SEARCH_ATTRIBUTE_KEYS, _binary, run_ticket, ticket

@@ -19,14 +19,14 @@ from typing import Any
 
 from temporalio.client import Client
 
-from core import names
-from core import swarm as sw
-from core.dataset import sample_tickets
-from core.research import ROLE_POLICIES, ResearchInput, ResearchResult
-from core.settings import KeelSettings
-from core.shadow import CandidateSpec, ShadowComparison, shadow_workflow_id
-from core.supervisor import SupervisedPlanInput, SupervisedPlanResult
-from core.types import InjectedFailure, ModelSpec, SimConfig
+from keel import names
+from keel import swarm as sw
+from keel.dataset import sample_tickets
+from keel.research import ROLE_POLICIES, ResearchInput, ResearchResult
+from keel.settings import KeelSettings
+from keel.shadow import CandidateSpec, ShadowComparison, shadow_workflow_id
+from keel.supervisor import SupervisedPlanInput, SupervisedPlanResult
+from keel.types import InjectedFailure, ModelSpec, SimConfig
 from starter import tickets
 from tests.conftest import ticket
 from tests.record_history import recording_stack

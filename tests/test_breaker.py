@@ -26,7 +26,7 @@ from temporalio.worker import Replayer, Worker
 from typer.testing import CliRunner
 
 from activities.breaker import BREAKER_UNAVAILABLE, BreakerActivities, UsageReporter
-from core.breaker import (
+from keel.breaker import (
     BREAKER_RECORD_SIGNAL,
     BREAKER_RESET_UPDATE,
     BREAKER_STATE_QUERY,

@@ -14,8 +14,8 @@ import pytest
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
-from core.pricing import PRICES, cost_usd, price_for
-from core.types import Budget, ModelSpec, Usage
+from keel.pricing import PRICES, cost_usd, price_for
+from keel.types import Budget, ModelSpec, Usage
 from workflows.budget import MIN_OUTPUT_TOKENS, BudgetExceeded, BudgetGuard, Reservation
 
 USD_EPS = 1e-9
@@ -301,9 +301,9 @@ def test_request_chars_counts_tool_specs_as_their_json() -> None:
     """The remembered size of a tool spec equals its JSON, for cached specs and for copies."""
     import json
 
-    from core.tokens import request_chars
-    from core.tools import TOOLS
-    from core.types import Message
+    from keel.tokens import request_chars
+    from keel.tools import TOOLS
+    from keel.types import Message
 
     specs = [t.spec() for t in TOOLS.values()]
     for k in range(len(specs) + 1):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from core.settings import KeelSettings
+from keel.settings import KeelSettings
 from starter import stack, tickets
 
 KEEL = [sys.executable, "-m", "starter"]

@@ -22,7 +22,7 @@ from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
-from core.codec import (
+from keel.codec import (
     EncryptionCodec,
     EncryptionConfigError,
     KeelPayloadConverter,
@@ -32,9 +32,9 @@ from core.codec import (
     keel_data_converter,
     parse_keys,
 )
-from core.dataset import build_dataset
-from core.settings import KeelSettings
-from core.types import TicketInput, TicketResult
+from keel.dataset import build_dataset
+from keel.settings import KeelSettings
+from keel.types import TicketInput, TicketResult
 from starter.codec_server import CodecServer, default_origins
 from tests.conftest import _binary, run_ticket, ticket
 

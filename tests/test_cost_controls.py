@@ -36,13 +36,13 @@ from activities.llm import LlmActivities
 from activities.providers.base import ProviderResult, provider_error
 from activities.providers.sim import SimProvider
 from activities.tools import ToolActivities
-from core.breaker import BREAKER_STATE_QUERY, BreakerState, breaker_workflow_id
-from core.dataset import sample_tickets
-from core.names import LLM_ACTIVITY, PIPELINE_VERSION, SA_BUDGET
-from core.policy import EXPECTED_TOKENS
-from core.settings import KeelSettings
-from core.tools import TOOLS
-from core.types import Budget, LlmRequest, LlmResponse, ModelSpec, SimConfig, TicketInput, TicketResult
+from keel.breaker import BREAKER_STATE_QUERY, BreakerState, breaker_workflow_id
+from keel.dataset import sample_tickets
+from keel.names import LLM_ACTIVITY, PIPELINE_VERSION, SA_BUDGET
+from keel.policy import EXPECTED_TOKENS
+from keel.settings import KeelSettings
+from keel.tools import TOOLS
+from keel.types import Budget, LlmRequest, LlmResponse, ModelSpec, SimConfig, TicketInput, TicketResult
 from tests.conftest import assert_eventually, run_ticket, running_worker, ticket
 from workers.worker import STRICT_SANDBOX
 from workflows.agent_loop import LLM_RETRY

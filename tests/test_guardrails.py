@@ -27,12 +27,12 @@ from temporalio.worker import Replayer, Worker
 from activities.db import HumanQueueRow, LedgerRow, RefundRow, ReplyRow
 from activities.providers.base import ProviderResult
 from activities.providers.sim import SimProvider
-from core import names
-from core.dataset import build_dataset, sample_tickets
-from core.guardrails import TaskFacts, arguments_digest, check_action
-from core.policy import APPROVALS
-from core.settings import KeelSettings
-from core.types import ApprovalDecision, HumanResolution, LlmRequest, PendingAction, TicketResult, ToolCall, Usage
+from keel import names
+from keel.dataset import build_dataset, sample_tickets
+from keel.guardrails import TaskFacts, arguments_digest, check_action
+from keel.policy import APPROVALS
+from keel.settings import KeelSettings
+from keel.types import ApprovalDecision, HumanResolution, LlmRequest, PendingAction, TicketResult, ToolCall, Usage
 from starter import tickets
 from starter.approvals_cli import ApprovalError, decide, pending_action, pending_approvals, resolve
 from tests.conftest import assert_eventually, ticket
@@ -87,7 +87,7 @@ def test_layer2_rules() -> None:
 
 
 def test_writes_default_to_confirm_and_reads_cannot_write() -> None:
-    from core.tools import TOOLS, GetAccountArgs, ToolDef
+    from keel.tools import TOOLS, GetAccountArgs, ToolDef
 
     assert ToolDef(name="close_account", description="", args=GetAccountArgs, writes=True).permission == "confirm"
     with pytest.raises(ValueError, match="cannot be read_only"):

@@ -26,9 +26,9 @@ from activities.ledger import Ledger
 from activities.llm import LlmActivities
 from activities.prompts import load_prompt
 from activities.providers.sim import SimProvider, task_traits
-from core.codec import data_converter
-from core.settings import KeelSettings
-from core.types import LlmRequest, Message, SimConfig, TaskContext
+from keel.codec import data_converter
+from keel.settings import KeelSettings
+from keel.types import LlmRequest, Message, SimConfig, TaskContext
 from starter import tickets
 from starter.approvals_cli import decide, pending_action
 from starter.cli import app

@@ -16,7 +16,7 @@ from sqlmodel import Session
 
 from activities.db import LedgerRow, init_db, make_engine
 from activities.ledger import GROUP_COLUMNS, Ledger
-from core.types import LlmRequest, LlmResponse, Message, TaskContext, TaskOutcome, Usage
+from keel.types import LlmRequest, LlmResponse, Message, TaskContext, TaskOutcome, Usage
 
 
 @pytest.fixture

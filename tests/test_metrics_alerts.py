@@ -31,7 +31,7 @@ from activities.alerts import AlertEngine, AlertStore, TaskObserver, WebhookSink
 from activities.db import LedgerRow, init_db, make_engine, utcnow
 from activities.ledger import Ledger
 from activities.metrics import KeelMetrics, sdk_runtime, serve_metrics
-from core.alerts import (
+from keel.alerts import (
     Alert,
     AlertPolicy,
     TaskFigures,
@@ -42,11 +42,11 @@ from core.alerts import (
     steps_alert,
     tokens_alert,
 )
-from core.dataset import build_dataset, sample_tickets
-from core.metrics import percentile, summarize, ticket_input_hash
-from core.policy import UNLIMITED
-from core.settings import KeelSettings
-from core.types import TaskContext, TaskOutcome, TicketInput, TicketResult
+from keel.dataset import build_dataset, sample_tickets
+from keel.metrics import percentile, summarize, ticket_input_hash
+from keel.policy import UNLIMITED
+from keel.settings import KeelSettings
+from keel.types import TaskContext, TaskOutcome, TicketInput, TicketResult
 from starter.cli import app
 from starter.client import connect
 from tests.conftest import run_ticket, ticket

@@ -1,4 +1,4 @@
-"""Layer 3 of the guardrails (core.redaction): PII redaction of replies and the reply rules.
+"""Layer 3 of the guardrails (keel.redaction): PII redaction of replies and the reply rules.
 
 Pure functions, so plain sync tests: each kind is redacted and counted, the customer's own data is
 kept, checksums decide what is a card or an IBAN, ordinary texts (amounts, dates, ids, the sim's
@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from activities.providers.sim import PLANS, TOPICS, Call, Ticket, draft_reply, final_summary
-from core.dataset import Customer, build_dataset, sample_tickets
-from core.redaction import (
+from keel.dataset import Customer, build_dataset, sample_tickets
+from keel.redaction import (
     KINDS,
     MAX_REPLY_CHARS,
     PLACEHOLDERS,

@@ -13,7 +13,7 @@ from temporalio.worker import Replayer
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 from temporalio.workflow import NondeterminismError
 
-from core.settings import KeelSettings
+from keel.settings import KeelSettings
 from tests.conftest import run_ticket, ticket
 from workers.worker import SANDBOX, STRICT_SANDBOX
 from workflows.registry import WORKFLOWS

@@ -28,10 +28,10 @@ from temporalio.worker import Replayer, Worker
 from activities import research_tools
 from activities.db import CustomerRow, LedgerRow, ReportRow, TransactionRow
 from activities.ledger import Ledger
-from core import names
-from core.corpus import CORPUS, search_terms
-from core.policy import budget_for
-from core.research import (
+from keel import names
+from keel.corpus import CORPUS, search_terms
+from keel.policy import budget_for
+from keel.research import (
     MAX_SUBTASKS,
     ROLE_POLICIES,
     TASK_TYPE,
@@ -48,8 +48,8 @@ from core.research import (
     plan_problems,
     research_status,
 )
-from core.tools import LedgerCostsArgs, ReadDocumentArgs, SearchDocumentsArgs, TransactionStatsArgs
-from core.types import Budget, InjectedFailure, ModelSpec, PatternProgress, SimConfig, TaskContext, ToolRequest
+from keel.tools import LedgerCostsArgs, ReadDocumentArgs, SearchDocumentsArgs, TransactionStatsArgs
+from keel.types import Budget, InjectedFailure, ModelSpec, PatternProgress, SimConfig, TaskContext, ToolRequest
 from starter.trace_cli import render, task_trace
 from workers.worker import SANDBOX
 from workflows.registry import WORKFLOWS

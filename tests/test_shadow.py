@@ -22,10 +22,10 @@ from temporalio.worker import Replayer
 from activities.db import HumanQueueRow, LedgerRow, RefundRow, ReplyRow, ShadowComparisonRow, init_db, make_engine
 from activities.ledger import Ledger
 from activities.shadow import record_comparison
-from core import names
-from core.dataset import build_dataset, sample_tickets
-from core.settings import KeelSettings
-from core.shadow import (
+from keel import names
+from keel.dataset import build_dataset, sample_tickets
+from keel.settings import KeelSettings
+from keel.shadow import (
     CandidateSpec,
     CandidateSpecError,
     ShadowComparison,
@@ -36,8 +36,8 @@ from core.shadow import (
     shadow_workflow_id,
     summarize,
 )
-from core.tools import TOOLS
-from core.types import BlockedAction, ModelSpec, PatternProgress, TicketInput, TicketResult
+from keel.tools import TOOLS
+from keel.types import BlockedAction, ModelSpec, PatternProgress, TicketInput, TicketResult
 from starter import tickets
 from starter.approvals_cli import decide
 from tests.conftest import assert_eventually, running_worker, ticket

@@ -14,10 +14,10 @@ from pydantic import ValidationError
 
 import activities.providers.sim as sim_module
 from activities.providers.sim import SimProvider, classify_text, task_traits
-from core.dataset import SampleTicket, build_dataset, sample_tickets
-from core.policy import CATEGORIES
-from core.tools import TOOLS, agent_tool_specs
-from core.types import SIM_LABEL, LlmRequest, Message, ModelSpec, SimConfig, TaskContext, ToolCall, ToolSpec
+from keel.dataset import SampleTicket, build_dataset, sample_tickets
+from keel.policy import CATEGORIES
+from keel.tools import TOOLS, agent_tool_specs
+from keel.types import SIM_LABEL, LlmRequest, Message, ModelSpec, SimConfig, TaskContext, ToolCall, ToolSpec
 
 DS = build_dataset()
 CUSTOMERS = {c.id: c for c in DS.customers}

@@ -3,7 +3,7 @@ supervisor checks it against the runbook's rules and reviews it, then accepts, r
 
 Workflow tests run on the dev server with a real worker, the real SQLite ledger and the sim model
 (see activities/providers/sim_dr.py for what its worker and reviewer do); unit tests cover the rule
-checker (core.runbooks) and the parsing and decisions (core.supervisor).
+checker (keel.runbooks) and the parsing and decisions (keel.supervisor).
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from activities.db import LedgerRow
 from activities.ledger import Ledger
 from activities.providers.sim_dr import draft
 from activities.tools import human_queue, reports
-from core import names
-from core.runbooks import (
+from keel import names
+from keel.runbooks import (
     DESTRUCTIVE,
     RULES,
     SERVICES,
@@ -37,8 +37,8 @@ from core.runbooks import (
     check_plan,
     rules_for,
 )
-from core.settings import KeelSettings
-from core.supervisor import (
+from keel.settings import KeelSettings
+from keel.supervisor import (
     INVALID_PLAN,
     ReviewVerdict,
     SupervisedPlanInput,
@@ -47,7 +47,7 @@ from core.supervisor import (
     parse_plan,
     parse_verdict,
 )
-from core.types import SimConfig, TaskUsage
+from keel.types import SimConfig, TaskUsage
 from starter import patterns
 from workers.worker import SANDBOX
 from workflows.registry import WORKFLOWS
@@ -242,8 +242,8 @@ async def test_cli_plans_and_prints_rounds_plan_and_overhead(client: Client, set
 
 def test_dr_tools_answer_from_the_shipped_data(db_engine: Engine) -> None:
     from activities import dr_tools
-    from core.tools import GetServiceStatusArgs, LookupRunbookArgs
-    from core.types import TaskContext, ToolRequest
+    from keel.tools import GetServiceStatusArgs, LookupRunbookArgs
+    from keel.types import TaskContext, ToolRequest
 
     req = ToolRequest(task=TaskContext(workflow_id="w", customer="internal"), step=1, call_id="c", arguments={})
     with Session(db_engine) as s:
@@ -376,7 +376,7 @@ def test_lag_limit_comes_from_the_service_status() -> None:
 
 
 def test_adding_a_rule_is_data() -> None:
-    from core.runbooks import Rule, StepMatch
+    from keel.runbooks import Rule, StepMatch
     no_restart = Rule(id="no_restart_of_primary", description="Never restart a database primary mid-incident.",
                       check="never", when=StepMatch(actions=["restart", "reboot"], target_kinds=["database"]))
     steps = [*GOOD, PlanStep(action="reboot", target="ledger-db-eu-west", rollback="none possible", verify="up")]
@@ -454,7 +454,7 @@ def test_verdict_parsing() -> None:
 
 
 def test_decisions() -> None:
-    from core.runbooks import Violation
+    from keel.runbooks import Violation
     v = [Violation(step=2, rule="rollback_named", message="no rollback")]
     accept, revise = ReviewVerdict(verdict="accept"), ReviewVerdict(verdict="revise", feedback=["add a check"])
     assert decide_round(1, 3, [], accept)[0] == "accept"

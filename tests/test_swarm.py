@@ -2,7 +2,7 @@
 confidence; below the threshold the task goes to the human queue with every peer's answer.
 
 On the Temporal dev server with the real worker, the sim model and the real SQLite ledger; plus
-hypothesis properties of the aggregation (core.swarm) and a statistical check of the sim peers.
+hypothesis properties of the aggregation (keel.swarm) and a statistical check of the sim peers.
 """
 
 from __future__ import annotations
@@ -31,12 +31,12 @@ from activities.ledger import Ledger
 from activities.prompts import load_prompt
 from activities.providers.sim import SimProvider
 from activities.providers.sim_swarm import candidate_categories, first_mentioned
-from core import names
-from core import swarm as sw
-from core.dataset import build_dataset, sample_tickets
-from core.policy import CATEGORIES, budget_for
-from core.settings import KeelSettings
-from core.types import Budget, InjectedFailure, LlmRequest, Message, ModelSpec, PatternProgress, SimConfig, TaskContext
+from keel import names
+from keel import swarm as sw
+from keel.dataset import build_dataset, sample_tickets
+from keel.policy import CATEGORIES, budget_for
+from keel.settings import KeelSettings
+from keel.types import Budget, InjectedFailure, LlmRequest, Message, ModelSpec, PatternProgress, SimConfig, TaskContext
 from workers.worker import SANDBOX
 from workflows.registry import WORKFLOWS
 

@@ -13,11 +13,11 @@ from temporalio.client import Client
 from activities.db import RefundRow
 from activities.ledger import Ledger
 from activities.tools import human_queue
-from core.dataset import build_dataset, sample_tickets
-from core.names import PROGRESS_QUERY, SA_COST_USD, SA_STATUS, SA_TOKENS
-from core.policy import MAX_TICKET_CHARS, UNLIMITED, budget_for
-from core.settings import KeelSettings
-from core.types import Progress, TicketInput, TicketResult
+from keel.dataset import build_dataset, sample_tickets
+from keel.names import PROGRESS_QUERY, SA_COST_USD, SA_STATUS, SA_TOKENS
+from keel.policy import MAX_TICKET_CHARS, UNLIMITED, budget_for
+from keel.settings import KeelSettings
+from keel.types import Progress, TicketInput, TicketResult
 from starter import tickets
 from tests.conftest import assert_eventually, run_ticket, ticket
 
@@ -205,7 +205,7 @@ async def test_unpriced_model_fails_the_task_with_its_reason(client: Client, set
     retrying forever (the budget check raises in workflow code): the task fails at once, saying why."""
     from temporalio.client import WorkflowFailureError
 
-    from core.types import ModelSpec
+    from keel.types import ModelSpec
 
     inp = ticket(CUSTOMER.id, "Why was I charged a fee of 4.90 EUR?").model_copy(
         update={"small_model": ModelSpec(provider="sim", model="sim-unpriced")})

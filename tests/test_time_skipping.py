@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from temporalio.testing import WorkflowEnvironment
 
-from core.settings import KeelSettings
+from keel.settings import KeelSettings
 from tests.conftest import run_ticket, ticket
 
 

@@ -30,9 +30,9 @@ from activities.db import (
 )
 from activities.ledger import Ledger
 from activities.tools import ToolActivities, _get_account, human_queue
-from core.dataset import build_dataset
-from core.tools import TOOLS, GetAccountArgs
-from core.types import TaskContext, TaskOutcome, ToolRequest, ToolResult
+from keel.dataset import build_dataset
+from keel.tools import TOOLS, GetAccountArgs
+from keel.types import TaskContext, TaskOutcome, ToolRequest, ToolResult
 
 DS = build_dataset()
 SEEDED = (CustomerRow, AccountRow, TransactionRow, PolicyRow)

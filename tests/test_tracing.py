@@ -23,8 +23,8 @@ from temporalio.contrib.opentelemetry import TracingInterceptor
 from temporalio.contrib.pydantic import pydantic_data_converter
 
 from activities.tracing import SPANS_FILE, JsonlSpanExporter, Tracing, make_provider
-from core.dataset import sample_tickets
-from core.settings import KeelSettings
+from keel.dataset import sample_tickets
+from keel.settings import KeelSettings
 from tests.conftest import run_ticket, running_worker, ticket
 
 

@@ -13,7 +13,7 @@ from activities.db import init_db, make_engine
 from activities.metrics import KeelMetrics, sdk_runtime, serve_metrics
 from activities.tracing import Tracing
 from activities.tracing import shutdown as shutdown_tracing
-from core.settings import KeelSettings
+from keel.settings import KeelSettings
 from starter.client import connect
 from workers.worker import build_worker, tune_gc
 

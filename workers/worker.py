@@ -25,19 +25,19 @@ from activities.providers.sim import SimProvider
 from activities.shadow import ShadowActivities
 from activities.tools import ToolActivities
 from activities.tracing import Tracing
-from core.settings import KeelSettings
+from keel.settings import KeelSettings
 from workflows.registry import WORKFLOWS
 
-# `core` and pydantic are pure: sharing them with the sandbox saves re-importing them per workflow run.
+# `keel` and pydantic are pure: sharing them with the sandbox saves re-importing them per workflow run.
 STRICT_SANDBOX = SandboxedWorkflowRunner(
-    restrictions=SandboxRestrictions.default.with_passthrough_modules("core", "pydantic", "pydantic_core")
+    restrictions=SandboxRestrictions.default.with_passthrough_modules("keel", "pydantic", "pydantic_core")
 )
 """Temporal's isolation for Keel's workflow modules: the sandbox imports `workflows` afresh for every
 workflow run, so its restrictions (no clock, randomness, I/O or threads outside the Temporal APIs) also
 cover what those modules imported. The test suite runs every workflow this way (KEEL_WORKFLOW_SANDBOX)."""
 
 SANDBOX = SandboxedWorkflowRunner(restrictions=STRICT_SANDBOX.restrictions.with_passthrough_modules("workflows"))
-"""The workers' default: `workflows` imported once per worker and shared with every run, like `core`.
+"""The workers' default: `workflows` imported once per worker and shared with every run, like `keel`.
 Each run still executes inside the sandbox (its own globals; imports at run time restricted), but the
 modules' own references are not re-checked per run: that check is STRICT_SANDBOX's, in the tests.
 Measured (bench/throughput.py, side by side): the per-run import of the ticket workflow's module, with

@@ -19,18 +19,18 @@ from temporalio.exceptions import ActivityError, ApplicationError, TimeoutError
 with workflow.unsafe.imports_passed_through():
     from pydantic import ValidationError
 
-    from core.breaker import AdmitDecision, AdmitRequest
-    from core.guardrails import TaskFacts, arguments_digest, check_action
-    from core.names import (
+    from keel.breaker import AdmitDecision, AdmitRequest
+    from keel.guardrails import TaskFacts, arguments_digest, check_action
+    from keel.names import (
         LLM_ACTIVITY,
         LLM_START_TO_CLOSE,
         NON_RETRYABLE_ERRORS,
         TOOL_START_TO_CLOSE,
     )
-    from core.pricing import UnpricedModelError
-    from core.tokens import estimate_input_tokens
-    from core.tools import TOOLS, ToolDef
-    from core.types import (
+    from keel.pricing import UnpricedModelError
+    from keel.tokens import estimate_input_tokens
+    from keel.tools import TOOLS, ToolDef
+    from keel.types import (
         ApprovalDecision,
         ApprovalMode,
         BlockedAction,
@@ -174,7 +174,7 @@ class AgentRunner:
         self.observations: list[str] = []
         self.models_used: list[str] = []
         self.guardrails = False
-        """Layer 2 checks (core.guardrails) before every tool call; False replays older histories."""
+        """Layer 2 checks (keel.guardrails) before every tool call; False replays older histories."""
         self.facts: TaskFacts | None = None
         """What this task's tool results established (set with guardrails)."""
         self.approval_gate: Callable[[PendingAction], Awaitable[ApprovalDecision | None]] | None = None

@@ -13,9 +13,9 @@ from temporalio import workflow
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
-    from core import names
-    from core.policy import DEFAULT_TIERS
-    from core.types import (
+    from keel import names
+    from keel.policy import DEFAULT_TIERS
+    from keel.types import (
         AgentTaskInput,
         AgentTaskResult,
         LlmRequest,

@@ -1,4 +1,4 @@
-"""CostCircuitBreakerWorkflow: one long-lived entity workflow per task type (see core.breaker).
+"""CostCircuitBreakerWorkflow: one long-lived entity workflow per task type (see keel.breaker).
 
 The decisions are plain functions of (state, input, now) that update the state in place: the
 workflow only feeds them `workflow.now()` and its messages, and they can be tested without Temporal.
@@ -12,7 +12,7 @@ from datetime import datetime, timedelta
 from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
-    from core.breaker import (
+    from keel.breaker import (
         BREAKER_ADMIT_UPDATE,
         BREAKER_RECORD_BATCH_SIGNAL,
         BREAKER_RECORD_SIGNAL,

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
-    from core.pricing import cost_usd
-    from core.types import Budget, BudgetReport, LimitKind, ModelSpec, Usage
+    from keel.pricing import cost_usd
+    from keel.types import Budget, BudgetReport, LimitKind, ModelSpec, Usage
 
 MIN_OUTPUT_TOKENS = 64
 """A call that could only answer with fewer tokens than this is not worth making."""

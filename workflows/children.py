@@ -21,9 +21,9 @@ from temporalio.exceptions import ApplicationError, ChildWorkflowError, FailureE
 with workflow.unsafe.imports_passed_through():
     from pydantic import ValidationError
 
-    from core import names
-    from core.policy import DEFAULT_TIERS
-    from core.types import (
+    from keel import names
+    from keel.policy import DEFAULT_TIERS
+    from keel.types import (
         AgentTaskInput,
         AgentTaskResult,
         Budget,

@@ -1,7 +1,7 @@
 """ResearchReportWorkflow: the orchestrator pattern (research and synthesize).
 
 The parent plans (its own model call), runs the retrieval and analysis sub-tasks as child agents in
-parallel, each with its narrow tool set, model tier and budget (core.research.ROLE_POLICIES), then a
+parallel, each with its narrow tool set, model tier and budget (keel.research.ROLE_POLICIES), then a
 writing child over their findings, then synthesizes the report (its own call) and publishes it.
 
 Its budget bounds the whole family: a child's caps are reserved from it before the child starts (a child
@@ -22,9 +22,9 @@ from temporalio.common import SearchAttributeKey, SearchAttributeUpdate
 from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
-    from core import names
-    from core.policy import budget_for
-    from core.research import (
+    from keel import names
+    from keel.policy import budget_for
+    from keel.research import (
         OUTCOME_STATUS,
         PARENT_MAX_OUTPUT_TOKENS,
         TASK_TYPE,
@@ -44,7 +44,7 @@ with workflow.unsafe.imports_passed_through():
         question_problems,
         research_status,
     )
-    from core.types import AgentTaskResult, ChildRecord, Message
+    from keel.types import AgentTaskResult, ChildRecord, Message
 
 from workflows.budget import BudgetExceeded
 from workflows.children import Children, PatternParent, failure_reason, parent_runner, usage_of

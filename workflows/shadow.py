@@ -21,8 +21,8 @@ from temporalio.common import RetryPolicy, SearchAttributeKey, SearchAttributePa
 from temporalio.exceptions import ApplicationError, ChildWorkflowError, FailureError
 
 with workflow.unsafe.imports_passed_through():
-    from core import names
-    from core.shadow import (
+    from keel import names
+    from keel.shadow import (
         SHADOW_RECORD_ACTIVITY,
         ShadowComparison,
         ShadowInput,
@@ -32,7 +32,7 @@ with workflow.unsafe.imports_passed_through():
         failed_primary,
         usage_of,
     )
-    from core.types import ChildRecord, PatternProgress, TaskUsage, TicketInput, TicketResult
+    from keel.types import ChildRecord, PatternProgress, TaskUsage, TicketInput, TicketResult
 
 from workflows.children import TASK_USAGE_ACTIVITY
 

@@ -2,7 +2,7 @@
 
 Each round a worker child agent (AgentTaskWorkflow: prompt dr/plan, tools get_service_status and
 lookup_runbook, its own model and budget) drafts a recovery plan as JSON. The supervisor parses it,
-checks every step against the runbook's deterministic rules (core.runbooks), then makes its own LLM
+checks every step against the runbook's deterministic rules (keel.runbooks), then makes its own LLM
 review call (step kind "review"). Accept: the plan is published (publish_report). Revise: the next
 round's worker gets its previous plan and the feedback (rule violations and the reviewer's points).
 After `max_rounds`, or when the reviewer escalates, the task goes to the human queue with the reasons.
@@ -19,10 +19,10 @@ from temporalio import workflow
 from temporalio.common import SearchAttributeKey, SearchAttributeUpdate
 
 with workflow.unsafe.imports_passed_through():
-    from core import names
-    from core.policy import budget_for
-    from core.runbooks import SERVICES, check_plan, normalize_topic, rules_for
-    from core.supervisor import (
+    from keel import names
+    from keel.policy import budget_for
+    from keel.runbooks import SERVICES, check_plan, normalize_topic, rules_for
+    from keel.supervisor import (
         TASK_TYPE,
         WORKER_BUDGET,
         Plan,
@@ -38,8 +38,8 @@ with workflow.unsafe.imports_passed_through():
         review_messages_text,
         worker_instructions,
     )
-    from core.tools import PLANNING_TOOLS
-    from core.types import AgentTaskInput, Message
+    from keel.tools import PLANNING_TOOLS
+    from keel.types import AgentTaskInput, Message
 
 from workflows.budget import BudgetExceeded
 from workflows.children import Children, PatternParent, parent_runner, usage_of

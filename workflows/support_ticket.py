@@ -10,8 +10,8 @@ from temporalio import workflow
 from temporalio.common import RetryPolicy, SearchAttributeKey, SearchAttributeUpdate
 
 with workflow.unsafe.imports_passed_through():
-    from core import names
-    from core.breaker import (
+    from keel import names
+    from keel.breaker import (
         BREAKER_ADMIT_ACTIVITY,
         BREAKER_RECORD_SIGNAL,
         AdmitDecision,
@@ -20,9 +20,9 @@ with workflow.unsafe.imports_passed_through():
         UsageReport,
         breaker_workflow_id,
     )
-    from core.metrics import ticket_input_hash
-    from core.policy import APPROVALS, DEFAULT_POLICY, EXPECTED_TOKENS, budget_for
-    from core.types import (
+    from keel.metrics import ticket_input_hash
+    from keel.policy import APPROVALS, DEFAULT_POLICY, EXPECTED_TOKENS, budget_for
+    from keel.types import (
         ApprovalDecision,
         ApprovalPolicy,
         ApprovalRecord,

@@ -2,7 +2,7 @@
 
 Each peer is a child AgentTaskWorkflow (`<swarm id>/peer-<i>`): no tools, one JSON classification
 call, with its own model, temperature, sim seed and budget, reserved from the swarm's before it starts.
-The answers are aggregated deterministically (core.swarm.aggregate: invalid output, a failed peer or
+The answers are aggregated deterministically (keel.swarm.aggregate: invalid output, a failed peer or
 one that never started is an abstention and counts against agreement). Agreement at or above the
 threshold publishes the answer (tool publish_report, kind swarm_answer); below it the task goes to
 the human queue (tool escalate_to_human) with every peer's answer in the reason and in the result.
@@ -19,10 +19,10 @@ from temporalio import workflow
 from temporalio.common import SearchAttributeKey, SearchAttributeUpdate
 
 with workflow.unsafe.imports_passed_through():
-    from core import names
-    from core import swarm as sw
-    from core.policy import budget_for
-    from core.types import AgentTaskInput, AgentTaskResult, ChildRecord, ModelSpec
+    from keel import names
+    from keel import swarm as sw
+    from keel.policy import budget_for
+    from keel.types import AgentTaskInput, AgentTaskResult, ChildRecord, ModelSpec
 
 from workflows.children import Children, PatternParent, parent_runner, usage_of
 

@@ -11,10 +11,10 @@ from temporalio import workflow
 with workflow.unsafe.imports_passed_through():
     from pydantic import ValidationError
 
-    from core.policy import CATEGORIES, SupportPolicy, acknowledgement, ticket_problems
-    from core.redaction import CustomerIdentity, filter_reply, redact
-    from core.tools import AGENT_TOOLS
-    from core.types import Classification, Message, Route, TaskStatus, TicketInput, TicketResult
+    from keel.policy import CATEGORIES, SupportPolicy, acknowledgement, ticket_problems
+    from keel.redaction import CustomerIdentity, filter_reply, redact
+    from keel.tools import AGENT_TOOLS
+    from keel.types import Classification, Message, Route, TaskStatus, TicketInput, TicketResult
 
 from workflows.agent_loop import AgentRunner, BreakerRefused, LoopResult, run_agent_loop, tool_defs
 from workflows.budget import BudgetExceeded

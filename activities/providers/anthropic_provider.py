@@ -13,7 +13,7 @@ from anthropic.types import TextBlock, ToolUseBlock
 from temporalio.exceptions import ApplicationError
 
 from activities.providers.base import ProviderResult, error_body_message, provider_error, retry_after_seconds
-from core.types import LlmRequest, Message, ToolCall, ToolSpec, Usage
+from keel.types import LlmRequest, Message, ToolCall, ToolSpec, Usage
 
 NAME = "anthropic"
 API_KEY_ENV = "ANTHROPIC_API_KEY"

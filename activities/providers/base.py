@@ -9,7 +9,7 @@ from typing import Protocol
 from pydantic import BaseModel, Field
 from temporalio.exceptions import ApplicationError
 
-from core.types import LlmRequest, ToolCall, Usage
+from keel.types import LlmRequest, ToolCall, Usage
 
 
 class ProviderResult(BaseModel):

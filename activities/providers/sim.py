@@ -1,4 +1,4 @@
-"""`sim`, the "sim (offline simulator)" (core.types.SIM_LABEL): a simulated model, not a language model.
+"""`sim`, the "sim (offline simulator)" (keel.types.SIM_LABEL): a simulated model, not a language model.
 
 It reads the conversation the workflow sends, applies keyword rules and a fixed plan per ticket
 category, and answers like a tool-calling model would, so the whole system runs without an API key.
@@ -29,10 +29,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from activities.providers.base import ProviderResult
-from core.policy import CATEGORIES
-from core.tokens import CHARS_PER_TOKEN, estimate_input_tokens, tokens_for_chars
-from core.tools import TOOLS
-from core.types import SIM_LABEL, LlmRequest, Message, SimConfig, ToolCall, Usage
+from keel.policy import CATEGORIES
+from keel.tokens import CHARS_PER_TOKEN, estimate_input_tokens, tokens_for_chars
+from keel.tools import TOOLS
+from keel.types import SIM_LABEL, LlmRequest, Message, SimConfig, ToolCall, Usage
 
 # --- classification ------------------------------------------------------------------------
 # (pattern, weight): weight 1 marks a weak word that loses to any category with a strong match.

@@ -43,9 +43,9 @@ import re
 from typing import Any
 
 from activities.providers.sim import parse_calls
-from core.runbooks import INCIDENT_CHANNEL, MAX_PROMOTE_LAG_S, SERVICES, Service
-from core.supervisor import INVALID_PLAN
-from core.types import LlmRequest, Message, ToolCall
+from keel.runbooks import INCIDENT_CHANNEL, MAX_PROMOTE_LAG_S, SERVICES, Service
+from keel.supervisor import INVALID_PLAN
+from keel.types import LlmRequest, Message, ToolCall
 
 Step = dict[str, str]
 

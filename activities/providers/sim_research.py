@@ -1,6 +1,6 @@
 """The sim model's answers for the 'research/*' prompts: every role of the orchestrator pattern.
 
-- `research/plan` (the parent): reads `Question: ...` and answers a JSON plan (core.research.ResearchPlan):
+- `research/plan` (the parent): reads `Question: ...` and answers a JSON plan (keel.research.ResearchPlan):
   a retrieval, an analysis and a writing sub-task; the analysis instructions name the tools the question
   needs (transaction_stats for money questions, ledger_costs for cost and AI questions, both otherwise).
   `sim.invalid_json_rate` breaks the JSON (the workflow then uses its default plan).
@@ -25,8 +25,8 @@ import re
 from typing import Any
 
 from activities.providers.sim import Call, _broken_json, _system_index, parse_calls
-from core.corpus import search_terms
-from core.types import LlmRequest, Message, ToolCall
+from keel.corpus import search_terms
+from keel.types import LlmRequest, Message, ToolCall
 
 COST_WORDS = {"cost", "spend", "spending", "llm", "token", "model", "budget", "ai", "agent", "usd", "dollar",
               "price", "tier", "automation"}

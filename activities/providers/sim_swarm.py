@@ -1,7 +1,7 @@
 """The sim model's answers for the 'swarm/*' prompts: one swarm peer classifying a ticket.
 
 The peer reads the ticket from the `Context:` message (`Customer: ..\\nTicket: ..\\n\\n<text>`, see
-core.swarm.peer_context) and classifies it with the support sim's keyword rules
+keel.swarm.peer_context) and classifies it with the support sim's keyword rules
 (activities.providers.sim.classify_text). What makes peers differ:
 
 - CLEAR ticket (the rules leave one candidate category): every peer, whatever its seed, temperature or
@@ -37,7 +37,7 @@ import random
 import re
 
 from activities.providers.sim import _PRIORITY, _RULES, _broken_json, classify_text, keyword_matches, parse_ticket
-from core.types import LlmRequest, Message, ToolCall
+from keel.types import LlmRequest, Message, ToolCall
 
 
 def candidate_categories(text: str) -> list[str]:

@@ -11,8 +11,8 @@ import pytest
 from temporalio.exceptions import ApplicationError
 
 from activities.providers.anthropic_provider import JSON_INSTRUCTION, AnthropicProvider
-from core.pricing import cost_usd
-from core.types import LlmRequest, Message, ModelSpec, TaskContext, ToolCall, ToolSpec, Usage
+from keel.pricing import cost_usd
+from keel.types import LlmRequest, Message, ModelSpec, TaskContext, ToolCall, ToolSpec, Usage
 
 from .fake_servers import (
     FakeServer,

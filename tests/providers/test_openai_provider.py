@@ -10,8 +10,8 @@ import pytest
 from temporalio.exceptions import ApplicationError
 
 from activities.providers.openai_provider import OpenAIProvider
-from core.pricing import cost_usd
-from core.types import LlmRequest, Message, ModelSpec, TaskContext, ToolCall, ToolSpec, Usage
+from keel.pricing import cost_usd
+from keel.types import LlmRequest, Message, ModelSpec, TaskContext, ToolCall, ToolSpec, Usage
 
 from .fake_servers import FakeServer, Reply, closed_port, openai_completion, openai_error
 

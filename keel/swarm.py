@@ -6,7 +6,7 @@ directly (hypothesis properties of the aggregation).
 
 Aggregation (`aggregate`):
 - each peer's output is parsed (`parse_output`): a JSON object `{category, urgency, confidence}` with a
-  category of core.policy.CATEGORIES. Anything else (invalid JSON, an unknown category, a peer that
+  category of keel.policy.CATEGORIES. Anything else (invalid JSON, an unknown category, a peer that
   failed, ran out of budget or never started) is an ABSTENTION, recorded with why, never dropped;
 - votes = valid answers per category; the majority label is the category with the most votes; a tie
   goes to the label whose voters' confidences sum highest (math.fsum: exact, so the order of the peers
@@ -27,8 +27,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, ValidationError
 
-from core.policy import CATEGORIES
-from core.types import (
+from keel.policy import CATEGORIES
+from keel.types import (
     Budget,
     BudgetReport,
     ChildRecord,
@@ -106,7 +106,7 @@ class SwarmInput(BaseModel):
     """Base sim settings of every peer (each peer's seed replaces `seed`)."""
     prompt_version: str = "v1"
     budget: Budget | None = None
-    """The whole swarm's budget (the sum of its peers'); None: core.policy.BUDGETS["swarm"]."""
+    """The whole swarm's budget (the sum of its peers'); None: keel.policy.BUDGETS["swarm"]."""
     peer_budget: Budget | None = None
     """Every peer's cap; None: SWARM_POLICY.peer_budget."""
     peer_attempts: int = Field(SWARM_POLICY.peer_attempts, ge=1, le=3)

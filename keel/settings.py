@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from core.types import ModelSpec
+from keel.types import ModelSpec
 
 
 class KeelSettings(BaseSettings):
@@ -52,7 +52,7 @@ class KeelSettings(BaseSettings):
     a ticket's short-lived objects die before they are promoted; 0: Python's defaults. Measured: the
     collector's time in the worker fell from 0.2 to 0.02 ms per agent step (bench/throughput.py)."""
     encrypt: bool = False
-    """Encrypt every payload in Temporal's history (AES-256-GCM, core/codec.py); off for the local demo."""
+    """Encrypt every payload in Temporal's history (AES-256-GCM, keel/codec.py); off for the local demo."""
     encryption_keys: str | None = None
     """`id1:<base64 32-byte key>,id2:<...>`; make one with `keel codec-server --new-key`."""
     encryption_key_id: str | None = None
@@ -63,7 +63,7 @@ class KeelSettings(BaseSettings):
     """wait: a `confirm` write pauses its task for a human's decision (`keel approve`). escalate: the
     proposal is recorded and the task goes to the human queue at once (bulk runs with nobody at hand)."""
     approvers: str | None = None
-    """Who may approve which tool, e.g. `issue_refund=alice,bob;other_tool=carol`; default: core.policy."""
+    """Who may approve which tool, e.g. `issue_refund=alice,bob;other_tool=carol`; default: keel.policy."""
     approval_timeout_s: float = Field(86_400, gt=0)
     """A proposal nobody decides within this time sends its task to the human queue."""
     hold_escalated: bool = False
@@ -88,7 +88,7 @@ class KeelSettings(BaseSettings):
     metrics_host: str = "127.0.0.1"
     """Address both metrics endpoints bind to; 0.0.0.0 for a Prometheus on another host."""
     alerts: bool = True
-    """Evaluate behavioral alerts (core.alerts) in the worker after every task."""
+    """Evaluate behavioral alerts (keel.alerts) in the worker after every task."""
     alert_webhook_url: str | None = None
     """Where the worker POSTs each new alert as JSON (besides the log)."""
 

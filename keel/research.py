@@ -12,8 +12,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, ValidationError
 
-from core.tools import ANALYSIS_TOOLS, RETRIEVAL_TOOLS
-from core.types import (
+from keel.tools import ANALYSIS_TOOLS, RETRIEVAL_TOOLS
+from keel.types import (
     AgentTaskInput,
     Budget,
     BudgetReport,
@@ -173,7 +173,7 @@ class ResearchInput(BaseModel):
     sim: SimConfig = Field(default_factory=SimConfig)
     prompt_version: str = "v1"
     budget: Budget | None = None
-    """Override of the parent's budget (core.policy.BUDGETS["research_report"]): it bounds the whole family."""
+    """Override of the parent's budget (keel.policy.BUDGETS["research_report"]): it bounds the whole family."""
     child_budgets: dict[str, Budget] = Field(default_factory=dict)
     """Per sub-task name: override of its role's budget. A limit left None keeps the role's: a child is
     always capped (an uncapped child could not be reserved against its parent's budget)."""

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
-from core.breaker import AdmitDecision, AdmitRequest
+from keel.breaker import AdmitDecision, AdmitRequest
 
 Role = Literal["system", "user", "assistant", "tool"]
 Permission = Literal["read_only", "confirm", "autonomous"]
@@ -163,7 +163,7 @@ class TaskContext(BaseModel):
     task_type: str = "support_ticket"
     prompt_version: str = "v1"
     input_hash: str = ""
-    """sha256 of the customer id and ticket text, 16 hex (core.metrics.ticket_input_hash): groups repeated
+    """sha256 of the customer id and ticket text, 16 hex (keel.metrics.ticket_input_hash): groups repeated
     submissions of the same input (outcome consistency). Empty in histories recorded before it existed."""
     parent_workflow_id: str = ""
     """The parent pattern's workflow (orchestrator, supervisor, swarm, shadow) of a child task, else
@@ -181,7 +181,7 @@ class LlmRequest(BaseModel):
     messages: list[Message]
     tools: list[ToolSpec] = Field(default_factory=list)
     tool_names: list[str] = Field(default_factory=list)
-    """Tools registered in core.tools, by name: the activity expands them to specs, so the
+    """Tools registered in keel.tools, by name: the activity expands them to specs, so the
     2-3 KB of schemas is not carried in every request of the history."""
     max_output_tokens: int = 1024
     max_input_tokens: int | None = None
@@ -392,7 +392,7 @@ class TicketInput(BaseModel):
     """Shadow mode's candidate: every write is recorded, never executed (see ToolRequest.dry_run), and
     a `confirm` write is recorded as a proposal without asking anyone."""
     pipeline_version: int = 0
-    """The ticket pipeline this task runs, pinned at submission (`core.names.PIPELINE_VERSION`), so it
+    """The ticket pipeline this task runs, pinned at submission (`keel.names.PIPELINE_VERSION`), so it
     replays on the same path whatever code runs later. 0 (inputs recorded before the field existed):
     the path is chosen by the history's patch markers, as then."""
 
@@ -519,7 +519,7 @@ class AgentTaskInput(BaseModel):
     context: list[str] = Field(default_factory=list)
     """Inputs from the parent or earlier children, each a user message (`Context: ...`)."""
     tools: list[str] = Field(default_factory=list)
-    """Tool names (core.tools.TOOLS): a narrow set per role. None: a single model call."""
+    """Tool names (keel.tools.TOOLS): a narrow set per role. None: a single model call."""
     kind: StepKind = "reason"
     json_output: bool = False
     model: ModelSpec = Field(default_factory=ModelSpec)

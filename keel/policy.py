@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
-from core.types import ApprovalPolicy, Budget, StepKind, Tier
+from keel.types import ApprovalPolicy, Budget, StepKind, Tier
 
 CATEGORIES = [
     "refund_request",
@@ -36,13 +36,13 @@ BUDGETS: dict[str, Budget] = {
     # tokens), and a wrap-up early enough that a spiral has room to finish instead of being killed.
     "support_ticket": Budget(max_tokens=10_000, max_usd=0.03, soft_ratio=0.45, hard_ratio=0.9),
     # Orchestrator (workflows.research): its plan and synthesis plus every child, all attempts. The default
-    # children's caps (core.research.ROLE_POLICIES: 28,000 tokens, $0.10) fit with room for a retried child.
+    # children's caps (keel.research.ROLE_POLICIES: 28,000 tokens, $0.10) fit with room for a retried child.
     "research_report": Budget(max_tokens=40_000, max_usd=0.20, soft_ratio=0.8, hard_ratio=0.95),
-    # Swarm (workflows.swarm): the sum of its peers' caps (core.swarm.SWARM_POLICY: 2,000 tokens, $0.01
+    # Swarm (workflows.swarm): the sum of its peers' caps (keel.swarm.SWARM_POLICY: 2,000 tokens, $0.01
     # each), with room for the largest swarm (12 peers); the parent itself makes no model call.
     "swarm": Budget(max_tokens=30_000, max_usd=0.15),
     # Supervisor (workflows.supervisor): its own reviews plus up to 3 worker rounds, each worker child
-    # reserving its cap (core.supervisor.WORKER_BUDGET: 16,000 tokens, $0.08) while it runs.
+    # reserving its cap (keel.supervisor.WORKER_BUDGET: 16,000 tokens, $0.08) while it runs.
     "supervised_plan": Budget(max_tokens=40_000, max_usd=0.25),
 }
 """Default budget per task type; a task may override it."""
@@ -55,7 +55,7 @@ APPROVALS = ApprovalPolicy(
     approvers={"issue_refund": ["alice", "bob", "support-lead"]},
     timeout_s=24 * 3600,
 )
-"""Who may approve each `confirm` tool (KEEL_APPROVERS overrides the lists: see core.settings)."""
+"""Who may approve each `confirm` tool (KEEL_APPROVERS overrides the lists: see keel.settings)."""
 
 
 ACKNOWLEDGEMENTS: dict[str, str] = {

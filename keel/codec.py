@@ -30,7 +30,7 @@ from temporalio.converter import (
     PayloadCodec,
 )
 
-from core.settings import KeelSettings
+from keel.settings import KeelSettings
 
 ENCODING = b"binary/encrypted"
 KEY_ID_METADATA = "encryption-key-id"

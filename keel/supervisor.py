@@ -1,7 +1,7 @@
 """The supervisor pattern's contract and decisions (SupervisedPlanWorkflow, disaster recovery).
 
 A worker agent drafts a recovery plan as JSON; the supervisor parses it, checks every step against
-the runbook's deterministic rules (core.runbooks), then asks an LLM reviewer; it accepts, sends the plan
+the runbook's deterministic rules (keel.runbooks), then asks an LLM reviewer; it accepts, sends the plan
 back with feedback (at most `max_rounds` rounds), or escalates to a human. Pure: no I/O.
 """
 
@@ -13,8 +13,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, ValidationError
 
-from core.runbooks import RUNBOOKS, PlanStep, Violation, normalize_topic
-from core.types import (
+from keel.runbooks import RUNBOOKS, PlanStep, Violation, normalize_topic
+from keel.types import (
     Budget,
     BudgetReport,
     ChildRecord,
@@ -29,7 +29,7 @@ INVALID_PLAN = "valid_plan"
 """Rule id of the violation an unreadable worker output gets: it goes back to the worker as feedback."""
 MAX_PLAN_STEPS = 40
 WORKER_BUDGET = Budget(max_tokens=16_000, max_usd=0.08)
-"""Each round's worker child; the parent's budget (core.policy.BUDGETS["supervised_plan"]) bounds them all."""
+"""Each round's worker child; the parent's budget (keel.policy.BUDGETS["supervised_plan"]) bounds them all."""
 
 
 class SupervisedPlanInput(BaseModel):
@@ -38,7 +38,7 @@ class SupervisedPlanInput(BaseModel):
     scenario: str
     """What happened, in the operator's words (e.g. "payments-db primary in eu-west-1 is down")."""
     runbook: str = "database_failover"
-    """Runbook topic (core.runbooks.RUNBOOKS): its guidance goes to the worker, its rules to the checker."""
+    """Runbook topic (keel.runbooks.RUNBOOKS): its guidance goes to the worker, its rules to the checker."""
     max_rounds: int = Field(3, ge=1, le=10)
     """Drafts the worker may make; a plan not accepted by then goes to a human."""
     worker_model: ModelSpec = Field(default_factory=lambda: ModelSpec(provider="sim", model="sim-large"))

@@ -9,7 +9,7 @@ from datetime import date
 
 from pydantic import BaseModel
 
-from core.types import Usage
+from keel.types import Usage
 
 
 class Price(BaseModel):
@@ -62,7 +62,7 @@ def price_for(provider: str, model: str, on: date | None = None) -> Price:
     prices = PRICES.get((provider, model))
     if not prices:
         raise UnpricedModelError(
-            f"no price for {provider}:{model}; add it to core/pricing.py PRICES before using it"
+            f"no price for {provider}:{model}; add it to keel/pricing.py PRICES before using it"
         )
     if on is None:
         return prices[-1]

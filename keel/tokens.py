@@ -10,7 +10,7 @@ import json
 import math
 from collections.abc import Sequence
 
-from core.types import Message, ToolSpec
+from keel.types import Message, ToolSpec
 
 CHARS_PER_TOKEN = 4
 SYSTEM_PROMPT_ALLOWANCE_CHARS = 2_400
@@ -28,7 +28,7 @@ _SPEC_CHARS_MAX = 256
 
 def _spec_chars(t: ToolSpec) -> int:
     """len(json.dumps(t.model_dump())), remembered per spec object: the specs a task sends are the
-    same cached objects on every call (core.tools.ToolDef.spec). The entry holds the object, so its id
+    same cached objects on every call (keel.tools.ToolDef.spec). The entry holds the object, so its id
     cannot be reused while the entry exists. Pure: the same number as computing it every time."""
     hit = _SPEC_CHARS.get(id(t))
     if hit is not None and hit[0] is t:

@@ -15,9 +15,9 @@ from statistics import fmean
 
 from pydantic import BaseModel, Field
 
-from core.policy import APPROVALS
-from core.pricing import UnpricedModelError, price_for
-from core.types import BlockedAction, ChildStatus, ModelSpec, TaskStatus, TaskUsage, TicketInput, TicketResult
+from keel.policy import APPROVALS
+from keel.pricing import UnpricedModelError, price_for
+from keel.types import BlockedAction, ChildStatus, ModelSpec, TaskStatus, TaskUsage, TicketInput, TicketResult
 
 SHADOW_FEATURE = "shadow"
 """Chargeback feature of every candidate run: shadow spend is reported apart from the product's."""
@@ -25,7 +25,7 @@ SHADOW_RECORD_ACTIVITY = "shadow_record"
 """Writes a comparison row (idempotent on the shadow workflow id)."""
 
 _VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
-"""A prompt version's name, as starter.tickets checks it (the files are checked there: core does no I/O)."""
+"""A prompt version's name, as starter.tickets checks it (the files are checked there: keel does no I/O)."""
 _KEYS = ("prompt", "model", "small", "large")
 SPEC_EXAMPLES = "prompt=v2, model=sim:sim-small, large=openai:gpt-4o,prompt=v2"
 

@@ -10,7 +10,7 @@ import functools
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from core.types import Permission, ToolSpec
+from keel.types import Permission, ToolSpec
 
 
 class _Args(BaseModel):
