@@ -25,9 +25,15 @@ class Prompt:
         return self.sha256[:12]
 
 
-@cache
 def load_prompt(name: str, version: str) -> Prompt:
-    path = PROMPTS_DIR / f"{name}.{version}.md"
+    """A built-in pipeline's prompt, under PROMPTS_DIR."""
+    return load_prompt_at(PROMPTS_DIR, name, version)
+
+
+@cache
+def load_prompt_at(directory: Path, name: str, version: str) -> Prompt:
+    """`<directory>/<name>.<version>.md` (an agent's prompts live beside its module)."""
+    path = directory / f"{name}.{version}.md"
     if not path.is_file():
         known = sorted(p.name for p in path.parent.glob("*.md")) if path.parent.is_dir() else []
         raise ApplicationError(

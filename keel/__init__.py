@@ -1,5 +1,50 @@
-"""Keel's contract: types, policies, pricing and settings shared by every other package.
+"""Keel: durable, budgeted, observable LLM agents on Temporal. The public API.
 
-Pure and deterministic: nothing here does I/O, reads the clock or draws random numbers
-(the seeded generators in `dataset` and `samples` take their seed explicitly).
+Declare an agent with `Agent` and `@tool`, register it with a worker (`keel worker --agents
+my_pkg.agents`), run it with `keel run NAME "input"`. Everything here is pure: nothing does I/O, reads
+the clock or draws random numbers, so workflow code may use it (it is passed through the sandbox).
+The modules behind these names are Keel's contract; only the names below are the supported API.
 """
+
+from keel.agent import (
+    ActionValidator,
+    Agent,
+    Args,
+    FinalOutput,
+    OutputCheck,
+    ProposedAction,
+    Tool,
+    ToolContext,
+    ToolOutcome,
+    tool,
+)
+from keel.errors import AgentDefinitionError, AgentNotRegistered, KeelError, ScriptExhausted, ToolError
+from keel.sim import SimCall, SimReply, SimTurn
+from keel.types import AgentInput, AgentResult, ApprovalDecision, Budget, ModelSpec, SimConfig
+
+__all__ = [
+    "ActionValidator",
+    "Agent",
+    "AgentDefinitionError",
+    "AgentInput",
+    "AgentNotRegistered",
+    "AgentResult",
+    "ApprovalDecision",
+    "Args",
+    "Budget",
+    "FinalOutput",
+    "KeelError",
+    "ModelSpec",
+    "OutputCheck",
+    "ProposedAction",
+    "ScriptExhausted",
+    "SimCall",
+    "SimConfig",
+    "SimReply",
+    "SimTurn",
+    "Tool",
+    "ToolContext",
+    "ToolError",
+    "ToolOutcome",
+    "tool",
+]

@@ -15,6 +15,8 @@ mid-task only when the hard limit fires. Older histories carry no version and re
 patch markers (workflows.support_ticket)."""
 AGENT_TASK_WORKFLOW = "AgentTask"
 """A child agent of a multi-agent pattern: the agent loop with its own prompt, tools, model and budget."""
+AGENT_WORKFLOW = "KeelAgent"
+"""The generic agent workflow: runs any registered keel.Agent (`keel run AGENT "input"`)."""
 RESEARCH_REPORT_WORKFLOW = "ResearchReport"
 SUPERVISED_PLAN_WORKFLOW = "SupervisedPlan"
 SWARM_WORKFLOW = "Swarm"
@@ -22,6 +24,8 @@ SHADOW_WORKFLOW = "Shadow"
 
 # Activities
 LLM_ACTIVITY = "llm_call"
+FINISH_ACTIVITY = "keel.finish"
+"""The generic agent workflow's last step: outcome, guardrail and human-queue rows (activities.agent_tools)."""
 
 # Queries / signals / updates
 PROGRESS_QUERY = "progress"

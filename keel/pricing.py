@@ -37,6 +37,8 @@ PRICES: dict[tuple[str, str], list[Price]] = {
     # realistic; the figures it produces are simulated.
     ("sim", "sim-small"): [Price(input=0.15, output=0.60, cached_input=0.075)],
     ("sim", "sim-large"): [Price(input=2.50, output=10.00, cached_input=1.25)],
+    # keel.testing.ScriptedModel, priced like the large simulator so budgets behave as in production.
+    ("scripted", "scripted"): [Price(input=2.50, output=10.00, cached_input=1.25)],
     ("openai", "gpt-4o-mini"): [Price(input=0.15, output=0.60, cached_input=0.075)],
     ("openai", "gpt-4o"): [Price(input=2.50, output=10.00, cached_input=1.25)],
     ("openai", "gpt-4.1-mini"): [Price(input=0.40, output=1.60, cached_input=0.10, effective_from=date(2025, 4, 14))],

@@ -324,8 +324,12 @@ _PLACEHOLDER_RULES = [
     re.compile(r"\[[A-Z][A-Z0-9_]+(?:[ _/-][A-Z0-9_]+)*\]"),
     re.compile(r"<\s*insert\b[^>]*>", re.I),
     re.compile(r"\[\s*insert\b[^\]]*\]", re.I),
+    re.compile(r"\[(?:your|customer|recipient|client|user|company|first|last|full|agent)(?:'s|\u2019s)?"
+               r"(?: [a-z]+){0,3}\]", re.I),
+    re.compile(r"<[A-Z][A-Z_ ]{2,30}>"),
 ]
-"""Unfilled templates: {name}, {{...}}, [CUSTOMER NAME], <insert ...>. Our [redacted ...] is lower case."""
+"""Unfilled templates: {name}, {{...}}, [CUSTOMER NAME], [Your Name], [Customer's Name], <NAME>, <insert ...>.
+Our [redacted ...] is lower case and never matches."""
 
 _WE = r"\b(?:we|i)"
 _HAVE = r"(?:'ve|\u2019ve| have)?"

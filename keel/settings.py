@@ -30,6 +30,9 @@ class KeelSettings(BaseSettings):
     ui_port: int = 8233
     """Port of the Temporal web UI started by `keel up`."""
     task_queue: str = "keel"
+    agents: str = ""
+    """Comma-separated modules whose agents a worker serves (`keel worker --agents my_pkg.agents`):
+    a module's `AGENTS` list, or every keel.Agent at its top level."""
     database_url: str | None = None
     """SQLAlchemy URL of the ledger and tool database; default sqlite under `home`."""
     model_small: str = "sim:sim-small"

@@ -17,7 +17,8 @@ Role = Literal["system", "user", "assistant", "tool"]
 Permission = Literal["read_only", "confirm", "autonomous"]
 StepKind = Literal["classify", "route", "extract", "plan", "reason", "draft", "synthesize", "review"]
 Tier = Literal["small", "large"]
-ProviderName = Literal["sim", "openai", "anthropic"]
+ProviderName = Literal["sim", "openai", "anthropic", "scripted"]
+"""scripted: keel.testing.ScriptedModel, a test double that answers from a script."""
 
 SIM_LABEL = "sim (offline simulator)"
 
@@ -94,7 +95,7 @@ class ModelSpec(BaseModel):
         provider, sep, model = spec.partition(":")
         if not sep or not model:
             raise ValueError(f"model spec {spec!r} must look like 'provider:model', e.g. 'openai:gpt-4o-mini'")
-        if provider not in ("sim", "openai", "anthropic"):
+        if provider not in ("sim", "openai", "anthropic", "scripted"):
             raise ValueError(f"unknown provider {provider!r} in {spec!r}: use sim, openai or anthropic")
         return cls.model_validate({"provider": provider, "model": model})
 
@@ -195,6 +196,22 @@ class LlmRequest(BaseModel):
     admit: AdmitRequest | None = None
     """On a task's first model call: ask the task type's cost circuit breaker first (see
     activities.llm). Refused: the call fails with BreakerOpen before any model is called."""
+    agent: str = ""
+    """A registered agent's name (keel.Agent): `prompt` and `tool_names` are that agent's, and the sim
+    plays that agent. Empty: the built-in pipelines' prompts under prompts/ and tools of keel.tools."""
+    output_schema: dict[str, Any] | None = None
+    """The JSON schema the answer must follow (an agent's `output_type`), when the step asks for one."""
+
+
+class ProviderResult(BaseModel):
+    """What a provider returns for one request (the LLM activity prices and records it)."""
+
+    text: str = ""
+    tool_calls: list[ToolCall] = Field(default_factory=list)
+    usage: Usage = Field(default_factory=Usage)
+    finish_reason: str = "stop"
+    model: str
+    """The model that answered, as the provider reports it."""
 
 
 class LlmResponse(BaseModel):
@@ -593,3 +610,91 @@ class PatternProgress(BaseModel):
     """Parent's own calls plus every child's (all attempts)."""
     cost_usd: float = 0.0
     budget: BudgetReport | None = None
+
+
+# --- the generic agent workflow (any registered keel.Agent) --------------------------------------
+
+
+class AgentInput(BaseModel):
+    """Input of the generic agent workflow (`keel run AGENT "input"`). Everything but `agent` and
+    `input` overrides the agent's own definition for this one task."""
+
+    agent: str
+    """The registered agent's name."""
+    input: str
+    """The request, sent as the first user message."""
+    context: list[str] = Field(default_factory=list)
+    """More user messages after the input (`Context: ...`), e.g. a parent's findings."""
+    key: str = ""
+    """The task's business key (the sim seeds on it; tools see it in ToolContext)."""
+    tenant: str = "default"
+    """Chargeback tag: who the task is done for (the ledger's customer column)."""
+    feature: str = ""
+    """Chargeback tag; default the agent's `feature` (its name)."""
+    prompt_version: str | None = None
+    """Another version of the agent's prompt file; default the agent's."""
+    models: dict[Tier, ModelSpec] | None = None
+    budget: Budget | None = None
+    """`Budget(max_tokens=None, max_usd=None)` runs without a budget."""
+    max_steps: int | None = Field(None, ge=1, le=100)
+    approval_mode: ApprovalMode = "wait"
+    """wait: a `confirm` call pauses the task for a listed approver; escalate: it is recorded and the
+    task goes to the human queue at once."""
+    approval_timeout_s: float | None = Field(None, gt=0)
+    breaker: bool = True
+    """Ask the agent's cost circuit breaker before the first model call."""
+    dry_run: bool = False
+    """Every write is recorded, never executed (shadow runs)."""
+    temperature: float = Field(0.0, ge=0, le=2)
+    sim: SimConfig = Field(default_factory=SimConfig)
+
+
+AgentStatus = Literal["completed", "escalated", "budget_exceeded", "rejected"]
+
+
+class AgentResult(BaseModel):
+    workflow_id: str
+    agent: str
+    status: AgentStatus
+    output: str = ""
+    """The final answer, redacted, as it left (empty when held back)."""
+    structured: dict[str, Any] | None = None
+    """The final answer as the agent's `output_type`, when it declares one."""
+    reason: str = ""
+    """Why the task ended as it did (for escalated: what a human must look at)."""
+    partial_output: str | None = None
+    """When a limit stopped the task or a check held the answer back: the best output it had."""
+    prompt_version: str = ""
+    tools_executed: list[str] = Field(default_factory=list)
+    tools_blocked: list[BlockedAction] = Field(default_factory=list)
+    dry_run_actions: list[BlockedAction] = Field(default_factory=list)
+    observations: list[str] = Field(default_factory=list)
+    decisions: list[Decision] = Field(default_factory=list)
+    approvals: list[ApprovalRecord] = Field(default_factory=list)
+    guardrails: list[GuardrailEvent] = Field(default_factory=list)
+    redactions: dict[str, int] = Field(default_factory=dict)
+    steps: int = 0
+    llm_calls: int = 0
+    tokens: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float = 0.0
+    models: list[str] = Field(default_factory=list)
+    budget: BudgetReport = Field(default_factory=BudgetReport)
+    invalid_outputs: int = 0
+    validation_failures: int = 0
+
+
+class FinishRequest(BaseModel):
+    """The generic workflow's last activity: the task's outcome and guardrail rows and, when it goes to
+    a human, its human-queue item, written once (idempotent on the workflow id)."""
+
+    task: TaskContext
+    step: int
+    outcome: TaskOutcome
+    guardrails: list[GuardrailEvent] = Field(default_factory=list)
+    decisions: list[Decision] = Field(default_factory=list)
+    human_reason: str | None = None
+    """Set when the task goes to the human queue."""
+    report_to: str | None = None
+    """The cost circuit breaker to report this task's usage to (an admitted, non-probe task)."""

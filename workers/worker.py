@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import gc
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from sqlalchemy.engine import Engine
@@ -12,6 +12,7 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
+from activities.agent_tools import AgentToolActivities, FinishActivities
 from activities.alerts import TaskObserver
 from activities.breaker import BreakerActivities, UsageReporter
 from activities.db import init_db, make_engine
@@ -25,6 +26,8 @@ from activities.providers.sim import SimProvider
 from activities.shadow import ShadowActivities
 from activities.tools import ToolActivities
 from activities.tracing import Tracing
+from keel import registry
+from keel.agent import Agent
 from keel.settings import KeelSettings
 from workflows.registry import WORKFLOWS
 
@@ -70,16 +73,29 @@ def default_providers(settings: KeelSettings) -> dict[str, Provider]:
 def activities_for(
     engine: Engine, providers: dict[str, Provider], client: Client, task_queue: str, settings: KeelSettings,
     reporter: UsageReporter, tracing: Tracing, observer: TaskObserver | None = None,
+    agents: Sequence[Agent] = (),
 ) -> list[Callable[..., Any]]:
     ledger = Ledger(engine)
     breakers = BreakerActivities(client, task_queue, admit_cache_s=settings.breaker_admit_cache_s)
+    agent_tools = AgentToolActivities(ledger, tracing)
     return [
         LlmActivities(providers, ledger, breakers, tracing).llm_call,
         *ToolActivities(engine, ledger, reporter, tracing, observer).all(),
         breakers.admit,
         *PatternActivities(engine).all(),
         *ShadowActivities(engine).all(),
+        FinishActivities(engine, ledger, reporter, observer).finish,
+        *(act for a in agents for act in agent_tools.for_agent(a)),
     ]
+
+
+def agents_for(settings: KeelSettings, agents: Sequence[Agent] = ()) -> list[Agent]:
+    """The agents a worker serves: those given, plus the modules named in KEEL_AGENTS, registered in
+    this process (the generic workflow and the LLM activity find them there). A module that fails to
+    import or defines an invalid agent stops the worker here, before it polls."""
+    registry.register(*agents)
+    loaded = registry.load(m for m in settings.agents.split(",") if m.strip())
+    return [*agents, *(a for a in loaded if a not in agents)]
 
 
 def build_worker(
@@ -93,6 +109,7 @@ def build_worker(
     reporter: UsageReporter | None = None,
     tracing: Tracing | None = None,
     observer: TaskObserver | None = None,
+    agents: Sequence[Agent] = (),
 ) -> Worker:
     """`reporter`: pass one to flush it (`aclose`) when the worker stops; else one is made here.
     `tracing`: the activities' spans (the workflow spans come from the client's TracingInterceptor).
@@ -105,7 +122,7 @@ def build_worker(
     reporter = reporter or UsageReporter(client, settings.breaker_report_flush_s)
     observer = observer or TaskObserver.from_settings(engine, settings)
     acts = activities_for(engine, providers or default_providers(settings), client, queue, settings, reporter,
-                          tracing or Tracing.off(), observer)
+                          tracing or Tracing.off(), observer, agents_for(settings, agents))
     return Worker(
         client,
         task_queue=queue,

@@ -7,7 +7,7 @@ class, not a workflow, so every pattern (ticket, orchestrator, supervisor, swarm
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Protocol
@@ -17,8 +17,9 @@ from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError, TimeoutError
 
 with workflow.unsafe.imports_passed_through():
-    from pydantic import ValidationError
+    from pydantic import BaseModel, ValidationError
 
+    from keel.agent import Agent
     from keel.breaker import AdmitDecision, AdmitRequest
     from keel.guardrails import TaskFacts, arguments_digest, check_action
     from keel.names import (
@@ -42,6 +43,7 @@ with workflow.unsafe.imports_passed_through():
         Message,
         ModelSpec,
         PendingAction,
+        Permission,
         Progress,
         SimConfig,
         StepKind,
@@ -51,9 +53,25 @@ with workflow.unsafe.imports_passed_through():
         ToolCall,
         ToolRequest,
         ToolResult,
+        ToolSpec,
     )
 
 from workflows.budget import BudgetGuard
+
+
+class ToolLike(Protocol):
+    """A tool as the loop needs it: a built-in `keel.tools.ToolDef` or an agent's `keel.Tool`."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def args(self) -> type[BaseModel]: ...
+
+    @property
+    def permission(self) -> Permission: ...
+
+    def spec(self) -> ToolSpec: ...
 
 LLM_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1),
@@ -71,6 +89,20 @@ TOOL_RETRY = RetryPolicy(
 )
 
 
+FINISH_RETRY = RetryPolicy(
+    initial_interval=timedelta(milliseconds=500),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(seconds=30),
+    non_retryable_error_types=NON_RETRYABLE_ERRORS,
+)
+"""The outcome row of a finished task is retried until it is written (nothing is lost)."""
+
+
+def show_step(p: Progress) -> None:
+    """The Temporal UI's "current details" (read through a query: no command, no history event)."""
+    workflow.set_current_details(f"step {p.step}: {p.action} · {p.tokens:,} tokens · ${p.cost_usd:.4f}")
+
+
 class BreakerRefused(Exception):
     """The task's cost circuit breaker refused the task at its first model call (nothing was spent)."""
 
@@ -85,6 +117,9 @@ class LoopResult:
     """Writes the agent proposed that policy does not let it execute alone (permission `confirm`)."""
     invalid_outputs: int = 0
     hit_step_cap: bool = False
+    answered: bool = False
+    """The model's last call answered without tools (`answer` is that answer, possibly empty)."""
+    answer: str = ""
 
 
 class Calls(Protocol):
@@ -202,6 +237,14 @@ class AgentRunner:
         """Shadow mode: every write tool is recorded, never executed (ToolRequest.dry_run), and a
         `confirm` write is recorded as a proposal without asking anyone."""
         self.dry_run_actions: list[BlockedAction] = []
+        self.agent: Agent | None = None
+        """A registered agent (the generic workflow): its tools run as `<agent>.<tool>` activities, its
+        prompt and tool specs are looked up by the LLM activity, and no built-in tool is special."""
+        self.validate_action: Callable[[str, dict[str, object]], str | None] | None = None
+        """The agent's action validators (keel.Agent.validators), after the schema check."""
+        self.results: list[tuple[str, dict[str, object], dict[str, object]]] = []
+        """Executed calls of this task: (tool, arguments, content), in order."""
+        self.output_schema: dict[str, object] | None = None
 
     def arm_guardrails(
         self, max_refund: float, gate: Callable[[PendingAction], Awaitable[ApprovalDecision | None]],
@@ -263,7 +306,7 @@ class AgentRunner:
         kind: StepKind,
         prompt: str,
         messages: list[Message],
-        tools: list[ToolDef] | None = None,
+        tools: Sequence[ToolLike] | None = None,
         json_output: bool = False,
     ) -> LlmResponse:
         """One model call, within budget, falling back along the chain when a model is unavailable."""
@@ -295,6 +338,8 @@ class AgentRunner:
                 json_output=json_output,
                 model=model,
                 sim=self.sim,
+                agent=self.agent.name if self.agent is not None else "",
+                output_schema=self.output_schema if self.agent is not None and not tools else None,
                 temperature=self.temperature,
                 # Only the chain's first model: a fallback's activity would take another probe slot.
                 admit=self.admit if i == 0 else None,
@@ -361,12 +406,14 @@ class AgentRunner:
         call_id = f"{self.task.workflow_id}/{step}"
         if outcome is not None:  # the routing call: it counts in the outcome it writes (as in TicketResult)
             outcome = outcome.model_copy(update={"tools": [*outcome.tools, name], "steps": step})
-        dry = self.dry_run and TOOLS[name].writes
+        writes = self.agent.tool_map[name].writes if self.agent is not None else TOOLS[name].writes
+        dry = self.dry_run and writes
         req = ToolRequest(task=self.task, step=step, call_id=call_id, arguments=dict(arguments), outcome=outcome,
                           report_to=self.report_to if outcome is not None else None,
                           guardrails=list(self.guardrail_events) if outcome is not None else [],
                           decisions=list(self.decisions) if outcome is not None else [], dry_run=dry)
-        result = await self.calls.tool(name, req)
+        activity = self.agent.activity_name(name) if self.agent is not None else name
+        result = await self.calls.tool(activity, req)
         if dry:
             self.dry_run_actions.append(BlockedAction(step=step, tool=name, reason="dry run: recorded, not executed",
                                                       arguments_json=json.dumps(dict(arguments), sort_keys=True)))
@@ -383,7 +430,7 @@ async def run_agent_loop(
     runner: AgentRunner,
     prompt: str,
     messages: list[Message],
-    tools: list[ToolDef],
+    tools: Sequence[ToolLike],
     max_steps: int,
     max_invalid_outputs: int,
     kind: StepKind = "reason",
@@ -397,6 +444,7 @@ async def run_agent_loop(
         messages.append(Message(role="assistant", content=resp.text, tool_calls=resp.tool_calls))
         result.final_text = resp.text or result.final_text
         if not resp.tool_calls:
+            result.answered, result.answer = True, resp.text
             return result
         for call in resp.tool_calls:
             content = await _handle_call(runner, call, allowed, result)
@@ -413,11 +461,12 @@ async def run_agent_loop(
     resp = await runner.llm(kind, prompt, messages, [])
     messages.append(Message(role="assistant", content=resp.text))
     result.final_text = resp.text or result.final_text
+    result.answered, result.answer = True, resp.text
     return result
 
 
 async def _handle_call(
-    runner: AgentRunner, call: ToolCall, allowed: dict[str, ToolDef], result: LoopResult
+    runner: AgentRunner, call: ToolCall, allowed: dict[str, ToolLike], result: LoopResult
 ) -> dict[str, object]:
     """Validate one tool call deterministically, execute it if policy allows, and return what the
     model observes. Nothing the model says reaches a tool without passing through here."""
@@ -456,7 +505,7 @@ def _canonical(arguments_json: str) -> str:
 
 
 async def _handle_new_call(
-    runner: AgentRunner, call: ToolCall, allowed: dict[str, ToolDef], result: LoopResult
+    runner: AgentRunner, call: ToolCall, allowed: dict[str, ToolLike], result: LoopResult
 ) -> dict[str, object]:
     def refuse(reason: str) -> dict[str, object]:
         result.invalid_outputs += 1
@@ -489,8 +538,13 @@ async def _handle_new_call(
         if problem is not None:
             runner.validation_failures += 1
             return refuse(f"refused by policy: {problem}")
+    if runner.validate_action is not None:
+        problem = runner.validate_action(call.name, arguments)
+        if problem is not None:
+            runner.validation_failures += 1
+            return refuse(f"refused by policy: {problem}")
 
-    if call.name == "escalate_to_human":
+    if call.name == "escalate_to_human" and runner.agent is None:
         # The workflow's routing step performs the escalation, once, with the task's outcome.
         result.escalation = str(arguments["reason"])
         result.escalation_priority = str(arguments.get("priority", "normal"))
@@ -517,17 +571,30 @@ async def _handle_new_call(
 
 
 async def _execute(runner: AgentRunner, name: str, arguments: dict[str, object]) -> dict[str, object]:
-    res = await runner.tool(name, arguments)
+    if runner.agent is not None:
+        try:
+            res = await runner.tool(name, arguments)
+        except ActivityError as e:
+            # An agent's tool failed on every retry: the model is told, nothing is taken as done.
+            cause = e.cause if e.cause is not None else e
+            error = f"{name} failed after its retries: {cause}"
+            runner.observe(error)
+            runner.tools_blocked.append(BlockedAction(step=runner.progress.step, tool=name, reason=error,
+                                                      arguments_json=json.dumps(arguments, sort_keys=True)))
+            return {"error": error}
+    else:
+        res = await runner.tool(name, arguments)
     if not res.ok:
         runner.observe(f"{name}: {res.error}")
         return {"error": res.error or "tool failed"}
     if runner.facts is not None:
         runner.facts.learn(name, arguments, res.content)
+    runner.results.append((name, arguments, res.content))
     return res.content
 
 
 async def _await_approval(
-    runner: AgentRunner, call: ToolCall, tool: ToolDef, arguments: dict[str, object], result: LoopResult,
+    runner: AgentRunner, call: ToolCall, tool: ToolLike, arguments: dict[str, object], result: LoopResult,
     refuse: Callable[[str], dict[str, object]],
 ) -> dict[str, object]:
     """Layer 1: a `confirm` write waits for a listed approver's decision on exactly this action."""
@@ -566,6 +633,8 @@ async def _await_approval(
         except ValidationError as e:
             return refuse(f"edited arguments of {action.action_id} are invalid: {e.errors()[0]['msg']}")
         problem = check_action(call.name, arguments, runner.facts) if runner.facts is not None else None
+        if problem is None and runner.validate_action is not None:
+            problem = runner.validate_action(call.name, arguments)
         if problem is not None:
             runner.validation_failures += 1
             return refuse(f"edited arguments of {action.action_id} refused by policy: {problem}")

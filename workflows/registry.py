@@ -1,5 +1,6 @@
 """The workflows a Keel worker registers."""
 
+from workflows.agent import AgentWorkflow
 from workflows.agent_task import AgentTaskWorkflow
 from workflows.breaker import CostCircuitBreakerWorkflow
 from workflows.research import ResearchReportWorkflow
@@ -9,6 +10,7 @@ from workflows.support_ticket import SupportTicketWorkflow
 from workflows.swarm import SwarmWorkflow
 
 WORKFLOWS = [
+    AgentWorkflow,
     SupportTicketWorkflow,
     CostCircuitBreakerWorkflow,
     AgentTaskWorkflow,
@@ -21,6 +23,7 @@ WORKFLOWS = [
 __all__ = [
     "WORKFLOWS",
     "AgentTaskWorkflow",
+    "AgentWorkflow",
     "CostCircuitBreakerWorkflow",
     "ResearchReportWorkflow",
     "ShadowWorkflow",

@@ -34,14 +34,14 @@ with workflow.unsafe.imports_passed_through():
         TicketResult,
     )
 
-from workflows.agent_loop import AgentRunner, Calls, TemporalCalls
+from workflows.agent_loop import AgentRunner, Calls, TemporalCalls, show_step
+from workflows.approval import ApprovalGate
 from workflows.ticket_pipeline import handle_ticket
 
 SA_STATUS = SearchAttributeKey.for_keyword(names.SA_STATUS)
 SA_TOKENS = SearchAttributeKey.for_int(names.SA_TOKENS)
 SA_COST = SearchAttributeKey.for_float(names.SA_COST_USD)
 SA_BUDGET = SearchAttributeKey.for_keyword(names.SA_BUDGET)
-SA_AWAITING = SearchAttributeKey.for_bool(names.SA_AWAITING_APPROVAL)
 
 COST_CONTROLS_PATCH = "keel-cost-controls-v1"
 """Budgets, spiral detection and the circuit breaker change the commands a ticket makes: histories
@@ -88,11 +88,6 @@ def approval_policy_of(inp: TicketInput) -> ApprovalPolicy:
     return inp.approval or APPROVALS.model_copy(update={"mode": "escalate"})
 
 
-def _show_step(p: Progress) -> None:
-    # The Temporal UI's "current details" (read through a query: no command, no history event).
-    workflow.set_current_details(f"step {p.step}: {p.action} · {p.tokens:,} tokens · ${p.cost_usd:.4f}")
-
-
 def _budget_upsert(pinned: bool) -> Callable[[str], None]:
     """Mid-task KeelBudget updates. Pinned tasks (pipeline 3) write it only when the hard limit fires
     (the task is made to answer now): the soft state, which most tickets reach, is written with the
@@ -114,10 +109,7 @@ def breaker_config(task_type: str, scope: str) -> BreakerConfig:
 class SupportTicketWorkflow:
     def __init__(self) -> None:
         self._runner: AgentRunner | None = None
-        self._approval_policy = APPROVALS
-        self._pending: PendingAction | None = None
-        self._decision: ApprovalDecision | None = None
-        self._approvals: list[ApprovalRecord] = []
+        self._gate = ApprovalGate(APPROVALS)
         self._holding = False
         self._resolution: HumanResolution | None = None
 
@@ -127,75 +119,20 @@ class SupportTicketWorkflow:
 
     @workflow.query(name=names.PENDING_ACTION_QUERY)
     def pending_action(self) -> PendingAction | None:
-        return self._pending
+        return self._gate.pending
 
-    # -- approvals (layer 1) ---------------------------------------------------------------
-    def _problem(self, d: ApprovalDecision) -> str | None:
-        """Why a decision does not count, or None."""
-        p = self._pending
-        if p is None:
-            return "no action is waiting for approval"
-        if self._decision is not None:
-            return f"{p.action_id} has already been decided by {self._decision.approver}"
-        if d.action_id != p.action_id:
-            return f"action {d.action_id!r} is not pending; the pending action is {p.action_id!r}"
-        if d.approver not in p.approvers:
-            listed = ", ".join(p.approvers) or "nobody"
-            return f"{d.approver!r} is not an approver of {p.tool} (approvers: {listed})"
-        if d.arguments_digest is not None and d.arguments_digest != p.arguments_digest:
-            return f"the decision was made on other arguments than those of {p.action_id} (digest mismatch)"
-        if d.decision == "edit" and not d.arguments:
-            return "an edit decision needs the edited arguments"
-        return None
-
-    def _record(self, d: ApprovalDecision, problem: str | None) -> ApprovalRecord:
-        rec = ApprovalRecord(action_id=d.action_id, approver=d.approver, decision=d.decision, accepted=problem is None,
-                             note=problem or "", comment=d.comment, at=workflow.now())
-        self._approvals.append(rec)
-        if self._runner is not None:
-            detail = f"{d.action_id}: {d.decision} by {d.approver}" + (f" ignored: {problem}" if problem else "")
-            tool = self._pending.tool if self._pending else None
-            self._runner.guardrail("approval", tool, detail, ok=problem is None)
-        if problem is None:
-            self._decision = d
-        return rec
-
+    # -- approvals (layer 1): workflows.approval ---------------------------------------------
     @workflow.signal(name=names.APPROVAL_SIGNAL)
     def approval(self, d: ApprovalDecision) -> None:
-        # A signal cannot be refused: one that does not count is recorded, with why, and ignored.
-        self._record(d, self._problem(d))
+        self._gate.signal(d)
 
     @workflow.update(name=names.DECIDE_UPDATE)
     def decide(self, d: ApprovalDecision) -> ApprovalRecord:
-        return self._record(d, None)
+        return self._gate.record(d, None)
 
     @decide.validator
     def _validate_decide(self, d: ApprovalDecision) -> None:
-        problem = self._problem(d)
-        if problem is not None:
-            raise ValueError(problem)
-
-    async def _request_approval(self, action: PendingAction) -> ApprovalDecision | None:
-        runner, policy = self._runner, self._approval_policy
-        assert runner is not None
-        now = workflow.now()
-        self._pending = action.model_copy(update={
-            "approvers": list(policy.approvers.get(action.tool, [])), "requested_at": now,
-            "expires_at": now + timedelta(seconds=policy.timeout_s),
-        })
-        self._decision = None
-        runner.progress.pending_action, runner.progress.status = self._pending, "awaiting_approval"
-        workflow.upsert_search_attributes([SA_AWAITING.value_set(True), SA_STATUS.value_set("awaiting_approval")])
-        try:
-            await workflow.wait_condition(lambda: self._decision is not None,
-                                          timeout=timedelta(seconds=policy.timeout_s),
-                                          timeout_summary=f"approval of {action.action_id}")
-        except TimeoutError:
-            pass
-        decision, self._pending, self._decision = self._decision, None, None
-        runner.progress.pending_action, runner.progress.status = None, "running"
-        workflow.upsert_search_attributes([SA_AWAITING.value_set(False), SA_STATUS.value_set("running")])
-        return decision
+        self._gate.validate(d)
 
     # -- the human hold (layer 4) ----------------------------------------------------------
     @workflow.signal(name=names.RESOLVE_SIGNAL)
@@ -222,8 +159,8 @@ class SupportTicketWorkflow:
         parent = workflow.info().parent
         runner = make_runner(inp, workflow.info().workflow_id, TemporalCalls(), controls,
                              parent.workflow_id if parent is not None else "")
-        self._runner = runner
-        runner.on_step = _show_step
+        self._runner = self._gate.runner = runner
+        runner.on_step = show_step
         admit: AdmitDecision | None = None
         info = workflow.info()
         breaker_id = breaker_workflow_id(inp.task_type, info.task_queue)
@@ -232,8 +169,8 @@ class SupportTicketWorkflow:
             runner.on_budget_state = _budget_upsert(pinned)
         if guardrails:
             runner.clock = workflow.now
-            self._approval_policy = approval_policy_of(inp)
-            runner.arm_guardrails(DEFAULT_POLICY.max_refund, self._request_approval, self._approval_policy.mode)
+            self._gate.policy = approval_policy_of(inp)
+            runner.arm_guardrails(DEFAULT_POLICY.max_refund, self._gate.request, self._gate.policy.mode)
             if wants_breaker:
                 # The breaker answers inside the task's first model call (no activity of its own); a
                 # refusal ends the task before any model is called (BreakerRefused).
@@ -252,7 +189,7 @@ class SupportTicketWorkflow:
         skip = None if admit is None or admit.admitted else admit.reason
         result = await handle_ticket(runner, inp, DEFAULT_POLICY, skip_reason=skip)
         if guardrails:
-            result.approvals = self._approvals
+            result.approvals = self._gate.records
             if inp.hold_for_human and result.route == "human":
                 result = await self._hold(result)
 

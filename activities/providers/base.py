@@ -6,19 +6,11 @@ from collections.abc import Mapping
 from datetime import timedelta
 from typing import Protocol
 
-from pydantic import BaseModel, Field
 from temporalio.exceptions import ApplicationError
 
-from keel.types import LlmRequest, ToolCall, Usage
+from keel.types import LlmRequest, ProviderResult
 
-
-class ProviderResult(BaseModel):
-    text: str = ""
-    tool_calls: list[ToolCall] = Field(default_factory=list)
-    usage: Usage = Field(default_factory=Usage)
-    finish_reason: str = "stop"
-    model: str
-    """The model that answered, as the provider reports it."""
+__all__ = ["Provider", "ProviderResult", "error_body_message", "provider_error", "retry_after_seconds"]
 
 
 class Provider(Protocol):

@@ -29,7 +29,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from activities.providers.base import ProviderResult
+from keel import registry
 from keel.policy import CATEGORIES
+from keel.sim import SimReply, generic_behaviour, parse_turn
 from keel.tokens import CHARS_PER_TOKEN, estimate_input_tokens, tokens_for_chars
 from keel.tools import TOOLS
 from keel.types import SIM_LABEL, LlmRequest, Message, SimConfig, ToolCall, Usage
@@ -380,9 +382,13 @@ HALLUCINATED_TOOLS = ["search_web", "get_credit_score", "close_account", "transf
 
 
 def _corrupt_args(rng: random.Random, name: str, args: dict[str, Any]) -> dict[str, Any]:
+    return _corrupt_schema_args(rng, TOOLS[name].args.model_json_schema(), args)
+
+
+def _corrupt_schema_args(rng: random.Random, schema: dict[str, Any], args: dict[str, Any]) -> dict[str, Any]:
     """Arguments that break the tool's schema: a missing required field, a wrong type, or an extra field."""
     bad = dict(args)
-    required = [k for k in TOOLS[name].args.model_json_schema().get("required", []) if k in bad]
+    required = [k for k in schema.get("required", []) if k in bad]
     mode = rng.choice(["missing", "wrong_type", "extra"])
     if mode == "missing" and required:
         bad.pop(rng.choice(required))
@@ -532,8 +538,10 @@ class SimProvider:
         rng = random.Random(f"{req.sim.seed}:{key}:{req.step}:{req.kind}")
         u_hallucinate, u_json, u_args = rng.random(), rng.random(), rng.random()
         family = req.prompt.partition("/")[0]
-        text, tool_calls = "", []
-        if family in PATTERN_SIMS:
+        text, tool_calls = "", list[ToolCall]()
+        if req.agent:
+            text, tool_calls = self._agent(req, rng, u_hallucinate, u_json, u_args)
+        elif family in PATTERN_SIMS:
             module = importlib.import_module(PATTERN_SIMS[family])
             text, tool_calls = module.respond(req, rng)
         elif req.kind == "classify":
@@ -565,6 +573,37 @@ class SimProvider:
         finish = "length" if cut else ("tool_calls" if tool_calls else "stop")
         return ProviderResult(text=text, tool_calls=tool_calls, usage=_usage(req, system, text, tool_calls),
                               finish_reason=finish, model=req.model.model)
+
+    @staticmethod
+    def _agent(req: LlmRequest, rng: random.Random, u_hallucinate: float, u_json: float,
+               u_args: float) -> tuple[str, list[ToolCall]]:
+        """A registered agent: its own sim behaviour or the generic one, with the failure modes of
+        `req.sim` applied around it (hallucinated tools, invalid arguments, invalid JSON)."""
+        agent = registry.find(req.agent)
+        behaviour = agent.sim if agent is not None and agent.sim is not None else generic_behaviour
+        turn = parse_turn(req.agent, req.messages, req.tools, req.step, req.kind, rng, req.output_schema)
+        reply = behaviour(turn)
+        if not isinstance(reply, SimReply):
+            raise TypeError(f"the sim behaviour of agent {req.agent!r} returned {type(reply).__name__}, "
+                            "not keel.sim.SimReply")
+        offered = {t.name: t for t in req.tools}
+        if req.tools and not turn.answer_now and u_hallucinate < req.sim.hallucinated_tool_rate:
+            fake = rng.choice([n for n in HALLUCINATED_TOOLS if n not in offered])
+            reply = SimReply.call(fake, query=turn.input[:80])
+        calls: list[ToolCall] = []
+        for i, c in enumerate(reply.tool_calls):
+            args = dict(c.arguments)
+            spec = offered.get(c.name)
+            if spec is not None and u_args < req.sim.invalid_args_rate:
+                args = _corrupt_schema_args(rng, spec.parameters, args)
+            arguments_json = json.dumps(args)
+            if u_json < req.sim.invalid_json_rate:
+                arguments_json = _broken_json(rng, arguments_json)
+            calls.append(ToolCall(id=f"call_{req.step}_{i}", name=c.name, arguments_json=arguments_json))
+        text = reply.text
+        if not calls and req.json_output and u_json < req.sim.invalid_json_rate:
+            text = _broken_json(rng, text)
+        return text, calls
 
     @staticmethod
     def _decide(req: LlmRequest, ticket: Ticket, traits: TaskTraits) -> Action | None:

@@ -1,0 +1,93 @@
+"""The generic output filter (layer 3) of every agent's final answer: personal data redacted, then
+the checks that hold an answer back (the task goes to a human with the reasons): unfilled template
+placeholders, actions claimed that no executed call backs (each write tool declares the claims it
+backs, `@keel.tool(claims=...)`), and the agent's own output checks. Pure: runs in workflow code.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from pydantic import BaseModel, ValidationError
+
+from keel.agent import Agent, FinalOutput, ToolOutcome
+from keel.redaction import _PLACEHOLDER_RULES, _found, _quote, redact
+
+
+@dataclass
+class OutputReport:
+    text: str
+    redactions: dict[str, int] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+
+def placeholders(text: str) -> list[str]:
+    """Unfilled templates in `text`: {name}, {{...}}, [CUSTOMER NAME], <insert ...>."""
+    return _found(_PLACEHOLDER_RULES, text)
+
+
+def unfounded_claims(agent: Agent, text: str, executed: Sequence[ToolOutcome]) -> list[str]:
+    """Claims of an action whose tool this task never executed."""
+    done = {o.tool for o in executed}
+    problems: list[str] = []
+    for t in agent.tool_map.values():
+        if t.name in done or not t.claims:
+            continue
+        for claim in t.claims:
+            m = re.search(rf"(?<![A-Za-z0-9_]){re.escape(claim)}(?![A-Za-z0-9_])", text, re.I)
+            if m is not None:
+                problems.append(f"claims an action that was not executed ({t.name}): {_quote(m.group(0))}")
+                break
+    return problems
+
+
+def check_output(agent: Agent, text: str, structured: BaseModel | None, task_input: str, tenant: str,
+                 executed: Sequence[ToolOutcome]) -> OutputReport:
+    report = redact(text, None)
+    counts = {k: v for k, v in report.counts.items() if v}
+    out = OutputReport(text=report.text, redactions=counts)
+    if not report.text.strip():
+        out.problems.append("the answer is empty")
+        return out
+    out.problems += [f"unfilled template placeholder {_quote(f)}" for f in placeholders(report.text)]
+    out.problems += unfounded_claims(agent, report.text, executed)
+    final = FinalOutput(text=report.text, structured=structured, input=task_input, tenant=tenant,
+                        executed=tuple(executed))
+    for check in agent.output_checks:
+        found = check(final)
+        if isinstance(found, str):
+            out.problems.append(found)
+        elif found:
+            out.problems += [str(p) for p in found]
+    return out
+
+
+_FENCE = re.compile(r"```(?:json|JSON)?\s*\n?(.*?)```", re.S)
+
+
+def parse_structured(text: str, model: type[BaseModel]) -> tuple[BaseModel | None, str | None]:
+    """The answer as `model`: the JSON object alone, in a markdown fence, or with prose around it.
+    Returns (value, None) or (None, what is wrong, to tell the model)."""
+    candidates = [m.group(1) for m in _FENCE.finditer(text)]
+    start, end = text.find("{"), text.rfind("}")
+    if start != -1 and end > start:
+        candidates.append(text[start:end + 1])
+    candidates.append(text)
+    problem = "the answer holds no JSON object"
+    for raw in candidates:
+        try:
+            value = json.loads(raw.strip())
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(value, dict):
+            problem = "the answer's JSON is not an object"
+            continue
+        try:
+            return model.model_validate(value), None
+        except ValidationError as e:
+            problem = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'answer'}: {err['msg']}" for err in e.errors())
+            return None, f"the answer does not match the required schema: {problem}"
+    return None, problem

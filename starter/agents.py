@@ -1,0 +1,57 @@
+"""Starting any registered agent (`keel run AGENT "input"`): the generic agent workflow, by name.
+
+The client needs neither the agent's code nor a database: the worker that registered the agent
+checks the task, and a task naming an agent no worker has fails with that reason.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from typing import Any
+
+from temporalio.client import Client, WorkflowHandle
+from temporalio.common import SearchAttributeKey, SearchAttributePair, TypedSearchAttributes
+
+from keel import names
+from keel.settings import KeelSettings
+from keel.types import AgentInput, AgentResult
+
+SA_CUSTOMER = SearchAttributeKey.for_keyword(names.SA_CUSTOMER)
+SA_TASK_TYPE = SearchAttributeKey.for_keyword(names.SA_TASK_TYPE)
+SA_FEATURE = SearchAttributeKey.for_keyword(names.SA_FEATURE)
+SA_STATUS = SearchAttributeKey.for_keyword(names.SA_STATUS)
+SA_AWAITING = SearchAttributeKey.for_bool(names.SA_AWAITING_APPROVAL)
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.:-]+")
+
+
+def agent_workflow_id(inp: AgentInput) -> str:
+    """`<agent>-<key>` when the task has a business key, else `<agent>-<random>`."""
+    key = _UNSAFE.sub("-", inp.key).strip("-") if inp.key else uuid.uuid4().hex[:12]
+    return f"{inp.agent}-{key}"
+
+
+async def start_agent(client: Client, settings: KeelSettings, inp: AgentInput,
+                      workflow_id: str | None = None) -> WorkflowHandle[Any, AgentResult]:
+    models = " / ".join(dict.fromkeys(m.label for m in (inp.models or {}).values())) or "its own models"
+    return await client.start_workflow(
+        names.AGENT_WORKFLOW,
+        inp,
+        id=workflow_id or agent_workflow_id(inp),
+        task_queue=settings.task_queue,
+        result_type=AgentResult,
+        static_summary=f"Agent {inp.agent} · tenant {inp.tenant} · {models}",
+        search_attributes=TypedSearchAttributes([
+            SearchAttributePair(SA_CUSTOMER, inp.tenant),
+            SearchAttributePair(SA_TASK_TYPE, inp.agent),
+            SearchAttributePair(SA_FEATURE, inp.feature or inp.agent),
+            SearchAttributePair(SA_STATUS, "running"),
+            SearchAttributePair(SA_AWAITING, False),
+        ]),
+    )
+
+
+async def run_agent(client: Client, settings: KeelSettings, inp: AgentInput) -> AgentResult:
+    handle = await start_agent(client, settings, inp)
+    return await handle.result()

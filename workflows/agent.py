@@ -1,0 +1,297 @@
+"""AgentWorkflow (`KeelAgent`): any registered `keel.Agent`, with every production control.
+
+The steps: the agent's tool loop (budgets soft/hard/kill, spiral detection, schema and the agent's
+action validators before any tool runs, `confirm` calls through the approval gate), an answer check
+(empty or off-schema answers go back to the model, counted toward escalation), the output filter
+(PII redacted; placeholders, unfounded claims and the agent's checks hold the answer back), then one
+finishing activity that writes the outcome row and, for a task a human must see, its queue item.
+
+The loop knows no domain: the agent's definition comes from the worker's registry (keel.registry),
+read through the sandbox's pass-through, and a task naming an agent this worker does not have, or a
+configuration that cannot run, fails the workflow with its reason (never a workflow task retried).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from temporalio import workflow
+from temporalio.common import SearchAttributeKey, SearchAttributeUpdate
+from temporalio.exceptions import ApplicationError
+
+with workflow.unsafe.imports_passed_through():
+    from keel import errors, names, registry
+    from keel.agent import Agent, ProposedAction, ToolOutcome
+    from keel.breaker import BREAKER_RECORD_SIGNAL, AdmitRequest, BreakerConfig, UsageReport, breaker_workflow_id
+    from keel.metrics import ticket_input_hash
+    from keel.output import check_output, parse_structured
+    from keel.types import (
+        AgentInput,
+        AgentResult,
+        AgentStatus,
+        ApprovalDecision,
+        ApprovalPolicy,
+        ApprovalRecord,
+        FinishRequest,
+        Message,
+        PendingAction,
+        Progress,
+        TaskContext,
+        TaskStatus,
+    )
+
+from workflows.agent_loop import (
+    FINISH_RETRY,
+    AgentRunner,
+    BreakerRefused,
+    LoopResult,
+    TemporalCalls,
+    run_agent_loop,
+    show_step,
+)
+from workflows.approval import ApprovalGate
+from workflows.budget import BudgetExceeded
+
+SA_STATUS = SearchAttributeKey.for_keyword(names.SA_STATUS)
+SA_TOKENS = SearchAttributeKey.for_int(names.SA_TOKENS)
+SA_COST = SearchAttributeKey.for_float(names.SA_COST_USD)
+SA_BUDGET = SearchAttributeKey.for_keyword(names.SA_BUDGET)
+
+_OUTCOME_STATUS: dict[AgentStatus, TaskStatus] = {
+    "completed": "resolved", "escalated": "escalated", "budget_exceeded": "budget_exceeded", "rejected": "rejected",
+}
+
+
+def config_error(message: str) -> ApplicationError:
+    return ApplicationError(message, type=errors.AGENT_CONFIG_ERROR, non_retryable=True)
+
+
+def resolve_agent(name: str) -> Agent:
+    try:
+        return registry.get(name)
+    except errors.AgentNotRegistered as e:
+        raise ApplicationError(str(e), type=errors.AGENT_NOT_REGISTERED, non_retryable=True) from None
+
+
+def task_messages(inp: AgentInput) -> list[Message]:
+    return [Message(role="user", content=inp.input),
+            *(Message(role="user", content=f"Context: {c}") for c in inp.context)]
+
+
+@workflow.defn(name=names.AGENT_WORKFLOW)
+class AgentWorkflow:
+    def __init__(self) -> None:
+        self._runner: AgentRunner | None = None
+        self._gate = ApprovalGate(ApprovalPolicy())
+
+    @workflow.query(name=names.PROGRESS_QUERY)
+    def progress(self) -> Progress:
+        return self._runner.progress if self._runner else Progress()
+
+    @workflow.query(name=names.PENDING_ACTION_QUERY)
+    def pending_action(self) -> PendingAction | None:
+        return self._gate.pending
+
+    @workflow.signal(name=names.APPROVAL_SIGNAL)
+    def approval(self, d: ApprovalDecision) -> None:
+        self._gate.signal(d)
+
+    @workflow.update(name=names.DECIDE_UPDATE)
+    def decide(self, d: ApprovalDecision) -> ApprovalRecord:
+        return self._gate.record(d, None)
+
+    @decide.validator
+    def _validate_decide(self, d: ApprovalDecision) -> None:
+        self._gate.validate(d)
+
+    @workflow.run
+    async def run(self, inp: AgentInput) -> AgentResult:
+        agent = resolve_agent(inp.agent)
+        info = workflow.info()
+        version = inp.prompt_version or agent.prompt_version
+        task = TaskContext(
+            workflow_id=info.workflow_id, customer=inp.tenant, ticket_id=inp.key,
+            feature=inp.feature or agent.task_feature, task_type=agent.name, prompt_version=version,
+            input_hash=ticket_input_hash(inp.tenant, inp.input),
+            parent_workflow_id=info.parent.workflow_id if info.parent is not None else "",
+        )
+        models = {**agent.model_specs, **(inp.models or {})}
+        runner = AgentRunner(TemporalCalls(), task, models=models, tiers={agent.step_kind: agent.tier}, sim=inp.sim,
+                             max_output_tokens=agent.max_output_tokens,
+                             budget=inp.budget if inp.budget is not None else agent.budget,
+                             fallbacks=agent.fallback_specs)
+        runner.agent = agent
+        runner.clock = workflow.now
+        runner.on_step = show_step
+        runner.temperature = inp.temperature
+        runner.dry_run = inp.dry_run
+        runner.guardrails = True
+        runner.output_schema = agent.output_type.model_json_schema() if agent.output_type is not None else None
+        runner.on_budget_state = _budget_upsert
+        runner.validate_action = self._validator(agent, inp, runner)
+        self._gate.policy = ApprovalPolicy(approvers={k: list(v) for k, v in agent.approvers.items()},
+                                           timeout_s=inp.approval_timeout_s or agent.approval_timeout_s,
+                                           mode=inp.approval_mode)
+        runner.approval_gate, runner.approval_mode = self._gate.request, self._gate.policy.mode
+        self._runner = self._gate.runner = runner
+        if inp.breaker:
+            runner.admit = AdmitRequest(config=BreakerConfig(task_type=agent.name, scope=info.task_queue,
+                                                             expected_tokens=agent.expected_tokens),
+                                        workflow_id=info.workflow_id)
+            runner.breaker_id = breaker_workflow_id(agent.name, info.task_queue)
+
+        result = AgentResult(workflow_id=info.workflow_id, agent=agent.name, status="completed", prompt_version=version)
+        if not inp.input.strip():
+            return await self._finish(runner, result, "rejected", "the input is empty")
+        messages = task_messages(inp)
+        max_steps = inp.max_steps or agent.max_steps
+        loop = LoopResult()
+        structured: Any = None
+        problem: str | None = None
+        try:
+            loop = await run_agent_loop(runner, agent.prompt_name, messages, list(agent.tool_map.values()), max_steps,
+                                        agent.max_invalid_outputs, kind=agent.step_kind)
+            structured, problem = self._answer_problem(agent, loop)
+            while problem is not None and not loop.escalation:
+                # Not a final answer: the model is told what is wrong and tries again (it counts).
+                loop.invalid_outputs += 1
+                runner.observe(f"invalid answer: {problem}")
+                runner.decide("invalid_output", problem)
+                if loop.invalid_outputs > agent.max_invalid_outputs:
+                    break
+                messages.append(Message(role="user", content=f"Your answer was not accepted: {problem}. "
+                                                             "Answer again."))
+                again = await run_agent_loop(runner, agent.prompt_name, messages, [] if runner.no_tools else
+                                             list(agent.tool_map.values()), 1, agent.max_invalid_outputs,
+                                             kind=agent.step_kind)
+                loop = _merge(loop, again)
+                structured, problem = self._answer_problem(agent, loop)
+        except BreakerRefused as e:
+            runner.budget.limit_hit, runner.budget.detail = "breaker", str(e)
+            runner.decide("breaker", str(e))
+            return await self._finish(runner, result, "escalated", str(e))
+        except BudgetExceeded as e:
+            runner.decide("kill", str(e))
+            result.invalid_outputs = loop.invalid_outputs
+            partial = loop.final_text or next((m.content for m in reversed(messages)
+                                               if m.role == "assistant" and m.content), "")
+            result.partial_output = check_output(agent, partial, None, inp.input, inp.tenant, []).text or None
+            limit = {"tokens": "token", "usd": "dollar"}.get(e.limit, e.limit)
+            return await self._finish(runner, result, "budget_exceeded", f"{limit} budget exceeded: {e}")
+
+        result.invalid_outputs = loop.invalid_outputs
+        reasons: list[str] = []
+        if loop.escalation:
+            reasons.append(loop.escalation)
+        if problem is not None:
+            reasons.append(f"no valid answer after {loop.invalid_outputs} invalid outputs: {problem}")
+        elif loop.invalid_outputs > agent.max_invalid_outputs:
+            reasons.append(f"the model produced {loop.invalid_outputs} invalid outputs")
+        for a in loop.pending_actions:
+            reasons.append(f"{a.tool} {a.arguments_json} awaits a human ({a.reason})")
+        if loop.hit_step_cap:
+            runner.budget.limit_hit = "steps"
+            runner.budget.detail = f"step limit {max_steps} reached"
+        report = check_output(agent, loop.answer or loop.final_text, structured, inp.input, inp.tenant,
+                              _executed(runner))
+        if report.redactions:
+            detail = ", ".join(f"{v} {k}" for k, v in report.redactions.items())
+            runner.decide("redact", f"removed from the answer: {detail}")
+            runner.guardrail("redaction", None, detail, ok=True)
+            result.redactions = report.redactions
+        for p in report.problems:
+            runner.guardrail("output_check", None, p)
+        if report.problems and problem is None:
+            runner.decide("block", "answer held back: " + "; ".join(report.problems))
+            reasons.append("the answer failed the output checks: " + "; ".join(report.problems))
+        if reasons:
+            result.partial_output = report.text or None
+            return await self._finish(runner, result, "escalated", "; ".join(reasons))
+        result.output = report.text
+        result.structured = structured.model_dump(mode="json") if structured is not None else None
+        return await self._finish(runner, result, "completed", "answered by the agent")
+
+    @staticmethod
+    def _answer_problem(agent: Agent, loop: LoopResult) -> tuple[Any, str | None]:
+        if not loop.answered:
+            return None, None  # stopped for another reason (escalation, invalid calls)
+        if not loop.answer.strip():
+            return None, "the answer is empty"
+        if agent.output_type is None:
+            return None, None
+        return parse_structured(loop.answer, agent.output_type)
+
+    @staticmethod
+    def _validator(agent: Agent, inp: AgentInput, runner: AgentRunner) -> Any:
+        if not agent.validators:
+            return None
+
+        def validate(tool: str, arguments: dict[str, object]) -> str | None:
+            action = ProposedAction(tool=tool, arguments=arguments, permission=agent.tool_map[tool].permission,
+                                    input=inp.input, tenant=inp.tenant, executed=tuple(_executed(runner)))
+            for v in agent.validators:
+                problem = v(action)
+                if problem:
+                    return str(problem)
+            return None
+
+        return validate
+
+    async def _finish(self, runner: AgentRunner, result: AgentResult, status: AgentStatus, reason: str) -> AgentResult:
+        human = status != "completed"
+        route = "human" if human else "reply"
+        runner.progress.budget = runner.budget.report()
+        runner.decide("route", f"{route}: {reason}")
+        outcome = runner.outcome(_OUTCOME_STATUS[status], route, reason, {})
+        step = runner.progress.step + 1
+        admission = runner.admission
+        await workflow.execute_activity(
+            names.FINISH_ACTIVITY,
+            FinishRequest(task=runner.task, step=step, outcome=outcome, guardrails=runner.guardrail_events,
+                          decisions=runner.decisions, human_reason=reason if human else None,
+                          report_to=runner.report_to),
+            result_type=str, start_to_close_timeout=names.TOOL_START_TO_CLOSE, retry_policy=FINISH_RETRY,
+        )
+        if admission is not None and admission.admitted and runner.report_to is None:
+            await workflow.get_external_workflow_handle(runner.breaker_id or "").signal(
+                BREAKER_RECORD_SIGNAL, UsageReport(workflow_id=runner.task.workflow_id, tokens=outcome.input_tokens
+                                                   + outcome.output_tokens, cost_usd=outcome.cost_usd, probe=True))
+        runner.progress.status = outcome.status
+        runner.progress.action = "done"
+        budget = runner.budget.report()
+        final = result.model_copy(update={
+            "status": status, "reason": reason, "tools_executed": runner.tools_executed,
+            "tools_blocked": runner.tools_blocked, "dry_run_actions": runner.dry_run_actions,
+            "observations": runner.observations, "decisions": runner.decisions, "approvals": self._gate.records,
+            "guardrails": runner.guardrail_events, "steps": runner.progress.step, "llm_calls": runner.llm_calls,
+            "tokens": runner.input_tokens + runner.output_tokens, "input_tokens": runner.input_tokens,
+            "output_tokens": runner.output_tokens, "cost_usd": round(runner.cost_usd, 8),
+            "models": runner.models_used, "budget": budget, "validation_failures": runner.validation_failures,
+        })
+        updates: list[SearchAttributeUpdate[Any]] = [
+            SA_STATUS.value_set(status), SA_TOKENS.value_set(final.tokens), SA_COST.value_set(final.cost_usd),
+            SA_BUDGET.value_set(budget.state if not budget.limit_hit else f"limit:{budget.limit_hit}"),
+        ]
+        workflow.upsert_search_attributes(updates)
+        return final
+
+
+def _budget_upsert(state: str) -> None:
+    # Mid-task only when the hard limit fires (the agent is made to answer now); the soft state
+    # comes with the final figures: each upsert is a visibility write on the server.
+    if state == "hard":
+        workflow.upsert_search_attributes([SA_BUDGET.value_set(state)])
+
+
+def _executed(runner: AgentRunner) -> list[ToolOutcome]:
+    return [ToolOutcome(tool=t, arguments=a, content=c) for t, a, c in runner.results if not c.get("dry_run")]
+
+
+def _merge(first: LoopResult, again: LoopResult) -> LoopResult:
+    again.invalid_outputs += first.invalid_outputs
+    again.pending_actions = [*first.pending_actions, *again.pending_actions]
+    again.escalation = again.escalation or first.escalation
+    again.hit_step_cap = again.hit_step_cap or first.hit_step_cap
+    again.final_text = again.final_text or first.final_text
+    return again
+
