@@ -210,7 +210,7 @@ async def test_the_script_running_out_fails_clearly(client: Client, status: Stat
 
 async def test_trace_costs_and_replay(client: Client, status: StatusService, tmp_path: Path) -> None:
     async with env_for(client) as env:
-        result = await env.run("oncall", "Is the search service ok?", tenant="team-search")
+        result = await env.run("oncall", "Is the api service ok?", tenant="team-web")
         cli = cli_env(env, tmp_path)
         trace = await keel_cli(cli, "trace", result.workflow_id)
         costs = await keel_cli(cli, "costs", "--by", "task_type")
