@@ -55,7 +55,8 @@ async def keel_cli(env: dict[str, str], *args: str) -> Any:
 
 def ledger(env: AgentEnvironment, workflow_id: str) -> list[dict[str, Any]]:
     with env.engine.connect() as conn:
-        rows = conn.execute(text("SELECT step, kind, tool, status, input_tokens + output_tokens AS total_tokens, ok, customer, task_type, feature "
+        rows = conn.execute(text("SELECT step, kind, tool, status, "
+                                 "input_tokens + output_tokens AS total_tokens, ok, customer, task_type, feature "
                                  "FROM ledger WHERE workflow_id = :w ORDER BY step, kind"), {"w": workflow_id})
         return [dict(r._mapping) for r in rows]
 
@@ -117,7 +118,8 @@ async def test_escalate_mode_sends_the_restart_to_the_human_queue(client: Client
     assert status.restarts == {} and len(queued) == 1 and "restart_service" in queued[0]
 
 
-async def test_the_agent_validator_refuses_a_restart_before_a_status_read(client: Client, status: StatusService) -> None:
+async def test_the_agent_validator_refuses_a_restart_before_a_status_read(client: Client,
+                                                                         status: StatusService) -> None:
     model = ScriptedModel([
         call("restart_service", service="payments", reason="it is down"),
         answer("I could not restart payments without checking it first."),
