@@ -31,6 +31,7 @@ from starter.inspect_cli import history_app, prompts_app, replay_cmd
 from starter.metrics_cli import alerts, metrics
 from starter.plan_cli import plan_cmd
 from starter.research_cli import research_cmd
+from starter.run_cli import run_cmd, worker_cmd
 from starter.shadow_cli import shadow_app
 from starter.swarm_cli import swarm_cmd
 from starter.trace_cli import trace_cmd
@@ -56,6 +57,8 @@ app.command("trace")(trace_cmd)
 app.command("research")(research_cmd)
 app.command("plan")(plan_cmd)
 app.command("swarm")(swarm_cmd)
+app.command("run")(run_cmd)
+app.command("worker")(worker_cmd)
 app.add_typer(shadow_app, name="shadow")
 def _sim(settings: KeelSettings, seed: int | None, spiral_rate: float | None, latency: str | None) -> SimConfig:
     lo = hi = 0

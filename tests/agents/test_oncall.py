@@ -222,3 +222,19 @@ async def test_trace_costs_and_replay(client: Client, status: StatusService, tmp
     assert costs.exit_code == 0 and "oncall" in costs.output
     await Replayer(workflows=WORKFLOWS, workflow_runner=STRICT_SANDBOX,
                    data_converter=client.data_converter).replay_workflow(history)
+
+
+async def test_keel_run_starts_any_agent_and_prints_its_result(client: Client, status: StatusService,
+                                                               tmp_path: Path) -> None:
+    async with env_for(client) as env:
+        out = await keel_cli(cli_env(env, tmp_path), "run", "oncall", "Is the api service healthy?", "--key",
+                             f"k-{uuid.uuid4().hex[:8]}", "--tenant", "team-web", "--json")
+    assert out.exit_code == 0, out.output
+    res = keel.AgentResult.model_validate_json(out.output.strip().splitlines()[-1])
+    assert res.status == "completed" and res.workflow_id.startswith("oncall-k-") and "api is healthy" in res.output
+
+
+async def test_keel_run_of_an_unknown_agent_says_why(client: Client, tmp_path: Path) -> None:
+    async with env_for(client) as env:
+        out = await keel_cli(cli_env(env, tmp_path), "run", "nope", "hello", "--wait")
+    assert out.exit_code == 1 and "no agent named 'nope'" in out.output

@@ -1,0 +1,94 @@
+"""`keel run AGENT "input"`: start any registered agent; `keel worker --agents MODULES`: serve agents."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Annotated
+
+import typer
+from rich.live import Live
+from rich.markup import escape
+
+from keel.types import AgentInput, AgentResult, ApprovalMode, Budget, ModelSpec
+from starter import tickets, views
+from starter.agents import start_agent
+from starter.console import client_or_exit, console, err, load_settings, run_task
+
+
+def _print(res: AgentResult, as_json: bool) -> None:
+    if as_json:
+        print(res.model_dump_json())
+        return
+    colour = {"completed": "green", "escalated": "yellow"}.get(res.status, "red")
+    console.print(f"[bold]{res.workflow_id}[/bold]  [{colour}]{res.status}[/{colour}]  {escape(res.reason)}")
+    console.print(f"steps {res.steps} · {res.llm_calls} model calls · {res.tokens:,} tokens · ${res.cost_usd:.4f} · "
+                  f"models {', '.join(res.models) or '-'} · tools {', '.join(res.tools_executed) or '-'}")
+    for b in res.tools_blocked:
+        console.print(f"  [yellow]blocked[/yellow] {b.tool}: {escape(b.reason)}")
+    if res.output:
+        console.print(escape(res.output))
+    elif res.partial_output:
+        console.print(f"[dim](held back)[/dim] {escape(res.partial_output)}")
+
+
+def run_cmd(
+    agent: Annotated[str, typer.Argument(help="The registered agent's name.")],
+    text: Annotated[str, typer.Argument(help="The request.")],
+    key: Annotated[str, typer.Option("--key", help="Business key of the task (workflow id <agent>-<key>).")] = "",
+    tenant: Annotated[str, typer.Option("--tenant", help="Chargeback tag: who the task is for.")] = "default",
+    prompt_version: Annotated[str | None, typer.Option("--prompt-version")] = None,
+    model: Annotated[str | None, typer.Option("--model", help="provider:model for every tier.")] = None,
+    max_tokens: Annotated[int | None, typer.Option("--max-tokens", help="Token budget of this task.")] = None,
+    approval_mode: Annotated[str, typer.Option("--approval-mode", help="wait or escalate.")] = "wait",
+    wait: Annotated[bool, typer.Option("--wait", help="Wait for the result.")] = False,
+    watch: Annotated[bool, typer.Option("--watch", help="Draw live progress, then the result.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON (implies --wait).")] = False,
+) -> None:
+    """Start any registered agent. Without --wait/--watch/--json it prints the workflow id and returns."""
+    settings = load_settings()
+    if approval_mode not in ("wait", "escalate"):
+        err.print(f"[red]--approval-mode must be wait or escalate, not {approval_mode!r}[/red]")
+        raise typer.Exit(2)
+    try:
+        models = {"small": ModelSpec.parse(model), "large": ModelSpec.parse(model)} if model else None
+    except ValueError as e:
+        err.print(f"[red]{e}[/red]")
+        raise typer.Exit(2) from e
+    mode: ApprovalMode = "wait" if approval_mode == "wait" else "escalate"
+    inp = AgentInput(agent=agent, input=text, key=key, tenant=tenant, prompt_version=prompt_version,
+                     models=models, approval_mode=mode,
+                     budget=Budget(max_tokens=max_tokens, max_usd=None) if max_tokens else None)
+
+    async def main() -> None:
+        client = await client_or_exit(settings)
+        handle = await start_agent(client, settings, inp)
+        if not (wait or watch or as_json):
+            console.print(f"started {handle.id}: `keel watch {handle.id}`, `keel result {handle.id}`")
+            return
+        if watch:
+            done = asyncio.ensure_future(handle.result())
+            p = await tickets.progress(client, handle.id)
+            with Live(views.progress_panel(handle.id, p), console=console, refresh_per_second=8) as live:
+                while not done.done() and p.status not in tickets.WAITING_FOR_PEOPLE:
+                    await asyncio.wait({done}, timeout=0.25)
+                    p = await tickets.progress(client, handle.id)
+                    live.update(views.progress_panel(handle.id, p))
+            if not done.done():
+                done.cancel()
+                console.print(f"{handle.id} is {p.status}: `keel approvals`, `keel approve {handle.id} --as NAME`")
+                return
+        _print(await handle.result(), as_json)
+
+    run_task(main, f"agent {agent}")
+
+
+def worker_cmd(
+    agents: Annotated[str, typer.Option("--agents", help="Comma-separated modules whose agents to serve.")] = "",
+) -> None:
+    """Run a worker in this terminal, serving Keel's workflows and the agents of --agents (and KEEL_AGENTS)."""
+    from workers.__main__ import main
+
+    if agents:
+        os.environ["KEEL_AGENTS"] = ",".join(filter(None, [os.environ.get("KEEL_AGENTS", ""), agents]))
+    asyncio.run(main())
