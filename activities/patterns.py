@@ -9,8 +9,8 @@ from sqlalchemy import Engine
 from temporalio import activity
 
 from activities.ledger import Ledger
+from keel.names import TASK_USAGE_ACTIVITY
 from keel.types import TaskUsage
-from workflows.children import TASK_USAGE_ACTIVITY
 
 
 class PatternActivities:

@@ -24,6 +24,8 @@ SHADOW_WORKFLOW = "Shadow"
 
 # Activities
 LLM_ACTIVITY = "llm_call"
+TASK_USAGE_ACTIVITY = "task_usage"
+"""What a child task spent, from its ledger rows (a pattern's child that failed without saying)."""
 FINISH_ACTIVITY = "keel.finish"
 """The generic agent workflow's last step: outcome, guardrail and human-queue rows (activities.agent_tools)."""
 

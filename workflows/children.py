@@ -42,7 +42,7 @@ with workflow.unsafe.imports_passed_through():
 from workflows.agent_loop import AgentRunner, TemporalCalls
 from workflows.budget import Reservation
 
-TASK_USAGE_ACTIVITY = "task_usage"
+TASK_USAGE_ACTIVITY = names.TASK_USAGE_ACTIVITY
 """Reads a task's usage from the ledger: for a child that failed without saying what it spent."""
 
 CHILD_EXECUTION_TIMEOUT = timedelta(minutes=30)
