@@ -176,6 +176,7 @@ def summary(turn: SimTurn) -> str:
             lines.append(f"- {c.name}: {json.dumps(c.result, sort_keys=True, default=str)[:300]}")
         elif c.error:
             lines.append(f"- {c.name} could not be used: {c.error[:200]}")
+    lines.extend(f"- from the context: {c.strip()[:300]}" for c in turn.context)
     if len(lines) == 1:
         lines.append("No tool results were gathered; this answer rests on the request alone.")
     return "\n".join(lines)

@@ -135,6 +135,15 @@ class AgentEnvironment:
 
         return await start_agent(self.client, self.settings, AgentInput(agent=agent, input=input, **fields))
 
+    async def orchestrate(self, input: str, **fields: Any) -> Any:
+        """Run the orchestrator pattern to its end (an OrchestratorResult). `fields`: any
+        OrchestratorInput field (tasks, planner, synthesizer, budget...)."""
+        from keel.orchestration import OrchestratorInput
+        from starter.agents import start_orchestration
+
+        handle = await start_orchestration(self.client, self.settings, OrchestratorInput(input=input, **fields))
+        return await handle.result()
+
     async def run(self, agent: str, input: str, **fields: Any) -> AgentResult:
         """Run a task to its end. `fields`: any AgentInput field (key, tenant, budget, models...)."""
         handle = await self.start(agent, input, **fields)

@@ -578,7 +578,9 @@ class AgentTaskResult(BaseModel):
     attempt: int = 1
 
 
-ChildStatus = Literal["pending", "running", "completed", "escalated", "budget_exceeded", "failed", "not_started"]
+ChildStatus = Literal[
+    "pending", "running", "completed", "escalated", "budget_exceeded", "rejected", "failed", "not_started",
+]
 
 
 class ChildRecord(BaseModel):

@@ -14,6 +14,7 @@ from temporalio.client import Client, WorkflowHandle
 from temporalio.common import SearchAttributeKey, SearchAttributePair, TypedSearchAttributes
 
 from keel import names
+from keel.orchestration import OrchestratorInput, OrchestratorResult
 from keel.settings import KeelSettings
 from keel.types import AgentInput, AgentResult
 
@@ -55,3 +56,28 @@ async def start_agent(client: Client, settings: KeelSettings, inp: AgentInput,
 async def run_agent(client: Client, settings: KeelSettings, inp: AgentInput) -> AgentResult:
     handle = await start_agent(client, settings, inp)
     return await handle.result()
+
+
+def orchestration_id(inp: OrchestratorInput) -> str:
+    key = _UNSAFE.sub("-", inp.key).strip("-") if inp.key else uuid.uuid4().hex[:12]
+    return f"{inp.name}-{key}"
+
+
+async def start_orchestration(client: Client, settings: KeelSettings, inp: OrchestratorInput,
+                              workflow_id: str | None = None) -> WorkflowHandle[Any, OrchestratorResult]:
+    """Start the orchestrator pattern over registered agents (`keel orchestrate`)."""
+    plan = f"planner {inp.planner}" if inp.planner else ", ".join(dict.fromkeys(t.agent for t in inp.tasks))
+    return await client.start_workflow(
+        names.ORCHESTRATOR_WORKFLOW,
+        inp,
+        id=workflow_id or orchestration_id(inp),
+        task_queue=settings.task_queue,
+        result_type=OrchestratorResult,
+        static_summary=f"Orchestration {inp.name} · {plan}" + (f" → {inp.synthesizer}" if inp.synthesizer else ""),
+        search_attributes=TypedSearchAttributes([
+            SearchAttributePair(SA_CUSTOMER, inp.tenant),
+            SearchAttributePair(SA_TASK_TYPE, inp.name),
+            SearchAttributePair(SA_FEATURE, inp.feature or inp.name),
+            SearchAttributePair(SA_STATUS, "running"),
+        ]),
+    )

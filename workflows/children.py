@@ -12,10 +12,12 @@ Deterministic: every wait is a Temporal child workflow or activity.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
+from typing import TypeVar, cast
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy
+from temporalio.common import RetryPolicy, SearchAttributeKey, SearchAttributePair, TypedSearchAttributes
 from temporalio.exceptions import ApplicationError, ChildWorkflowError, FailureError
 
 with workflow.unsafe.imports_passed_through():
@@ -24,10 +26,13 @@ with workflow.unsafe.imports_passed_through():
     from keel import names
     from keel.policy import DEFAULT_TIERS
     from keel.types import (
+        AgentInput,
+        AgentResult,
         AgentTaskInput,
         AgentTaskResult,
         Budget,
         ChildRecord,
+        ChildStatus,
         ModelSpec,
         PatternProgress,
         Route,
@@ -46,6 +51,14 @@ TASK_USAGE_ACTIVITY = names.TASK_USAGE_ACTIVITY
 """Reads a task's usage from the ledger: for a child that failed without saying what it spent."""
 
 CHILD_EXECUTION_TIMEOUT = timedelta(minutes=30)
+
+R = TypeVar("R")
+
+SA_CUSTOMER = SearchAttributeKey.for_keyword(names.SA_CUSTOMER)
+SA_TASK_TYPE = SearchAttributeKey.for_keyword(names.SA_TASK_TYPE)
+SA_FEATURE = SearchAttributeKey.for_keyword(names.SA_FEATURE)
+SA_STATUS = SearchAttributeKey.for_keyword(names.SA_STATUS)
+SA_AWAITING = SearchAttributeKey.for_bool(names.SA_AWAITING_APPROVAL)
 
 
 def parent_runner(task_type: str, feature: str, budget: Budget, model: ModelSpec, sim: SimConfig,
@@ -140,40 +153,79 @@ class Children:
         """Run one child to its end (retrying a failed one alone); None if it never completed."""
         rec = ChildRecord(name=inp.name, role=inp.role, model=inp.model.label, budget_tokens=inp.budget.max_tokens,
                           budget_usd=inp.budget.max_usd)
+
+        async def start(wid: str, attempt: int) -> tuple[AgentTaskResult, TaskUsage, str, str]:
+            res: AgentTaskResult = await workflow.execute_child_workflow(
+                names.AGENT_TASK_WORKFLOW,
+                inp.model_copy(update={"attempt": attempt}),
+                id=wid,
+                result_type=AgentTaskResult,
+                execution_timeout=CHILD_EXECUTION_TIMEOUT,
+                # The parent retries (with a new id): Temporal must not re-run it under the same id.
+                retry_policy=RetryPolicy(maximum_attempts=1),
+                static_summary=summary or f"{inp.role} agent {inp.name} · {inp.model.label}",
+            )
+            return res, res.usage, res.status, res.reason
+
+        return await self._attempts(rec, inp.budget, start, retry_all=True)
+
+    async def run_agent(self, name: str, role: str, inp: AgentInput) -> AgentResult | None:
+        """Run one registered agent as a child (`KeelAgent`) to its end; None if it never completed.
+
+        Its caps (`inp.budget`) are reserved from the parent's first. A failed child is retried alone
+        unless its failure is final (an unknown agent, a configuration error)."""
+        budget = inp.budget or Budget()
+        rec = ChildRecord(name=name, role=role, model=inp.agent, budget_tokens=budget.max_tokens,
+                          budget_usd=budget.max_usd)
+
+        async def start(wid: str, attempt: int) -> tuple[AgentResult, TaskUsage, str, str]:
+            res: AgentResult = await workflow.execute_child_workflow(
+                names.AGENT_WORKFLOW, inp, id=wid, result_type=AgentResult,
+                # No execution timeout: a child agent bounds itself (budget, step cap, approval timeout).
+                retry_policy=RetryPolicy(maximum_attempts=1),
+                static_summary=f"{role} {name}: agent {inp.agent}",
+                search_attributes=TypedSearchAttributes([
+                    SearchAttributePair(SA_CUSTOMER, inp.tenant), SearchAttributePair(SA_TASK_TYPE, inp.agent),
+                    SearchAttributePair(SA_FEATURE, inp.feature or inp.agent),
+                    SearchAttributePair(SA_STATUS, "running"), SearchAttributePair(SA_AWAITING, False)]),
+            )
+            usage = TaskUsage(llm_calls=res.llm_calls, input_tokens=res.input_tokens, output_tokens=res.output_tokens,
+                              cost_usd=res.cost_usd)
+            return res, usage, res.status, res.reason
+
+        return await self._attempts(rec, budget, start, retry_all=False)
+
+    async def _attempts(self, rec: ChildRecord, caps: Budget,
+                        start: Callable[[str, int], Awaitable[tuple[R, TaskUsage, str, str]]],
+                        retry_all: bool) -> R | None:
         self.records.append(rec)
         budget = self.runner.budget
         for attempt in range(1, self.max_attempts + 1):
-            problem = budget.cannot_reserve(inp.budget)
+            problem = budget.cannot_reserve(caps)
             if problem is not None:
                 rec.status = "not_started" if attempt == 1 else "failed"
                 rec.reason = problem
-                self.runner.decide("skip_child", f"{inp.name}: {problem}")
+                self.runner.decide("skip_child", f"{rec.name}: {problem}")
                 return None
-            reservation = budget.reserve(inp.budget)
-            wid = child_id(self.parent_id, inp.name, attempt)
+            reservation = budget.reserve(caps)
+            wid = child_id(self.parent_id, rec.name, attempt)
             rec.workflow_id, rec.attempts, rec.status = wid, attempt, "running"
             try:
-                res: AgentTaskResult = await workflow.execute_child_workflow(
-                    names.AGENT_TASK_WORKFLOW,
-                    inp.model_copy(update={"attempt": attempt}),
-                    id=wid,
-                    result_type=AgentTaskResult,
-                    execution_timeout=CHILD_EXECUTION_TIMEOUT,
-                    # The parent retries (with a new id): Temporal must not re-run it under the same id.
-                    retry_policy=RetryPolicy(maximum_attempts=1),
-                    static_summary=summary or f"{inp.role} agent {inp.name} · {inp.model.label}",
-                )
+                res, used, status, reason = await start(wid, attempt)
             except ChildWorkflowError as e:
                 spent = await self._spent(wid, e)
                 self._settle(rec, reservation, spent)
                 why = failure_reason(e)
                 rec.failures.append(why)
                 rec.reason = why
-                last = attempt == self.max_attempts
+                final = not retry_all and isinstance(e.cause, ApplicationError) and e.cause.non_retryable
+                last = attempt == self.max_attempts or final
                 self.runner.decide("child_failed", f"{wid}: {why}" + ("" if last else "; retrying this child alone"))
+                if final:
+                    break
                 continue
-            self._settle(rec, reservation, res.usage)
-            rec.status, rec.reason = res.status, res.reason
+            self._settle(rec, reservation, used)
+            rec.status, rec.reason = cast(ChildStatus, status), reason
             return res
         rec.status = "failed"
         return None

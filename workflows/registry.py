@@ -3,6 +3,7 @@
 from workflows.agent import AgentWorkflow
 from workflows.agent_task import AgentTaskWorkflow
 from workflows.breaker import CostCircuitBreakerWorkflow
+from workflows.orchestrator import OrchestratorWorkflow
 from workflows.research import ResearchReportWorkflow
 from workflows.shadow import ShadowWorkflow
 from workflows.supervisor import SupervisedPlanWorkflow
@@ -11,6 +12,7 @@ from workflows.swarm import SwarmWorkflow
 
 WORKFLOWS = [
     AgentWorkflow,
+    OrchestratorWorkflow,
     SupportTicketWorkflow,
     CostCircuitBreakerWorkflow,
     AgentTaskWorkflow,
@@ -25,6 +27,7 @@ __all__ = [
     "AgentTaskWorkflow",
     "AgentWorkflow",
     "CostCircuitBreakerWorkflow",
+    "OrchestratorWorkflow",
     "ResearchReportWorkflow",
     "ShadowWorkflow",
     "SupervisedPlanWorkflow",

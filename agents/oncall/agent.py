@@ -7,8 +7,9 @@ import os
 import re
 import urllib.error
 import urllib.request
+from typing import Literal
 
-from pydantic import Field
+from pydantic import BaseModel, Field
 
 import keel
 from agents.oncall.sim import oncall_sim
@@ -80,4 +81,19 @@ oncall = keel.Agent(
     sim=oncall_sim,
 )
 
-AGENTS = [oncall]
+class IncidentNote(BaseModel):
+    summary: str = Field(description="What the checks found, in plain sentences")
+    severity: Literal["none", "minor", "major"]
+    follow_ups: list[str] = Field(default_factory=list, max_length=10)
+
+
+incident_note = keel.Agent(
+    name="incident_note",
+    prompt="prompts/incident_note.v1.md",
+    models={"small": "sim:sim-small", "large": "sim:sim-large"},
+    budget=keel.Budget(max_tokens=3_000, max_usd=0.01),
+    output_type=IncidentNote,
+)
+"""A second agent: no tools, a structured answer. `keel orchestrate` runs it after on-call checks."""
+
+AGENTS = [oncall, incident_note]

@@ -1,0 +1,156 @@
+"""The orchestrator pattern over any registered agents: its input, its plan and its result.
+
+An orchestration runs child agents by name, each a `KeelAgent` child workflow with every control of
+its own, under one parent budget: a child's caps are reserved from what is left of the parent's before
+it starts (shrunk to its share when its own caps do not fit), and what it really spent is charged when
+it ends. The plan is given (`tasks`) or made by a planner agent whose structured answer is a `Plan`;
+tasks run in stages (a task runs once the tasks it names in `after` have ended, with their answers as
+context); an optional synthesizer agent writes the final answer from the children's answers.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, Field, model_validator
+
+from keel.types import (
+    AgentResult,
+    ApprovalMode,
+    Budget,
+    BudgetReport,
+    ChildRecord,
+    Decision,
+    SimConfig,
+    TaskUsage,
+)
+
+TASK_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,47}$")
+
+MIN_CHILD_TOKENS = 500
+"""Below this share of the parent's tokens left, a child is not started (it could not do anything)."""
+
+
+class ChildTask(BaseModel):
+    """One child agent of an orchestration."""
+
+    agent: str = Field(description="The registered agent's name")
+    input: str = Field(min_length=1, max_length=4000, description="The child's request")
+    name: str = Field("", description="Unique within the plan (default: the agent's name)")
+    after: list[str] = Field(default_factory=list,
+                             description="Tasks that must end first; their answers are this task's context")
+    budget: Budget | None = Field(None, description="The child's caps (default: its agent's budget)")
+
+
+class Plan(BaseModel):
+    """A planner agent's structured answer (its `output_type`): the tasks to run."""
+
+    tasks: list[ChildTask] = Field(min_length=1, max_length=12)
+
+
+def named(tasks: list[ChildTask]) -> list[ChildTask]:
+    """The tasks with their default names filled in (`agent`, then `agent-2`, ...). A name given
+    twice is left as it is, for plan_problems to report."""
+    taken = {t.name for t in tasks if t.name}
+    out: list[ChildTask] = []
+    for t in tasks:
+        if not t.name:
+            name, n = t.agent, 1
+            while name in taken:
+                n += 1
+                name = f"{t.agent}-{n}"
+            taken.add(name)
+            t = t.model_copy(update={"name": name})
+        out.append(t)
+    return out
+
+
+def plan_problems(tasks: list[ChildTask], known: set[str]) -> list[str]:
+    """Why a plan cannot run: unknown agents, bad or duplicate names, unknown or circular `after`."""
+    problems: list[str] = []
+    names = [t.name for t in tasks]
+    for n in sorted({n for n in names if names.count(n) > 1}):
+        problems.append(f"task name {n!r} is used twice")
+    for t in tasks:
+        if not TASK_NAME.match(t.name):
+            problems.append(f"task name {t.name!r} must be lowercase letters, digits, '-' or '_'")
+        if t.agent not in known:
+            problems.append(f"task {t.name!r}: no agent {t.agent!r} is registered on this worker")
+        for a in t.after:
+            if a not in names:
+                problems.append(f"task {t.name!r} waits for {a!r}, which is not in the plan")
+    if not problems and stages(tasks) is None:
+        problems.append("the tasks' `after` lists form a cycle")
+    return problems
+
+
+def stages(tasks: list[ChildTask]) -> list[list[ChildTask]] | None:
+    """The tasks in stages: each stage's tasks wait only for earlier stages'. None for a cycle."""
+    done: set[str] = set()
+    left = list(tasks)
+    out: list[list[ChildTask]] = []
+    while left:
+        ready = [t for t in left if all(a in done for a in t.after)]
+        if not ready:
+            return None
+        out.append(ready)
+        done.update(t.name for t in ready)
+        left = [t for t in left if t.name not in done]
+    return out
+
+
+class OrchestratorInput(BaseModel):
+    """Input of the orchestrator workflow (`keel orchestrate`)."""
+
+    input: str = Field(description="The request the whole orchestration serves")
+    tasks: list[ChildTask] = Field(default_factory=list)
+    """The plan, when it is given; else `planner` makes it."""
+    planner: str | None = None
+    """An agent whose structured answer is a `Plan` (its `output_type` is keel.Plan)."""
+    synthesizer: str | None = None
+    """An agent that writes the final answer from the children's answers (as context)."""
+    name: str = "orchestrator"
+    """The orchestration's name: its task type in the ledger and the prefix of its workflow id."""
+    budget: Budget = Field(default_factory=lambda: Budget(max_tokens=20_000, max_usd=0.10))
+    """The whole family's budget: the planner's, every child's and the synthesizer's caps come out of it."""
+    key: str = ""
+    tenant: str = "default"
+    feature: str = ""
+    approval_mode: ApprovalMode = "wait"
+    max_child_attempts: int = Field(2, ge=1, le=5)
+    """A child that fails (its workflow errors) is retried alone, as a new workflow, up to this often."""
+    sim: SimConfig = Field(default_factory=SimConfig)
+
+    @model_validator(mode="after")
+    def _has_a_plan(self) -> OrchestratorInput:
+        if not self.tasks and not self.planner:
+            raise ValueError("an orchestration needs `tasks` or a `planner` agent")
+        if self.tasks and self.planner:
+            raise ValueError("give `tasks` or a `planner`, not both")
+        return self
+
+
+OrchestratorStatus = Literal["completed", "partial", "escalated", "budget_exceeded", "rejected"]
+
+
+class OrchestratorResult(BaseModel):
+    workflow_id: str
+    status: OrchestratorStatus
+    output: str = ""
+    """The synthesizer's answer, or every completed child's answer under its name."""
+    structured: dict[str, object] | None = None
+    """The synthesizer's structured answer, when its agent declares one."""
+    reason: str = ""
+    plan: list[ChildTask] = Field(default_factory=list)
+    plan_source: Literal["given", "planner", "none"] = "none"
+    children: list[ChildRecord] = Field(default_factory=list)
+    """Planner, tasks and synthesizer, in the order they started, with their usage over all attempts."""
+    results: dict[str, AgentResult] = Field(default_factory=dict)
+    """Each child's last result, by its task name."""
+    missing: list[str] = Field(default_factory=list)
+    """The tasks that did not complete, each with why."""
+    usage: TaskUsage = Field(default_factory=TaskUsage)
+    """The whole family's usage (every child, every attempt)."""
+    budget: BudgetReport = Field(default_factory=BudgetReport)
+    decisions: list[Decision] = Field(default_factory=list)
