@@ -19,6 +19,7 @@ from keel.agent import (
     tool,
 )
 from keel.errors import AgentDefinitionError, AgentNotRegistered, KeelError, ScriptExhausted, ToolError
+from keel.orchestration import ChildTask, OrchestratorInput, OrchestratorResult, Plan
 from keel.sim import SimCall, SimReply, SimTurn
 from keel.types import AgentInput, AgentResult, ApprovalDecision, Budget, ModelSpec, SimConfig
 
@@ -32,10 +33,14 @@ __all__ = [
     "ApprovalDecision",
     "Args",
     "Budget",
+    "ChildTask",
     "FinalOutput",
     "KeelError",
     "ModelSpec",
+    "OrchestratorInput",
+    "OrchestratorResult",
     "OutputCheck",
+    "Plan",
     "ProposedAction",
     "ScriptExhausted",
     "SimCall",

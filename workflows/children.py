@@ -24,6 +24,7 @@ with workflow.unsafe.imports_passed_through():
     from pydantic import ValidationError
 
     from keel import names
+    from keel.orchestration import MIN_CHILD_TOKENS
     from keel.policy import DEFAULT_TIERS
     from keel.types import (
         AgentInput,
@@ -247,3 +248,40 @@ class Children:
             TASK_USAGE_ACTIVITY, wid, result_type=TaskUsage, start_to_close_timeout=timedelta(seconds=30),
         )
         return usage
+
+
+def stage_caps(children: Children, wanted: list[Budget]) -> list[tuple[Budget, Budget, str]]:
+    """The caps of the children about to start together: their own when all of them fit what the parent
+    has left, else each limit cut to an equal share of it. (wanted, given, why it cannot start)."""
+    guard = children.runner.budget
+    together = Budget(max_tokens=sum(b.max_tokens for b in wanted if b.max_tokens is not None)
+                      if all(b.max_tokens is not None for b in wanted) else None,
+                      max_usd=sum(b.max_usd for b in wanted if b.max_usd is not None)
+                      if all(b.max_usd is not None for b in wanted) else None)
+    if guard.cannot_reserve(together) is None:
+        return [(b, b, "") for b in wanted]
+    n = len(wanted)
+    left_t, left_u = guard.budget.max_tokens, guard.budget.max_usd
+    if left_t is not None:
+        left_t = (left_t - guard.used_tokens - guard.reserved_tokens) // n
+    if left_u is not None:
+        left_u = (left_u - guard.used_usd - guard.reserved_usd) / n
+    out: list[tuple[Budget, Budget, str]] = []
+    for b in wanted:
+        tokens, usd = _least(b.max_tokens, left_t), _least(b.max_usd, left_u)
+        if tokens is not None and tokens < MIN_CHILD_TOKENS:
+            out.append((b, b, f"what is left of the parent's budget ({max(tokens, 0):,} tokens for this child) "
+                              f"is below the {MIN_CHILD_TOKENS} tokens a child needs to start"))
+        elif usd is not None and usd <= 0:
+            out.append((b, b, "the parent's dollar budget is spent"))
+        else:
+            out.append((b, b.model_copy(update={"max_tokens": tokens,
+                                                "max_usd": round(usd, 8) if usd is not None else None}), ""))
+    return out
+
+
+N = TypeVar("N", int, float)
+
+
+def _least(a: N | None, b: N | None) -> N | None:
+    return b if a is None else a if b is None else min(a, b)

@@ -16,7 +16,7 @@ totals, and a result that is not complete goes to the human queue with its reaso
 from __future__ import annotations
 
 import asyncio
-from typing import Any, TypeVar
+from typing import Any
 
 from temporalio import workflow
 from temporalio.common import SearchAttributeKey, SearchAttributeUpdate
@@ -26,7 +26,6 @@ with workflow.unsafe.imports_passed_through():
 
     from keel import names, registry
     from keel.orchestration import (
-        MIN_CHILD_TOKENS,
         ChildTask,
         OrchestratorInput,
         OrchestratorResult,
@@ -39,7 +38,7 @@ with workflow.unsafe.imports_passed_through():
     from keel.types import AgentInput, AgentResult, Budget, ChildRecord, FinishRequest, ModelSpec, TaskStatus
 
 from workflows.agent_loop import FINISH_RETRY
-from workflows.children import Children, PatternParent, parent_runner
+from workflows.children import Children, PatternParent, parent_runner, stage_caps
 
 SA_STATUS = SearchAttributeKey.for_keyword(names.SA_STATUS)
 SA_TOKENS = SearchAttributeKey.for_int(names.SA_TOKENS)
@@ -72,7 +71,7 @@ class OrchestratorWorkflow(PatternParent):
             if inp.planner not in known:
                 return await self._end(children, result, "rejected", f"no planner agent {inp.planner!r} is registered")
             planned = await self._child(children, inp, "planner", "planner", inp.planner, inp.input, [],
-                                        _stage_caps(children, [registry.get(inp.planner).budget])[0])
+                                        stage_caps(children, [registry.get(inp.planner).budget])[0])
             tasks, why = self._plan_of(planned)
             if planned is not None:
                 result.results["planner"] = planned
@@ -87,7 +86,7 @@ class OrchestratorWorkflow(PatternParent):
         self._phase = "tasks"
         answers: dict[str, str] = {}
         for stage in stages(tasks) or []:
-            caps = _stage_caps(children, [t.budget or registry.get(t.agent).budget for t in stage])
+            caps = stage_caps(children, [t.budget or registry.get(t.agent).budget for t in stage])
             ran = await asyncio.gather(*(
                 self._child(children, inp, t.name, "task", t.agent, t.input,
                             [f"{a}: {answers[a]}" for a in t.after if a in answers], c)
@@ -105,7 +104,7 @@ class OrchestratorWorkflow(PatternParent):
         if inp.synthesizer and sections:
             self._phase = "synthesize"
             res = await self._child(children, inp, "synthesizer", "synthesizer", inp.synthesizer, inp.input,
-                                    sections, _stage_caps(children, [registry.get(inp.synthesizer).budget])[0])
+                                    sections, stage_caps(children, [registry.get(inp.synthesizer).budget])[0])
             if res is not None:
                 result.results["synthesizer"] = res
             if res is not None and res.status == "completed":
@@ -184,40 +183,3 @@ class OrchestratorWorkflow(PatternParent):
 def _caps(b: Budget) -> str:
     tokens = f"{b.max_tokens:,} tokens" if b.max_tokens is not None else "unlimited tokens"
     return tokens + (f", ${b.max_usd:.4f}" if b.max_usd is not None else ", unlimited dollars")
-
-
-def _stage_caps(children: Children, wanted: list[Budget]) -> list[tuple[Budget, Budget, str]]:
-    """The caps of the children about to start together: their own when all of them fit what the parent
-    has left, else each limit cut to an equal share of it. (wanted, given, why it cannot start)."""
-    guard = children.runner.budget
-    together = Budget(max_tokens=sum(b.max_tokens for b in wanted if b.max_tokens is not None)
-                      if all(b.max_tokens is not None for b in wanted) else None,
-                      max_usd=sum(b.max_usd for b in wanted if b.max_usd is not None)
-                      if all(b.max_usd is not None for b in wanted) else None)
-    if guard.cannot_reserve(together) is None:
-        return [(b, b, "") for b in wanted]
-    n = len(wanted)
-    left_t, left_u = guard.budget.max_tokens, guard.budget.max_usd
-    if left_t is not None:
-        left_t = (left_t - guard.used_tokens - guard.reserved_tokens) // n
-    if left_u is not None:
-        left_u = (left_u - guard.used_usd - guard.reserved_usd) / n
-    out: list[tuple[Budget, Budget, str]] = []
-    for b in wanted:
-        tokens, usd = _least(b.max_tokens, left_t), _least(b.max_usd, left_u)
-        if tokens is not None and tokens < MIN_CHILD_TOKENS:
-            out.append((b, b, f"what is left of the parent's budget ({max(tokens, 0):,} tokens for this child) "
-                              f"is below the {MIN_CHILD_TOKENS} tokens a child needs to start"))
-        elif usd is not None and usd <= 0:
-            out.append((b, b, "the parent's dollar budget is spent"))
-        else:
-            out.append((b, b.model_copy(update={"max_tokens": tokens,
-                                                "max_usd": round(usd, 8) if usd is not None else None}), ""))
-    return out
-
-
-N = TypeVar("N", int, float)
-
-
-def _least(a: N | None, b: N | None) -> N | None:
-    return b if a is None else a if b is None else min(a, b)
