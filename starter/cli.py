@@ -29,6 +29,7 @@ from starter.codec_cli import codec_server
 from starter.console import client_or_exit, console, err, load_settings, run_task
 from starter.inspect_cli import history_app, prompts_app, replay_cmd
 from starter.metrics_cli import alerts, metrics
+from starter.orchestrate_cli import orchestrate_cmd
 from starter.plan_cli import plan_cmd
 from starter.research_cli import research_cmd
 from starter.run_cli import run_cmd, worker_cmd
@@ -58,6 +59,7 @@ app.command("research")(research_cmd)
 app.command("plan")(plan_cmd)
 app.command("swarm")(swarm_cmd)
 app.command("run")(run_cmd)
+app.command("orchestrate")(orchestrate_cmd)
 app.command("worker")(worker_cmd)
 app.add_typer(shadow_app, name="shadow")
 def _sim(settings: KeelSettings, seed: int | None, spiral_rate: float | None, latency: str | None) -> SimConfig:

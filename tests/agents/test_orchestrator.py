@@ -14,13 +14,15 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 from temporalio.client import Client
+from typer.testing import CliRunner
 
 import keel
 from agents.oncall.agent import incident_note, oncall
 from agents.oncall.status_service import StatusService
-from keel.orchestration import ChildTask, OrchestratorInput, Plan, named, plan_problems, stages
+from keel.orchestration import ChildTask, OrchestratorInput, OrchestratorResult, Plan, named, plan_problems, stages
 from keel.testing import AgentEnvironment, ScriptedModel, agent_environment, answer
 from starter.agents import start_orchestration
+from starter.cli import app
 from tests.agents.test_oncall import cli_env, keel_cli
 from tests.conftest import assert_eventually
 
@@ -69,7 +71,8 @@ async def test_two_agents_under_one_budget(client: Client, status: StatusService
     note = res.results["note"]
     assert note.structured is not None and note.structured["severity"] in ("none", "minor", "major")
     assert "2.14.1" in note.structured["summary"]  # the api's version, read by the api child
-    assert res.structured == note.structured or res.output
+    # No synthesizer: the answer is every completed task's, under its name.
+    assert res.output.startswith("api (oncall): ") and "note (incident_note): " in res.output
     # The parent's budget bounds the family: every child's caps fit in it, and its usage is theirs.
     assert sum(c.budget_tokens or 0 for c in res.children[:2]) <= 9_000
     assert res.usage.tokens == sum(r.tokens for r in res.results.values()) <= 9_000
@@ -181,3 +184,30 @@ def test_plans_are_checked_before_anything_runs() -> None:
     assert "task 'a' waits for 'zz', which is not in the plan" in problems
     with pytest.raises(ValueError, match="needs `tasks` or a `planner`"):
         OrchestratorInput(input="x")
+
+
+async def test_keel_orchestrate_on_the_command_line(client: Client, status: StatusService, tmp_path: Path) -> None:
+    async with env_for(client, home=tmp_path) as env:
+        out = await keel_cli(cli_env(env, tmp_path), "orchestrate", "Morning check",
+                             "--task", "oncall=Is the api service healthy?",
+                             "--then", "incident_note=Write the incident note.", "--max-tokens", "10000", "--json")
+    assert out.exit_code == 0, out.output
+    res = OrchestratorResult.model_validate_json(out.output.strip().splitlines()[-1])
+    assert res.status == "completed", res.reason
+    assert [(t.name, t.after) for t in res.plan] == [("oncall", []), ("incident_note", ["oncall"])]
+    assert res.usage.tokens <= 10_000 and res.results["incident_note"].structured is not None
+
+
+def test_keel_orchestrate_refuses_a_malformed_task() -> None:
+    out = CliRunner().invoke(app, ["orchestrate", "x", "--task", "oncall"])
+    assert out.exit_code == 2 and "a task is AGENT=INPUT" in out.output
+
+
+async def test_a_synthesizer_answers_from_the_children(client: Client, status: StatusService, tmp_path: Path) -> None:
+    async with env_for(client, home=tmp_path) as env:
+        res = await env.orchestrate("Is everything up?", tasks=CHECKS[:2], synthesizer="incident_note",
+                                    key=uuid.uuid4().hex)
+    assert res.status == "completed", res.reason
+    assert [c.name for c in res.children] == ["api", "search", "synthesizer"]
+    assert res.structured == res.results["synthesizer"].structured and res.structured is not None
+    assert "search" in res.structured["summary"] and "2.14.1" in res.structured["summary"]
