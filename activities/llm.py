@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+from pydantic import ValidationError
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
@@ -18,7 +19,7 @@ from keel.names import LLM_ACTIVITY
 from keel.pricing import UnpricedModelError, cost_usd, price_for
 from keel.tokens import estimate_input_tokens
 from keel.tools import TOOLS
-from keel.types import LlmRequest, LlmResponse
+from keel.types import LlmRequest, LlmResponse, ModelSpec
 
 BREAKER_OPEN = "BreakerOpen"
 """Non-retryable: the task's cost circuit breaker refused it; the details carry its AdmitDecision."""
@@ -49,6 +50,9 @@ class LlmActivities:
                 type="ProviderBadRequest",
                 non_retryable=True,
             )
+        problem = _options_problem(req.model)
+        if problem:
+            raise ApplicationError(problem, type="ProviderBadRequest", non_retryable=True)
         try:
             price_for(req.model.provider, req.model.model)
         except UnpricedModelError as e:
@@ -112,3 +116,16 @@ class LlmActivities:
         else:
             await asyncio.to_thread(self._ledger.record_llm, req, resp, activity.info().attempt)
         return resp
+
+
+def _options_problem(spec: ModelSpec) -> str | None:
+    """Model options are the sim's knobs; a real provider given some would drop them unsaid."""
+    if not spec.options:
+        return None
+    if spec.provider != "sim":
+        return f"model {spec.provider}:{spec.model} takes no options (given {sorted(spec.options)})"
+    try:
+        spec.sim  # noqa: B018 - validates the knobs
+    except ValidationError as e:
+        return f"invalid sim options {spec.options}: {e.errors()[0]['msg']} ({e.errors()[0]['loc']})"
+    return None

@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from keel.breaker import AdmitDecision, AdmitRequest
 
@@ -66,6 +66,8 @@ class Usage(BaseModel):
 class SimConfig(BaseModel):
     """Knobs of the offline simulated model. Rates are per task (spiral) or per call (the rest)."""
 
+    model_config = ConfigDict(extra="forbid")
+
     seed: int = 0
     spiral_rate: float = Field(0.15, ge=0, le=1)
     """Share of tasks that enter a reasoning spiral (4-5 extra loops of tool calls and re-drafts)."""
@@ -84,6 +86,22 @@ class SimConfig(BaseModel):
 class ModelSpec(BaseModel):
     provider: ProviderName = "sim"
     model: str = "sim-large"
+    options: dict[str, Any] = Field(default_factory=dict)
+    """Settings of this provider's model for a task: the sim's knobs (`SimConfig` fields: seed,
+    failure rates, latency). The real providers take none and refuse a spec that has some."""
+
+    def for_task(self, sim: SimConfig) -> ModelSpec:
+        """This spec with the task's sim knobs, when it is the sim's (only the ones set away from the
+        defaults, so a history carries few); any other provider's spec as it is."""
+        if self.provider != "sim":
+            return self
+        knobs = sim.model_dump(exclude_defaults=True)
+        return self.model_copy(update={"options": {**knobs, **self.options}}) if knobs else self
+
+    @property
+    def sim(self) -> SimConfig:
+        """The sim's knobs of this spec (an unknown one is a ValidationError)."""
+        return SimConfig.model_validate(self.options)
 
     @property
     def label(self) -> str:
@@ -192,7 +210,6 @@ class LlmRequest(BaseModel):
     """Ask for a JSON object as the whole answer."""
     model: ModelSpec = Field(default_factory=ModelSpec)
     temperature: float = 0.0
-    sim: SimConfig = Field(default_factory=SimConfig)
     admit: AdmitRequest | None = None
     """On a task's first model call: ask the task type's cost circuit breaker first (see
     activities.llm). Refused: the call fails with BreakerOpen before any model is called."""

@@ -11,8 +11,13 @@ from typing import Any
 
 import pytest
 from pydantic import ValidationError
+from sqlalchemy import Engine
+from temporalio.exceptions import ApplicationError
+from temporalio.testing import ActivityEnvironment
 
 import activities.providers.sim as sim_module
+from activities.ledger import Ledger
+from activities.llm import LlmActivities
 from activities.providers.sim import SimProvider, classify_text, task_traits
 from keel.dataset import SampleTicket, build_dataset, sample_tickets
 from keel.policy import CATEGORIES
@@ -87,7 +92,7 @@ def request(kind: str, messages: list[Message], step: int, sim: SimConfig, ticke
             tools: list[ToolSpec] | None = None, **kw: Any) -> LlmRequest:
     return LlmRequest(task=TaskContext(workflow_id=f"wf-{ticket_id}", customer="acme", ticket_id=ticket_id),
                       step=step, kind=kind, prompt=f"support/{kind}", messages=messages, tools=tools or [],
-                      sim=sim, model=ModelSpec(provider="sim", model="sim-large"), **kw)
+                      model=ModelSpec(provider="sim", model="sim-large").for_task(sim), **kw)
 
 
 def ticket_message(customer_id: str, ticket_id: str, text: str) -> Message:
@@ -427,3 +432,28 @@ async def test_latency() -> None:
     resp = await SIM.complete(request("classify", [ticket_message("C-1001", "TK-1", "Hi")], 1,
                                       SimConfig(latency_ms_min=20, latency_ms_max=30), json_output=True), SYSTEM)
     assert resp.text and time.perf_counter() - start >= 0.019
+
+
+@pytest.mark.parametrize(("model", "expected"), [
+    (ModelSpec(provider="openai", model="gpt-4o-mini", options={"spiral_rate": 1.0}), "takes no options"),
+    (ModelSpec(provider="sim", model="sim-large", options={"spiral_rat": 1.0}), "invalid sim options"),
+    (ModelSpec(provider="sim", model="sim-large", options={"spiral_rate": 7}), "invalid sim options"),
+])
+async def test_model_options_are_the_sims_knobs_and_nothing_else(db_engine: Engine, model: ModelSpec,
+                                                                   expected: str) -> None:
+    # The sim's knobs travel in its model spec (the request has no sim field); a real provider given
+    # options, or a misspelt knob, is refused before any model is called, never silently dropped.
+    assert "sim" not in LlmRequest.model_fields
+    acts = LlmActivities({"sim": SimProvider(), "openai": SimProvider()}, Ledger(db_engine))
+    req = request("classify", [Message(role="user", content="Customer: C-1001\nTicket: T\n\nhi")], 1, SimConfig())
+    with pytest.raises(ApplicationError) as e:
+        await ActivityEnvironment().run(acts.llm_call, req.model_copy(update={"model": model}))
+    assert e.value.type == "ProviderBadRequest" and e.value.non_retryable and expected in e.value.message
+
+
+def test_a_task_s_sim_knobs_go_only_to_sim_specs() -> None:
+    knobs = SimConfig(seed=3, spiral_rate=1.0)
+    assert ModelSpec(provider="sim", model="sim-small").for_task(knobs).sim == knobs
+    assert ModelSpec(provider="sim", model="sim-small").for_task(SimConfig()).options == {}  # defaults not carried
+    real = ModelSpec(provider="anthropic", model="claude-haiku-4-5")
+    assert real.for_task(knobs) is real

@@ -343,8 +343,8 @@ def test_prompt_lists_every_category() -> None:
 async def _peer(text: str, spec: sw.PeerSpec, key: str, sim: SimConfig | None = None) -> sw.PeerAnswer:
     inp = sw.SwarmInput(text=text, customer_id=CUSTOMER, ticket_id=key)
     req = LlmRequest(task=TaskContext(workflow_id=f"w/{spec.name}", customer=CUSTOMER, ticket_id=key), step=1,
-                     kind="classify", prompt=sw.PROMPT, json_output=True, model=spec.model,
-                     temperature=spec.temperature, sim=(sim or SimConfig()).model_copy(update={"seed": spec.seed}),
+                     kind="classify", prompt=sw.PROMPT, json_output=True, temperature=spec.temperature,
+                     model=spec.model.for_task((sim or SimConfig()).model_copy(update={"seed": spec.seed})),
                      messages=[Message(role="user", content=f"Task: {sw.DEFAULT_QUESTION}"),
                                Message(role="user", content=f"Context: {sw.peer_context(inp)}")])
     out = await SimProvider().complete(req, load_prompt(sw.PROMPT, "v1").text)

@@ -535,7 +535,7 @@ class SimProvider:
         key = req.task.ticket_id or req.task.workflow_id
         if req.task.prompt_version != "v1":
             key = f"{key}@{req.task.prompt_version}"
-        rng = random.Random(f"{req.sim.seed}:{key}:{req.step}:{req.kind}")
+        rng = random.Random(f"{req.model.sim.seed}:{key}:{req.step}:{req.kind}")
         u_hallucinate, u_json, u_args = rng.random(), rng.random(), rng.random()
         family = req.prompt.partition("/")[0]
         text, tool_calls = "", list[ToolCall]()
@@ -547,13 +547,13 @@ class SimProvider:
         elif req.kind == "classify":
             ticket = parse_ticket(req.messages)
             text = json.dumps(classify_text(ticket.text, rng))
-            if u_json < req.sim.invalid_json_rate:
+            if u_json < req.model.sim.invalid_json_rate:
                 text = _broken_json(rng, text)
         elif req.kind in AGENT_KINDS:
             ticket = parse_ticket(req.messages)
-            action = self._decide(req, ticket, task_traits(req.sim, key))
+            action = self._decide(req, ticket, task_traits(req.model.sim, key))
             answer_now = _system_index(req.messages, "answer now") is not None
-            if req.tools and not answer_now and u_hallucinate < req.sim.hallucinated_tool_rate:
+            if req.tools and not answer_now and u_hallucinate < req.model.sim.hallucinated_tool_rate:
                 offered = {t.name for t in req.tools} | set(TOOLS)
                 fake = rng.choice([n for n in HALLUCINATED_TOOLS if n not in offered])
                 action = Action(fake, {"customer_id": ticket.customer_id})
@@ -566,9 +566,9 @@ class SimProvider:
                 text = action.text
         else:
             text = self._other(req, parse_ticket(req.messages))
-        if req.sim.latency_ms_max > 0:
-            lo = req.sim.latency_ms_min
-            await asyncio.sleep(rng.uniform(lo, max(lo, req.sim.latency_ms_max)) / 1000)
+        if req.model.sim.latency_ms_max > 0:
+            lo = req.model.sim.latency_ms_min
+            await asyncio.sleep(rng.uniform(lo, max(lo, req.model.sim.latency_ms_max)) / 1000)
         text, cut = _cap_output(text, tool_calls, req.max_output_tokens)
         finish = "length" if cut else ("tool_calls" if tool_calls else "stop")
         return ProviderResult(text=text, tool_calls=tool_calls, usage=_usage(req, system, text, tool_calls),
@@ -578,7 +578,7 @@ class SimProvider:
     def _agent(req: LlmRequest, rng: random.Random, u_hallucinate: float, u_json: float,
                u_args: float) -> tuple[str, list[ToolCall]]:
         """A registered agent: its own sim behaviour or the generic one, with the failure modes of
-        `req.sim` applied around it (hallucinated tools, invalid arguments, invalid JSON)."""
+        `req.model.sim` applied around it (hallucinated tools, invalid arguments, invalid JSON)."""
         agent = registry.find(req.agent)
         behaviour = agent.sim if agent is not None and agent.sim is not None else generic_behaviour
         turn = parse_turn(req.agent, req.messages, req.tools, req.step, req.kind, rng, req.output_schema)
@@ -587,21 +587,21 @@ class SimProvider:
             raise TypeError(f"the sim behaviour of agent {req.agent!r} returned {type(reply).__name__}, "
                             "not keel.sim.SimReply")
         offered = {t.name: t for t in req.tools}
-        if req.tools and not turn.answer_now and u_hallucinate < req.sim.hallucinated_tool_rate:
+        if req.tools and not turn.answer_now and u_hallucinate < req.model.sim.hallucinated_tool_rate:
             fake = rng.choice([n for n in HALLUCINATED_TOOLS if n not in offered])
             reply = SimReply.call(fake, query=turn.input[:80])
         calls: list[ToolCall] = []
         for i, c in enumerate(reply.tool_calls):
             args = dict(c.arguments)
             spec = offered.get(c.name)
-            if spec is not None and u_args < req.sim.invalid_args_rate:
+            if spec is not None and u_args < req.model.sim.invalid_args_rate:
                 args = _corrupt_schema_args(rng, spec.parameters, args)
             arguments_json = json.dumps(args)
-            if u_json < req.sim.invalid_json_rate:
+            if u_json < req.model.sim.invalid_json_rate:
                 arguments_json = _broken_json(rng, arguments_json)
             calls.append(ToolCall(id=f"call_{req.step}_{i}", name=c.name, arguments_json=arguments_json))
         text = reply.text
-        if not calls and req.json_output and u_json < req.sim.invalid_json_rate:
+        if not calls and req.json_output and u_json < req.model.sim.invalid_json_rate:
             text = _broken_json(rng, text)
         return text, calls
 
@@ -640,10 +640,10 @@ class SimProvider:
     @staticmethod
     def _tool_call(req: LlmRequest, rng: random.Random, action: Action, u_json: float, u_args: float) -> ToolCall:
         args = action.args
-        if action.name in TOOLS and u_args < req.sim.invalid_args_rate:
+        if action.name in TOOLS and u_args < req.model.sim.invalid_args_rate:
             args = _corrupt_args(rng, action.name, args)
         arguments_json = json.dumps(args)
-        if u_json < req.sim.invalid_json_rate:
+        if u_json < req.model.sim.invalid_json_rate:
             arguments_json = _broken_json(rng, arguments_json)
         return ToolCall(id=f"call_{req.step}_0", name=action.name, arguments_json=arguments_json)
 

@@ -1,6 +1,6 @@
 """The sim model's answers for the 'dr/*' prompts: the supervisor pattern's worker and reviewer.
 
-Deterministic: every answer depends only on the request (the messages, the offered tools, `req.sim.seed`).
+Deterministic: every answer depends only on the request (the messages, the offered tools, `req.model.sim.seed`).
 
 `dr/plan` (the worker, an agent loop with get_service_status and lookup_runbook):
 - first it calls get_service_status (all services), then lookup_runbook(<the task's runbook>), reading
@@ -22,7 +22,7 @@ Deterministic: every answer depends only on the request (the messages, the offer
   replica if there is one) and `[review] step N (...): no verification ...` lines (a verification
   added). A problem it cannot fix (no replica fit to promote) stays.
 - told to answer now (budget) or offered no tools, it answers with the plan from what it has read.
-- `req.sim.invalid_json_rate`: the chance that its plan is not valid JSON (cut off midway, as at an
+- `req.model.sim.invalid_json_rate`: the chance that its plan is not valid JSON (cut off midway, as at an
   output limit), except when the feedback names the invalid output (`[valid_plan]`): then it
   answers with a fresh, complete plan.
 
@@ -117,11 +117,11 @@ def _worker(req: LlmRequest, rng: random.Random) -> tuple[str, list[ToolCall]]:
         steps = revise(previous, feedback, services)
         summary = f"Revised {topic.replace('_', ' ')} plan: fixed what the supervisor named."
     else:
-        steps = draft(topic, scenario, services, omit_verify=_omits_verify(req.sim.seed),
+        steps = draft(topic, scenario, services, omit_verify=_omits_verify(req.model.sim.seed),
                       flawed=feedback is None)
         summary = f"{topic.replace('_', ' ').capitalize()} plan for: {scenario[:200]}"
     text = json.dumps({"summary": summary, "steps": steps})
-    if rng.random() < req.sim.invalid_json_rate and not (feedback and f"[{INVALID_PLAN}]" in feedback):
+    if rng.random() < req.model.sim.invalid_json_rate and not (feedback and f"[{INVALID_PLAN}]" in feedback):
         text = text[: int(len(text) * (0.3 + 0.4 * rng.random()))]  # cut off: never valid JSON
     return text, []
 

@@ -39,7 +39,7 @@ def respond(req: LlmRequest, rng: random.Random) -> tuple[str, list[ToolCall]]:
     role = req.prompt.partition("/")[2]
     if role == "plan":
         text = json.dumps(plan(question_of(req.messages)))
-        if rng.random() < req.sim.invalid_json_rate:
+        if rng.random() < req.model.sim.invalid_json_rate:
             text = _broken_json(rng, text)
         return text, []
     if role in ("retrieval", "analysis"):

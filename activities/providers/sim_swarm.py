@@ -98,6 +98,6 @@ def classify_peer(text: str, model: str, temperature: float, rng: random.Random)
 def respond(req: LlmRequest, rng: random.Random) -> tuple[str, list[ToolCall]]:
     u_json = rng.random()
     text = json.dumps(classify_peer(ticket_text(req.messages), req.model.model, req.temperature, rng))
-    if u_json < req.sim.invalid_json_rate:
+    if u_json < req.model.sim.invalid_json_rate:
         text = _broken_json(rng, text)
     return text, []
