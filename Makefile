@@ -4,6 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 DEMO_TICKETS ?= 24
+ONCALL_PID := .keel/oncall-status.pid
 
 .PHONY: install demo up down test lint bench clean
 
@@ -15,7 +16,10 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/keel up --detach
+	@mkdir -p .keel
+	@if ! { [ -f $(ONCALL_PID) ] && kill -0 $$(cat $(ONCALL_PID)) 2>/dev/null; }; then \
+	  nohup $(BIN)/python -m agents.oncall.status_service 8710 > .keel/oncall-status.log 2>&1 & echo $$! > $(ONCALL_PID); fi
+	KEEL_AGENTS=agents.oncall $(BIN)/keel up --detach
 	$(BIN)/keel shadow start --candidate prompt=v2 --fraction 0.25
 	$(BIN)/keel ticket batch --sample $(DEMO_TICKETS) --concurrency 12 --sim-latency 1000-3000
 	$(BIN)/keel shadow report
@@ -23,6 +27,13 @@ demo: $(STAMP)
 	$(BIN)/keel research "Why did refunds rise in Q3, and what did the duplicate charges cost us?"
 	$(BIN)/keel plan "payments-db primary in eu-west-1 is down: storage controller failure" --sim-seed 1
 	$(BIN)/keel swarm "My card is declined at the ATM and I was charged twice at ShopNow." --customer C-1001 --ticket-id TK-DEMO-SWARM
+	$(BIN)/keel run oncall "Is the api service healthy?" --key demo-api --wait
+	$(BIN)/keel run oncall "Payments is failing, please fix it" --key demo-payments --watch
+	$(BIN)/keel approvals
+	$(BIN)/keel approve oncall-demo-payments --as sre-lead
+	$(BIN)/keel result oncall-demo-payments
+	$(BIN)/keel orchestrate "Morning check of api and search" --task "oncall=Is the api service healthy?" \
+	  --task "oncall=How is the search service doing?" --synthesizer incident_note --key demo --wait
 	@echo "The stack is still running: open the Temporal UI above; 'make down' stops it."
 
 up: $(STAMP)
@@ -30,6 +41,8 @@ up: $(STAMP)
 
 down:
 	@if [ -x $(BIN)/keel ]; then $(BIN)/keel down; else echo "nothing to stop (no .venv)"; fi
+	@if [ -f $(ONCALL_PID) ]; then kill $$(cat $(ONCALL_PID)) 2>/dev/null && echo "on-call status API stopped"; \
+	  rm -f $(ONCALL_PID); fi
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -1,5 +1,9 @@
 """Shadow mode's database side: the comparison rows (written by an activity, once per shadowed
-ticket), the configuration `keel shadow start/stop` writes and the client reads, and the report."""
+task), the configuration `keel shadow start/stop` writes and the client reads, and the report.
+
+One configuration is active per target: support tickets (a candidate without an agent) and each
+registered agent (`CandidateSpec.agent`). A target's rows are told apart by their label (the
+`candidate` column): an agent's starts with `agent=<name>,`."""
 
 from __future__ import annotations
 
@@ -16,11 +20,14 @@ from temporalio import activity
 
 from activities.db import ShadowComparisonRow, ShadowConfigRow, utcnow
 from keel.shadow import (
+    AGENT_LABEL_PREFIX,
+    NOT_STORED,
     SHADOW_RECORD_ACTIVITY,
     CandidateSpec,
     ShadowComparison,
     ShadowConfig,
     ShadowSummary,
+    agent_label_prefix,
     summarize,
 )
 from keel.types import BlockedAction
@@ -50,7 +57,7 @@ def _as_utc(t: datetime) -> datetime:
 
 def record_comparison(engine: Engine, c: ShadowComparison) -> bool:
     """Insert the row keyed on the shadow workflow id; an existing row is left as it is."""
-    values = c.model_dump(exclude={"dry_run_actions", "proposed_writes", "created_at"})
+    values = c.model_dump(exclude={"dry_run_actions", "proposed_writes", "created_at", *NOT_STORED})
     row = ShadowComparisonRow(**values, dry_run_actions=_ACTIONS.dump_json(c.dry_run_actions).decode(),
                               proposed_writes=_ACTIONS.dump_json(c.proposed_writes).decode(),
                               created_at=_as_utc(c.created_at) if c.created_at else utcnow())
@@ -72,22 +79,32 @@ def _comparison(r: ShadowComparisonRow) -> ShadowComparison:
                                             "proposed_writes": json.loads(r.proposed_writes or "[]")})
 
 
-def comparisons(engine: Engine, since: datetime | None = None, candidate: str | None = None
-                ) -> list[ShadowComparison]:
-    """Comparison rows, oldest first."""
+def _target(column: Any, agent: str | None) -> Any:
+    """Rows of one target: `agent`'s candidates, or (None) the tickets'."""
+    if agent is None:
+        return ~column.startswith(AGENT_LABEL_PREFIX, autoescape=True)
+    return column.startswith(agent_label_prefix(agent), autoescape=True)
+
+
+def comparisons(engine: Engine, since: datetime | None = None, candidate: str | None = None,
+                agent: str | None = None) -> list[ShadowComparison]:
+    """Comparison rows, oldest first; `agent`: only that agent's candidates."""
     stmt = select(ShadowComparisonRow).order_by(col(ShadowComparisonRow.created_at),
                                                 col(ShadowComparisonRow.shadow_workflow_id))
     if since is not None:
         stmt = stmt.where(col(ShadowComparisonRow.created_at) >= _as_utc(since))
     if candidate is not None:
         stmt = stmt.where(col(ShadowComparisonRow.candidate) == candidate)
+    if agent is not None:
+        stmt = stmt.where(_target(col(ShadowComparisonRow.candidate), agent))
     with Session(engine) as s:
         return [_comparison(r) for r in s.scalars(stmt)]
 
 
-def shadow_report(engine: Engine, since: datetime | None = None) -> list[ShadowSummary]:
-    """`keel shadow report`: one summary per candidate over the comparisons since `since`."""
-    return summarize(comparisons(engine, since))
+def shadow_report(engine: Engine, since: datetime | None = None, agent: str | None = None) -> list[ShadowSummary]:
+    """`keel shadow report`: one summary per candidate over the comparisons since `since` (`agent`:
+    only that agent's candidates)."""
+    return summarize(comparisons(engine, since, agent=agent))
 
 
 # --- the configuration ------------------------------------------------------------------------
@@ -99,11 +116,14 @@ def _config(r: ShadowConfigRow) -> ShadowConfig:
 
 
 def start_shadow(engine: Engine, candidate: CandidateSpec, fraction: float) -> ShadowConfig:
-    """Make `candidate` the active shadow for `fraction` of new tickets (replacing an active one)."""
+    """Make `candidate` the active shadow for `fraction` of new tickets, or of new tasks of
+    `candidate.agent` (replacing that target's active one; other targets' stay)."""
     now = utcnow()
     config = ShadowConfig(candidate=candidate, fraction=fraction, started_at=now)
     with Session(engine) as s:
-        for old in s.scalars(select(ShadowConfigRow).where(col(ShadowConfigRow.active))):
+        active = select(ShadowConfigRow).where(col(ShadowConfigRow.active),
+                                               _target(col(ShadowConfigRow.candidate), candidate.agent))
+        for old in s.scalars(active):
             old.active, old.stopped_at = False, now
             s.add(old)
         s.add(ShadowConfigRow(candidate=candidate.label, candidate_json=candidate.model_dump_json(),
@@ -112,10 +132,12 @@ def start_shadow(engine: Engine, candidate: CandidateSpec, fraction: float) -> S
     return config
 
 
-def stop_shadow(engine: Engine) -> ShadowConfig | None:
-    """End shadowing of new tickets (running shadows finish); the configuration that was active."""
+def stop_shadow(engine: Engine, agent: str | None = None) -> ShadowConfig | None:
+    """End shadowing of new tickets, or of `agent`'s new tasks (running shadows finish); the
+    configuration that was active."""
     with Session(engine) as s:
-        rows = list(s.scalars(select(ShadowConfigRow).where(col(ShadowConfigRow.active))))
+        rows = list(s.scalars(select(ShadowConfigRow).where(col(ShadowConfigRow.active),
+                                                             _target(col(ShadowConfigRow.candidate), agent))))
         for r in rows:
             r.active, r.stopped_at = False, utcnow()
             s.add(r)
@@ -123,10 +145,10 @@ def stop_shadow(engine: Engine) -> ShadowConfig | None:
         return _config(rows[-1]) if rows else None
 
 
-def active_shadow(engine: Engine) -> ShadowConfig | None:
-    """The active configuration, or None. One indexed read; a ledger made before shadow mode existed
-    has no table yet, which means no shadow."""
-    stmt = (select(ShadowConfigRow).where(col(ShadowConfigRow.active))
+def active_shadow(engine: Engine, agent: str | None = None) -> ShadowConfig | None:
+    """The active configuration for tickets, or for `agent`'s tasks; None. One indexed read; a ledger
+    made before shadow mode existed has no table yet, which means no shadow."""
+    stmt = (select(ShadowConfigRow).where(col(ShadowConfigRow.active), _target(col(ShadowConfigRow.candidate), agent))
             .order_by(col(ShadowConfigRow.id).desc()).limit(1))
     try:
         with Session(engine) as s:
@@ -138,10 +160,28 @@ def active_shadow(engine: Engine) -> ShadowConfig | None:
         raise
 
 
-def last_shadow(engine: Engine) -> tuple[ShadowConfig, datetime | None, bool] | None:
-    """The latest configuration, its stop time and whether it is active; None if there never was one."""
+def active_agent_shadows(engine: Engine) -> dict[str, ShadowConfig]:
+    """Every agent's active configuration, by agent name (one read: what a starter caches)."""
+    stmt = (select(ShadowConfigRow).where(col(ShadowConfigRow.active),
+                                          col(ShadowConfigRow.candidate).startswith(AGENT_LABEL_PREFIX))
+            .order_by(col(ShadowConfigRow.id)))
+    try:
+        with Session(engine) as s:
+            configs = [_config(r) for r in s.scalars(stmt)]
+    except (OperationalError, ProgrammingError) as e:
+        if "shadow_config" in str(e):
+            return {}
+        raise
+    return {c.candidate.agent: c for c in configs if c.candidate.agent}
+
+
+def last_shadow(engine: Engine, agent: str | None = None) -> tuple[ShadowConfig, datetime | None, bool] | None:
+    """The latest configuration for tickets (or `agent`'s tasks), its stop time and whether it is
+    active; None if there never was one."""
+    stmt = (select(ShadowConfigRow).where(_target(col(ShadowConfigRow.candidate), agent))
+            .order_by(col(ShadowConfigRow.id).desc()).limit(1))
     with Session(engine) as s:
-        row = s.scalars(select(ShadowConfigRow).order_by(col(ShadowConfigRow.id).desc()).limit(1)).first()
+        row = s.scalars(stmt).first()
         if row is None:
             return None
         return _config(row), row.stopped_at, row.active

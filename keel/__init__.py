@@ -19,8 +19,9 @@ from keel.agent import (
     tool,
 )
 from keel.errors import AgentDefinitionError, AgentNotRegistered, KeelError, ScriptExhausted, ToolError
-from keel.orchestration import ChildTask, OrchestratorInput, OrchestratorResult, Plan
+from keel.orchestration import ChildTask, OrchestratorInput, OrchestratorResult, Plan, SwarmInput, SwarmResult
 from keel.sim import SimCall, SimReply, SimTurn
+from keel.supervision import Review, Rule, SupervisorInput, SupervisorResult
 from keel.types import AgentInput, AgentResult, ApprovalDecision, Budget, ModelSpec, SimConfig
 
 __all__ = [
@@ -42,11 +43,17 @@ __all__ = [
     "OutputCheck",
     "Plan",
     "ProposedAction",
+    "Review",
+    "Rule",
     "ScriptExhausted",
     "SimCall",
     "SimConfig",
     "SimReply",
     "SimTurn",
+    "SupervisorInput",
+    "SupervisorResult",
+    "SwarmInput",
+    "SwarmResult",
     "Tool",
     "ToolContext",
     "ToolError",

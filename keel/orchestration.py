@@ -10,6 +10,7 @@ context); an optional synthesizer agent writes the final answer from the childre
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Literal
 
@@ -154,3 +155,78 @@ class OrchestratorResult(BaseModel):
     """The whole family's usage (every child, every attempt)."""
     budget: BudgetReport = Field(default_factory=BudgetReport)
     decisions: list[Decision] = Field(default_factory=list)
+
+
+# --- swarm: K peers of one agent, a vote on one field of their structured answers ----------------
+
+
+class SwarmInput(BaseModel):
+    """Input of the swarm workflow (`keel swarm-agents`): `peers` copies of one agent answer the same
+    input independently (each its own seed and temperature); the value of `field` in their structured
+    answers is put to a vote. Peers never act: their writes are recorded as dry runs, not executed."""
+
+    agent: str
+    input: str = Field(min_length=1)
+    field: str = Field(min_length=1, description="A field of the agent's structured answer, e.g. category or a.b")
+    peers: int = Field(3, ge=2, le=12)
+    quorum: float = Field(0.5, gt=0, le=1)
+    """The winning value needs more than this share of the peers (all of them, answered or not)."""
+    temperatures: list[float] = Field(default_factory=lambda: [0.0, 0.4, 0.8])
+    """Peer i's temperature: temperatures[i % len]."""
+    name: str = "swarm"
+    budget: Budget = Field(default_factory=lambda: Budget(max_tokens=20_000, max_usd=0.10))
+    key: str = ""
+    tenant: str = "default"
+    feature: str = ""
+    sim: SimConfig = Field(default_factory=SimConfig)
+
+
+class PeerAnswer(BaseModel):
+    name: str
+    status: str
+    value: object = None
+    """The field's value in the peer's answer; None when it gave none."""
+    problem: str = ""
+
+
+SwarmStatus = Literal["completed", "escalated", "budget_exceeded", "rejected"]
+
+
+class SwarmResult(BaseModel):
+    workflow_id: str
+    status: SwarmStatus
+    value: object = None
+    """The value more than `quorum` of the peers gave (None when none did)."""
+    votes: dict[str, int] = Field(default_factory=dict)
+    """Each value given (as JSON) and how many peers gave it."""
+    agreement: float = 0.0
+    """The winning value's share of all peers."""
+    answers: list[PeerAnswer] = Field(default_factory=list)
+    reason: str = ""
+    children: list[ChildRecord] = Field(default_factory=list)
+    usage: TaskUsage = Field(default_factory=TaskUsage)
+    budget: BudgetReport = Field(default_factory=BudgetReport)
+    decisions: list[Decision] = Field(default_factory=list)
+
+
+def tally(answers: list[PeerAnswer], peers: int, quorum: float) -> tuple[object, dict[str, int], float, str]:
+    """The vote: (winning value or None, votes by JSON value, the winner's share of all peers, why there
+    is no winner or ""). Ties and shares at or below the quorum have no winner."""
+    votes: dict[str, int] = {}
+    values: dict[str, object] = {}
+    for a in answers:
+        if a.problem:
+            continue
+        k = json.dumps(a.value, sort_keys=True, default=str)
+        votes[k] = votes.get(k, 0) + 1
+        values[k] = a.value
+    if not votes:
+        return None, votes, 0.0, "no peer gave a value"
+    ranked = sorted(votes.items(), key=lambda kv: (-kv[1], kv[0]))
+    top, count = ranked[0]
+    share = count / peers
+    if len(ranked) > 1 and ranked[1][1] == count:
+        return None, votes, share, f"a tie: {count} peers each for {top} and {ranked[1][0]}"
+    if share <= quorum:
+        return None, votes, share, f"{count} of {peers} peers agree on {top}: not more than the quorum {quorum:.0%}"
+    return values[top], votes, share, ""

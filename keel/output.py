@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from pydantic import BaseModel, ValidationError
+from temporalio.exceptions import ApplicationError
 
 from keel.agent import Agent, FinalOutput, ToolOutcome
+from keel.errors import AGENT_CONFIG_ERROR
 from keel.redaction import _PLACEHOLDER_RULES, _found, _quote, redact
 
 
@@ -57,11 +59,21 @@ def check_output(agent: Agent, text: str, structured: BaseModel | None, task_inp
     final = FinalOutput(text=report.text, structured=structured, input=task_input, tenant=tenant,
                         executed=tuple(executed))
     for check in agent.output_checks:
-        found = check(final)
+        # A bug in the agent's hook, met in workflow code, fails the task with it: never a workflow task
+        # retried forever (it would go wrong again on every attempt).
+        hook = f"agent {agent.name!r}: output check {getattr(check, '__qualname__', None) or repr(check)}"
+        try:
+            found = check(final)
+        except Exception as e:
+            raise ApplicationError(f"{hook} raised {type(e).__name__}: {e}", type=AGENT_CONFIG_ERROR,
+                                   non_retryable=True) from e
         if isinstance(found, str):
             out.problems.append(found)
-        elif found:
+        elif isinstance(found, Iterable):
             out.problems += [str(p) for p in found]
+        elif found:
+            raise ApplicationError(f"{hook} returned {type(found).__name__}: {found!r}, not a problem (str), a list "
+                                   "of problems or None", type=AGENT_CONFIG_ERROR, non_retryable=True)
     return out
 
 

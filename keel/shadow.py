@@ -1,9 +1,14 @@
-"""Shadow mode, the pure part: what a candidate is, which tickets are shadowed, how a primary and its
+"""Shadow mode, the pure part: what a candidate is, which tasks are shadowed, how a primary and its
 candidate are compared, and the report over many comparisons.
 
-A candidate (a prompt version and/or models) runs beside the primary on the same ticket, its writes
-dry-run (recorded, never executed); only the primary's output acts. Each shadowed ticket leaves one
+A candidate (a prompt version and/or models) runs beside the primary on the same task, its writes
+dry-run (recorded, never executed); only the primary's output acts. Each shadowed task leaves one
 comparison row; `keel shadow report` summarizes them per candidate.
+
+Two kinds of primary: a support ticket (TicketInput, the configuration without an agent), and a task
+of any registered agent (AgentInput, a configuration per agent: `CandidateSpec.agent`). Both use the
+same ShadowWorkflow, configuration table and comparison rows; an agent's candidate label starts with
+`agent=<name>,`, so its comparisons and reports never mix with the tickets' or another agent's.
 """
 
 from __future__ import annotations
@@ -17,7 +22,19 @@ from pydantic import BaseModel, Field
 
 from keel.policy import APPROVALS
 from keel.pricing import UnpricedModelError, price_for
-from keel.types import BlockedAction, ChildStatus, ModelSpec, TaskStatus, TaskUsage, TicketInput, TicketResult
+from keel.types import (
+    AgentInput,
+    AgentResult,
+    BlockedAction,
+    ChildStatus,
+    ModelSpec,
+    Route,
+    TaskStatus,
+    TaskUsage,
+    TicketInput,
+    TicketResult,
+    Tier,
+)
 
 SHADOW_FEATURE = "shadow"
 """Chargeback feature of every candidate run: shadow spend is reported apart from the product's."""
@@ -26,8 +43,11 @@ SHADOW_RECORD_ACTIVITY = "shadow_record"
 
 _VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
 """A prompt version's name, as starter.tickets checks it (the files are checked there: keel does no I/O)."""
-_KEYS = ("prompt", "model", "small", "large")
-SPEC_EXAMPLES = "prompt=v2, model=sim:sim-small, large=openai:gpt-4o,prompt=v2"
+_AGENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_KEYS = ("agent", "prompt", "model", "small", "large")
+SPEC_EXAMPLES = "prompt=v2, model=sim:sim-small, large=openai:gpt-4o,prompt=v2, agent=oncall,prompt=v2"
+AGENT_LABEL_PREFIX = "agent="
+"""How an agent candidate's label starts (`agent=oncall,prompt=v2`); a ticket candidate's never does."""
 
 
 class CandidateSpecError(ValueError):
@@ -36,16 +56,20 @@ class CandidateSpecError(ValueError):
 
 class CandidateSpec(BaseModel):
     """What the candidate changes from the primary: its prompt version and/or its models. Anything
-    left None is the primary's."""
+    left None is the primary's. `agent`: the registered agent whose tasks it shadows (None: support
+    tickets)."""
 
     prompt_version: str | None = None
     small_model: ModelSpec | None = None
     large_model: ModelSpec | None = None
+    agent: str | None = None
 
     @property
     def label(self) -> str:
-        """The canonical spec string, e.g. `prompt=v2,large=openai:gpt-4o` (what reports group by)."""
-        parts = [f"prompt={self.prompt_version}"] if self.prompt_version else []
+        """The canonical spec string, e.g. `prompt=v2,large=openai:gpt-4o` (what reports group by);
+        an agent's starts with `agent=<name>,`."""
+        parts = [f"{AGENT_LABEL_PREFIX}{self.agent}"] if self.agent else []
+        parts += [f"prompt={self.prompt_version}"] if self.prompt_version else []
         small, large = self.small_model, self.large_model
         if small is not None and small == large:
             parts.append(f"model={small.provider}:{small.model}")
@@ -56,7 +80,8 @@ class CandidateSpec(BaseModel):
     @classmethod
     def parse(cls, spec: str, check_prices: bool = True) -> CandidateSpec:
         """`key=value` pairs separated by commas: `prompt=VERSION`, `model=provider:model` (both tiers),
-        `small=provider:model`, `large=provider:model`. Raises CandidateSpecError, saying why."""
+        `small=provider:model`, `large=provider:model`, and `agent=NAME` for a registered agent's tasks
+        (without it: support tickets). Raises CandidateSpecError, saying why."""
         text = spec.strip()
         if not text:
             raise CandidateSpecError(f"empty candidate spec; examples: {SPEC_EXAMPLES}")
@@ -86,7 +111,7 @@ class CandidateSpec(BaseModel):
                     raise CandidateSpecError(f"{key}= in candidate spec {spec!r}: {e}") from None
         both = models.get("model")
         candidate = cls(prompt_version=seen.get("prompt"), small_model=both or models.get("small"),
-                        large_model=both or models.get("large"))
+                        large_model=both or models.get("large"), agent=seen.get("agent"))
         problems = candidate.problems(check_prices)
         if problems:
             raise CandidateSpecError(f"candidate spec {spec!r}: " + "; ".join(problems))
@@ -98,6 +123,8 @@ class CandidateSpec(BaseModel):
         problems = []
         if self.prompt_version is None and self.small_model is None and self.large_model is None:
             problems.append("it changes nothing: give prompt=, model=, small= or large=")
+        if self.agent is not None and not _AGENT.match(self.agent):
+            problems.append(f"agent name {self.agent!r} must be 1-64 letters, digits or _.-")
         if self.prompt_version is not None and not _VERSION.match(self.prompt_version):
             problems.append(f"prompt version {self.prompt_version!r} must be 1-32 letters, digits or _.- (e.g. v2)")
         if check_prices:
@@ -125,8 +152,32 @@ class CandidateSpec(BaseModel):
         })
 
 
+    def for_agent(self, agent: str) -> CandidateSpec:
+        """This candidate, shadowing the tasks of `agent`."""
+        return self.model_copy(update={"agent": agent})
+
+    def apply_agent(self, primary: AgentInput) -> AgentInput:
+        """The candidate's input for an agent task: the primary's task with this prompt version and
+        models, as a dry run (every write recorded, never executed; a `confirm` write is recorded as a
+        proposal and nobody is asked), charged to the shadow feature, outside the circuit breaker."""
+        models: dict[Tier, ModelSpec] = dict(primary.models or {})
+        if self.small_model is not None:
+            models["small"] = self.small_model
+        if self.large_model is not None:
+            models["large"] = self.large_model
+        return primary.model_copy(update={
+            "prompt_version": self.prompt_version or primary.prompt_version,
+            "models": models or None,
+            "dry_run": True,
+            "feature": SHADOW_FEATURE,
+            "breaker": False,
+            "approval_mode": "escalate",
+        })
+
+
 class ShadowConfig(BaseModel):
-    """The active shadow configuration: this share of new tickets runs the candidate beside them."""
+    """The active shadow configuration: this share of new tickets (or of an agent's new tasks, when the
+    candidate names one) runs the candidate beside them."""
 
     candidate: CandidateSpec
     fraction: float = Field(ge=0, le=1)
@@ -156,13 +207,28 @@ def shadow_workflow_id(primary_workflow_id: str) -> str:
     return f"shadow-{primary_workflow_id}"
 
 
-class ShadowInput(BaseModel):
-    """Input of ShadowWorkflow: one ticket, run by the primary and by the candidate."""
+def agent_label_prefix(agent: str) -> str:
+    """What the labels of `agent`'s candidates start with."""
+    return f"{AGENT_LABEL_PREFIX}{agent},"
 
-    primary: TicketInput
+
+def agent_of_label(label: str) -> str | None:
+    """The agent a candidate label shadows; None for a ticket candidate."""
+    if not label.startswith(AGENT_LABEL_PREFIX):
+        return None
+    return label[len(AGENT_LABEL_PREFIX):].split(",", 1)[0]
+
+
+class ShadowInput(BaseModel):
+    """Input of ShadowWorkflow: one task, run by the primary and by the candidate. Exactly one of
+    `primary` (a support ticket) and `agent` (a registered agent's task) is given."""
+
+    primary: TicketInput | None = None
     candidate: CandidateSpec
     primary_workflow_id: str
-    """The ticket's normal workflow id: approvals, watch and trace on the ticket work unchanged."""
+    """The task's normal workflow id: approvals, watch and trace on it work unchanged."""
+    agent: AgentInput | None = None
+    """The primary task of a registered agent (`KeelAgent`), instead of a ticket."""
 
 
 class ShadowComparison(BaseModel):
@@ -202,6 +268,15 @@ class ShadowComparison(BaseModel):
     candidate_failed: bool = False
     candidate_error: str = ""
     created_at: datetime | None = None
+    primary_answer: str | None = None
+    """An agent task's answer (agents only; in the workflow's result, not in the comparison row)."""
+    candidate_answer: str | None = None
+    answer_agrees: bool | None = None
+    """Agents only: the same answer, whitespace and case aside (None when the candidate failed)."""
+
+
+NOT_STORED = frozenset({"primary_answer", "candidate_answer", "answer_agrees"})
+"""ShadowComparison fields the comparison row does not have (they are in the shadow workflow's result)."""
 
 
 def final_status(status: str) -> str:
@@ -258,6 +333,93 @@ def failed_primary(workflow_id: str, inp: TicketInput, reason: str) -> TicketRes
                         status="failed", route="human", reason=reason)
 
 
+# --- agents -----------------------------------------------------------------------------------
+
+
+def agent_route(status: str) -> Route:
+    """The route an agent task took (as its outcome row says): only a completed task answered."""
+    return "reply" if status == "completed" else "human"
+
+
+def _proposal(b: BlockedAction) -> bool:
+    return b.reason.startswith("requires human approval")
+
+
+def agent_actions(r: AgentResult) -> str:
+    """What a task acted on, as a canonical string: the tools it executed (a dry run's recorded writes
+    included) and the `confirm` writes it proposed, sorted. A production task whose restart a human
+    approved and a candidate that proposed the same restart acted on the same things."""
+    return ",".join(sorted([*r.tools_executed, *(b.tool for b in r.tools_blocked if _proposal(b))]))
+
+
+def _same_answer(a: str, b: str) -> bool:
+    return " ".join(a.split()).casefold() == " ".join(b.split()).casefold()
+
+
+def compare_agent(
+    primary: AgentResult,
+    candidate: AgentResult | None,
+    *,
+    primary_input: AgentInput,
+    shadow_workflow_id: str,
+    candidate_workflow_id: str,
+    candidate_label: str,
+    candidate_error: str = "",
+    candidate_spent: TaskUsage | None = None,
+    primary_error: str = "",
+) -> ShadowComparison:
+    """The comparison row of one shadowed agent task, in the ticket's columns: `ticket_id` is the task's
+    key (or its workflow id), `customer_id` its tenant, the route `reply`/`human` as the agent's outcome
+    row, and the `category` columns hold what each acted on (agent_actions), so `classification_agrees`
+    reads "same actions". The answers are compared too (`answer_agrees`, in the result only).
+    `primary_error`: the primary failed (`primary` is then failed_agent_primary's stand-in)."""
+    c = ShadowComparison(
+        shadow_workflow_id=shadow_workflow_id, primary_workflow_id=primary.workflow_id,
+        candidate_workflow_id=candidate_workflow_id, ticket_id=primary_input.key or primary.workflow_id,
+        customer_id=primary_input.tenant, candidate=candidate_label, primary_status=primary.status,
+        primary_route=agent_route(primary.status), primary_category=agent_actions(primary),
+        primary_cost_usd=primary.cost_usd, primary_steps=primary.steps, primary_tokens=primary.tokens,
+        primary_answer=primary.output,
+    )
+    if primary_error:
+        c.primary_status = "failed"
+    if candidate is None:
+        spent = {"candidate_cost_usd": candidate_spent.cost_usd, "candidate_tokens": candidate_spent.tokens
+                 } if candidate_spent is not None else {}
+        return c.model_copy(update={"candidate_failed": True, "candidate_error": candidate_error or "failed", **spent})
+    route = agent_route(candidate.status)
+    actions = agent_actions(candidate)
+    return c.model_copy(update={
+        "candidate_status": candidate.status,
+        "candidate_route": route,
+        "candidate_category": actions,
+        "same_outcome": route == c.primary_route and candidate.status == c.primary_status,
+        "classification_agrees": actions == c.primary_category,
+        "candidate_cost_usd": candidate.cost_usd,
+        "cost_delta_usd": round(candidate.cost_usd - primary.cost_usd, 8),
+        "candidate_steps": candidate.steps,
+        "step_delta": candidate.steps - primary.steps,
+        "candidate_tokens": candidate.tokens,
+        "token_delta": candidate.tokens - primary.tokens,
+        "dry_run_writes": len(candidate.dry_run_actions),
+        "dry_run_actions": candidate.dry_run_actions,
+        "proposed_writes": [b for b in candidate.tools_blocked if _proposal(b)],
+        "candidate_answer": candidate.output,
+        "answer_agrees": _same_answer(primary.output, candidate.output),
+    })
+
+
+def failed_agent_primary(workflow_id: str, inp: AgentInput, reason: str) -> AgentResult:
+    """A stand-in result for an agent's primary task that failed (it has none); compare_agent records
+    it as `failed` when given `primary_error`."""
+    return AgentResult(workflow_id=workflow_id, agent=inp.agent, status="escalated", reason=reason)
+
+
+def agent_usage_of(r: AgentResult) -> TaskUsage:
+    return TaskUsage(llm_calls=r.llm_calls, input_tokens=r.input_tokens, output_tokens=r.output_tokens,
+                     cost_usd=r.cost_usd)
+
+
 def child_status(status: TaskStatus) -> ChildStatus:
     """A ticket's status as a pattern's child record shows it."""
     mapping: dict[str, ChildStatus] = {"resolved": "completed", "resolved_by_human": "completed",
@@ -279,11 +441,14 @@ class ShadowSummary(BaseModel):
     finished (a failed candidate has no outcome to compare); failures are counted apart."""
 
     candidate: str
+    agent: str | None = None
+    """The agent whose tasks the candidate shadows; None: support tickets."""
     tasks: int = 0
     compared: int = 0
     same_outcome: int = 0
     same_outcome_rate: float | None = None
     classification_agreement_rate: float | None = None
+    """Tickets: the same category. Agents: the same actions (tools executed or proposed)."""
     primary_cost_usd: float = 0.0
     candidate_cost_usd: float = 0.0
     total_cost_delta_usd: float = 0.0
@@ -314,7 +479,7 @@ def summarize(comparisons: list[ShadowComparison]) -> list[ShadowSummary]:
 
 def _summary(label: str, rows: list[ShadowComparison]) -> ShadowSummary:
     done = [r for r in rows if not r.candidate_failed]
-    s = ShadowSummary(candidate=label, tasks=len(rows), compared=len(done),
+    s = ShadowSummary(candidate=label, agent=agent_of_label(label), tasks=len(rows), compared=len(done),
                       candidate_failures=len(rows) - len(done))
     s.same_outcome = sum(r.same_outcome for r in done)
     if done:

@@ -144,6 +144,24 @@ class AgentEnvironment:
         handle = await start_orchestration(self.client, self.settings, OrchestratorInput(input=input, **fields))
         return await handle.result()
 
+    async def supervise(self, input: str, **fields: Any) -> Any:
+        """Run the supervisor pattern to its end (a SupervisorResult). `fields`: any SupervisorInput
+        field (worker, reviewer, rules, max_rounds, budget...)."""
+        from keel.supervision import SupervisorInput
+        from starter.agents import start_supervision
+
+        handle = await start_supervision(self.client, self.settings, SupervisorInput(input=input, **fields))
+        return await handle.result()
+
+    async def vote(self, agent: str, input: str, field: str, **fields: Any) -> Any:
+        """Run the swarm pattern to its end (a SwarmResult). `fields`: any SwarmInput field."""
+        from keel.orchestration import SwarmInput
+        from starter.agents import start_swarm
+
+        handle = await start_swarm(self.client, self.settings, SwarmInput(agent=agent, input=input, field=field,
+                                                                          **fields))
+        return await handle.result()
+
     async def run(self, agent: str, input: str, **fields: Any) -> AgentResult:
         """Run a task to its end. `fields`: any AgentInput field (key, tenant, budget, models...)."""
         handle = await self.start(agent, input, **fields)

@@ -14,8 +14,9 @@ from temporalio.client import Client, WorkflowHandle
 from temporalio.common import SearchAttributeKey, SearchAttributePair, TypedSearchAttributes
 
 from keel import names
-from keel.orchestration import OrchestratorInput, OrchestratorResult
+from keel.orchestration import OrchestratorInput, OrchestratorResult, SwarmInput, SwarmResult
 from keel.settings import KeelSettings
+from keel.supervision import SupervisorInput, SupervisorResult
 from keel.types import AgentInput, AgentResult
 
 SA_CUSTOMER = SearchAttributeKey.for_keyword(names.SA_CUSTOMER)
@@ -34,7 +35,16 @@ def agent_workflow_id(inp: AgentInput) -> str:
 
 
 async def start_agent(client: Client, settings: KeelSettings, inp: AgentInput,
-                      workflow_id: str | None = None) -> WorkflowHandle[Any, AgentResult]:
+                      workflow_id: str | None = None, shadow: bool = True) -> WorkflowHandle[Any, AgentResult]:
+    """Start a task of a registered agent. When the agent has an active shadow (`keel shadow start
+    --agent NAME`) and this task falls in its fraction, it starts shadowed: the handle is still the
+    production task's."""
+    if shadow:
+        from starter.shadow_cli import shadow_agent_task  # shadow_cli imports this module
+
+        shadowed = await shadow_agent_task(client, settings, inp, workflow_id)
+        if shadowed is not None:
+            return shadowed
     models = " / ".join(dict.fromkeys(m.label for m in (inp.models or {}).values())) or "its own models"
     return await client.start_workflow(
         names.AGENT_WORKFLOW,
@@ -74,6 +84,51 @@ async def start_orchestration(client: Client, settings: KeelSettings, inp: Orche
         task_queue=settings.task_queue,
         result_type=OrchestratorResult,
         static_summary=f"Orchestration {inp.name} · {plan}" + (f" → {inp.synthesizer}" if inp.synthesizer else ""),
+        search_attributes=TypedSearchAttributes([
+            SearchAttributePair(SA_CUSTOMER, inp.tenant),
+            SearchAttributePair(SA_TASK_TYPE, inp.name),
+            SearchAttributePair(SA_FEATURE, inp.feature or inp.name),
+            SearchAttributePair(SA_STATUS, "running"),
+        ]),
+    )
+
+
+async def start_swarm(client: Client, settings: KeelSettings, inp: SwarmInput,
+                      workflow_id: str | None = None) -> WorkflowHandle[Any, SwarmResult]:
+    """Start the swarm pattern: `inp.peers` copies of one agent and a vote on a field (`keel vote`)."""
+    key = _UNSAFE.sub("-", inp.key).strip("-") if inp.key else uuid.uuid4().hex[:12]
+    return await client.start_workflow(
+        names.SWARM_AGENTS_WORKFLOW,
+        inp,
+        id=workflow_id or f"{inp.name}-{key}",
+        task_queue=settings.task_queue,
+        result_type=SwarmResult,
+        static_summary=f"Swarm {inp.name} · {inp.peers} x {inp.agent} · vote on {inp.field}",
+        search_attributes=TypedSearchAttributes([
+            SearchAttributePair(SA_CUSTOMER, inp.tenant),
+            SearchAttributePair(SA_TASK_TYPE, inp.name),
+            SearchAttributePair(SA_FEATURE, inp.feature or inp.name),
+            SearchAttributePair(SA_STATUS, "running"),
+        ]),
+    )
+
+
+def supervision_id(inp: SupervisorInput) -> str:
+    key = _UNSAFE.sub("-", inp.key).strip("-") if inp.key else uuid.uuid4().hex[:12]
+    return f"{inp.name}-{key}"
+
+
+async def start_supervision(client: Client, settings: KeelSettings, inp: SupervisorInput,
+                            workflow_id: str | None = None) -> WorkflowHandle[Any, SupervisorResult]:
+    """Start the supervisor pattern: a worker agent's answer checked by rules and a reviewer agent."""
+    checks = f"{len(inp.rules)} rules" + (f" + reviewer {inp.reviewer}" if inp.reviewer else "")
+    return await client.start_workflow(
+        names.SUPERVISOR_WORKFLOW,
+        inp,
+        id=workflow_id or supervision_id(inp),
+        task_queue=settings.task_queue,
+        result_type=SupervisorResult,
+        static_summary=f"Supervision {inp.name} · worker {inp.worker} · {checks} · up to {inp.max_rounds} rounds",
         search_attributes=TypedSearchAttributes([
             SearchAttributePair(SA_CUSTOMER, inp.tenant),
             SearchAttributePair(SA_TASK_TYPE, inp.name),

@@ -99,7 +99,8 @@ def approvals(json_out: Annotated[bool, typer.Option("--json", help="Print JSON.
         return
     t = Table(box=box.SIMPLE_HEAD, title=f"{len(waiting)} task(s) waiting for approval")
     for c in ("workflow", "action", "tool", "arguments", "reason", "approvers", "expires (UTC)"):
-        t.add_column(c, overflow="fold")
+        # The ids are what `keel approve` takes: never folded (the other columns wrap first).
+        t.add_column(c, overflow="fold", no_wrap=c in ("workflow", "action", "tool"))
     for w in waiting:
         a = w.action
         if a is None:

@@ -14,31 +14,54 @@ from typing import Annotated, Any
 import typer
 from rich.live import Live
 from rich.markup import escape
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowExecutionStatus
 
 from activities import tracing
 from keel import names
 from keel.dataset import sample_tickets
+from keel.orchestration import OrchestratorResult
+from keel.research import ResearchResult
 from keel.settings import KeelSettings
 from keel.shadow import is_shadowed, shadow_workflow_id
-from keel.types import SimConfig, TicketResult
-from starter import patterns, stack, tickets, views
+from keel.supervisor import SupervisedPlanResult
+from keel.swarm import SwarmResult
+from keel.types import AgentResult, SimConfig, TicketResult
+from starter import orchestrate_cli, patterns, plan_cli, research_cli, stack, swarm_cli, tickets, views
+from starter.agents import SA_TASK_TYPE
 from starter.approvals_cli import approvals, approve, reject, resolve_cmd
 from starter.breaker_cli import breaker_app
 from starter.codec_cli import codec_server
 from starter.console import client_or_exit, console, err, load_settings, run_task
 from starter.inspect_cli import history_app, prompts_app, replay_cmd
 from starter.metrics_cli import alerts, metrics
-from starter.orchestrate_cli import orchestrate_cmd
+from starter.orchestrate_cli import orchestrate_cmd, supervise_cmd, vote_cmd
 from starter.plan_cli import plan_cmd
 from starter.research_cli import research_cmd
-from starter.run_cli import run_cmd, worker_cmd
+from starter.run_cli import print_agent_result, run_cmd, watch_agent, worker_cmd
 from starter.shadow_cli import shadow_app
 from starter.swarm_cli import swarm_cmd
 from starter.trace_cli import trace_cmd
 
-PATTERN_WORKFLOWS = (names.RESEARCH_REPORT_WORKFLOW, names.SUPERVISED_PLAN_WORKFLOW, names.SWARM_WORKFLOW,
-                     names.SHADOW_WORKFLOW)
+TASK_WORKFLOWS = (names.SUPPORT_TICKET_WORKFLOW, names.AGENT_TASK_WORKFLOW)
+"""Single tasks whose `progress` is a Progress. KeelAgent is one too (its result an AgentResult); every
+other workflow is a multi-agent pattern's parent (research, plan, swarm, shadow, the orchestrator, ...),
+whose `progress` is its phase and its children's (PatternProgress)."""
+
+
+def _json_result(res: Any) -> None:
+    print(json.dumps(res.model_dump(mode="json"), indent=2))
+
+
+PATTERN_RESULTS: dict[str, tuple[type[Any], Callable[[Any, bool], None]]] = {
+    names.RESEARCH_REPORT_WORKFLOW: (ResearchResult, lambda r, j: _json_result(r) if j
+                                     else research_cli.print_result(r)),
+    names.SUPERVISED_PLAN_WORKFLOW: (SupervisedPlanResult, lambda r, j: _json_result(r) if j
+                                     else plan_cli.print_result(r)),
+    names.SWARM_WORKFLOW: (SwarmResult, lambda r, j: _json_result(r) if j else swarm_cli.print_result(r)),
+    names.ORCHESTRATOR_WORKFLOW: (OrchestratorResult, orchestrate_cli.print_result),
+}
+"""`keel result` of a pattern's parent: its result type and how its own command prints it (any other
+workflow: its result as JSON)."""
 
 app = typer.Typer(help="Keel: durable, budgeted, observable LLM agents on Temporal.", no_args_is_help=True)
 ticket_app = typer.Typer(help="Support tickets: submit one, or a batch.", no_args_is_help=True)
@@ -60,6 +83,8 @@ app.command("plan")(plan_cmd)
 app.command("swarm")(swarm_cmd)
 app.command("run")(run_cmd)
 app.command("orchestrate")(orchestrate_cmd)
+app.command("vote")(vote_cmd)
+app.command("supervise")(supervise_cmd)
 app.command("worker")(worker_cmd)
 app.add_typer(shadow_app, name="shadow")
 def _sim(settings: KeelSettings, seed: int | None, spiral_rate: float | None, latency: str | None) -> SimConfig:
@@ -244,37 +269,62 @@ class _Null:
 
 @app.command()
 def status(workflow_id: str) -> None:
-    """Live progress of a task: step, current action, tokens, status (a pattern: its phase and children)."""
+    """Live progress of a task: step, current action, tokens, status (a pattern: its phase and children;
+    a finished agent task: its result)."""
     settings = load_settings()
 
     async def run() -> None:
         client = await client_or_exit(settings)
-        if await _is_pattern(client, workflow_id):
+        kind, agent, running = await _describe(client, workflow_id)
+        if _is_pattern(kind):
             p = await patterns.pattern_progress(client, workflow_id)
             console.print(patterns.pattern_panel(workflow_id, p))
+            return
+        if kind == names.AGENT_WORKFLOW:
+            if running:
+                console.print(views.progress_panel(workflow_id, await tickets.progress(client, workflow_id), agent))
+            else:  # from the history: no worker needed
+                print_agent_result(await _agent_result(client, workflow_id), False)
             return
         console.print(views.progress_panel(workflow_id, await tickets.progress(client, workflow_id)))
 
     _run(run)
 
 
-async def _is_pattern(client: Client, workflow_id: str) -> bool:
-    """A multi-agent pattern's parent (its progress is its phase and its children's), not a single agent."""
+def _is_pattern(workflow_type: str) -> bool:
+    return workflow_type not in (*TASK_WORKFLOWS, names.AGENT_WORKFLOW)
+
+
+async def _describe(client: Client, workflow_id: str) -> tuple[str, str, bool]:
+    """(workflow type, the agent of a KeelAgent task (else ""), still running)."""
     desc = await client.get_workflow_handle(workflow_id).describe()
-    return desc.workflow_type in PATTERN_WORKFLOWS
+    agent = desc.typed_search_attributes.get(SA_TASK_TYPE) if desc.workflow_type == names.AGENT_WORKFLOW else None
+    return desc.workflow_type, agent or "", desc.status == WorkflowExecutionStatus.RUNNING
+
+
+async def _agent_result(client: Client, workflow_id: str) -> AgentResult:
+    r: AgentResult = await client.get_workflow_handle(workflow_id, result_type=AgentResult).result()
+    return r
 
 
 @app.command()
 def watch(workflow_id: str) -> None:
     """Draw a task's live progress (step, action, tokens against budget, the fast acknowledgement)
-    until it is done or waits for a person; a pattern's parent with its children's progress."""
+    until it is done or waits for a person; a pattern's parent with its children's progress; an agent
+    task's result once it is done."""
     settings = load_settings()
 
     async def run() -> None:
         client = await client_or_exit(settings)
         handle = client.get_workflow_handle(workflow_id)
-        if await _is_pattern(client, workflow_id):
+        kind, agent, running = await _describe(client, workflow_id)
+        if _is_pattern(kind):
             await patterns.watch(client, console, handle)
+            return
+        if kind == names.AGENT_WORKFLOW:
+            res = await watch_agent(client, workflow_id, agent) if running else await _agent_result(client, workflow_id)
+            if res is not None:
+                print_agent_result(res, False)
             return
         done = asyncio.ensure_future(handle.result())
         p = await tickets.progress(client, workflow_id)
@@ -283,6 +333,8 @@ def watch(workflow_id: str) -> None:
                 await asyncio.wait({done}, timeout=0.25)
                 p = await tickets.progress(client, workflow_id)
                 live.update(views.progress_panel(workflow_id, p))
+        if not console.is_terminal:
+            console.line()  # Live ends a terminal's last line itself, not a pipe's
         if not done.done():
             done.cancel()
             console.print(f"{workflow_id} is {p.status}: `keel approvals` / `keel resolve` (see the README).")
@@ -292,12 +344,22 @@ def watch(workflow_id: str) -> None:
 
 @app.command()
 def result(workflow_id: str, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
-    """The result of a finished task (waits if it is still running)."""
+    """The result of a finished task, whatever its workflow (waits if it is still running)."""
     settings = load_settings()
 
     async def run() -> None:
         client = await client_or_exit(settings)
-        _print_result(await tickets.result(client, workflow_id), as_json)
+        kind, _, _ = await _describe(client, workflow_id)
+        if kind == names.AGENT_WORKFLOW:
+            print_agent_result(await _agent_result(client, workflow_id), as_json)
+        elif kind == names.SUPPORT_TICKET_WORKFLOW:
+            _print_result(await tickets.result(client, workflow_id), as_json)
+        elif kind in PATTERN_RESULTS:
+            result_type, show = PATTERN_RESULTS[kind]
+            show(await client.get_workflow_handle(workflow_id, result_type=result_type).result(), as_json)
+        else:
+            raw = await client.get_workflow_handle(workflow_id).result()
+            print(json.dumps(raw, indent=2, default=str))
 
     _run(run)
 

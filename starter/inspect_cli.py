@@ -3,7 +3,9 @@
 - Replay: a task's history, fetched from Temporal, replayed with the Replayer against today's workflow
   code (the worker's sandbox, the client's data converter, so an encrypted history replays with the
   keys at hand). A divergence is reported with the nondeterminism message and the first diverging
-  event, found by replaying the history cut after each workflow task (a bisection).
+  event, found by replaying the history cut after each workflow task (a bisection). A KeelAgent (or
+  orchestrator) history runs its agents' definitions: `--agents MODULES` (and KEEL_AGENTS) loads them
+  into this process first, as `keel worker --agents` does; a replay that fails for want of one says so.
 - Export: the history as JSON, exactly as tests/histories/ holds it (CI replays every file there).
 - What-if (`keel replay ID --prompt-version V` / `--model provider:model`): the ticket's agent run
   again in this process, without Temporal, on the same input with the prompt version or models
@@ -12,6 +14,7 @@
   call that was never recorded is answered "not executed": a what-if never writes through a tool.
 - Prompts: the versions under prompts/ with their content hashes (the ones stamped on every ledger
   row), and a unified diff between two of them.
+  What-if runs support tickets only: a KeelAgent task is refused with what to do instead.
 
 The functions are testable without the command line; the commands only print.
 """
@@ -46,7 +49,8 @@ from temporalio.service import RPCError, RPCStatusCode
 from temporalio.workflow import NondeterminismError
 
 from activities.prompts import PROMPTS_DIR, load_prompt
-from keel import names
+from keel import names, registry
+from keel.errors import AgentDefinitionError
 from keel.pricing import UnpricedModelError, price_for
 from keel.settings import KeelSettings
 from keel.tools import TOOLS
@@ -198,13 +202,52 @@ async def _divergent_event(replayer: Replayer, history: WorkflowHistory, message
     return next((e for e in commands if _event_detail(e)), commands[0] if commands else None)
 
 
+def load_agents(settings: KeelSettings, modules: str = "") -> list[str]:
+    """Register in this process the agents of KEEL_AGENTS and of `modules` (comma-separated), as
+    `keel worker --agents` does; their names."""
+    wanted = [m for m in [*settings.agents.split(","), *modules.split(",")] if m.strip()]
+    try:
+        return [a.name for a in registry.load(wanted)]
+    except AgentDefinitionError as e:
+        raise InspectError(str(e)) from e
+
+
+async def agents_needed(history: WorkflowHistory, dc: DataConverter) -> list[str]:
+    """The agents whose definitions replaying `history` runs: a KeelAgent task's agent, an orchestrator's
+    planner, tasks and synthesizer ([] for other workflows, or an input that cannot be decoded)."""
+    events = history.events
+    if not events or events[0].event_type != EventType.EVENT_TYPE_WORKFLOW_EXECUTION_STARTED:
+        return []
+    started = events[0].workflow_execution_started_event_attributes
+    kind = started.workflow_type.name
+    if kind not in (names.AGENT_WORKFLOW, names.ORCHESTRATOR_WORKFLOW):
+        return []
+    try:
+        inp = (await dc.decode(list(started.input.payloads), [dict]))[0]
+    except Exception:
+        return []  # the replay itself reports an input it cannot decode
+    if not isinstance(inp, dict):
+        return []
+    found = [inp.get("agent"), inp.get("planner"), *(t.get("agent") for t in inp.get("tasks") or []
+                                                      if isinstance(t, dict)), inp.get("synthesizer")]
+    return list(dict.fromkeys(a for a in found if isinstance(a, str) and a))
+
+
 async def replay_history(history: WorkflowHistory, data_converter: DataConverter) -> ReplayReport:
-    """Replay against today's workflow code; on failure, the message and the first diverging event."""
+    """Replay against today's workflow code; on failure, the message and the first diverging event.
+    A failure of a history whose agents are not registered in this process is an InspectError that
+    names them (`--agents`), not a divergence."""
     replayer = make_replayer(data_converter)
     res = await replayer.replay_workflow(history, raise_on_replay_failure=False)
     report = ReplayReport(workflow_id=history.workflow_id, events=len(history.events), ok=res.replay_failure is None)
     if res.replay_failure is None:
         return report
+    missing = [a for a in await agents_needed(history, data_converter) if registry.find(a) is None]
+    if missing:
+        listed = ", ".join(repr(a) for a in missing)
+        raise InspectError(f"{history.workflow_id!r} runs agent {listed}, not loaded in this process: replaying it "
+                           "needs the agent's definition, as its worker has it; pass --agents MODULES (e.g. "
+                           "--agents agents.oncall) or set KEEL_AGENTS")
     report.error = _failure_message(res.replay_failure)
     report.error_type = type(res.replay_failure).__name__
     if not isinstance(res.replay_failure, NondeterminismError):
@@ -320,6 +363,12 @@ async def read_recording(history: WorkflowHistory, dc: DataConverter) -> Recordi
     if not events or events[0].event_type != EventType.EVENT_TYPE_WORKFLOW_EXECUTION_STARTED:
         raise InspectError(f"the history of {history.workflow_id!r} does not start with the workflow's start")
     started = events[0].workflow_execution_started_event_attributes
+    if started.workflow_type.name == names.AGENT_WORKFLOW:
+        raise InspectError(
+            f"{history.workflow_id!r} is a {names.AGENT_WORKFLOW} task (a registered agent): what-if replay "
+            "(--prompt-version, --model) re-runs support tickets only. Replay it as recorded with "
+            f"`keel replay {history.workflow_id} --agents MODULES`; to try another prompt version or model, run "
+            "the agent again: `keel run AGENT \"input\" --prompt-version V --model provider:model`")
     if started.workflow_type.name != names.SUPPORT_TICKET_WORKFLOW:
         raise InspectError(f"{history.workflow_id!r} is a {started.workflow_type.name} workflow; "
                            f"what-if replay runs {names.SUPPORT_TICKET_WORKFLOW} tasks")
@@ -638,11 +687,19 @@ def replay_cmd(
     large_model: Annotated[str | None, typer.Option("--large-model", help="What-if: provider:model, large tier")
                            ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
+    agents: Annotated[str, typer.Option(
+        "--agents", help="Comma-separated modules whose agents to load first (and KEEL_AGENTS), as for "
+                         "`keel worker`: a KeelAgent task's history replays with its agent's definition")] = "",
 ) -> None:
     """Replay a task's history against today's workflow code (exit 1 on a divergence); with
-    --prompt-version or --model, run the ticket again on them and show the old and new path side by side."""
+    --prompt-version or --model, run the ticket again on them and show the old and new path side by side
+    (support tickets only)."""
     settings = load_settings()
     whatif = any(v is not None for v in (prompt_version, model, small_model, large_model))
+    try:
+        load_agents(settings, agents)
+    except InspectError as e:
+        raise _fail(str(e), 2) from e
 
     async def run() -> int:
         client = await client_or_exit(settings)

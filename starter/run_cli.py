@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 from rich.live import Live
-from rich.markup import escape
+from temporalio.client import Client
 
 from keel.types import AgentInput, AgentResult, ApprovalMode, Budget, ModelSpec
 from starter import tickets, views
@@ -16,20 +16,38 @@ from starter.agents import start_agent
 from starter.console import client_or_exit, console, err, load_settings, run_task
 
 
-def _print(res: AgentResult, as_json: bool) -> None:
+def print_agent_result(res: AgentResult, as_json: bool) -> None:
+    """The one way a KeelAgent result is printed (`keel run`, `keel result`, `keel watch`, `keel status`)."""
     if as_json:
         print(res.model_dump_json())
         return
-    colour = {"completed": "green", "escalated": "yellow"}.get(res.status, "red")
-    console.print(f"[bold]{res.workflow_id}[/bold]  [{colour}]{res.status}[/{colour}]  {escape(res.reason)}")
-    console.print(f"steps {res.steps} · {res.llm_calls} model calls · {res.tokens:,} tokens · ${res.cost_usd:.4f} · "
-                  f"models {', '.join(res.models) or '-'} · tools {', '.join(res.tools_executed) or '-'}")
-    for b in res.tools_blocked:
-        console.print(f"  [yellow]blocked[/yellow] {b.tool}: {escape(b.reason)}")
-    if res.output:
-        console.print(escape(res.output))
-    elif res.partial_output:
-        console.print(f"[dim](held back)[/dim] {escape(res.partial_output)}")
+    console.print(views.agent_result_view(res))
+
+
+async def watch_agent(client: Client, workflow_id: str, agent: str | None = None) -> AgentResult | None:
+    """Draw a KeelAgent task's live progress until it ends (its result) or waits for a person (None,
+    after saying how to decide)."""
+    handle = client.get_workflow_handle(workflow_id, result_type=AgentResult)
+    done = asyncio.ensure_future(handle.result())
+    try:
+        p = await tickets.progress(client, workflow_id)
+        with Live(views.progress_panel(workflow_id, p, agent), console=console, refresh_per_second=8) as live:
+            while not done.done() and p.status not in tickets.WAITING_FOR_PEOPLE:
+                await asyncio.wait({done}, timeout=0.25)
+                p = await tickets.progress(client, workflow_id)
+                live.update(views.progress_panel(workflow_id, p, agent))
+        if not console.is_terminal:
+            console.line()  # Live ends a terminal's last line itself, not a pipe's
+        waiting = not done.done()
+    finally:
+        if not done.done():
+            done.cancel()
+    if waiting:
+        console.print(f"{workflow_id} is {p.status}: `keel approvals`; `keel approve {workflow_id} --as NAME` "
+                      f"or `keel reject {workflow_id} --as NAME`")
+        return None
+    res: AgentResult = done.result()
+    return res
 
 
 def run_cmd(
@@ -67,18 +85,11 @@ def run_cmd(
             console.print(f"started {handle.id}: `keel watch {handle.id}`, `keel result {handle.id}`")
             return
         if watch:
-            done = asyncio.ensure_future(handle.result())
-            p = await tickets.progress(client, handle.id)
-            with Live(views.progress_panel(handle.id, p), console=console, refresh_per_second=8) as live:
-                while not done.done() and p.status not in tickets.WAITING_FOR_PEOPLE:
-                    await asyncio.wait({done}, timeout=0.25)
-                    p = await tickets.progress(client, handle.id)
-                    live.update(views.progress_panel(handle.id, p))
-            if not done.done():
-                done.cancel()
-                console.print(f"{handle.id} is {p.status}: `keel approvals`, `keel approve {handle.id} --as NAME`")
-                return
-        _print(await handle.result(), as_json)
+            res = await watch_agent(client, handle.id, agent)
+            if res is not None:
+                print_agent_result(res, as_json)
+            return
+        print_agent_result(await handle.result(), as_json)
 
     run_task(main, f"agent {agent}")
 

@@ -24,14 +24,23 @@ from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 
-from keel.names import LLM_ACTIVITY, SUPPORT_TICKET_WORKFLOW
-from keel.types import Decision, LlmRequest, LlmResponse, ModelSpec, TicketResult, ToolRequest, ToolResult
+from keel.names import FINISH_ACTIVITY, LLM_ACTIVITY, SUPPORT_TICKET_WORKFLOW
+from keel.types import (
+    Decision,
+    FinishRequest,
+    LlmRequest,
+    LlmResponse,
+    ModelSpec,
+    TicketResult,
+    ToolRequest,
+    ToolResult,
+)
 from starter.console import client_or_exit, console, err, load_settings
 
 
 class TraceNode(BaseModel):
     kind: str
-    """llm | tool | wait | signal | update | decision | child"""
+    """llm | tool | finish | wait | signal | update | decision | child"""
     step: int | None = None
     name: str
     detail: str = ""
@@ -76,9 +85,13 @@ async def _decode(client: Client, payloads: Sequence[Payload], t: type[BaseModel
 def _summary(result: dict[str, Any]) -> dict[str, Any]:
     usage = result.get("usage") or {}
     tokens = result.get("tokens", usage.get("input_tokens", 0) + usage.get("output_tokens", 0))
-    return {"status": result.get("status", "?"), "tokens": tokens,
-            "cost_usd": result.get("cost_usd", usage.get("cost_usd", 0.0)),
-            "decisions": result.get("decisions") or []}
+    out = {"status": result.get("status", "?"), "tokens": tokens,
+           "cost_usd": result.get("cost_usd", usage.get("cost_usd", 0.0)),
+           "decisions": result.get("decisions") or []}
+    if result.get("agent"):  # a KeelAgent task (AgentResult)
+        out |= {"agent": result["agent"], "llm_calls": result.get("llm_calls", 0),
+                "tools_executed": result.get("tools_executed") or []}
+    return out
 
 
 async def task_trace(client: Client, workflow_id: str, depth: int = 0) -> TaskTrace:
@@ -99,7 +112,8 @@ async def task_trace(client: Client, workflow_id: str, depth: int = 0) -> TaskTr
         if t == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
             a = ev.activity_task_scheduled_event_attributes
             name = a.activity_type.name
-            model: type[BaseModel] = LlmRequest if name == LLM_ACTIVITY else ToolRequest
+            model: type[BaseModel] = (LlmRequest if name == LLM_ACTIVITY else FinishRequest if name == FINISH_ACTIVITY
+                                      else ToolRequest)
             try:
                 req = await _decode(client, a.input.payloads, model)
             except Exception:
@@ -171,6 +185,14 @@ async def task_trace(client: Client, workflow_id: str, depth: int = 0) -> TaskTr
 
 
 async def _completed(client: Client, name: str, req: Any, payloads: Sequence[Payload]) -> TraceNode:
+    if name == FINISH_ACTIVITY:
+        # A KeelAgent task's last step: its outcome row (and human-queue item) written to the ledger.
+        detail = ""
+        if isinstance(req, FinishRequest):
+            o = req.outcome
+            detail = f"outcome {o.status} -> {o.route}" + (
+                f"; to the human queue: {req.human_reason}" if req.human_reason else "")
+        return TraceNode(kind="finish", step=getattr(req, "step", None), name="finish", detail=detail)
     if name == LLM_ACTIVITY:
         resp: LlmResponse | None = None
         try:
@@ -220,7 +242,12 @@ def _head(t: TaskTrace) -> str:
         head += (f"  {r.status} -> {r.route}  {r.tokens:,} tokens  ${r.cost_usd:.5f}"
                  f"  {r.llm_calls} LLM calls, {len(r.tools_executed)} tools")
     elif t.summary is not None:
-        head += f"  {t.summary['status']}  {t.summary['tokens']:,} tokens  ${t.summary['cost_usd']:.5f}"
+        s = t.summary
+        if s.get("agent"):
+            head += f"  agent {escape(str(s['agent']))}"
+        head += f"  {s['status']}  {s['tokens']:,} tokens  ${s['cost_usd']:.5f}"
+        if s.get("agent"):
+            head += f"  {s.get('llm_calls', 0)} LLM calls, {len(s.get('tools_executed') or [])} tools"
     if t.duration_s is not None:
         head += f"  {t.duration_s:.2f} s"
     return head
@@ -239,6 +266,8 @@ def render(t: TaskTrace, tree: Tree | None = None) -> Tree:
             line = f"{step}[magenta]tool[/magenta] {escape(n.name)} {mark}{lat}  [dim]{escape(n.detail)}[/dim]"
         elif n.kind == "decision":
             line = f"{step}[yellow]decision[/yellow] {escape(n.name)}: {escape(n.detail)}"
+        elif n.kind == "finish":
+            line = f"{step}[green]finish[/green]  [dim]{escape(n.detail)}[/dim]"
         elif n.kind == "child":
             mark = "" if n.ok else "  [red]failed[/red]"
             sub = tree.add(f"[green]child[/green] {escape(n.name)}{mark}  " + (

@@ -11,13 +11,13 @@ from typing import Any
 from urllib.parse import quote
 
 from rich import box
-from rich.console import Console, Group
+from rich.console import Console, Group, RenderableType
 from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
 from keel.settings import KeelSettings
-from keel.types import SIM_LABEL, BudgetReport, Progress, TicketResult
+from keel.types import SIM_LABEL, AgentResult, BudgetReport, Progress, TicketResult
 
 
 def workflow_url(settings: KeelSettings, workflow_id: str) -> str:
@@ -72,13 +72,42 @@ def result_panel(r: TicketResult) -> Panel:
     return Panel(t, title=r.workflow_id)
 
 
-def progress_panel(workflow_id: str, p: Progress | None) -> Panel:
+def agent_result_view(r: AgentResult) -> Group:
+    """A KeelAgent task's result (`keel run --wait`, `keel result`, `keel watch`, `keel status` once done)."""
+    colour = {"completed": "green", "escalated": "yellow"}.get(r.status, "red")
+    lines: list[RenderableType] = [
+        f"[bold]{escape(r.workflow_id)}[/bold]  agent {escape(r.agent)}  [{colour}]{r.status}[/{colour}]  "
+        f"{escape(r.reason)}",
+        f"steps {r.steps} · {r.llm_calls} model calls · {r.tokens:,} tokens · ${r.cost_usd:.4f} · "
+        f"models {escape(', '.join(r.models) or '-')} · tools {escape(', '.join(r.tools_executed) or '-')}"
+        + _sim_note(r.models),
+        f"budget {budget_text(r.budget)}",
+    ]
+    for b in r.tools_blocked:
+        lines.append(f"  [yellow]blocked[/yellow] {escape(b.tool)}: {escape(b.reason)}")
+    for a in r.approvals:
+        lines.append(escape(f"  approval {a.action_id} {a.decision} by {a.approver}"
+                            + ("" if a.accepted else f" (ignored: {a.note})")))
+    if r.redactions:
+        lines.append("  redacted " + ", ".join(f"{v} {k}" for k, v in r.redactions.items()))
+    if r.output:
+        lines.append(escape(r.output))
+    elif r.partial_output:
+        lines.append(f"[dim](held back)[/dim] {escape(r.partial_output)}")
+    return Group(*lines)
+
+
+def progress_panel(workflow_id: str, p: Progress | None, agent: str | None = None) -> Panel:
+    """A task's live progress; `agent`: a KeelAgent task's agent (shown instead of a ticket's category)."""
     if p is None:
         return Panel("starting...", title=workflow_id)
     t = Table.grid(padding=(0, 2))
+    if agent is not None:
+        t.add_row("agent", escape(agent))
     t.add_row("status", f"[bold]{p.status}[/bold]")
-    t.add_row("step", f"{p.step}: {p.action}")
-    t.add_row("category", p.category or "-")
+    t.add_row("step", escape(f"{p.step}: {p.action}"))
+    if agent is None:
+        t.add_row("category", p.category or "-")
     if p.acknowledgement:
         t.add_row("ack", escape(p.acknowledgement))
     t.add_row("tokens", f"{p.tokens:,} ({p.llm_calls} LLM calls, ${p.cost_usd:.5f})")

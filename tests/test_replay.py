@@ -1,10 +1,16 @@
 """Replay: recorded histories under tests/histories/ must replay against today's workflow code, and a
-history that no longer matches the code must be caught."""
+history that no longer matches the code must be caught.
+
+The agents' histories (agent_*.json, recorded by tests/record_agent_history.py) replay the generic agent
+workflow, which looks its agent up in keel.registry at run time: the agents are registered here as a
+worker registers them (`keel worker --agents agents.oncall` registers the same definitions)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from temporalio.client import Client, WorkflowHistory
@@ -13,6 +19,9 @@ from temporalio.worker import Replayer
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 from temporalio.workflow import NondeterminismError
 
+import keel
+from agents.oncall import oncall, service_status
+from keel import registry
 from keel.settings import KeelSettings
 from tests.conftest import run_ticket, ticket
 from workers.worker import SANDBOX, STRICT_SANDBOX
@@ -21,23 +30,38 @@ from workflows.registry import WORKFLOWS
 HISTORIES = sorted((Path(__file__).parent / "histories").glob("*.json"))
 TICKET_HISTORY = Path(__file__).parent / "histories" / "ticket_v1.json"
 """The history the tampering tests change (recorded under its file name as the workflow id)."""
+REPLAYED_AGENTS = [oncall]
+"""The agents whose histories are recorded here (agent_<name>_*.json)."""
+ONCALL_HEALTHY = Path(__file__).parent / "histories" / "agent_oncall_v1.json"
+"""The on-call agent on a healthy service: the status is read (oncall.service_status), then the answer."""
+ONCALL_APPROVAL = Path(__file__).parent / "histories" / "agent_oncall_v1_approval.json"
+"""The on-call agent on a service that is down: status read, restart approved by update, restart run."""
+
+
+@pytest.fixture(autouse=True)
+def _agents_registered() -> None:
+    registry.register(*REPLAYED_AGENTS)  # idempotent: the same definitions may be registered again
 
 
 def replayer(runner: SandboxedWorkflowRunner = STRICT_SANDBOX) -> Replayer:
     return Replayer(workflows=WORKFLOWS, data_converter=pydantic_data_converter, workflow_runner=runner)
 
 
+def load(path: Path) -> WorkflowHistory:
+    # The recorded workflow id (a pattern's children's ids derive from it): the file name, `__` for `/`.
+    return WorkflowHistory.from_json(path.stem.replace("__", "/"), path.read_text())
+
+
 def test_there_are_recorded_histories() -> None:
     assert HISTORIES, "tests/histories/ should hold at least one recorded ticket history"
+    assert ONCALL_HEALTHY in HISTORIES and ONCALL_APPROVAL in HISTORIES, "the on-call agent's histories"
 
 
 @pytest.mark.parametrize("runner", [STRICT_SANDBOX, SANDBOX], ids=["strict", "shared"])
 @pytest.mark.parametrize("path", HISTORIES, ids=[p.stem for p in HISTORIES])
 async def test_recorded_history_replays(path: Path, runner: SandboxedWorkflowRunner) -> None:
-    # The recorded workflow id (a pattern's children's ids derive from it): the file name, `__` for `/`.
     # Both sandboxes: the tests' strict one checks the modules, the workers' shared one is what runs.
-    history = WorkflowHistory.from_json(path.stem.replace("__", "/"), path.read_text())  # noqa: ASYNC240
-    await replayer(runner).replay_workflow(history)
+    await replayer(runner).replay_workflow(load(path))
 
 
 async def test_changed_history_is_detected() -> None:
@@ -54,9 +78,58 @@ async def test_changed_history_is_detected() -> None:
         await replayer().replay_workflow(history)
 
 
-async def test_run_then_replay(client: Client, settings: KeelSettings, worker_factory) -> None:
+async def test_run_then_replay(client: Client, settings: KeelSettings, worker_factory: Any) -> None:
     async with worker_factory(client):
         res = await run_ticket(client, settings, ticket("C-1003", "My card keeps getting declined online.",
                                                         spiral_rate=1.0, hallucinated_tool_rate=0.3))
     history = await client.get_workflow_handle(res.workflow_id).fetch_history()
     await replayer().replay_workflow(history)
+
+
+def _refuse_every_call(action: keel.ProposedAction) -> str | None:
+    return "refused"
+
+
+def oncall_variant(**changes: Any) -> keel.Agent:
+    """The on-call agent's definition with some fields changed (the prompt given as an absolute path)."""
+    return dataclasses.replace(oncall, **{"prompt": oncall.prompt_path(), **changes})
+
+
+# What a changed agent definition does to replay, as observed (not assumed): Temporal compares the
+# commands (activity types, timers, search attribute upserts...), never an activity's input. So a change
+# is caught exactly when, fed the recorded model and tool results, the workflow would now issue other
+# commands; a change the recorded path never exercises, or one that only alters activity inputs, replays.
+@pytest.mark.parametrize(("history", "changes", "detected"), [
+    # Without restart_service, the recorded call of it is refused as an unknown tool: another model call
+    # where the approval wait was.
+    (ONCALL_APPROVAL, {"tools": [service_status], "approvers": {}}, True),
+    # The healthy path never used restart_service: the tool list is only in the llm_call's input.
+    (ONCALL_HEALTHY, {"tools": [service_status], "approvers": {}}, False),
+    # A validator that refuses the recorded status read: a model call where the tool activity was.
+    (ONCALL_HEALTHY, {"validators": [_refuse_every_call]}, True),
+    # One model call in the tool loop: the second is the step-limit call without tools, the recorded
+    # restart call in its result is not acted on, and a model call comes where the approval wait was.
+    (ONCALL_APPROVAL, {"max_steps": 1}, True),
+    # The prompt is read by the llm_call activity: its version is only in the activity's input.
+    (ONCALL_HEALTHY, {"prompt": oncall.prompt_path("v2")}, False),
+    # The approver list is checked by the update's validator, which replay does not run (the update
+    # was accepted in the history).
+    (ONCALL_APPROVAL, {"approvers": {}}, False),
+], ids=["approval-no-restart-tool", "healthy-no-restart-tool", "healthy-validator-refuses",
+        "approval-max-steps-1", "healthy-prompt-v2", "approval-no-approvers"])
+async def test_a_changed_agent_definition_is_caught_only_when_the_commands_change(
+        monkeypatch: pytest.MonkeyPatch, history: Path, changes: dict[str, Any], detected: bool) -> None:
+    # A worker refuses another definition under a taken name; the test swaps it in, then restores it.
+    monkeypatch.setitem(registry._AGENTS, "oncall", oncall_variant(**changes))
+    if detected:
+        with pytest.raises(NondeterminismError):
+            await replayer().replay_workflow(load(history))
+    else:
+        await replayer().replay_workflow(load(history))
+
+
+async def test_an_agent_history_needs_its_agent_registered(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the agent, the workflow fails the task at its first step: not what was recorded."""
+    monkeypatch.delitem(registry._AGENTS, "oncall")
+    with pytest.raises(NondeterminismError):
+        await replayer().replay_workflow(load(ONCALL_HEALTHY))

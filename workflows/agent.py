@@ -78,8 +78,13 @@ def task_messages(inp: AgentInput) -> list[Message]:
             *(Message(role="user", content=f"Context: {c}") for c in inp.context)]
 
 
-@workflow.defn(name=names.AGENT_WORKFLOW)
+@workflow.defn(name=names.AGENT_WORKFLOW, failure_exception_types=[errors.KeelError])
 class AgentWorkflow:
+    """`failure_exception_types`: a `keel.KeelError` raised in workflow code (an agent definition that
+    cannot run) fails the task with its reason, where any other exception would fail the workflow task,
+    retried forever. Declared on the workflow, not on the worker, so every worker and every Replayer of
+    it agree (a Replayer takes no worker options of ours)."""
+
     def __init__(self) -> None:
         self._runner: AgentRunner | None = None
         self._gate = ApprovalGate(ApprovalPolicy())
@@ -230,7 +235,14 @@ class AgentWorkflow:
             action = ProposedAction(tool=tool, arguments=arguments, permission=agent.tool_map[tool].permission,
                                     input=inp.input, tenant=inp.tenant, executed=tuple(_executed(runner)))
             for v in agent.validators:
-                problem = v(action)
+                try:
+                    problem = v(action)
+                except Exception as e:
+                    # A bug in the agent's hook, met in workflow code: fail the task with it (retrying
+                    # the workflow task would only raise it again, forever).
+                    hook = getattr(v, "__qualname__", None) or repr(v)
+                    raise config_error(f"agent {agent.name!r}: action validator {hook} raised "
+                                       f"{type(e).__name__}: {e} (checking a call of {tool})") from e
                 if problem:
                     return str(problem)
             return None
@@ -248,7 +260,9 @@ class AgentWorkflow:
         await workflow.execute_activity(
             names.FINISH_ACTIVITY,
             FinishRequest(task=runner.task, step=step, outcome=outcome, guardrails=runner.guardrail_events,
-                          decisions=runner.decisions, human_reason=reason if human else None,
+                          # A dry run (a shadow candidate) records its outcome but puts nothing in
+                          # the human queue: no one is to act on a task whose writes never ran.
+                          decisions=runner.decisions, human_reason=reason if human and not runner.dry_run else None,
                           report_to=runner.report_to),
             result_type=str, start_to_close_timeout=names.TOOL_START_TO_CLOSE, retry_policy=FINISH_RETRY,
         )

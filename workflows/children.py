@@ -14,14 +14,20 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
-from typing import TypeVar, cast
+from typing import Any, TypeVar, cast
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy, SearchAttributeKey, SearchAttributePair, TypedSearchAttributes
+from temporalio.common import (
+    RetryPolicy,
+    SearchAttributeKey,
+    SearchAttributePair,
+    SearchAttributeUpdate,
+    TypedSearchAttributes,
+)
 from temporalio.exceptions import ApplicationError, ChildWorkflowError, FailureError
 
 with workflow.unsafe.imports_passed_through():
-    from pydantic import ValidationError
+    from pydantic import BaseModel, ValidationError
 
     from keel import names
     from keel.orchestration import MIN_CHILD_TOKENS
@@ -34,6 +40,7 @@ with workflow.unsafe.imports_passed_through():
         Budget,
         ChildRecord,
         ChildStatus,
+        FinishRequest,
         ModelSpec,
         PatternProgress,
         Route,
@@ -45,7 +52,7 @@ with workflow.unsafe.imports_passed_through():
         ToolResult,
     )
 
-from workflows.agent_loop import AgentRunner, TemporalCalls
+from workflows.agent_loop import FINISH_RETRY, AgentRunner, TemporalCalls
 from workflows.budget import Reservation
 
 TASK_USAGE_ACTIVITY = names.TASK_USAGE_ACTIVITY
@@ -60,6 +67,9 @@ SA_TASK_TYPE = SearchAttributeKey.for_keyword(names.SA_TASK_TYPE)
 SA_FEATURE = SearchAttributeKey.for_keyword(names.SA_FEATURE)
 SA_STATUS = SearchAttributeKey.for_keyword(names.SA_STATUS)
 SA_AWAITING = SearchAttributeKey.for_bool(names.SA_AWAITING_APPROVAL)
+SA_TOKENS = SearchAttributeKey.for_int(names.SA_TOKENS)
+SA_COST = SearchAttributeKey.for_float(names.SA_COST_USD)
+SA_BUDGET = SearchAttributeKey.for_keyword(names.SA_BUDGET)
 
 
 def parent_runner(task_type: str, feature: str, budget: Budget, model: ModelSpec, sim: SimConfig,
@@ -248,6 +258,39 @@ class Children:
             TASK_USAGE_ACTIVITY, wid, result_type=TaskUsage, start_to_close_timeout=timedelta(seconds=30),
         )
         return usage
+
+
+async def finish_parent(children: Children, status: str, task_status: TaskStatus, reason: str) -> None:
+    """A pattern parent's last step: its route decision; its outcome row with the family's totals and,
+    unless it completed, its human-queue item with `reason` (the finish activity, written once); and its
+    search attributes (status, family tokens and cost, budget state)."""
+    runner = children.runner
+    human = status != "completed"
+    runner.decide("route", f"{'human' if human else 'reply'}: {reason}")
+    outcome = children.outcome(task_status, "human" if human else "reply", reason[:1000])
+    await workflow.execute_activity(
+        names.FINISH_ACTIVITY,
+        FinishRequest(task=runner.task, step=runner.progress.step + 1, outcome=outcome, decisions=runner.decisions,
+                      human_reason=reason if human else None),
+        result_type=str, start_to_close_timeout=names.TOOL_START_TO_CLOSE, retry_policy=FINISH_RETRY,
+    )
+    total, report = children.total(), runner.budget.report()
+    updates: list[SearchAttributeUpdate[Any]] = [
+        SA_STATUS.value_set(status), SA_TOKENS.value_set(total.tokens), SA_COST.value_set(total.cost_usd),
+        SA_BUDGET.value_set(f"limit:{report.limit_hit}" if report.limit_hit else report.state),
+    ]
+    workflow.upsert_search_attributes(updates)
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def with_books(children: Children, result: M) -> M:
+    """A pattern's result with the family's books: its children, the usage of all of them over every
+    attempt, the parent's budget report and decisions."""
+    return result.model_copy(update={"children": children.records, "usage": children.total(),
+                                     "budget": children.runner.budget.report(),
+                                     "decisions": children.runner.decisions})
 
 
 def stage_caps(children: Children, wanted: list[Budget]) -> list[tuple[Budget, Budget, str]]:

@@ -16,29 +16,33 @@ totals, and a result that is not complete goes to the human queue with its reaso
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 from temporalio import workflow
-from temporalio.common import SearchAttributeKey, SearchAttributeUpdate
+from temporalio.common import SearchAttributeKey
 
 with workflow.unsafe.imports_passed_through():
     from pydantic import ValidationError
 
-    from keel import names, registry
+    from keel import errors, names, registry
     from keel.orchestration import (
         ChildTask,
         OrchestratorInput,
         OrchestratorResult,
         OrchestratorStatus,
+        PeerAnswer,
         Plan,
+        SwarmInput,
+        SwarmResult,
+        SwarmStatus,
         named,
         plan_problems,
         stages,
+        tally,
     )
-    from keel.types import AgentInput, AgentResult, Budget, ChildRecord, FinishRequest, ModelSpec, TaskStatus
+    from keel.supervision import MISSING, field_value
+    from keel.types import AgentInput, AgentResult, Budget, ChildRecord, ModelSpec, TaskStatus
 
-from workflows.agent_loop import FINISH_RETRY
-from workflows.children import Children, PatternParent, parent_runner, stage_caps
+from workflows.children import Children, PatternParent, finish_parent, parent_runner, stage_caps, with_books
 
 SA_STATUS = SearchAttributeKey.for_keyword(names.SA_STATUS)
 SA_TOKENS = SearchAttributeKey.for_int(names.SA_TOKENS)
@@ -51,7 +55,7 @@ _OUTCOME: dict[OrchestratorStatus, TaskStatus] = {
 }
 
 
-@workflow.defn(name=names.ORCHESTRATOR_WORKFLOW)
+@workflow.defn(name=names.ORCHESTRATOR_WORKFLOW, failure_exception_types=[errors.KeelError])
 class OrchestratorWorkflow(PatternParent):
     @workflow.run
     async def run(self, inp: OrchestratorInput) -> OrchestratorResult:
@@ -62,6 +66,9 @@ class OrchestratorWorkflow(PatternParent):
         result = OrchestratorResult(workflow_id=wid, status="completed")
         known = {a.name for a in registry.registered()}
 
+        if inp.synthesizer and inp.synthesizer not in known:
+            return await self._end(children, result, "rejected",
+                                   f"no synthesizer agent {inp.synthesizer!r} is registered")
         # 1. The plan: given, or the planner agent's structured answer.
         tasks = named(inp.tasks)
         result.plan_source = "given"
@@ -157,27 +164,83 @@ class OrchestratorWorkflow(PatternParent):
 
     async def _end(self, children: Children, result: OrchestratorResult, status: OrchestratorStatus,
                    reason: str) -> OrchestratorResult:
-        runner = children.runner
         self._phase, self._status = "done", status
-        human = status != "completed"
-        runner.decide("route", f"{'human' if human else 'reply'}: {reason}")
-        outcome = children.outcome(_OUTCOME[status], "human" if human else "reply", reason[:1000])
-        await workflow.execute_activity(
-            names.FINISH_ACTIVITY,
-            FinishRequest(task=runner.task, step=runner.progress.step + 1, outcome=outcome, decisions=runner.decisions,
-                          human_reason=reason if human else None),
-            result_type=str, start_to_close_timeout=names.TOOL_START_TO_CLOSE, retry_policy=FINISH_RETRY,
-        )
-        total = children.total()
-        final = result.model_copy(update={"status": status, "reason": reason, "children": children.records,
-                                          "usage": total, "budget": runner.budget.report(),
-                                          "decisions": runner.decisions})
-        updates: list[SearchAttributeUpdate[Any]] = [
-            SA_STATUS.value_set(status), SA_TOKENS.value_set(total.tokens), SA_COST.value_set(total.cost_usd),
-            SA_BUDGET.value_set(f"limit:{final.budget.limit_hit}" if final.budget.limit_hit else final.budget.state),
-        ]
-        workflow.upsert_search_attributes(updates)
-        return final
+        await finish_parent(children, status, _OUTCOME[status], reason)
+        return with_books(children, result.model_copy(update={"status": status, "reason": reason}))
+
+
+
+_SWARM_OUTCOME: dict[SwarmStatus, TaskStatus] = {
+    "completed": "resolved", "escalated": "escalated", "budget_exceeded": "budget_exceeded", "rejected": "rejected",
+}
+
+
+@workflow.defn(name=names.SWARM_AGENTS_WORKFLOW, failure_exception_types=[errors.KeelError])
+class SwarmAgentsWorkflow(PatternParent):
+    """The swarm pattern over any registered agent with a structured answer: K peers in parallel under
+    the parent's budget (their caps shrunk to equal shares when they do not fit), each its own seed
+    (`<key>-peer-i`) and temperature, all dry runs; the value of one field of their answers is put to a
+    vote, and a value without more than `quorum` of the peers behind it goes to a human."""
+
+    @workflow.run
+    async def run(self, inp: SwarmInput) -> SwarmResult:
+        wid = workflow.info().workflow_id
+        runner = parent_runner(inp.name, inp.feature or inp.name, inp.budget, ModelSpec(), inp.sim,
+                               customer=inp.tenant, key=inp.key)
+        self._children = children = Children(runner, 1)
+        result = SwarmResult(workflow_id=wid, status="completed")
+        agent = registry.find(inp.agent)
+        problem = (f"no agent {inp.agent!r} is registered on this worker" if agent is None else
+                   f"agent {inp.agent!r} declares no structured answer (output_type) to vote on"
+                   if agent.output_type is None else None)
+        if agent is None or problem:
+            return await self._end(children, result, "rejected", problem or "")
+        self._phase = "peers"
+        caps = stage_caps(children, [agent.budget] * inp.peers)
+        names_ = [f"peer-{i + 1}" for i in range(inp.peers)]
+
+        async def peer(i: int) -> AgentResult | None:
+            wanted, fitted, why = caps[i]
+            if why:
+                children.runner.decide("skip_child", f"{names_[i]}: {why}")
+                children.records.append(ChildRecord(name=names_[i], role="peer", model=inp.agent,
+                                                    status="not_started", reason=why))
+                return None
+            if fitted != wanted:
+                children.runner.decide("shrink_child", f"{names_[i]}: caps {_caps(wanted)} do not fit; "
+                                                       f"given {_caps(fitted)}")
+            child = AgentInput(agent=inp.agent, input=inp.input, key=f"{inp.key or wid}-peer-{i + 1}",
+                               tenant=inp.tenant, feature=inp.feature or inp.name, budget=fitted, dry_run=True,
+                               approval_mode="escalate", sim=inp.sim,
+                               temperature=inp.temperatures[i % len(inp.temperatures)])
+            return await children.run_agent(names_[i], "peer", child)
+
+        ran = await asyncio.gather(*(peer(i) for i in range(inp.peers)))
+        for name, res in zip(names_, ran, strict=True):
+            if res is None:
+                rec = next(r for r in children.records if r.name == name)
+                result.answers.append(PeerAnswer(name=name, status=rec.status, problem=rec.reason or "did not run"))
+                continue
+            value = field_value(inp.field, res.output, res.structured)
+            if res.status != "completed":
+                result.answers.append(PeerAnswer(name=name, status=res.status, problem=res.reason))
+            elif value is MISSING:
+                result.answers.append(PeerAnswer(name=name, status=res.status,
+                                                 problem=f"its answer has no field {inp.field!r}"))
+            else:
+                result.answers.append(PeerAnswer(name=name, status=res.status, value=value))
+        result.value, result.votes, result.agreement, why = tally(result.answers, inp.peers, inp.quorum)
+        if why:
+            limited = runner.budget.limit_hit is not None or all(a.status == "budget_exceeded" for a in result.answers)
+            return await self._end(children, result, "budget_exceeded" if limited and not result.votes else "escalated",
+                                   f"no agreement on {inp.field}: {why}")
+        return await self._end(children, result, "completed",
+                               f"{inp.field} = {result.value!r} ({result.agreement:.0%} of {inp.peers} peers)")
+
+    async def _end(self, children: Children, result: SwarmResult, status: SwarmStatus, reason: str) -> SwarmResult:
+        self._phase, self._status = "done", status
+        await finish_parent(children, status, _SWARM_OUTCOME[status], reason)
+        return with_books(children, result.model_copy(update={"status": status, "reason": reason}))
 
 
 def _caps(b: Budget) -> str:

@@ -3,9 +3,10 @@
 from workflows.agent import AgentWorkflow
 from workflows.agent_task import AgentTaskWorkflow
 from workflows.breaker import CostCircuitBreakerWorkflow
-from workflows.orchestrator import OrchestratorWorkflow
+from workflows.orchestrator import OrchestratorWorkflow, SwarmAgentsWorkflow
 from workflows.research import ResearchReportWorkflow
 from workflows.shadow import ShadowWorkflow
+from workflows.supervision import SupervisorWorkflow
 from workflows.supervisor import SupervisedPlanWorkflow
 from workflows.support_ticket import SupportTicketWorkflow
 from workflows.swarm import SwarmWorkflow
@@ -13,6 +14,8 @@ from workflows.swarm import SwarmWorkflow
 WORKFLOWS = [
     AgentWorkflow,
     OrchestratorWorkflow,
+    SupervisorWorkflow,
+    SwarmAgentsWorkflow,
     SupportTicketWorkflow,
     CostCircuitBreakerWorkflow,
     AgentTaskWorkflow,
@@ -31,6 +34,8 @@ __all__ = [
     "ResearchReportWorkflow",
     "ShadowWorkflow",
     "SupervisedPlanWorkflow",
+    "SupervisorWorkflow",
     "SupportTicketWorkflow",
+    "SwarmAgentsWorkflow",
     "SwarmWorkflow",
 ]

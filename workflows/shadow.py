@@ -1,6 +1,8 @@
-"""ShadowWorkflow: a candidate version runs beside the primary on the same ticket; only the primary acts.
+"""ShadowWorkflow: a candidate version runs beside the primary on the same task; only the primary acts.
 
-Both are SupportTicket children, started together on the same input:
+The task is a support ticket (`ShadowInput.primary`, SupportTicket children) or a task of any
+registered agent (`ShadowInput.agent`, KeelAgent children); both go the same way. The two children
+are started together on the same input:
 - the PRIMARY under the ticket's normal workflow id, with parent close policy ABANDON: approvals, watch,
   trace and results on the ticket work as for any ticket, and nothing that happens to the shadow (a
   failure, a termination) reaches it;
@@ -26,13 +28,25 @@ with workflow.unsafe.imports_passed_through():
         SHADOW_RECORD_ACTIVITY,
         ShadowComparison,
         ShadowInput,
+        agent_usage_of,
         candidate_workflow_id,
         child_status,
         compare,
+        compare_agent,
+        failed_agent_primary,
         failed_primary,
         usage_of,
     )
-    from keel.types import ChildRecord, PatternProgress, TaskUsage, TicketInput, TicketResult
+    from keel.types import (
+        AgentInput,
+        AgentResult,
+        ChildRecord,
+        ChildStatus,
+        PatternProgress,
+        TaskUsage,
+        TicketInput,
+        TicketResult,
+    )
 
 from workflows.children import TASK_USAGE_ACTIVITY
 
@@ -56,6 +70,26 @@ def _search_attributes(inp: TicketInput) -> TypedSearchAttributes:
         SearchAttributePair(SA_STATUS, "running"),
         SearchAttributePair(SA_AWAITING, False),
     ])
+
+
+def _agent_search_attributes(inp: AgentInput) -> TypedSearchAttributes:
+    # What starter.agents.start_agent sets on an agent task.
+    return TypedSearchAttributes([
+        SearchAttributePair(SA_CUSTOMER, inp.tenant),
+        SearchAttributePair(SA_TASK_TYPE, inp.agent),
+        SearchAttributePair(SA_FEATURE, inp.feature or inp.agent),
+        SearchAttributePair(SA_STATUS, "running"),
+        SearchAttributePair(SA_AWAITING, False),
+    ])
+
+
+def _agent_models(inp: AgentInput) -> str:
+    return " / ".join(dict.fromkeys(m.label for m in (inp.models or {}).values())) or "its own models"
+
+
+_AGENT_CHILD_STATUS: dict[str, ChildStatus] = {
+    "completed": "completed", "escalated": "escalated", "budget_exceeded": "budget_exceeded", "rejected": "rejected",
+}
 
 
 def _why(e: BaseException) -> str:
@@ -87,23 +121,31 @@ class ShadowWorkflow:
 
     @workflow.run
     async def run(self, inp: ShadowInput) -> ShadowComparison:
+        if inp.agent is not None:
+            return await self._run_agent(inp, inp.agent)
+        if inp.primary is None:
+            raise ApplicationError("a shadow needs a primary: a ticket (primary) or an agent task (agent)",
+                                   type="ShadowInputError", non_retryable=True)
+        return await self._run_ticket(inp, inp.primary)
+
+    async def _run_ticket(self, inp: ShadowInput, primary_inp: TicketInput) -> ShadowComparison:
         shadow_id = workflow.info().workflow_id
         primary_id, candidate_id = inp.primary_workflow_id, candidate_workflow_id(inp.primary_workflow_id)
-        cand_inp = inp.candidate.apply(inp.primary)
+        cand_inp = inp.candidate.apply(primary_inp)
         label = inp.candidate.label
-        prim_rec = ChildRecord(name="primary", role="primary", workflow_id=primary_id, model=_models(inp.primary),
+        prim_rec = ChildRecord(name="primary", role="primary", workflow_id=primary_id, model=_models(primary_inp),
                                status="running", attempts=1)
         cand_rec = ChildRecord(name="candidate", role=f"candidate {label}", workflow_id=candidate_id,
                                model=_models(cand_inp), status="running", attempts=1)
         self._progress.children = [prim_rec, cand_rec]
 
         primary = await workflow.start_child_workflow(
-            names.SUPPORT_TICKET_WORKFLOW, inp.primary, id=primary_id, result_type=TicketResult,
+            names.SUPPORT_TICKET_WORKFLOW, primary_inp, id=primary_id, result_type=TicketResult,
             # The shadow must never affect the primary: it outlives the shadow whatever happens to it.
             parent_close_policy=workflow.ParentClosePolicy.ABANDON,
-            search_attributes=_search_attributes(inp.primary),
-            static_summary=f"Support ticket {inp.primary.ticket_id} · customer {inp.primary.customer_id} · "
-                           f"{_models(inp.primary)} (shadowed)",
+            search_attributes=_search_attributes(primary_inp),
+            static_summary=f"Support ticket {primary_inp.ticket_id} · customer {primary_inp.customer_id} · "
+                           f"{_models(primary_inp)} (shadowed)",
         )
         self._update("running")
 
@@ -111,7 +153,7 @@ class ShadowWorkflow:
             try:
                 res: TicketResult = await primary
             except ChildWorkflowError as e:
-                res = failed_primary(primary_id, inp.primary, _why(e))
+                res = failed_primary(primary_id, primary_inp, _why(e))
             prim_rec.status, prim_rec.usage, prim_rec.reason = child_status(res.status), usage_of(res), res.reason
             self._update("waiting for the candidate" if cand_rec.status == "running" else "comparing")
             return res
@@ -158,6 +200,84 @@ class ShadowWorkflow:
             cand_rec.usage = spent
         comparison = compare(prim_res, cand_res, shadow_workflow_id=shadow_id, candidate_workflow_id=candidate_id,
                              candidate_label=label, candidate_error=error, candidate_spent=spent)
+        comparison = comparison.model_copy(update={"created_at": workflow.now()})
+        await workflow.execute_activity(SHADOW_RECORD_ACTIVITY, comparison, result_type=bool,
+                                        start_to_close_timeout=timedelta(seconds=30), retry_policy=RECORD_RETRY)
+        workflow.upsert_search_attributes([SA_STATUS.value_set("compared")])
+        self._update("done", "completed")
+        return comparison
+
+    async def _run_agent(self, inp: ShadowInput, primary_inp: AgentInput) -> ShadowComparison:
+        """The same as for a ticket, with KeelAgent children: the primary under the task's own id
+        (ABANDON), the candidate as a dry run charged to `shadow` that asks no one for approval."""
+        shadow_id = workflow.info().workflow_id
+        primary_id, candidate_id = inp.primary_workflow_id, candidate_workflow_id(inp.primary_workflow_id)
+        candidate = inp.candidate.for_agent(primary_inp.agent)
+        cand_inp = candidate.apply_agent(primary_inp)
+        label = candidate.label
+        prim_rec = ChildRecord(name="primary", role="primary", workflow_id=primary_id,
+                               model=_agent_models(primary_inp), status="running", attempts=1)
+        cand_rec = ChildRecord(name="candidate", role=f"candidate {label}", workflow_id=candidate_id,
+                               model=_agent_models(cand_inp), status="running", attempts=1)
+        self._progress.children = [prim_rec, cand_rec]
+
+        primary = await workflow.start_child_workflow(
+            names.AGENT_WORKFLOW, primary_inp, id=primary_id, result_type=AgentResult,
+            parent_close_policy=workflow.ParentClosePolicy.ABANDON,
+            search_attributes=_agent_search_attributes(primary_inp),
+            static_summary=f"Agent {primary_inp.agent} · tenant {primary_inp.tenant} · "
+                           f"{_agent_models(primary_inp)} (shadowed)",
+        )
+        self._update("running")
+
+        async def run_primary() -> tuple[AgentResult, str]:
+            error = ""
+            try:
+                res: AgentResult = await primary
+            except ChildWorkflowError as e:
+                error = _why(e)
+                res = failed_agent_primary(primary_id, primary_inp, error)
+            prim_rec.status = "failed" if error else _AGENT_CHILD_STATUS.get(res.status, "escalated")
+            prim_rec.usage, prim_rec.reason = agent_usage_of(res), res.reason
+            self._update("waiting for the candidate" if cand_rec.status == "running" else "comparing")
+            return res, error
+
+        async def run_candidate() -> tuple[AgentResult | None, str]:
+            res: AgentResult | None = None
+            refused = candidate.problems()
+            if refused:
+                error = "candidate not started: " + "; ".join(refused)
+            else:
+                try:
+                    res = await workflow.execute_child_workflow(
+                        names.AGENT_WORKFLOW, cand_inp, id=candidate_id, result_type=AgentResult,
+                        execution_timeout=CANDIDATE_TIMEOUT,
+                        search_attributes=_agent_search_attributes(cand_inp),
+                        static_summary=f"Shadow candidate {label} of {primary_id} (dry run)",
+                    )
+                    error = ""
+                except FailureError as e:  # failed, timed out, or could not start: recorded, never raised
+                    error = _why(e)
+            if res is None:
+                cand_rec.status, cand_rec.reason = "failed" if not refused else "not_started", error
+                cand_rec.failures.append(error)
+            else:
+                cand_rec.status = _AGENT_CHILD_STATUS.get(res.status, "escalated")
+                cand_rec.usage, cand_rec.reason = agent_usage_of(res), res.reason
+            self._update("waiting for the primary" if prim_rec.status == "running" else "comparing")
+            return res, error
+
+        (prim_res, prim_error), (cand_res, error) = await asyncio.gather(run_primary(), run_candidate())
+        self._update("comparing")
+        spent: TaskUsage | None = None
+        if cand_res is None and cand_rec.status == "failed":
+            spent = await workflow.execute_activity(TASK_USAGE_ACTIVITY, candidate_id, result_type=TaskUsage,
+                                                    start_to_close_timeout=timedelta(seconds=30),
+                                                    retry_policy=RECORD_RETRY)
+            cand_rec.usage = spent
+        comparison = compare_agent(prim_res, cand_res, primary_input=primary_inp, shadow_workflow_id=shadow_id,
+                                   candidate_workflow_id=candidate_id, candidate_label=label,
+                                   candidate_error=error, candidate_spent=spent, primary_error=prim_error)
         comparison = comparison.model_copy(update={"created_at": workflow.now()})
         await workflow.execute_activity(SHADOW_RECORD_ACTIVITY, comparison, result_type=bool,
                                         start_to_close_timeout=timedelta(seconds=30), retry_policy=RECORD_RETRY)

@@ -211,3 +211,10 @@ async def test_a_synthesizer_answers_from_the_children(client: Client, status: S
     assert [c.name for c in res.children] == ["api", "search", "synthesizer"]
     assert res.structured == res.results["synthesizer"].structured and res.structured is not None
     assert "search" in res.structured["summary"] and "2.14.1" in res.structured["summary"]
+
+
+async def test_an_unknown_synthesizer_is_refused_before_any_child(client: Client, status: StatusService,
+                                                                  tmp_path: Path) -> None:
+    async with env_for(client, home=tmp_path) as env:
+        res = await env.orchestrate("x", tasks=CHECKS[:1], synthesizer="writer", key=uuid.uuid4().hex)
+    assert res.status == "rejected" and "no synthesizer agent 'writer'" in res.reason and res.children == []

@@ -1,0 +1,212 @@
+"""Every inspection verb works for a KeelAgent task as for a ticket: `keel status`, `keel watch`,
+`keel result`, `keel approvals`, `keel trace` and `keel replay --agents`, on the real Temporal server
+with the on-call agent (agents/oncall); and `status`/`watch`/`result` still serve tickets and patterns."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import AbstractAsyncContextManager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy.engine import Engine
+from temporalio.client import Client
+from temporalio.worker import Worker
+
+import keel
+from agents.oncall.status_service import StatusService
+from keel import registry
+from keel.orchestration import ChildTask
+from keel.settings import KeelSettings
+from starter.approvals_cli import pending_action
+from tests.agents.test_oncall import cli_env, env_for, keel_cli
+from tests.conftest import assert_eventually, run_ticket, ticket
+from tests.test_swarm import CLEAR, CUSTOMER, _swarm, run_swarm
+
+
+@pytest.fixture
+def status(monkeypatch: pytest.MonkeyPatch) -> Iterator[StatusService]:
+    with StatusService() as svc:
+        monkeypatch.setenv("ONCALL_STATUS_URL", svc.url)
+        yield svc
+
+
+WATCH_S = 30.0
+"""`keel watch` of a finished or waiting task must return; a hang fails the test instead of the suite."""
+
+
+async def watch(env: dict[str, str], workflow_id: str) -> Any:
+    return await asyncio.wait_for(keel_cli(env, "watch", workflow_id), WATCH_S)
+
+
+async def test_status_result_watch_and_trace_of_a_finished_agent_task(
+        client: Client, status: StatusService, tmp_path: Path) -> None:
+    async with env_for(client) as env:
+        res = await env.run("oncall", "Is the api service healthy?", tenant="team-web", key=uuid.uuid4().hex[:10])
+        cli = cli_env(env, tmp_path)
+        as_json = await keel_cli(cli, "result", res.workflow_id, "--json")
+        shown = await keel_cli(cli, "result", res.workflow_id)
+        now = await keel_cli(cli, "status", res.workflow_id)
+        watched = await watch(cli, res.workflow_id)
+        trace = await keel_cli(cli, "trace", res.workflow_id)
+        trace_json = await keel_cli(cli, "trace", res.workflow_id, "--json")
+    assert res.status == "completed", res.reason
+
+    assert as_json.exit_code == 0, as_json.output
+    got = keel.AgentResult.model_validate_json(as_json.output.strip().splitlines()[-1])
+    assert got == res
+    assert (got.workflow_id, got.agent, got.status) == (res.workflow_id, "oncall", "completed")
+    assert got.tools_executed == ["service_status"] and got.llm_calls == 2 and got.steps == 3
+    assert got.tokens == got.input_tokens + got.output_tokens > 0 and got.cost_usd > 0
+    assert "api is healthy" in got.output and got.budget.max_tokens == 6_000
+
+    # One renderer: the result, the status of a finished task and its watch print the same lines.
+    assert shown.exit_code == 0, shown.output
+    for text in (shown.output, now.output, watched.output):
+        assert f"{res.workflow_id}  agent oncall  completed  answered by the agent" in text, text
+        assert "steps 3 · 2 model calls" in text and "tools service_status" in text
+        assert "sim (offline simulator)" in text  # the model label's brackets are not taken for markup
+        assert "budget ok:" in text and "/6,000 tokens" in text and "api is healthy" in text
+    assert now.exit_code == 0 and watched.exit_code == 0, (now.output, watched.output)
+
+    assert trace.exit_code == 0, trace.output
+    head, *lines = trace.output.splitlines()
+    assert f"{res.workflow_id}  KeelAgent  COMPLETED  agent oncall  completed  {res.tokens:,} tokens" in head
+    assert "2 LLM calls, 1 tools" in head
+    order = [next(i for i, line in enumerate(lines) if want in line) for want in (
+        "step  1  llm reason", "step  2  tool oncall.service_status ok", "step  3  llm reason",
+        "decision route: reply: answered by the agent", "step  4  finish")]
+    assert order == sorted(order), trace.output
+    assert "outcome resolved -> reply" in trace.output and "keel.finish" not in trace.output
+    nodes = json.loads(trace_json.stdout)["nodes"]
+    assert [(n["kind"], n["step"]) for n in nodes] == [
+        ("llm", 1), ("tool", 2), ("llm", 3), ("decision", 3), ("finish", 4)]
+
+
+async def test_a_waiting_agent_task_is_listed_shown_watched_then_approved(
+        client: Client, status: StatusService, tmp_path: Path) -> None:
+    async with env_for(client) as env:
+        cli = cli_env(env, tmp_path)
+        handle = await env.start("oncall", "The payments service is down, please fix it.", tenant="team-pay")
+        action = await assert_eventually(lambda: pending_action(client, handle.id), lambda a: a is not None)
+        assert action is not None
+
+        def ours(out: Any) -> list[dict[str, Any]]:
+            return [w for w in json.loads(out.stdout) if w["workflow_id"] == handle.id] if out.exit_code == 0 else []
+
+        # Visibility (the KeelAwaitingApproval search attribute) follows the workflow's upsert shortly after.
+        listed = await assert_eventually(lambda: keel_cli(cli, "approvals", "--json"), lambda o: bool(ours(o)))
+        [entry] = ours(listed)
+        assert entry["action"]["tool"] == "restart_service" and entry["action"]["approvers"] == ["sre-lead"]
+        assert entry["action"]["arguments"]["service"] == "payments"
+        assert entry["action"]["action_id"] == action.action_id
+        table = await keel_cli(cli, "approvals")
+        assert table.exit_code == 0 and handle.id in table.output and "restart_service" in table.output
+        assert "sre-lead" in table.output
+
+        now = await keel_cli(cli, "status", handle.id)
+        assert now.exit_code == 0, now.output
+        assert "agent     oncall" in now.output and "awaiting_approval" in now.output
+        assert "category" not in now.output  # a ticket's field, not an agent's
+        assert f"{action.action_id}: restart_service" in now.output and "sre-lead" in now.output
+        watched = await watch(cli, handle.id)  # returns at once: the task waits for a person
+        assert watched.exit_code == 0, watched.output
+        assert f"{handle.id} is awaiting_approval" in watched.output
+        assert f"keel approve {handle.id} --as NAME" in watched.output and "keel resolve" not in watched.output
+        assert status.restarts == {}
+
+        ok = await keel_cli(cli, "approve", handle.id, "--as", "sre-lead", "--comment", "go")
+        assert ok.exit_code == 0, ok.output
+        out = await keel_cli(cli, "result", handle.id, "--json")  # waits for the end
+        trace = await keel_cli(cli, "trace", handle.id)
+    assert out.exit_code == 0, out.output
+    res = keel.AgentResult.model_validate_json(out.output.strip().splitlines()[-1])
+    assert res.status == "completed" and res.tools_executed == ["service_status", "restart_service"]
+    assert [(a.approver, a.decision, a.accepted) for a in res.approvals] == [("sre-lead", "approve", True)]
+    assert len(status.restarts) == 1
+    assert trace.exit_code == 0, trace.output
+    assert "update decide" in trace.output and "tool oncall.restart_service ok" in trace.output
+    assert trace.output.index("update decide") < trace.output.index("tool oncall.restart_service ok")
+
+
+async def test_replay_of_an_agent_task_loads_its_agent_with_agents_or_keel_agents(
+        client: Client, status: StatusService, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async with env_for(client) as env:
+        res = await env.run("oncall", "Is the api service healthy?")
+        cli = cli_env(env, tmp_path)
+    assert res.status == "completed", res.reason
+    # As in a fresh `keel` process: no agent registered (the worker of this test process registered oncall).
+    monkeypatch.setattr(registry, "_AGENTS", {})
+
+    missing = await keel_cli(cli, "replay", res.workflow_id)
+    said = " ".join(missing.output.split())
+    assert missing.exit_code == 1, said
+    assert "runs agent 'oncall', not loaded in this process" in said and "pass --agents MODULES" in said
+    assert "diverges" not in said  # not reported as a change of the code
+
+    ok = await keel_cli(cli, "replay", res.workflow_id, "--agents", "agents.oncall.agent")
+    assert ok.exit_code == 0, ok.output
+    assert f"{res.workflow_id}: replays cleanly" in ok.output
+    as_json = await keel_cli(cli, "replay", res.workflow_id, "--agents", "agents.oncall.agent", "--json")
+    assert json.loads(as_json.stdout)["ok"] is True
+
+    monkeypatch.setattr(registry, "_AGENTS", {})
+    from_env = await keel_cli({**cli, "KEEL_AGENTS": "agents.oncall"}, "replay", res.workflow_id)
+    assert from_env.exit_code == 0 and "replays cleanly" in from_env.output, from_env.output
+
+    bad = await keel_cli(cli, "replay", res.workflow_id, "--agents", "no_such_module_xyz")
+    assert bad.exit_code == 2 and "cannot import agent module 'no_such_module_xyz'" in bad.output
+
+    # What-if re-runs support tickets only: an agent task is refused, before any model call.
+    whatif = await keel_cli(cli, "replay", res.workflow_id, "--prompt-version", "v2", "--agents", "agents.oncall")
+    said = " ".join(whatif.output.split())  # the error console wraps long lines
+    assert whatif.exit_code == 1, said
+    assert "is a KeelAgent task" in said and "re-runs support tickets only" in said
+    assert f"keel replay {res.workflow_id} --agents MODULES" in said
+
+
+async def test_status_watch_and_result_still_serve_tickets_and_patterns(
+        client: Client, settings: KeelSettings,
+        worker_factory: Callable[..., AbstractAsyncContextManager[Worker]], db_engine: Engine) -> None:
+    cli = {"TEMPORAL_ADDRESS": client.service_client.config.target_host, "KEEL_TASK_QUEUE": settings.task_queue,
+           "KEEL_DATABASE_URL": str(db_engine.url), "COLUMNS": "200"}
+    async with worker_factory(client):
+        t = await run_ticket(client, settings, ticket(CUSTOMER, "What are your opening hours?"))
+        swarm = await run_swarm(client, settings, _swarm(CLEAR, peers=3))
+        ticket_json = await keel_cli(cli, "result", t.workflow_id, "--json")
+        ticket_now = await keel_cli(cli, "status", t.workflow_id)
+        ticket_watched = await watch(cli, t.workflow_id)
+        swarm_json = await keel_cli(cli, "result", swarm.workflow_id, "--json")
+        swarm_shown = await keel_cli(cli, "result", swarm.workflow_id)
+        swarm_now = await keel_cli(cli, "status", swarm.workflow_id)
+    assert ticket_json.exit_code == 0, ticket_json.output
+    doc = json.loads(ticket_json.stdout)
+    assert (doc["workflow_id"], doc["status"], doc["route"]) == (t.workflow_id, t.status, t.route)
+    for out in (ticket_now, ticket_watched):
+        assert out.exit_code == 0 and "category" in out.output and t.status in out.output, out.output
+    assert swarm_json.exit_code == 0, swarm_json.output
+    sdoc = json.loads(swarm_json.stdout)
+    assert (sdoc["workflow_id"], sdoc["status"], sdoc["answer"]) == (swarm.workflow_id, swarm.status, swarm.answer)
+    assert swarm_shown.exit_code == 0 and "agreement" in swarm_shown.output, swarm_shown.output
+    assert swarm_now.exit_code == 0 and "phase" in swarm_now.output, swarm_now.output
+
+
+async def test_status_and_result_of_an_orchestration_of_agents(
+        client: Client, status: StatusService, tmp_path: Path) -> None:
+    async with env_for(client) as env:
+        res = await env.orchestrate("Check api", tasks=[ChildTask(agent="oncall", name="api",
+                                                                  input="Is the api service healthy?")])
+        cli = cli_env(env, tmp_path)
+        now = await keel_cli(cli, "status", res.workflow_id)
+        shown = await keel_cli(cli, "result", res.workflow_id, "--json")
+        child = await keel_cli(cli, "result", res.children[0].workflow_id, "--json")
+    assert res.status == "completed", res.reason
+    assert now.exit_code == 0 and "phase" in now.output and "api" in now.output, now.output
+    assert shown.exit_code == 0, shown.output
+    assert keel.OrchestratorResult.model_validate_json(shown.stdout.strip()).workflow_id == res.workflow_id
+    # Each child is a KeelAgent task of its own.
+    assert keel.AgentResult.model_validate_json(child.stdout.strip()) == res.results["api"]

@@ -1,0 +1,86 @@
+"""Record the on-call agent's histories for tests/histories/ (run when a deliberate, patched change of the
+generic agent workflow or of the on-call agent's definition lands):
+
+    .venv/bin/python -m tests.record_agent_history
+
+Starts a throwaway dev server from the installed binary (keel.testing.agent_environment), the demo
+service-status API, and a worker serving agents.oncall on the sim model, then runs:
+
+- agent_oncall_v1: "Is the api service healthy?": the status is read, the agent answers (completed);
+- agent_oncall_v1_approval: "The payments service is down": the status is read, a restart waits for
+  the listed approver, a signal from an unlisted one is ignored, sre-lead approves by update, the
+  restart runs once and the agent answers (completed).
+
+The workflow ids are the file names: test_replay replays every file there against today's code, with
+the on-call agent registered (the workflow looks its agent up in keel.registry at run time).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+from temporalio.client import Client
+
+from agents.oncall import oncall
+from agents.oncall.status_service import StatusService
+from keel.names import APPROVAL_SIGNAL
+from keel.settings import KeelSettings
+from keel.testing import agent_environment
+from keel.types import AgentInput, AgentResult, ApprovalDecision
+from starter.agents import start_agent
+from starter.approvals_cli import decide, pending_action
+
+OUT = Path(__file__).parent / "histories"
+HEALTHY = "agent_oncall_v1"
+APPROVAL = "agent_oncall_v1_approval"
+
+
+async def record_healthy(client: Client, settings: KeelSettings) -> AgentResult:
+    inp = AgentInput(agent="oncall", input="Is the api service healthy?", tenant="team-web", key="recorded")
+    handle = await start_agent(client, settings, inp, workflow_id=HEALTHY)
+    res: AgentResult = await handle.result()
+    assert res.status == "completed" and res.tools_executed == ["service_status"], res
+    return res
+
+
+async def record_approval(client: Client, settings: KeelSettings, status: StatusService) -> AgentResult:
+    inp = AgentInput(agent="oncall", input="The payments service is down, please fix it.", tenant="team-payments",
+                     key="recorded-approval")
+    handle = await start_agent(client, settings, inp, workflow_id=APPROVAL)
+    while (action := await pending_action(client, handle.id)) is None:  # noqa: ASYNC110
+        await asyncio.sleep(0.05)
+    assert action.tool == "restart_service" and status.restarts == {}, action
+    await handle.signal(APPROVAL_SIGNAL, ApprovalDecision(action_id=action.action_id, approver="intern",
+                                                          decision="approve"))  # not an approver: ignored
+    await decide(client, handle.id, "sre-lead", "approve", comment="recorded for the replay tests")
+    res: AgentResult = await handle.result()
+    assert res.status == "completed", res
+    assert res.tools_executed == ["service_status", "restart_service"] and len(status.restarts) == 1, res
+    return res
+
+
+async def save(client: Client, workflow_id: str, res: AgentResult) -> None:
+    history = await client.get_workflow_handle(workflow_id).fetch_history()
+    out = OUT / f"{workflow_id}.json"
+    out.write_text(history.to_json())
+    print(f"wrote {out} ({len(history.events)} events; {res.status}, {res.tokens} tokens, "
+          f"tools {res.tools_executed})")
+
+
+async def main(only: list[str]) -> None:
+    with StatusService() as status:
+        os.environ["ONCALL_STATUS_URL"] = status.url
+        async with agent_environment(oncall) as env:
+            if not only or HEALTHY in only:
+                await save(env.client, HEALTHY, await record_healthy(env.client, env.settings))
+            if not only or APPROVAL in only:
+                await save(env.client, APPROVAL, await record_approval(env.client, env.settings, status))
+
+
+if __name__ == "__main__":
+    asyncio.run(main(sys.argv[1:]))
+    # See starter.cli.main: skip an interpreter teardown that the Temporal client's threads can abort.
+    os._exit(0)
