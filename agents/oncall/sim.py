@@ -7,12 +7,20 @@ import re
 
 from keel import SimReply, SimTurn
 
-_SERVICE = re.compile(r"\b([a-z][a-z0-9]*(?:-[a-z0-9]+)*)\s+(?:service|is|looks|seems|keeps|has)\b")
+_NAME = r"\b([a-z][a-z0-9]*(?:-[a-z0-9]+)*)\s+"
+_NAMED = re.compile(_NAME + r"service\b")
+_SERVICE = re.compile(_NAME + r"(?:is|looks|seems|keeps|has)\b")
+_QUESTION = {"how", "what", "why", "who", "which", "where", "when", "it", "that", "this", "everything"}
 
 
 def service_in(text: str) -> str:
-    m = _SERVICE.search(text.lower())
-    return m.group(1) if m else "api"
+    """The service a request is about: the word before "service", else a subject ("payments is down")."""
+    low = text.lower()
+    for pattern in (_NAMED, _SERVICE):
+        for m in pattern.finditer(low):
+            if m.group(1) not in _QUESTION and m.group(1) != "the":
+                return m.group(1)
+    return "api"
 
 
 def oncall_sim(turn: SimTurn) -> SimReply:
