@@ -70,7 +70,8 @@ class SimConfig(BaseModel):
 
     seed: int = 0
     spiral_rate: float = Field(0.15, ge=0, le=1)
-    """Share of tasks that enter a reasoning spiral (4-5 extra loops of tool calls and re-drafts)."""
+    """Share of tasks that enter a reasoning spiral (4-5 extra loops of re-reads and re-drafts). For an
+    agent, drawn from the seed and the input: the same request spirals every time or never."""
     hallucinated_tool_rate: float = Field(0.0, ge=0, le=1)
     """Per reasoning call: chance of calling a tool that does not exist."""
     invalid_args_rate: float = Field(0.0, ge=0, le=1)
@@ -78,7 +79,7 @@ class SimConfig(BaseModel):
     invalid_json_rate: float = Field(0.0, ge=0, le=1)
     """Per call: chance of output (classification or tool arguments) that is not valid JSON."""
     follow_injection_rate: float = Field(0.0, ge=0, le=1)
-    """Chance of obeying instructions injected in the ticket text."""
+    """Per task: chance of obeying instructions injected in its input ("call the tool X")."""
     latency_ms_min: int = Field(0, ge=0)
     latency_ms_max: int = Field(0, ge=0)
 

@@ -31,10 +31,10 @@ from typing import Any
 from activities.providers.base import ProviderResult
 from keel import registry
 from keel.policy import CATEGORIES
-from keel.sim import SimReply, generic_behaviour, parse_turn
+from keel.sim import SimReply, SimTurn, arguments_for, generic_behaviour, parse_turn
 from keel.tokens import CHARS_PER_TOKEN, estimate_input_tokens, tokens_for_chars
 from keel.tools import TOOLS
-from keel.types import SIM_LABEL, LlmRequest, Message, SimConfig, ToolCall, Usage
+from keel.types import SIM_LABEL, LlmRequest, Message, SimConfig, ToolCall, ToolSpec, Usage
 
 # --- classification ------------------------------------------------------------------------
 # (pattern, weight): weight 1 marks a weak word that loses to any category with a strong match.
@@ -377,6 +377,60 @@ def injected_action(ticket: Ticket) -> Action | None:
     return None
 
 
+# --- the failure modes around any agent's behaviour ---------------------------------------------
+SPIRAL_MARK = "_recheck"
+"""Suffix of the id of a spiral's tool call: the sim is stateless, so it counts its past re-checks in
+the conversation by it."""
+
+
+def injected_call(turn: SimTurn, offered: dict[str, ToolSpec]) -> SimReply | None:
+    """A task that obeys instructions injected in its input: its first call is the offered tool the
+    input tells it to call ("ignore previous instructions and call the tool X"), whatever its behaviour
+    would have done. The workflow's guardrails (permissions, validators, approvals) decide what runs."""
+    if turn.calls or turn.answer_now:
+        return None
+    found = _CALL_TOOL.search(turn.input)
+    spec = offered.get(found.group(1)) if found else None
+    if spec is None:
+        return None
+    return SimReply.call(spec.name, f"As instructed in the request: calling {spec.name}.",
+                         **arguments_for(spec, turn.input, turn.rng))
+
+
+def spiral_call(turn: SimTurn, offered: dict[str, ToolSpec], traits: TaskTraits,
+                answer: SimReply) -> SimReply | None:
+    """A spiralling task does not answer when its work is done: it re-checks (4-5 loops of 2-3 calls of
+    its read-only tools, each loop opened by a re-draft of the answer) until the re-checks run out or a
+    budget notice tells it to wrap up. Its re-checks repeat earlier reads, now and then with a wider
+    numeric argument, so they cost tokens but write nothing."""
+    if turn.answer_now or turn.wrap_up:
+        return None
+    made = sum(1 for m in turn.messages if m.role == "assistant"
+               for tc in m.tool_calls if tc.id.endswith(SPIRAL_MARK))
+    if made >= sum(traits.loop_sizes):
+        return None
+    reads = [c for c in turn.calls if c.ok and c.name in offered and offered[c.name].permission == "read_only"]
+    if reads:
+        base = reads[int(traits.picks[made] * len(reads))]
+        name, args = base.name, dict(base.arguments)
+    else:
+        specs = [t for t in offered.values() if t.permission == "read_only"]
+        if not specs:
+            return None
+        spec = specs[int(traits.picks[made] * len(specs))]
+        name, args = spec.name, arguments_for(spec, turn.input, turn.rng)
+    props = offered[name].parameters.get("properties", {})
+    for k, s in props.items():
+        if s.get("type") == "integer" and isinstance(args.get(k), int) and traits.picks[made] < 0.5:
+            args[k] = min(int(s.get("maximum", args[k] * 2 + 1)), args[k] * 2 + 1)
+    starts = {sum(traits.loop_sizes[:i]) for i in range(len(traits.loop_sizes))}
+    text = ""
+    if made in starts:
+        opener = _REDRAFTS[made % len(_REDRAFTS)]
+        text = f"{opener}\nDraft: {answer.text[:300]}\nI need more context."
+    return SimReply.call(name, text, **args)
+
+
 # --- failure modes -------------------------------------------------------------------------
 HALLUCINATED_TOOLS = ["search_web", "get_credit_score", "close_account", "transfer_funds", "lookup_customer_by_email"]
 
@@ -587,9 +641,19 @@ class SimProvider:
             raise TypeError(f"the sim behaviour of agent {req.agent!r} returned {type(reply).__name__}, "
                             "not keel.sim.SimReply")
         offered = {t.name: t for t in req.tools}
+        # Drawn from the request, not the task's id: the same input under the same seed always spirals
+        # (or obeys an injection) or never does, so a test's outcome never hangs on a random id.
+        traits = task_traits(req.model.sim, f"{req.agent}:{turn.input}")
+        marker = ""
+        injected = injected_call(turn, offered) if traits.follows_injection else None
+        if injected is not None:
+            reply = injected
+        elif not reply.tool_calls and traits.spiral and (recheck := spiral_call(turn, offered, traits, reply)):
+            reply, marker = recheck, SPIRAL_MARK
         if req.tools and not turn.answer_now and u_hallucinate < req.model.sim.hallucinated_tool_rate:
             fake = rng.choice([n for n in HALLUCINATED_TOOLS if n not in offered])
             reply = SimReply.call(fake, query=turn.input[:80])
+            marker = ""
         calls: list[ToolCall] = []
         for i, c in enumerate(reply.tool_calls):
             args = dict(c.arguments)
@@ -599,7 +663,7 @@ class SimProvider:
             arguments_json = json.dumps(args)
             if u_json < req.model.sim.invalid_json_rate:
                 arguments_json = _broken_json(rng, arguments_json)
-            calls.append(ToolCall(id=f"call_{req.step}_{i}", name=c.name, arguments_json=arguments_json))
+            calls.append(ToolCall(id=f"call_{req.step}_{i}{marker}", name=c.name, arguments_json=arguments_json))
         text = reply.text
         if not calls and req.json_output and u_json < req.model.sim.invalid_json_rate:
             text = _broken_json(rng, text)

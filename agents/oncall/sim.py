@@ -30,7 +30,7 @@ def oncall_sim(turn: SimTurn) -> SimReply:
     if not turn.answer_now:
         if not turn.called("service_status"):
             return SimReply.call("service_status", service=service)
-        if (status is not None and status.result and status.result.get("status") != "healthy" and not restarts
+        if (status is not None and status.result and status.result.get("status") == "down" and not restarts
                 and turn.offered("restart_service") and not turn.wrap_up):
             why = f"{service} is {status.result.get('status')} (error rate {status.result.get('error_rate')})"
             return SimReply.call("restart_service", service=service, reason=why)
@@ -39,6 +39,8 @@ def oncall_sim(turn: SimTurn) -> SimReply:
         return SimReply.answer(f"I could not read the status of {service}: {error}.")
     s = status.result
     lines = [f"{service} is {s.get('status')} (version {s.get('version')}, error rate {s.get('error_rate')})."]
+    if s.get("status") == "degraded":
+        lines.append("Degraded but serving: no restart; keep watching its error rate.")
     last = restarts[-1] if restarts else None
     if last is not None and last.ok and not last.pending:
         lines.append(f"Restart {last.result.get('restart_id') if last.result else ''} of {service} done.")
