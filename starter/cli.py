@@ -21,11 +21,10 @@ from keel import names
 from keel.dataset import sample_tickets
 from keel.orchestration import OrchestratorResult
 from keel.research import ResearchResult
-from keel.settings import KeelSettings
 from keel.shadow import is_shadowed, shadow_workflow_id
 from keel.supervisor import SupervisedPlanResult
 from keel.swarm import SwarmResult
-from keel.types import AgentResult, SimConfig, TicketResult
+from keel.types import AgentResult, TicketResult
 from starter import orchestrate_cli, patterns, plan_cli, research_cli, stack, swarm_cli, tickets, views
 from starter.agents import SA_TASK_TYPE
 from starter.approvals_cli import approvals, approve, reject, resolve_cmd
@@ -37,7 +36,7 @@ from starter.metrics_cli import alerts, metrics
 from starter.orchestrate_cli import orchestrate_cmd, supervise_cmd, vote_cmd
 from starter.plan_cli import plan_cmd
 from starter.research_cli import research_cmd
-from starter.run_cli import print_agent_result, run_cmd, watch_agent, worker_cmd
+from starter.run_cli import print_agent_result, run_cmd, sim_config, watch_agent, worker_cmd
 from starter.shadow_cli import shadow_app
 from starter.swarm_cli import swarm_cmd
 from starter.trace_cli import trace_cmd
@@ -87,20 +86,7 @@ app.command("vote")(vote_cmd)
 app.command("supervise")(supervise_cmd)
 app.command("worker")(worker_cmd)
 app.add_typer(shadow_app, name="shadow")
-def _sim(settings: KeelSettings, seed: int | None, spiral_rate: float | None, latency: str | None) -> SimConfig:
-    lo = hi = 0
-    if latency:
-        a, _, b = latency.partition("-")
-        try:
-            lo, hi = int(a), int(b or a)
-        except ValueError as e:
-            raise typer.BadParameter(f"--sim-latency {latency!r}: use milliseconds, e.g. 1000-3000") from e
-    return SimConfig(
-        seed=settings.sim_seed if seed is None else seed,
-        spiral_rate=settings.sim_spiral_rate if spiral_rate is None else spiral_rate,
-        latency_ms_min=lo,
-        latency_ms_max=hi,
-    )
+_sim = sim_config
 
 
 @app.command()

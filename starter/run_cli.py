@@ -10,7 +10,8 @@ import typer
 from rich.live import Live
 from temporalio.client import Client
 
-from keel.types import AgentInput, AgentResult, ApprovalMode, Budget, ModelSpec
+from keel.settings import KeelSettings
+from keel.types import AgentInput, AgentResult, ApprovalMode, Budget, ModelSpec, SimConfig
 from starter import tickets, views
 from starter.agents import start_agent
 from starter.console import client_or_exit, console, err, load_settings, run_task
@@ -50,6 +51,23 @@ async def watch_agent(client: Client, workflow_id: str, agent: str | None = None
     return res
 
 
+def sim_config(settings: KeelSettings, seed: int | None, spiral_rate: float | None, latency: str | None) -> SimConfig:
+    """The sim's knobs of a task: the flags, else the settings' defaults (KEEL_SIM_SEED, KEEL_SIM_SPIRAL_RATE)."""
+    lo = hi = 0
+    if latency:
+        a, _, b = latency.partition("-")
+        try:
+            lo, hi = int(a), int(b or a)
+        except ValueError as e:
+            raise typer.BadParameter(f"--sim-latency {latency!r}: use milliseconds, e.g. 1000-3000") from e
+    return SimConfig(
+        seed=settings.sim_seed if seed is None else seed,
+        spiral_rate=settings.sim_spiral_rate if spiral_rate is None else spiral_rate,
+        latency_ms_min=lo,
+        latency_ms_max=hi,
+    )
+
+
 def run_cmd(
     agent: Annotated[str, typer.Argument(help="The registered agent's name.")],
     text: Annotated[str, typer.Argument(help="The request.")],
@@ -59,6 +77,9 @@ def run_cmd(
     model: Annotated[str | None, typer.Option("--model", help="provider:model for every tier.")] = None,
     max_tokens: Annotated[int | None, typer.Option("--max-tokens", help="Token budget of this task.")] = None,
     approval_mode: Annotated[str, typer.Option("--approval-mode", help="wait or escalate.")] = "wait",
+    sim_seed: Annotated[int | None, typer.Option("--sim-seed", help="Seed of the sim model.")] = None,
+    spiral_rate: Annotated[float | None, typer.Option("--spiral-rate", help="Sim: chance of a spiral.")] = None,
+    sim_latency: Annotated[str | None, typer.Option("--sim-latency", help="Sim: ms per call, e.g. 1000-3000.")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Wait for the result.")] = False,
     watch: Annotated[bool, typer.Option("--watch", help="Draw live progress, then the result.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON (implies --wait).")] = False,
@@ -75,7 +96,7 @@ def run_cmd(
         raise typer.Exit(2) from e
     mode: ApprovalMode = "wait" if approval_mode == "wait" else "escalate"
     inp = AgentInput(agent=agent, input=text, key=key, tenant=tenant, prompt_version=prompt_version,
-                     models=models, approval_mode=mode,
+                     models=models, approval_mode=mode, sim=sim_config(settings, sim_seed, spiral_rate, sim_latency),
                      budget=Budget(max_tokens=max_tokens, max_usd=None) if max_tokens else None)
 
     async def main() -> None:

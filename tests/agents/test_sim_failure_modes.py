@@ -15,7 +15,7 @@ import keel
 from agents.oncall import oncall
 from agents.oncall.status_service import StatusService
 from keel.testing import agent_environment
-from tests.agents.test_oncall import ledger
+from tests.agents.test_oncall import cli_env, keel_cli, ledger
 
 ASK = "Is the api service healthy?"
 
@@ -62,3 +62,15 @@ async def test_an_obeyed_injection_is_stopped_by_the_agents_guardrail(
     assert "service_status" in obeyed.tools_executed and "restart_service" not in obeyed.tools_executed
     assert not ignored.tools_blocked and ignored.tools_executed == ["service_status"]
     assert status.restarts == {}
+
+
+async def test_keel_run_takes_the_sims_knobs(client: Client, status: StatusService, tmp_path: Path) -> None:
+    async with agent_environment(oncall, client=client, home=tmp_path) as env:
+        cli = cli_env(env, tmp_path)
+        calm = await keel_cli(cli, "run", "oncall", ASK, "--spiral-rate", "0", "--json")
+        spiral = await keel_cli(cli, "run", "oncall", ASK, "--spiral-rate", "1", "--max-tokens", "4000", "--json")
+        bad = await keel_cli(cli, "run", "oncall", ASK, "--sim-latency", "soon", "--json")
+    assert calm.exit_code == 0 and spiral.exit_code == 0, calm.output + spiral.output
+    a, b = (keel.AgentResult.model_validate_json(r.output.strip().splitlines()[-1]) for r in (calm, spiral))
+    assert b.llm_calls > a.llm_calls + 3 and b.tokens <= 4_000
+    assert bad.exit_code != 0 and "--sim-latency" in bad.output
