@@ -16,6 +16,7 @@ from keel.agent import (
     Tool,
     ToolContext,
     ToolOutcome,
+    Triage,
     tool,
 )
 from keel.errors import AgentDefinitionError, AgentNotRegistered, KeelError, ScriptExhausted, ToolError
@@ -58,5 +59,6 @@ __all__ = [
     "ToolContext",
     "ToolError",
     "ToolOutcome",
+    "Triage",
     "tool",
 ]

@@ -70,6 +70,10 @@ class Tool:
     claims: tuple[str, ...] = ()
     """Words of the actions this tool performs ("restarted", "restart"): an answer that claims one of
     them when no call of this tool was executed is unfounded."""
+    hands_off: bool = False
+    """A successful call hands the task to a human: the loop stops after it and the task ends
+    `escalated` (human queue), with the reason the tool returned (`"reason"` in its result, else in
+    its arguments, else the tool's name)."""
 
     @property
     def writes(self) -> bool:
@@ -104,7 +108,7 @@ def tool(fn: ToolFunction, /) -> Tool: ...
 @overload
 def tool(
     *, name: str | None = None, description: str | None = None, permission: Permission = "read_only",
-    claims: Sequence[str] = (),
+    claims: Sequence[str] = (), hands_off: bool = False,
 ) -> Callable[[ToolFunction], Tool]: ...
 
 
@@ -115,11 +119,13 @@ def tool(
     description: str | None = None,
     permission: Permission = "read_only",
     claims: Sequence[str] = (),
+    hands_off: bool = False,
 ) -> Tool | Callable[[ToolFunction], Tool]:
     """Declare a tool: `async def f(ctx: ToolContext, args: MyArgs) -> dict` (or a plain `def`).
 
     `permission`: `read_only` (reads only), `confirm` (a write that runs only after a listed approver
     approves these exact arguments) or `autonomous` (a write the agent may make alone, sparingly).
+    `hands_off`: a successful call ends the task in the human queue (see `Tool.hands_off`).
     The description is the docstring's first paragraph unless given. Returns a `Tool`."""
 
     def make(f: ToolFunction) -> Tool:
@@ -145,7 +151,7 @@ def tool(
         if not doc:
             raise AgentDefinitionError(f"tool {tool_name!r} needs a description (a docstring or description=...)")
         return Tool(name=tool_name, description=doc, args=args_type, permission=permission, fn=f,
-                    claims=tuple(claims))
+                    claims=tuple(claims), hands_off=bool(hands_off))
 
     return make(fn) if fn is not None else make
 
@@ -193,6 +199,50 @@ OutputCheck = Callable[[FinalOutput], str | Sequence[str] | None]
 
 # --- the agent -----------------------------------------------------------------------------------
 PROMPT_FILE = re.compile(r"^(?P<name>[A-Za-z0-9_-]+)\.(?P<version>v[0-9A-Za-z_-]+)\.md$")
+
+
+@dataclass(frozen=True)
+class Triage:
+    """A first, cheap model call that sorts the request before the agent works on it.
+
+    Its answer must be `output_type` (JSON; an invalid one is sent back, up to `attempts` calls, then
+    the task goes to a human). It is in the result (`AgentResult.triage`) and the agent's context
+    ("Triage: {...}") from then on; `acknowledge` turns it into the fast acknowledgement the progress
+    query shows while the agent works; `route` may send the task to a human before any tool runs.
+    The prompt file sits beside the agent's prompt, with the same versions. Hooks run in workflow code:
+    keep them pure."""
+
+    prompt: str | Path
+    output_type: type[BaseModel]
+    route: Callable[[Any], str | None] | None = None
+    """Why a human must take this task at once (a kind of request never automated, low confidence...),
+    or None to go on."""
+    acknowledge: Callable[[Any], str] | None = None
+    """What the requester may be told as soon as the triage is known."""
+    tier: Tier = "small"
+    attempts: int = 2
+    sim: Callable[..., Any] | None = None
+    """How the `sim` model plays the triage (`keel.sim.SimTurn -> keel.sim.SimReply`); default an answer
+    built from `output_type`'s schema."""
+    prompt_dir: Path = field(init=False)
+    prompt_name: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        path = Path(self.prompt)
+        if not path.is_absolute():
+            path = _caller_dir(3) / path
+        m = PROMPT_FILE.match(path.name)
+        if m is None:
+            raise AgentDefinitionError(f"triage prompt {path.name!r} must be named <name>.<version>.md")
+        if not (isinstance(self.output_type, type) and issubclass(self.output_type, BaseModel)):
+            raise AgentDefinitionError("triage output_type must be a pydantic model class")
+        for hook in (self.route, self.acknowledge, self.sim):
+            if hook is not None and not callable(hook):
+                raise AgentDefinitionError(f"triage hook {hook!r} is not callable")
+        if self.attempts < 1:
+            raise AgentDefinitionError("triage attempts must be >= 1")
+        object.__setattr__(self, "prompt_dir", path.parent)
+        object.__setattr__(self, "prompt_name", m["name"])
 
 ModelsArg = str | ModelSpec | Mapping[str, str | ModelSpec]
 
@@ -253,6 +303,8 @@ class Agent:
     a generic behaviour that calls the offered read tools from their schemas, then answers."""
     feature: str = ""
     """Chargeback tag of its ledger rows; default the agent's name."""
+    triage: Triage | None = None
+    """A first, cheap call that sorts the request (see `Triage`)."""
     prompt_dir: Path = field(init=False)
     prompt_name: str = field(init=False)
     prompt_version: str = field(init=False)
@@ -301,6 +353,18 @@ class Agent:
         if self.output_type is not None and not (isinstance(self.output_type, type)
                                                  and issubclass(self.output_type, BaseModel)):
             raise AgentDefinitionError(f"{where}: output_type must be a pydantic model class")
+        if self.triage is not None:
+            if not isinstance(self.triage, Triage):
+                raise AgentDefinitionError(f"{where}: triage must be a keel.Triage")
+            if self.triage.prompt_dir != self.prompt_dir:
+                raise AgentDefinitionError(f"{where}: the triage prompt must sit beside the agent's prompt "
+                                           f"({self.prompt_dir}), so that their versions go together")
+            for version in self.prompt_versions():
+                if not (self.prompt_dir / f"{self.triage.prompt_name}.{version}.md").is_file():
+                    raise AgentDefinitionError(f"{where}: prompt version {version} has no triage prompt "
+                                               f"{self.triage.prompt_name}.{version}.md")
+            if self.triage.prompt_name == self.prompt_name:
+                raise AgentDefinitionError(f"{where}: the triage prompt must not be the agent's own prompt")
         if self.sim is not None and not callable(self.sim):
             raise AgentDefinitionError(f"{where}: sim must be callable (keel.sim.SimTurn -> keel.sim.SimReply)")
 

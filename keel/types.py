@@ -680,6 +680,8 @@ class AgentResult(BaseModel):
     """The final answer, redacted, as it left (empty when held back)."""
     structured: dict[str, Any] | None = None
     """The final answer as the agent's `output_type`, when it declares one."""
+    triage: dict[str, Any] | None = None
+    """The agent's triage (its `keel.Triage.output_type`), when it declares one and it succeeded."""
     reason: str = ""
     """Why the task ended as it did (for escalated: what a human must look at)."""
     partial_output: str | None = None

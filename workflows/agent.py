@@ -24,7 +24,7 @@ with workflow.unsafe.imports_passed_through():
     from keel.agent import Agent, ProposedAction, ToolOutcome
     from keel.breaker import BREAKER_RECORD_SIGNAL, AdmitRequest, BreakerConfig, UsageReport, breaker_workflow_id
     from keel.metrics import ticket_input_hash
-    from keel.output import check_output, parse_structured
+    from keel.output import OutputReport, check_output, parse_structured
     from keel.types import (
         AgentInput,
         AgentResult,
@@ -121,7 +121,10 @@ class AgentWorkflow:
             parent_workflow_id=info.parent.workflow_id if info.parent is not None else "",
         )
         models = {**agent.model_specs, **(inp.models or {})}
-        runner = AgentRunner(TemporalCalls(), task, models=models, tiers={agent.step_kind: agent.tier}, sim=inp.sim,
+        tiers = {agent.step_kind: agent.tier}
+        if agent.triage is not None:
+            tiers["classify"] = agent.triage.tier
+        runner = AgentRunner(TemporalCalls(), task, models=models, tiers=tiers, sim=inp.sim,
                              max_output_tokens=agent.max_output_tokens,
                              budget=inp.budget if inp.budget is not None else agent.budget,
                              fallbacks=agent.fallback_specs)
@@ -154,6 +157,11 @@ class AgentWorkflow:
         structured: Any = None
         problem: str | None = None
         try:
+            if agent.triage is not None:
+                verdict, why = await self._triage(agent, runner, messages, result)
+                if why is not None:
+                    return await self._finish(runner, result, "escalated", why)
+                messages.append(Message(role="user", content=f"Triage: {verdict}"))
             loop = await run_agent_loop(runner, agent.prompt_name, messages, list(agent.tool_map.values()), max_steps,
                                         agent.max_invalid_outputs, kind=agent.step_kind)
             structured, problem = self._answer_problem(agent, loop)
@@ -197,8 +205,11 @@ class AgentWorkflow:
         if loop.hit_step_cap:
             runner.budget.limit_hit = "steps"
             runner.budget.detail = f"step limit {max_steps} reached"
-        report = check_output(agent, loop.answer or loop.final_text, structured, inp.input, inp.tenant,
-                              _executed(runner))
+        text = loop.answer or loop.final_text
+        if loop.escalation and not text.strip():
+            report = OutputReport(text="")  # handed to a human with nothing written: nothing to check
+        else:
+            report = check_output(agent, text, structured, inp.input, inp.tenant, _executed(runner))
         if report.redactions:
             detail = ", ".join(f"{v} {k}" for k, v in report.redactions.items())
             runner.decide("redact", f"removed from the answer: {detail}")
@@ -215,6 +226,46 @@ class AgentWorkflow:
         result.output = report.text
         result.structured = structured.model_dump(mode="json") if structured is not None else None
         return await self._finish(runner, result, "completed", "answered by the agent")
+
+    @staticmethod
+    async def _triage(agent: Agent, runner: AgentRunner, messages: list[Message],
+                      result: AgentResult) -> tuple[str, str | None]:
+        """The agent's triage call: (its answer as JSON, None), or ("", why the task goes to a human)."""
+        triage = agent.triage
+        assert triage is not None
+        convo = list(messages)
+        saved, runner.output_schema = runner.output_schema, triage.output_type.model_json_schema()
+        value: Any = None
+        problem: str | None = "no answer"
+        try:
+            for _ in range(triage.attempts):
+                resp = await runner.llm("classify", triage.prompt_name, convo, json_output=True)
+                value, problem = parse_structured(resp.text, triage.output_type)
+                if problem is None:
+                    break
+                runner.observe(f"invalid triage: {problem}")
+                runner.decide("invalid_output", f"triage: {problem}")
+                convo = [*convo, Message(role="assistant", content=resp.text),
+                         Message(role="user", content=f"Your answer was not accepted: {problem}. "
+                                                      "Answer with the JSON object only.")]
+        finally:
+            runner.output_schema = saved
+        if problem is not None:
+            return "", f"the request could not be triaged: {problem}"
+        dumped = value.model_dump(mode="json")
+        result.triage = dumped
+        as_json = value.model_dump_json()
+        runner.decide("triage", as_json)
+        try:
+            if triage.acknowledge is not None:
+                runner.progress.acknowledgement = str(triage.acknowledge(value))
+            why = triage.route(value) if triage.route is not None else None
+        except Exception as e:
+            raise config_error(f"agent {agent.name!r}: a triage hook raised {type(e).__name__}: {e}") from e
+        if why:
+            runner.decide("escalate", f"triage: {why}")
+            return "", f"triage: {why}"
+        return as_json, None
 
     @staticmethod
     def _answer_problem(agent: Agent, loop: LoopResult) -> tuple[Any, str | None]:

@@ -566,7 +566,21 @@ async def _handle_new_call(
             "status": "pending_approval",
             "detail": f"{call.name} needs a human's approval; the proposed action was recorded. Do not repeat it.",
         }
-    return await _execute(runner, call.name, arguments)
+    content = await _execute(runner, call.name, arguments)
+    if getattr(tool, "hands_off", False) and "error" not in content:
+        _hand_off(runner, call.name, arguments, content, result)
+    return content
+
+
+def _hand_off(runner: AgentRunner, name: str, arguments: dict[str, object], content: dict[str, object],
+              result: LoopResult) -> None:
+    """A hands-off tool ran: the loop stops after this step and the task goes to a human."""
+    reason = content.get("reason") or arguments.get("reason") or f"handed off by {name}"
+    result.escalation = f"{name}: {reason}"
+    priority = content.get("priority") or arguments.get("priority")
+    if priority:
+        result.escalation_priority = str(priority)
+    runner.decide("escalate", result.escalation)
 
 
 async def _execute(runner: AgentRunner, name: str, arguments: dict[str, object]) -> dict[str, object]:
@@ -617,7 +631,7 @@ async def _await_approval(
         result.escalation = f"no decision on {action.action_id} ({call.name}) within the approval timeout"
         runner.decide("escalate", result.escalation)
         runner.guardrail("approval", call.name, f"{action.action_id}: timed out")
-        return {"status": "approval timed out", "detail": "A human will take over this ticket."}
+        return {"status": "approval timed out", "detail": "A human will take over this task."}
     who = f"{decision.approver}" + (f" ({decision.comment})" if decision.comment else "")
     if decision.decision == "reject":
         runner.decide("rejected", f"{action.action_id} rejected by {who}")
@@ -625,7 +639,7 @@ async def _await_approval(
                                                   arguments_json=json.dumps(arguments, sort_keys=True),
                                                   reason=f"rejected by {decision.approver}"))
         return {"status": "rejected", "approver": decision.approver, "comment": decision.comment,
-                "detail": f"A human rejected {call.name}; do not repeat it. Tell the customer what happens next."}
+                "detail": f"A human rejected {call.name}; do not repeat it. Say what happens next."}
     if decision.decision == "edit":
         try:
             arguments = tool.args.model_validate(decision.arguments or {}).model_dump()
@@ -639,6 +653,8 @@ async def _await_approval(
             return refuse(f"edited arguments of {action.action_id} refused by policy: {problem}")
     runner.decide("approved", f"{action.action_id} {decision.decision}d by {who}")
     content = await _execute(runner, call.name, arguments)
+    if getattr(tool, "hands_off", False) and "error" not in content:
+        _hand_off(runner, call.name, arguments, content, result)
     return {**content, "approved_by": decision.approver}
 
 

@@ -635,6 +635,8 @@ class SimProvider:
         `req.model.sim` applied around it (hallucinated tools, invalid arguments, invalid JSON)."""
         agent = registry.find(req.agent)
         behaviour = agent.sim if agent is not None and agent.sim is not None else generic_behaviour
+        if agent is not None and agent.triage is not None and req.kind == "classify":
+            behaviour = agent.triage.sim or generic_behaviour
         turn = parse_turn(req.agent, req.messages, req.tools, req.step, req.kind, rng, req.output_schema)
         reply = behaviour(turn)
         if not isinstance(reply, SimReply):
