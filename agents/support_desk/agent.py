@@ -17,13 +17,17 @@ from __future__ import annotations
 import keel
 from agents.support_desk.guardrails import OUTPUT_CHECKS, VALIDATORS
 from agents.support_desk.sim import support_desk_sim
-from agents.support_desk.tools import get_account, get_transactions, issue_refund, lookup_policy
+from agents.support_desk.tools import escalate_to_human, get_account, get_transactions, issue_refund, lookup_policy
+from agents.support_desk.triage import TicketTriage, acknowledge, route, triage_sim
 
 support_desk = keel.Agent(
     name="support_desk",
     description="Keel Bank's customer support: accounts, transactions, policies, refunds after approval.",
     prompt="prompts/support_desk.v1.md",
-    tools=[get_account, get_transactions, lookup_policy, issue_refund],
+    tools=[get_account, get_transactions, lookup_policy, issue_refund, escalate_to_human],
+    # The small tier sorts the request first: fraud and unsure triages go to a person before any tool.
+    triage=keel.Triage(prompt="prompts/support_desk_triage.v1.md", output_type=TicketTriage, route=route,
+                       acknowledge=acknowledge, sim=triage_sim),
     models={"small": "sim:sim-small", "large": "sim:sim-large"},
     budget=keel.Budget(max_tokens=12_000, max_usd=0.05),
     max_steps=8,

@@ -106,6 +106,18 @@ refunds = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
 )
 
+cases = Table(
+    f"{PREFIX}cases", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    # Keyed like refunds: a retried hand-off finds its case instead of opening another.
+    Column("idempotency_key", String(255), nullable=False, unique=True),
+    Column("workflow_id", String(255), nullable=False, index=True),
+    Column("customer_id", String(32), nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("priority", String(16), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
 SEED_ORDER = (customers, accounts, transactions, policies)
 _SEED_LOCK_ID = 0x73646573  # "sdes": the PostgreSQL advisory lock of this seed (not the platform's)
 _READ_ONLY = "support_desk_read_only"

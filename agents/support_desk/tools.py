@@ -12,7 +12,7 @@ the call, one refund row is written and the balance is credited once.
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 from sqlalchemy import Connection, RowMapping, func, select, update
@@ -159,3 +159,35 @@ def issue_refund(ctx: keel.ToolContext, args: RefundArgs) -> dict[str, Any]:
         # Another attempt of this very call committed first (the unique idempotency key): return its refund.
         with engine.begin() as conn:
             return _refund_once(conn, ctx, args)
+
+
+class HandOffArgs(keel.Args):
+    customer_id: str = _CUSTOMER
+    reason: str = Field(min_length=5, max_length=500, description="What the specialist must look at")
+    priority: Literal["normal", "high", "urgent"] = "normal"
+
+
+def _case_once(conn: Connection, ctx: keel.ToolContext, args: HandOffArgs) -> dict[str, Any]:
+    c = store.cases
+    done = conn.execute(select(c).where(c.c.idempotency_key == ctx.idempotency_key)).mappings().first()
+    if done is None:
+        _customer(conn, args.customer_id)
+        done = conn.execute(c.insert().values(
+            idempotency_key=ctx.idempotency_key, workflow_id=ctx.workflow_id, customer_id=args.customer_id,
+            reason=args.reason, priority=args.priority, created_at=datetime.now(UTC),
+        ).returning(*c.c)).mappings().one()
+    return {"case_id": f"CASE-{done['id']}", "reason": done["reason"], "priority": done["priority"]}
+
+
+@keel.tool(permission="autonomous", hands_off=True)
+def escalate_to_human(ctx: keel.ToolContext, args: HandOffArgs) -> dict[str, Any]:
+    """Hand the request to a specialist (a case in the support queue) when it needs a person: a dispute,
+    a complaint, anything the tools cannot settle. The task then ends with the specialist."""
+    _own_customer(ctx, args.customer_id)
+    engine = store.engine_for()
+    try:
+        with engine.begin() as conn:
+            return _case_once(conn, ctx, args)
+    except IntegrityError:
+        with engine.begin() as conn:
+            return _case_once(conn, ctx, args)

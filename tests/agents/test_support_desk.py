@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -100,12 +101,19 @@ def retried_once(t: keel.Tool) -> keel.Tool:
     return dataclasses.replace(t, fn=fn)
 
 
+def triaged(category: str, confidence: float = 0.9) -> Any:
+    """The scripted triage step every support desk task starts with."""
+    return answer(json.dumps({"category": category, "urgency": "normal", "confidence": confidence}))
+
+
 # --- the definition ----------------------------------------------------------------------------------
 def test_the_definition_uses_the_public_api() -> None:
     assert AGENTS == [support_desk] and support_desk.name == "support_desk"
     assert {n: t.permission for n, t in support_desk.tool_map.items()} == {
         "get_account": "read_only", "get_transactions": "read_only", "lookup_policy": "read_only",
-        "issue_refund": "confirm"}
+        "issue_refund": "confirm", "escalate_to_human": "autonomous"}
+    assert support_desk.tool_map["escalate_to_human"].hands_off
+    assert support_desk.triage is not None and support_desk.triage.prompt_name == "support_desk_triage"
     assert "support-lead" in support_desk.approvers["issue_refund"]
     assert support_desk.prompt_path().name == "support_desk.v1.md" and support_desk.prompt_path().is_file()
     assert issue_refund.claims and all(t.startswith("support_desk_") for t in store.metadata.tables)
@@ -125,9 +133,10 @@ async def test_a_balance_question_is_answered_from_the_account(client: Client, d
     assert result.status == "completed", result.reason
     assert result.tools_executed == ["get_account"]
     assert f"{ACCOUNT['balance']:.2f} EUR" in result.output and "Hello Ana Silva" in result.output
-    assert [r["kind"] for r in lines] == ["outcome", "llm", "tool", "llm"]
+    assert [r["kind"] for r in lines] == ["outcome", "llm", "llm", "tool", "llm"]  # triage, then the desk
     assert {r["customer"] for r in lines} == {CUSTOMER} and {r["task_type"] for r in lines} == {"support_desk"}
-    assert lines[0]["status"] == "resolved" and lines[2]["tool"] == "get_account"
+    assert lines[0]["status"] == "resolved" and lines[3]["tool"] == "get_account"
+    assert result.triage == {"category": "general_inquiry", "urgency": "low", "confidence": 0.86}
 
 
 async def test_the_sim_answers_each_kind_of_request_from_what_it_read(client: Client, db_url: str) -> None:
@@ -136,8 +145,9 @@ async def test_the_sim_answers_each_kind_of_request_from_what_it_read(client: Cl
         fees = await env.run("support_desk", ask("Why was I charged a fee this month?"), tenant=CUSTOMER)
         address = await env.run("support_desk", ask("How do I change my postal address?"), tenant=CUSTOMER)
         nobody = await env.run("support_desk", "What is my balance?")
+        # This request spirals under the sim's default seed and spiral rate: pinned calm, as its path is checked.
         pending = await env.run("support_desk", ask("Refund the duplicate charge please."), tenant=CUSTOMER,
-                                approval_mode="escalate")
+                                approval_mode="escalate", sim=keel.SimConfig(spiral_rate=0))
         made = refunds(env.engine)
     assert fees.tools_executed == ["get_account", "get_transactions", "lookup_policy"]
     assert f"{fee['id']}: a fee of 4.90 EUR" in fees.output and "Monthly account fee 4.90 EUR" in fees.output
@@ -207,6 +217,7 @@ def test_the_refund_is_idempotent_on_the_call_key(db_url: str) -> None:
 async def test_a_refund_above_the_policy_bound_is_refused_by_the_validator(client: Client, db_url: str) -> None:
     big = {"customer_id": CUSTOMER, "transaction_id": DUPLICATE["id"], "amount": 650.0, "reason": "customer asks"}
     model = ScriptedModel([
+        triaged("refund_request"),
         call("get_transactions", customer_id=CUSTOMER, days=60),
         call("lookup_policy", topic="refunds"),
         call("issue_refund", **big),
@@ -224,12 +235,13 @@ async def test_a_refund_above_the_policy_bound_is_refused_by_the_validator(clien
     assert "refused by policy: refund of 650.00 exceeds the policy maximum of 500.00" in result.tools_blocked[0].reason
     assert "not this task's customer" in result.tools_blocked[1].reason
     assert result.validation_failures == 2
-    assert "exceeds the policy maximum" in model.calls[3].messages[-1].content  # the model saw why
+    assert "exceeds the policy maximum" in model.calls[4].messages[-1].content  # the model saw why
     assert [(g["tool"], g["status"]) for g in guard] == [("issue_refund", "blocked"), ("get_account", "blocked")]
 
 
 async def test_a_refund_of_a_transaction_not_read_is_refused(client: Client, db_url: str) -> None:
     model = ScriptedModel([
+        triaged("refund_request"),
         call("issue_refund", customer_id=CUSTOMER, transaction_id=DUPLICATE["id"], amount=1.0, reason="dup"),
         answer("We are looking into the charge."),
     ])
@@ -246,7 +258,7 @@ async def test_a_refund_of_a_transaction_not_read_is_refused(client: Client, db_
     ("You will receive a refund within 3 days.", "promises a refund that was not executed"),
 ])
 async def test_output_checks_hold_an_answer_back(client: Client, db_url: str, said: str, problem: str) -> None:
-    model = ScriptedModel([call("get_account", customer_id=CUSTOMER), answer(said)])
+    model = ScriptedModel([triaged("card_issue"), call("get_account", customer_id=CUSTOMER), answer(said)])
     async with desk(client, db_url, model) as env:
         result = await env.run("support_desk", ask("Is my card ok?"), tenant=CUSTOMER, models=SCRIPT_MODELS)
     assert result.status == "escalated" and problem in result.reason, result.reason
@@ -302,3 +314,36 @@ def test_the_agent_seed_leaves_the_platform_tables_alone(tmp_path: Path) -> None
     alone = store.make_engine(f"sqlite:///{tmp_path / 'alone.db'}")
     store.setup(alone)
     assert set(inspect(alone).get_table_names()) == set(store.metadata.tables)
+
+
+# --- triage and hand-off ------------------------------------------------------------------------------
+async def test_fraud_and_unclear_requests_go_to_a_person_before_any_tool(client: Client, db_url: str) -> None:
+    async with desk(client, db_url) as env:
+        fraud = await env.start("support_desk", ask("I do not recognise a payment, I think it is fraud."),
+                                tenant=CUSTOMER)
+        fraud_res = await fraud.result()
+        ack = (await fraud.query("progress", result_type=keel.types.Progress)).acknowledgement
+        unclear = await env.run("support_desk", ask("Hello, something is odd."), tenant=CUSTOMER)
+    assert fraud_res.status == "escalated" and fraud_res.triage is not None
+    assert fraud_res.triage["category"] == "fraud_report" and fraud_res.triage["urgency"] == "urgent"
+    assert "fraud_report is always handled by a person" in fraud_res.reason and fraud_res.tools_executed == []
+    assert ack is not None and "fraud team" in ack
+    assert unclear.status == "escalated" and "confidence 0.45 is under 0.6" in unclear.reason
+    assert unclear.tools_executed == [] and unclear.llm_calls == 1
+
+
+async def test_escalate_to_human_opens_one_case_and_ends_the_task(client: Client, db_url: str) -> None:
+    model = ScriptedModel([
+        triaged("billing_question"),
+        call("get_account", customer_id=CUSTOMER),
+        call("escalate_to_human", customer_id=CUSTOMER, reason="disputes the overdraft terms", priority="high"),
+    ])
+    async with desk(client, db_url, model) as env:
+        result = await env.run("support_desk", ask("I dispute your overdraft terms."), tenant=CUSTOMER,
+                               models=SCRIPT_MODELS)
+        cases = rows(env.engine, "SELECT workflow_id, customer_id, reason, priority FROM support_desk_cases")
+    model.assert_all_used()  # no model call after the hand-off
+    assert result.status == "escalated"
+    assert result.reason == "escalate_to_human: disputes the overdraft terms"
+    assert cases == [{"workflow_id": result.workflow_id, "customer_id": CUSTOMER,
+                      "reason": "disputes the overdraft terms", "priority": "high"}]
