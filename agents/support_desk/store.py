@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -152,7 +154,7 @@ def make_engine(url: str) -> Engine:
         cur = dbapi_conn.cursor()
         cur.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
         if not memory:
-            cur.execute("PRAGMA journal_mode = WAL")
+            _wal(cur)
         cur.close()
 
     @event.listens_for(engine, "begin")
@@ -163,6 +165,20 @@ def make_engine(url: str) -> Engine:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
+
+
+def _wal(cur: Any) -> None:
+    """Switch a file to WAL. The first switch of a new file needs it alone: connections racing to it may
+    be told "database is locked" at once, whatever the busy timeout, so the loser waits and tries again
+    (the file is then WAL already, and the pragma a no-op)."""
+    for attempt in range(50):
+        try:
+            cur.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or attempt == 49:
+                raise
+            time.sleep(0.02 * (attempt + 1))
 
 
 @contextlib.contextmanager
