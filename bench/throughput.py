@@ -1,13 +1,16 @@
 """Keel's cost against bare Temporal and against plain asyncio, in one run on one local dev server.
 
-    python bench/throughput.py [--tickets N] [--concurrency C] [--rounds R] [--json]
+    python bench/throughput.py [--tickets N] [--concurrency C] [--rounds R] [--agent NAME] [--json]
 
 1. Keel: N sample tickets on the `sim` model (zero latency, default 15% spiral rate) through
-   SupportTicketWorkflow, the worker in a process of its own (`python -m workers`).
+   SupportTicketWorkflow, the worker in a process of its own (`python -m workers`). With `--agent
+   support_desk`: the same tickets as tasks of the support desk agent (agents/support_desk) through the
+   generic agent workflow (KeelAgent), the worker serving that agent (KEEL_AGENTS).
 2. Bare Temporal: N workflows of K trivial activities (K = Keel's mean activities per ticket), default
    data converter and sandbox, its worker in a process of its own (`python -m bench.bare`).
 3. asyncio: the same ticket pipeline with the activities called directly, no Temporal (the price of
-   durability).
+   durability). Not run with --agent: bare's K is then the agent's mean activities per task in the
+   warm-up (model calls, tool calls and the finishing activity).
 
 Keel and bare run side by side on one dev server: both workers up, they take turns in --chunks chunks
 each (Keel, bare, bare, Keel, ...), one system at a time on the machine, so that a slow stretch of a
@@ -61,7 +64,18 @@ from keel.codec import data_converter
 from keel.dataset import SampleTicket, sample_tickets
 from keel.policy import DEFAULT_POLICY
 from keel.settings import KeelSettings
-from keel.types import LlmRequest, LlmResponse, SimConfig, TicketInput, TicketResult, ToolRequest, ToolResult
+from keel.types import (
+    AgentInput,
+    AgentResult,
+    LlmRequest,
+    LlmResponse,
+    SimConfig,
+    TicketInput,
+    TicketResult,
+    ToolRequest,
+    ToolResult,
+)
+from starter.agents import start_agent
 from starter.tickets import make_input, start_ticket
 from workflows.support_ticket import make_runner
 from workflows.ticket_pipeline import handle_ticket
@@ -264,6 +278,18 @@ def ticket_activities(res: TicketResult) -> int:
     return res.llm_calls + len(res.tools_executed)
 
 
+def agent_activities(res: AgentResult) -> int:
+    """Model calls, tool calls and the finishing activity (the outcome row) of a KeelAgent task."""
+    return res.llm_calls + len(res.tools_executed) + 1
+
+
+def agent_inputs(agent: str, settings: KeelSettings, tickets: Sequence[SampleTicket]) -> list[AgentInput]:
+    """The sample tickets as tasks of `agent`: the customer is the tenant and the request's first line."""
+    sim = SimConfig(seed=settings.sim_seed, spiral_rate=settings.sim_spiral_rate, latency_ms_min=0, latency_ms_max=0)
+    return [AgentInput(agent=agent, input=f"Customer: {t.customer_id}\n\n{t.text}", tenant=t.customer_id,
+                       key=t.ticket_id, approval_mode="escalate", sim=sim) for t in tickets]
+
+
 # --- the worker processes -------------------------------------------------------------------
 
 
@@ -428,6 +454,8 @@ class LiveSystem:
     count: Callable[[Any], int]
     phases: list[Phase] = field(default_factory=list)
     results: list[Any] = field(default_factory=list)
+    warmup_steps: float = 0.0
+    """Mean activities per task in the warm-up (agent mode: bare's K)."""
 
     async def chunk(self, items: Sequence[Any]) -> None:
         phase, results = await measure(self.worker.cpu_s, self.server_pid, items, [], self.concurrency, self.start,
@@ -444,7 +472,7 @@ class LiveSystem:
 @contextlib.asynccontextmanager
 async def keel_system(
     client: Client, address: str, server_pid: int | None, tmp: Path, warmup: Sequence[SampleTicket],
-    concurrency: int, workflow_ids: dict[str, str],
+    concurrency: int, workflow_ids: dict[str, str], agent: str | None = None,
 ) -> AsyncIterator[tuple[LiveSystem, KeelSettings]]:
     task_queue = f"bench-keel-{uuid.uuid4().hex[:10]}"
     home = tmp / "keel-home"
@@ -452,17 +480,30 @@ async def keel_system(
     # Everything on as deployed by default (tracing to the local span store, metrics, alerts), except the
     # metrics endpoints: they would bind fixed ports, and nobody scrapes them here.
     env = child_env(tmp, {"TEMPORAL_ADDRESS": address, "KEEL_TASK_QUEUE": task_queue, "KEEL_HOME": str(home),
-                          "KEEL_METRICS_PORT": "0", "KEEL_SDK_METRICS_PORT": "0", **KEEL_WORKER_ENV})
+                          "KEEL_METRICS_PORT": "0", "KEEL_SDK_METRICS_PORT": "0", **KEEL_WORKER_ENV,
+                          **({"KEEL_AGENTS": f"agents.{agent}"} if agent else {})})
 
     async def one(inp: TicketInput) -> TicketResult:
         handle = await start_ticket(client, settings, inp)
         workflow_ids[inp.ticket_id] = handle.id
         return await handle.result()
 
+    async def one_task(inp: AgentInput) -> AgentResult:
+        handle = await start_agent(client, settings, inp)
+        workflow_ids[inp.key] = handle.id
+        res: AgentResult = await handle.result()
+        return res
+
     argv = [sys.executable, "-m", "workers"]
     async with worker_process("keel", argv, env, tmp / "keel-worker.log", client, task_queue, KEEL_READY_LINE) as w:
-        await run_concurrent(ticket_inputs(settings, warmup), concurrency, one)
-        yield LiveSystem("keel", w, server_pid, concurrency, one, ticket_activities), settings
+        if agent:
+            _, done, _ = await run_concurrent(agent_inputs(agent, settings, warmup), concurrency, one_task)
+            system = LiveSystem("keel", w, server_pid, concurrency, one_task, agent_activities)
+            system.warmup_steps = sum(agent_activities(r) for r in done) / max(1, len(done))
+            yield system, settings
+        else:
+            await run_concurrent(ticket_inputs(settings, warmup), concurrency, one)
+            yield LiveSystem("keel", w, server_pid, concurrency, one, ticket_activities), settings
 
 
 @contextlib.asynccontextmanager
@@ -605,18 +646,21 @@ def status_counts(results: Sequence[TicketResult]) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-async def run(n: int, concurrency: int, chunks: int = DEFAULT_CHUNKS) -> dict[str, Any]:
+async def run(n: int, concurrency: int, chunks: int = DEFAULT_CHUNKS, agent: str | None = None) -> dict[str, Any]:
     temporal = temporal_binary()
     tickets = sample_tickets(n, seed=0)
     warmup = sample_tickets(WARMUP_TICKETS, seed=1)
     with tempfile.TemporaryDirectory(prefix="keel-bench-") as tmp_name:
         tmp = Path(tmp_name)
-        # The asyncio baseline first: it also gives the activities per ticket the bare workflow repeats
-        # (the same pipeline, the same seeded tickets: the same calls as on Temporal).
-        log(f"asyncio: {n} tickets")
-        aio = await bench_asyncio(tmp, tickets, warmup, concurrency)
-        log(f"asyncio: {aio.per_s:.2f} tickets/s")
-        steps = max(1, round(aio.total_activities / aio.n))
+        aio: Phase | None = None
+        steps = 0
+        if agent is None:
+            # The asyncio baseline first: it also gives the activities per ticket the bare workflow repeats
+            # (the same pipeline, the same seeded tickets: the same calls as on Temporal).
+            log(f"asyncio: {n} tickets")
+            aio = await bench_asyncio(tmp, tickets, warmup, concurrency)
+            log(f"asyncio: {aio.per_s:.2f} tickets/s")
+            steps = max(1, round(aio.total_activities / aio.n))
         log(f"starting the dev server from {temporal} (its output: {tmp / 'server.log'})")
         with inherited_output_to(tmp / "server.log"):
             env = await WorkflowEnvironment.start_local(
@@ -629,22 +673,28 @@ async def run(n: int, concurrency: int, chunks: int = DEFAULT_CHUNKS) -> dict[st
             server_pid = find_server_pid(int(address.rsplit(":", 1)[1]))
             run_id = uuid.uuid4().hex[:8]
             workflow_ids: dict[str, str] = {}
-            async with (
-                keel_system(env.client, address, server_pid, tmp, warmup, concurrency, workflow_ids) as (k, ks),
-                bare_system(address, server_pid, tmp, steps, concurrency, run_id) as (b, bare_client),
-            ):
+            async with contextlib.AsyncExitStack() as stack:
+                k, ks = await stack.enter_async_context(
+                    keel_system(env.client, address, server_pid, tmp, warmup, concurrency, workflow_ids, agent))
+                if agent is not None:
+                    steps = max(1, round(k.warmup_steps))
+                    log(f"{agent}: {k.warmup_steps:.2f} activities per task in the warm-up; bare repeats {steps}")
+                b, bare_client = await stack.enter_async_context(
+                    bare_system(address, server_pid, tmp, steps, concurrency, run_id))
                 # Side by side: Keel and bare take turns, chunk by chunk, each chunk alone on the machine
                 # (the other worker idle), the first to go alternating; so a slower stretch of a shared
                 # machine, or a fuller server database, weighs on both alike.
                 log(f"keel: {n} tickets and bare: {n} workflows of {steps} activities, in {chunks} alternating "
                     f"chunks each; concurrency {concurrency}")
-                for i, (kc, bc) in enumerate(zip(chunked(ticket_inputs(ks, tickets), chunks),
+                inputs: Sequence[Any] = (agent_inputs(agent, ks, tickets) if agent is not None
+                                         else ticket_inputs(ks, tickets))
+                for i, (kc, bc) in enumerate(zip(chunked(inputs, chunks),
                                                  chunked(range(n), chunks), strict=True)):
                     order = [(k, kc), (b, bc)] if i % 2 == 0 else [(b, bc), (k, kc)]
                     for system, items in order:
                         await system.chunk(items)
                 keel, bare = k.phase(), b.phase()
-                results: list[TicketResult] = k.results
+                results: list[Any] = k.results
                 log(f"keel: {keel.per_s:.2f} tickets/s; bare: {bare.per_s:.2f} workflows/s")
                 keel.history_activities, keel.workflow_tasks = await history_counts(
                     env.client, [workflow_ids[t.ticket_id] for t in tickets]
@@ -659,6 +709,7 @@ async def run(n: int, concurrency: int, chunks: int = DEFAULT_CHUNKS) -> dict[st
     ratio = keel.per_s / bare.per_s
     over = keel.cpu_ms_per_step - bare.cpu_ms_per_step
     return {
+        "agent": agent,
         "tickets": n,
         "concurrency": concurrency,
         "chunks": chunks,
@@ -688,13 +739,13 @@ async def run(n: int, concurrency: int, chunks: int = DEFAULT_CHUNKS) -> dict[st
         "bare_server_cpu_ms_per_step": round(bare.server_cpu_ms_per_step, 3),
         "bare_foreign_cpu_pct": round(bare.foreign_cpu_pct, 1),
         "bare_workflow_tasks_per_task": round(bare.workflow_tasks, 3),
-        "asyncio_tickets_per_s": round(aio.per_s, 3),
-        "asyncio_activities_per_task": round(aio.total_activities / aio.n, 3),
-        "asyncio_ticket_ms_p50": round(percentile(aio.wall_ms, 50), 1),
-        "asyncio_cpu_ms_per_step": round(aio.cpu_ms_per_step, 3),
-        "asyncio_foreign_cpu_pct": round(aio.foreign_cpu_pct, 1),
+        "asyncio_tickets_per_s": round(aio.per_s, 3) if aio else None,
+        "asyncio_activities_per_task": round(aio.total_activities / aio.n, 3) if aio else None,
+        "asyncio_ticket_ms_p50": round(percentile(aio.wall_ms, 50), 1) if aio else None,
+        "asyncio_cpu_ms_per_step": round(aio.cpu_ms_per_step, 3) if aio else None,
+        "asyncio_foreign_cpu_pct": round(aio.foreign_cpu_pct, 1) if aio else None,
         "throughput_ratio_vs_bare": round(ratio, 3),
-        "throughput_ratio_vs_asyncio": round(keel.per_s / aio.per_s, 4),
+        "throughput_ratio_vs_asyncio": round(keel.per_s / aio.per_s, 4) if aio else None,
         "cpu_ms_per_step_over_bare": round(over, 3),
         "targets": {
             "throughput_ratio_vs_bare": {
@@ -711,7 +762,9 @@ async def run(n: int, concurrency: int, chunks: int = DEFAULT_CHUNKS) -> dict[st
 
 def combine(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     """The last round's figures, with the medians of the compared ones and every round's pair."""
-    def med(key: str) -> float:
+    def med(key: str) -> float | None:
+        if any(r[key] is None for r in rounds):
+            return None
         vals = sorted(float(r[key]) for r in rounds)
         mid = len(vals) // 2
         return vals[mid] if len(vals) % 2 else (vals[mid - 1] + vals[mid]) / 2
@@ -722,11 +775,12 @@ def combine(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     for key in ("tickets_per_s", "bare_tickets_per_s", "asyncio_tickets_per_s", "worker_cpu_ms_per_step",
                 "bare_worker_cpu_ms_per_step", "server_cpu_ms_per_step", "bare_server_cpu_ms_per_step",
                 "throughput_ratio_vs_bare", "cpu_ms_per_step_over_bare", "throughput_ratio_vs_asyncio"):
-        out[key] = round(med(key), 3)
+        value = med(key)
+        out[key] = round(value, 3) if value is not None else None
     out["rounds"] = [{k: r[k] for k in ("throughput_ratio_vs_bare", "cpu_ms_per_step_over_bare", "tickets_per_s",
                                           "bare_tickets_per_s", "foreign_cpu_pct", "bare_foreign_cpu_pct")}
                      for r in rounds]
-    ratio, over = out["throughput_ratio_vs_bare"], out["cpu_ms_per_step_over_bare"]
+    ratio, over = float(out["throughput_ratio_vs_bare"]), float(out["cpu_ms_per_step_over_bare"])
     out["targets"] = {
         "throughput_ratio_vs_bare": {"target": f">= {TARGET_THROUGHPUT_RATIO}",
                                      "met": ratio >= TARGET_THROUGHPUT_RATIO},
@@ -756,7 +810,9 @@ def report(r: dict[str, Any]) -> str:
         " goes first",
         "  keel:      default settings (guardrails, metrics, alerts; tracing off: no OTLP endpoint is set)"
         + (f" with {' '.join(f'{k}={v}' for k, v in r['keel_env'].items())}" if r.get("keel_env") else ""),
-        f"  workload:  {r['tickets']} tickets (+{r['warmup_tickets']} warm-up, not counted), concurrency "
+        f"  workload:  {r['tickets']} tickets (+{r['warmup_tickets']} warm-up, not counted)"
+        + (f" as tasks of the agent {r['agent']} (KeelAgent)" if r.get("agent") else " (SupportTicket)")
+        + f", concurrency "
         f"{r['concurrency']}, sim model at zero latency, spiral rate {r['spiral_rate']:.0%}",
         f"  outcomes:  {r['statuses']}",
         "",
@@ -796,11 +852,12 @@ def report(r: dict[str, Any]) -> str:
         f"  (target {t['throughput_ratio_vs_bare']['target']}x: {met('throughput_ratio_vs_bare')})",
         f"  worker CPU Keel - bare:     {r['cpu_ms_per_step_over_bare']:+.2f} ms/step"
         f"  (target {t['cpu_ms_per_step_over_bare']['target']} ms: {met('cpu_ms_per_step_over_bare')})",
-        f"  throughput Keel / asyncio:  {r['throughput_ratio_vs_asyncio']:.3f}x  (the price of durability)",
+        *([f"  throughput Keel / asyncio:  {r['throughput_ratio_vs_asyncio']:.3f}x  (the price of durability)"]
+          if r.get("throughput_ratio_vs_asyncio") is not None else []),
         *(
             [f"  WARNING: other processes used up to {noisy:.0f}% of the machine during a phase: rerun on an idle"
              " machine before trusting the ratios."]
-            if (noisy := max(r["foreign_cpu_pct"], r["bare_foreign_cpu_pct"], r["asyncio_foreign_cpu_pct"]))
+            if (noisy := max(r["foreign_cpu_pct"], r["bare_foreign_cpu_pct"], r["asyncio_foreign_cpu_pct"] or 0))
             > NOISY_FOREIGN_CPU_PCT else []
         ),
     ])
@@ -815,6 +872,9 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"Keel and bare take turns in this many chunks each (default {DEFAULT_CHUNKS})")
     parser.add_argument("--keel-env", action="append", default=[], metavar="KEY=VALUE",
                         help="a setting for the Keel worker, e.g. KEEL_TRACING=false (repeatable)")
+    parser.add_argument("--agent", default=None, metavar="NAME",
+                        help="run the tickets as tasks of this built-in agent (agents/NAME) on KeelAgent, "
+                             "e.g. support_desk")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
     args = parser.parse_args(argv)
     if args.tickets < 1 or args.concurrency < 1 or args.rounds < 1 or args.chunks < 1:
@@ -830,7 +890,7 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(args.rounds):
             if args.rounds > 1:
                 log(f"round {i + 1} of {args.rounds}")
-            results.append(await run(args.tickets, args.concurrency, args.chunks))
+            results.append(await run(args.tickets, args.concurrency, args.chunks, args.agent))
         return combine(results)
 
     return run_benchmark(rounds, args.json, report)
