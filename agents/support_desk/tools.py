@@ -11,6 +11,7 @@ the call, one refund row is written and the balance is credited once.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -104,6 +105,18 @@ def lookup_policy(ctx: keel.ToolContext, args: PolicyArgs) -> dict[str, Any]:
         return {"topic": row["topic"], "text": row["text"], "max_refund": row["max_refund"]}
 
 
+def _write_once(write: Callable[[Connection], dict[str, Any]]) -> dict[str, Any]:
+    """A write keyed on the call's idempotency key, in one transaction. When another attempt of this
+    very call committed first (the unique key), the second try finds and returns its row."""
+    engine = store.engine_for()
+    try:
+        with engine.begin() as conn:
+            return write(conn)
+    except IntegrityError:
+        with engine.begin() as conn:
+            return write(conn)
+
+
 def _refund_content(r: RowMapping) -> dict[str, Any]:
     return {"refund_id": f"RF-{r['id']}", "transaction_id": r["transaction_id"], "amount": r["amount"],
             "status": r["status"]}
@@ -151,14 +164,7 @@ def issue_refund(ctx: keel.ToolContext, args: RefundArgs) -> dict[str, Any]:
     """Refund (part of) one of the customer's transactions, within the refunds policy. Runs only after a
     support lead approves it."""
     _own_customer(ctx, args.customer_id)
-    engine = store.engine_for()
-    try:
-        with engine.begin() as conn:
-            return _refund_once(conn, ctx, args)
-    except IntegrityError:
-        # Another attempt of this very call committed first (the unique idempotency key): return its refund.
-        with engine.begin() as conn:
-            return _refund_once(conn, ctx, args)
+    return _write_once(lambda conn: _refund_once(conn, ctx, args))
 
 
 class HandOffArgs(keel.Args):
@@ -184,10 +190,4 @@ def escalate_to_human(ctx: keel.ToolContext, args: HandOffArgs) -> dict[str, Any
     """Hand the request to a specialist (a case in the support queue) when it needs a person: a dispute,
     a complaint, anything the tools cannot settle. The task then ends with the specialist."""
     _own_customer(ctx, args.customer_id)
-    engine = store.engine_for()
-    try:
-        with engine.begin() as conn:
-            return _case_once(conn, ctx, args)
-    except IntegrityError:
-        with engine.begin() as conn:
-            return _case_once(conn, ctx, args)
+    return _write_once(lambda conn: _case_once(conn, ctx, args))

@@ -5,10 +5,8 @@ The sim draws a task's traits from its seed and its input, so these runs are the
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from temporalio.client import Client
 
 import keel
@@ -18,13 +16,6 @@ from keel.testing import agent_environment
 from tests.agents.test_oncall import cli_env, keel_cli, ledger
 
 ASK = "Is the api service healthy?"
-
-
-@pytest.fixture
-def status(monkeypatch: pytest.MonkeyPatch) -> Iterator[StatusService]:
-    with StatusService() as svc:
-        monkeypatch.setenv("ONCALL_STATUS_URL", svc.url)
-        yield svc
 
 
 async def test_a_spiral_rereads_until_the_budget_stops_it_and_never_crosses_it(
