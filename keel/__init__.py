@@ -18,6 +18,7 @@ from keel.agent import (
     ToolOutcome,
     tool,
 )
+from keel.commands import Command
 from keel.errors import AgentDefinitionError, AgentNotRegistered, KeelError, ScriptExhausted, ToolError
 from keel.orchestration import ChildTask, OrchestratorInput, OrchestratorResult, Plan, SwarmInput, SwarmResult
 from keel.sim import SimCall, SimReply, SimTurn
@@ -35,6 +36,7 @@ __all__ = [
     "Args",
     "Budget",
     "ChildTask",
+    "Command",
     "FinalOutput",
     "KeelError",
     "ModelSpec",

@@ -515,7 +515,6 @@ def _cap_output(text: str, calls: list[ToolCall], max_tokens: int) -> tuple[str,
 
 PATTERN_SIMS = {
     "research": "activities.providers.sim_research",
-    "dr": "activities.providers.sim_dr",
     "swarm": "activities.providers.sim_swarm",
 }
 """Prompt families of the multi-agent patterns, each simulated by its own module: a module's
@@ -581,7 +580,8 @@ class SimProvider:
         `req.model.sim` applied around it (hallucinated tools, invalid arguments, invalid JSON)."""
         agent = registry.find(req.agent)
         behaviour = agent.sim if agent is not None and agent.sim is not None else generic_behaviour
-        turn = parse_turn(req.agent, req.messages, req.tools, req.step, req.kind, rng, req.output_schema)
+        turn = parse_turn(req.agent, req.messages, req.tools, req.step, req.kind, rng, req.output_schema,
+                          seed=req.model.sim.seed)
         reply = behaviour(turn)
         if not isinstance(reply, SimReply):
             raise TypeError(f"the sim behaviour of agent {req.agent!r} returned {type(reply).__name__}, "
