@@ -6,8 +6,8 @@ defaults) and which returns what to start: an `AgentInput` (one agent) or the in
 (`SupervisorInput`, `OrchestratorInput`, `SwarmInput`). A `ValueError` from it is bad input: the
 command exits 2 with its message. The CLI starts the task, prints its id and Temporal UI link, waits,
 and prints the result with `show` (each item it yields is printed: text with rich markup, or a rich
-renderable), or as JSON with `--json`. The command line loads the built-in agents' command modules
-and those named in `KEEL_COMMANDS` (comma-separated).
+renderable), or as JSON with `--json`. The command line adds the verbs of the built-in agent packages'
+`cli` modules and of the modules named in `KEEL_COMMANDS` (comma-separated).
 """
 
 from __future__ import annotations

@@ -76,7 +76,7 @@ app.command("metrics")(metrics)
 app.command("alerts")(alerts)
 app.command("trace")(trace_cmd)
 app.command("research")(research_cmd)
-add_commands(app, ["agents.dr_plan.cli", *os.environ.get("KEEL_COMMANDS", "").split(",")])  # keel.Command verbs
+add_commands(app)  # the agent packages' verbs (keel.Command): the built-in ones' and KEEL_COMMANDS'
 app.command("swarm")(swarm_cmd)
 app.command("run")(run_cmd)
 app.command("orchestrate")(orchestrate_cmd)

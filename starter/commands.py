@@ -1,13 +1,20 @@
 """Verbs of agent packages on the `keel` command line (keel.Command): a module's `COMMANDS`, each made a
 command that builds what to start from its options, starts it, prints its id and UI link, waits, and
-prints the result with the command's `show` (or as JSON with --json)."""
+prints the result with the command's `show` (or as JSON with --json).
+
+The command line adds the verbs of every built-in agent package's `cli` module (`agents/<name>/cli.py`
+with a COMMANDS list; found without importing the agents) and of the modules named in KEEL_COMMANDS
+(comma-separated; such a module must list COMMANDS)."""
 
 from __future__ import annotations
 
 import importlib
 import inspect
 import json
+import os
+import pkgutil
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -38,8 +45,24 @@ def commands_of(module_name: str) -> list[Command]:
     return found
 
 
-def add_commands(app: typer.Typer, modules: Iterable[str]) -> list[str]:
-    """Add every command of the modules to `app`; their names."""
+def builtin_command_modules() -> list[str]:
+    """The built-in agent packages' `cli` modules that list COMMANDS (`agents.<name>.cli`)."""
+    import agents
+
+    found: list[str] = []
+    for root in agents.__path__:
+        for pkg in pkgutil.iter_modules([root]):
+            if pkg.ispkg and (Path(root) / pkg.name / "cli.py").is_file():
+                module = importlib.import_module(f"agents.{pkg.name}.cli")
+                if getattr(module, "COMMANDS", None):
+                    found.append(module.__name__)
+    return sorted(found)
+
+
+def add_commands(app: typer.Typer, modules: Iterable[str] | None = None) -> list[str]:
+    """Add every command of the modules (default: the built-in ones and KEEL_COMMANDS) to `app`; their names."""
+    if modules is None:
+        modules = [*builtin_command_modules(), *os.environ.get("KEEL_COMMANDS", "").split(",")]
     added: list[str] = []
     for name in dict.fromkeys(m.strip() for m in modules if m.strip()):
         for cmd in commands_of(name):

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 import keel
 from agents.oncall.agent import incident_note
 from keel.testing import agent_environment
-from starter.commands import add_commands, command_function, commands_of
+from starter.commands import add_commands, builtin_command_modules, command_function, commands_of
 from tests.agents.test_oncall import cli_env
 
 
@@ -70,3 +70,10 @@ async def test_a_verb_starts_what_it_builds_and_shows_the_result(client: Client,
     assert "severity none" in shown.output
     assert as_json.exit_code == 0 and json.loads(as_json.output)["agent"] == "incident_note"
     assert refused.exit_code == 2 and "note refused: nothing to write about" in refused.output
+
+
+def test_the_built_in_verbs_and_keel_commands_are_added(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert "agents.dr_plan.cli" in builtin_command_modules()
+    monkeypatch.setenv("KEEL_COMMANDS", f" {__name__} ,")
+    app = typer.Typer()
+    assert set(add_commands(app)) >= {"plan", "note"}
