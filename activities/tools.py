@@ -21,7 +21,7 @@ from sqlmodel import Session, col
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from activities import dr_tools, research_tools
+from activities import research_tools
 from activities.alerts import TaskObserver
 from activities.breaker import UsageReporter
 from activities.db import (
@@ -107,8 +107,6 @@ class ToolActivities:
             ("read_document", _orm(research_tools.read_document)),
             ("transaction_stats", _orm(research_tools.transaction_stats)),
             ("ledger_costs", _orm(research_tools.ledger_costs)),
-            ("get_service_status", _orm(dr_tools.get_service_status)),
-            ("lookup_runbook", _orm(dr_tools.lookup_runbook)),
             ("publish_report", _publish_report),
         ]
         return [self._async_activity(name, handler) for name, handler in handlers]

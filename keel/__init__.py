@@ -19,6 +19,7 @@ from keel.agent import (
     Triage,
     tool,
 )
+from keel.commands import Command
 from keel.errors import AgentDefinitionError, AgentNotRegistered, KeelError, ScriptExhausted, ToolError
 from keel.orchestration import ChildTask, OrchestratorInput, OrchestratorResult, Plan, SwarmInput, SwarmResult
 from keel.sim import SimCall, SimReply, SimTurn
@@ -36,6 +37,7 @@ __all__ = [
     "Args",
     "Budget",
     "ChildTask",
+    "Command",
     "FinalOutput",
     "KeelError",
     "ModelSpec",

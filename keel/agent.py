@@ -287,6 +287,10 @@ class Agent:
     approval_timeout_s: float = 86_400
     validators: Sequence[ActionValidator] = ()
     output_checks: Sequence[OutputCheck] = ()
+    checks: Mapping[str, OutputCheck] = field(default_factory=dict)
+    """Named deterministic checks of this agent's answer that a supervision's rules run by name
+    (`keel.Rule(op="check", value=NAME)`): an answer with a problem goes back to the agent with it.
+    Same signature as an output check (run in workflow code: pure); `executed` is empty there."""
     output_type: type[BaseModel] | None = None
     """A pydantic model the final answer must be (JSON); invalid answers are sent back to the model."""
     description: str = ""
@@ -350,6 +354,10 @@ class Agent:
         for hook in (*self.validators, *self.output_checks):
             if not callable(hook):
                 raise AgentDefinitionError(f"{where}: guardrail hook {hook!r} is not callable")
+        for check_name, check in self.checks.items():
+            if not (isinstance(check_name, str) and NAME.match(check_name)) or not callable(check):
+                raise AgentDefinitionError(f"{where}: check {check_name!r} must be named like {NAME.pattern} "
+                                           f"and callable (keel.FinalOutput -> problems)")
         if self.output_type is not None and not (isinstance(self.output_type, type)
                                                  and issubclass(self.output_type, BaseModel)):
             raise AgentDefinitionError(f"{where}: output_type must be a pydantic model class")

@@ -64,6 +64,8 @@ class SimTurn:
     """A notice asked for the answer now, without tools."""
     output_schema: dict[str, Any] | None = None
     context: list[str] = field(default_factory=list)
+    seed: int = 0
+    """The task's sim seed (`--sim-seed`): for behaviour that differs by seed but not by task."""
 
     def offered(self, name: str) -> bool:
         return any(t.name == name for t in self.tools)
@@ -93,7 +95,7 @@ class SimReply(BaseModel):
 
 
 def parse_turn(agent: str, messages: list[Message], tools: list[ToolSpec], step: int, kind: StepKind,
-               rng: random.Random, output_schema: dict[str, Any] | None = None) -> SimTurn:
+               rng: random.Random, output_schema: dict[str, Any] | None = None, seed: int = 0) -> SimTurn:
     """Read the conversation the workflow sent: the input, the calls made so far and their results,
     and the notices (wrap up, answer now)."""
     users = [m.content for m in messages if m.role == "user"]
@@ -118,7 +120,7 @@ def parse_turn(agent: str, messages: list[Message], tools: list[ToolSpec], step:
     context = [u.removeprefix("Context: ") for u in users[1:] if u.startswith("Context: ")]
     return SimTurn(agent=agent, input=users[0] if users else "", messages=messages, tools=tools, calls=calls,
                    step=step, kind=kind, rng=rng, wrap_up=wrap, answer_now=answer or not tools,
-                   output_schema=output_schema, context=context)
+                   output_schema=output_schema, context=context, seed=seed)
 
 
 def _loads(text: str) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """The supervisor pattern over any registered agents: rules as data plus a reviewer agent.
 
 A worker agent answers the request as a child (`KeelAgent`); its answer is checked first against the
-`rules` (pure code, here: a field of the structured answer or the text, an operator, a value), then, when
+`rules` (pure code, here: a field of the structured answer or the text, an operator, a value; or a
+deterministic check the worker agent declares, named by the rule: `op="check"`), then, when
 it keeps every rule, by an optional reviewer agent (a child whose structured answer is a `Review`, given
 the worker's answer as context). An answer that breaks a rule or is not approved goes back to the worker
 as a new child, with the violations and the review's issues as context, up to `max_rounds`; then the
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
@@ -29,10 +31,15 @@ from keel.types import (
     TaskUsage,
 )
 
-RuleOp = Literal["max", "min", "equals", "not_equals", "one_of", "matches", "not_matches"]
+RuleOp = Literal["max", "min", "equals", "not_equals", "one_of", "matches", "not_matches", "check"]
 """max / min: a number, or the length of a text, list or object, is at most / at least `value`.
 equals / not_equals / one_of: the value is (not) `value` / one of the list `value`.
-matches / not_matches: the regular expression `value` is (not) found in the text (re.search)."""
+matches / not_matches: the regular expression `value` is (not) found in the text (re.search).
+check: the worker agent's check named `value` (`keel.Agent(checks={name: fn})`, a pure function of
+the whole answer) finds no problem; each problem it returns is one violation."""
+
+CheckFn = Callable[[str, "dict[str, Any] | None"], "str | Sequence[str] | None"]
+"""A named check as the rules run it: (the answer's text, its structured answer) -> its problems."""
 
 FIELD_PATH = re.compile(r"^(?:[A-Za-z_][A-Za-z0-9_-]*|[0-9]+)(?:\.(?:[A-Za-z_][A-Za-z0-9_-]*|[0-9]+))*$")
 
@@ -50,6 +57,9 @@ class Rule(BaseModel):
     def _value_fits_the_operator(self) -> Rule:
         if self.field and not FIELD_PATH.match(self.field):
             raise ValueError(f"field {self.field!r} must be '' (the text) or a dotted path like `a.b.0`")
+        if self.op == "check" and not (isinstance(self.value, str) and self.value.strip() and not self.field):
+            raise ValueError(f"rule 'check' needs the name of a check of the worker agent as its value and no "
+                             f"field, not value={self.value!r}, field={self.field!r}")
         if self.op in ("max", "min") and not _is_number(self.value):
             raise ValueError(f"rule {self.op!r} needs a number as its value, not {self.value!r}")
         if self.op == "one_of" and not (isinstance(self.value, list) and self.value):
@@ -65,6 +75,8 @@ class Rule(BaseModel):
 
     @property
     def label(self) -> str:
+        if self.op == "check":
+            return f"check {self.value!r}"
         return self.field or "the answer's text"
 
 
@@ -155,16 +167,47 @@ def _problem(rule: Rule, value: Any) -> str | None:
 
 
 def check_rule(rule: Rule, text: str, structured: dict[str, Any] | None) -> str | None:
-    """The violation of one rule by an answer (its message first, then what was found), or None."""
+    """The violation of one data rule by an answer (its message first, then what was found), or None.
+    A `check` rule is run by `violations`, which is given the checks."""
+    if rule.op == "check":
+        raise ValueError(f"rule {rule.label} runs a check: use violations(..., checks=...)")
     problem = _problem(rule, field_value(rule.field, text, structured))
     if problem is None:
         return None
     return f"{rule.message} ({problem})" if rule.message else problem
 
 
-def violations(rules: list[Rule], text: str, structured: dict[str, Any] | None) -> list[str]:
-    """Every rule the answer breaks, in the rules' order. Pure and deterministic (runs in the workflow)."""
-    return [v for v in (check_rule(r, text, structured) for r in rules) if v is not None]
+def _check_problems(rule: Rule, fn: CheckFn, text: str, structured: dict[str, Any] | None) -> list[str]:
+    found = fn(text, structured)
+    if found is None:
+        return []
+    problems = [found] if isinstance(found, str) else list(found)
+    if not all(isinstance(p, str) for p in problems):
+        raise TypeError(f"{rule.label} returned {found!r}, not a text or a list of texts")
+    return [f"{rule.message} ({p})" if rule.message else p for p in problems if p]
+
+
+def violations(rules: list[Rule], text: str, structured: dict[str, Any] | None,
+               checks: Mapping[str, CheckFn] | None = None) -> list[str]:
+    """Every rule the answer breaks, in the rules' order (a check's problems in its own order). Pure
+    and deterministic (runs in the workflow): `checks` are the worker agent's named checks."""
+    out: list[str] = []
+    for r in rules:
+        if r.op == "check":
+            fn = (checks or {}).get(str(r.value))
+            if fn is None:
+                raise KeyError(f"the worker agent declares no check {r.value!r}")
+            out += _check_problems(r, fn, text, structured)
+        else:
+            v = check_rule(r, text, structured)
+            if v is not None:
+                out.append(v)
+    return out
+
+
+def check_names(rules: list[Rule]) -> list[str]:
+    """The worker agent's checks the rules name, in order."""
+    return list(dict.fromkeys(str(r.value) for r in rules if r.op == "check"))
 
 
 class SupervisorInput(BaseModel):

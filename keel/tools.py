@@ -69,14 +69,6 @@ class LedgerCostsArgs(_Args):
     days: int = Field(30, ge=1, le=365, description="How many days back")
 
 
-class GetServiceStatusArgs(_Args):
-    service: str | None = Field(None, max_length=64, description="One service, or all when omitted")
-
-
-class LookupRunbookArgs(_Args):
-    topic: str = Field(min_length=1, max_length=64, description="Runbook topic, e.g. database_failover")
-
-
 class PublishReportArgs(_Args):
     kind: str = Field(pattern="^(research_report|plan|swarm_answer)$")
     title: str = Field(min_length=1, max_length=200)
@@ -188,20 +180,6 @@ TOOLS: dict[str, ToolDef] = {
             writes=False,
         ),
         ToolDef(
-            name="get_service_status",
-            description="Current status of production services: region, role, health, replicas, lag.",
-            args=GetServiceStatusArgs,
-            permission="read_only",
-            writes=False,
-        ),
-        ToolDef(
-            name="lookup_runbook",
-            description="Read the runbook on a topic: required order of steps and the rules a plan must follow.",
-            args=LookupRunbookArgs,
-            permission="read_only",
-            writes=False,
-        ),
-        ToolDef(
             name="publish_report",
             description="Store a finished report, plan or answer of a multi-agent task (the workflow's own step).",
             args=PublishReportArgs,
@@ -216,7 +194,6 @@ AGENT_TOOLS = ["get_account", "get_transactions", "lookup_policy", "issue_refund
 
 RETRIEVAL_TOOLS = ["search_documents", "read_document"]
 ANALYSIS_TOOLS = ["transaction_stats", "ledger_costs"]
-PLANNING_TOOLS = ["get_service_status", "lookup_runbook"]
 
 
 def agent_tool_specs() -> list[ToolSpec]:

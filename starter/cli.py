@@ -22,19 +22,18 @@ from keel.dataset import sample_tickets
 from keel.orchestration import OrchestratorResult
 from keel.research import ResearchResult
 from keel.shadow import is_shadowed, shadow_workflow_id
-from keel.supervisor import SupervisedPlanResult
 from keel.swarm import SwarmResult
 from keel.types import AgentResult, TicketResult
-from starter import orchestrate_cli, patterns, plan_cli, research_cli, stack, swarm_cli, tickets, views
+from starter import orchestrate_cli, patterns, research_cli, stack, swarm_cli, tickets, views
 from starter.agents import SA_TASK_TYPE
 from starter.approvals_cli import approvals, approve, reject, resolve_cmd
 from starter.breaker_cli import breaker_app
 from starter.codec_cli import codec_server
+from starter.commands import add_commands
 from starter.console import client_or_exit, console, err, load_settings, run_task
 from starter.inspect_cli import history_app, prompts_app, replay_cmd
 from starter.metrics_cli import alerts, metrics
 from starter.orchestrate_cli import orchestrate_cmd, supervise_cmd, vote_cmd
-from starter.plan_cli import plan_cmd
 from starter.research_cli import research_cmd
 from starter.run_cli import print_agent_result, run_cmd, sim_config, watch_agent, worker_cmd
 from starter.shadow_cli import shadow_app
@@ -54,8 +53,6 @@ def _json_result(res: Any) -> None:
 PATTERN_RESULTS: dict[str, tuple[type[Any], Callable[[Any, bool], None]]] = {
     names.RESEARCH_REPORT_WORKFLOW: (ResearchResult, lambda r, j: _json_result(r) if j
                                      else research_cli.print_result(r)),
-    names.SUPERVISED_PLAN_WORKFLOW: (SupervisedPlanResult, lambda r, j: _json_result(r) if j
-                                     else plan_cli.print_result(r)),
     names.SWARM_WORKFLOW: (SwarmResult, lambda r, j: _json_result(r) if j else swarm_cli.print_result(r)),
     names.ORCHESTRATOR_WORKFLOW: (OrchestratorResult, orchestrate_cli.print_result),
 }
@@ -78,7 +75,7 @@ app.command("metrics")(metrics)
 app.command("alerts")(alerts)
 app.command("trace")(trace_cmd)
 app.command("research")(research_cmd)
-app.command("plan")(plan_cmd)
+add_commands(app)  # the agent packages' verbs (keel.Command): the built-in ones' and KEEL_COMMANDS'
 app.command("swarm")(swarm_cmd)
 app.command("run")(run_cmd)
 app.command("orchestrate")(orchestrate_cmd)

@@ -11,6 +11,12 @@ service-status API, and a worker serving agents.oncall on the sim model, then ru
   the listed approver, a signal from an unlisted one is ignored, sre-lead approves by update, the
   restart runs once and the agent answers (completed).
 
+and, with a worker serving agents.dr_plan, `keel plan`'s supervision (the generic KeelSupervisor):
+
+- supervisor_dr_plan_v1 (and its first planner child, supervisor_dr_plan_v1__worker-1): sim seed 1, the
+  payments database failover: round 1 breaks a runbook rule (sent back unreviewed), round 2 keeps the
+  rules and the reviewer asks for a verification, round 3 is approved (completed).
+
 The workflow ids are the file names: test_replay replays every file there against today's code, with
 the on-call agent registered (the workflow looks its agent up in keel.registry at run time).
 """
@@ -24,18 +30,22 @@ from pathlib import Path
 
 from temporalio.client import Client
 
+from agents.dr_plan import AGENTS as DR_PLAN_AGENTS
+from agents.dr_plan import supervision
 from agents.oncall import oncall
 from agents.oncall.status_service import StatusService
 from keel.names import APPROVAL_SIGNAL
 from keel.settings import KeelSettings
+from keel.supervision import SupervisorResult
 from keel.testing import agent_environment
 from keel.types import AgentInput, AgentResult, ApprovalDecision
-from starter.agents import start_agent
+from starter.agents import start_agent, start_supervision
 from starter.approvals_cli import decide, pending_action
 
 OUT = Path(__file__).parent / "histories"
 HEALTHY = "agent_oncall_v1"
 APPROVAL = "agent_oncall_v1_approval"
+DR_PLAN = "supervisor_dr_plan_v1"
 
 
 async def record_healthy(client: Client, settings: KeelSettings) -> AgentResult:
@@ -62,6 +72,19 @@ async def record_approval(client: Client, settings: KeelSettings, status: Status
     return res
 
 
+async def record_dr_plan(client: Client, settings: KeelSettings) -> SupervisorResult:
+    inp = supervision("payments-db primary in eu-west-1 is down: storage controller failure", key="recorded",
+                      sim_seed=1)
+    res: SupervisorResult = await (await start_supervision(client, settings, inp, workflow_id=DR_PLAN)).result()
+    assert res.status == "completed" and len(res.rounds) == 3, res
+    for child in (DR_PLAN, f"{DR_PLAN}/worker-1"):
+        history = await client.get_workflow_handle(child).fetch_history()
+        out = OUT / f"{child.replace('/', '__')}.json"
+        out.write_text(history.to_json())
+        print(f"wrote {out} ({len(history.events)} events)")
+    return res
+
+
 async def save(client: Client, workflow_id: str, res: AgentResult) -> None:
     history = await client.get_workflow_handle(workflow_id).fetch_history()
     out = OUT / f"{workflow_id}.json"
@@ -78,6 +101,9 @@ async def main(only: list[str]) -> None:
                 await save(env.client, HEALTHY, await record_healthy(env.client, env.settings))
             if not only or APPROVAL in only:
                 await save(env.client, APPROVAL, await record_approval(env.client, env.settings, status))
+    if not only or DR_PLAN in only:
+        async with agent_environment(*DR_PLAN_AGENTS) as env:
+            await record_dr_plan(env.client, env.settings)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ one of their workflows lands):
     .venv/bin/python -m tests.record_pattern_histories
 
 Starts a throwaway dev server from the installed binary and runs, on the sim model: a research report whose
-analysis child fails once and is retried alone, a supervised plan rejected then accepted, a disagreeing swarm,
+analysis child fails once and is retried alone, a disagreeing swarm,
 and a shadowed refund ticket. Writes the parents' histories and one child's (pattern_*.json); test_replay
 replays every file there against today's code. A parent's children's ids derive from its own, so the
 recorded workflow ids are the file names (`__` for `/`: pattern_research_v1__analysis is a child's).
@@ -25,7 +25,6 @@ from keel.dataset import sample_tickets
 from keel.research import ROLE_POLICIES, ResearchInput, ResearchResult
 from keel.settings import KeelSettings
 from keel.shadow import CandidateSpec, ShadowComparison, shadow_workflow_id
-from keel.supervisor import SupervisedPlanInput, SupervisedPlanResult
 from keel.types import InjectedFailure, ModelSpec, SimConfig
 from starter import tickets
 from tests.conftest import ticket
@@ -58,14 +57,6 @@ async def main() -> None:
         assert research.status == "completed", research.status
         await save(c, research.workflow_id, "pattern_research_v1")
         await save(c, f"{research.workflow_id}/analysis", "pattern_research_v1__analysis")
-
-        plan: SupervisedPlanResult = await run(
-            c, settings, names.SUPERVISED_PLAN_WORKFLOW,
-            SupervisedPlanInput(scenario="payments-db primary in eu-west-1 is down", sim=SimConfig(seed=1,
-                                spiral_rate=0.0), key="plan-recorded"),
-            "pattern_plan_v1", SupervisedPlanResult)
-        assert plan.status == "accepted" and len(plan.rounds) == 2, (plan.status, len(plan.rounds))
-        await save(c, plan.workflow_id, "pattern_plan_v1")
 
         swarm: sw.SwarmResult = await run(
             c, settings, names.SWARM_WORKFLOW,

@@ -35,6 +35,7 @@ SCRIPT = textwrap.dedent('''
         from agents.oncall import oncall
         from agents.oncall.status_service import StatusService
         from keel.testing import agent_environment
+        from starter.cli import app  # the command line loads the built-in agents' verbs (keel plan)
 
         with StatusService() as status:
             os.environ["ONCALL_STATUS_URL"] = status.url
@@ -45,6 +46,7 @@ SCRIPT = textwrap.dedent('''
             "prompt": str(oncall.prompt_path()), "versions": oncall.prompt_versions(),
             "sys_path": sys.path, "repo_tests_importable": importlib.util.find_spec("tests") is not None,
             "result": result.model_dump(mode="json"),
+            "commands": sorted(c.name or "" for c in app.registered_commands),
         }
         print("REPORT " + json.dumps(report), flush=True)
 
@@ -117,6 +119,7 @@ def test_a_non_editable_install_runs_the_oncall_agent(tmp_path: Path) -> None:
         assert Path(file).is_relative_to(target), f"{name} was imported from {file}, not the install"
     assert Path(report["prompt"]) == prompts / "oncall.v1.md"
     assert report["versions"] == ["v1", "v2"]
+    assert (target / "agents" / "dr_plan" / "prompts" / "dr_planner.v1.md").is_file() and "plan" in report["commands"]
     assert not report["repo_tests_importable"]
     assert all(Path(p or ".").resolve() != ROOT for p in report["sys_path"])
 

@@ -20,6 +20,7 @@ from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 from temporalio.workflow import NondeterminismError
 
 import keel
+from agents.dr_plan import AGENTS as DR_PLAN_AGENTS
 from agents.oncall import oncall, service_status
 from keel import registry
 from keel.settings import KeelSettings
@@ -30,8 +31,9 @@ from workflows.registry import WORKFLOWS
 HISTORIES = sorted((Path(__file__).parent / "histories").glob("*.json"))
 TICKET_HISTORY = Path(__file__).parent / "histories" / "ticket_v1.json"
 """The history the tampering tests change (recorded under its file name as the workflow id)."""
-REPLAYED_AGENTS = [oncall]
-"""The agents whose histories are recorded here (agent_<name>_*.json)."""
+REPLAYED_AGENTS = [oncall, *DR_PLAN_AGENTS]
+"""The agents whose histories are recorded here (agent_<name>_*.json; supervisor_dr_plan_*.json: `keel plan`'s
+supervision, whose rules run the planner's checks in the workflow)."""
 ONCALL_HEALTHY = Path(__file__).parent / "histories" / "agent_oncall_v1.json"
 """The on-call agent on a healthy service: the status is read (oncall.service_status), then the answer."""
 ONCALL_APPROVAL = Path(__file__).parent / "histories" / "agent_oncall_v1_approval.json"
@@ -55,6 +57,7 @@ def load(path: Path) -> WorkflowHistory:
 def test_there_are_recorded_histories() -> None:
     assert HISTORIES, "tests/histories/ should hold at least one recorded ticket history"
     assert ONCALL_HEALTHY in HISTORIES and ONCALL_APPROVAL in HISTORIES, "the on-call agent's histories"
+    assert any(p.stem == "supervisor_dr_plan_v1" for p in HISTORIES), "keel plan's supervision"
 
 
 @pytest.mark.parametrize("runner", [STRICT_SANDBOX, SANDBOX], ids=["strict", "shared"])
@@ -133,3 +136,18 @@ async def test_an_agent_history_needs_its_agent_registered(monkeypatch: pytest.M
     monkeypatch.delitem(registry._AGENTS, "oncall")
     with pytest.raises(NondeterminismError):
         await replayer().replay_workflow(load(ONCALL_HEALTHY))
+
+
+async def test_the_dr_plan_supervision_replays_only_with_its_planners_checks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The supervision's rules run the planner's checks in workflow code: checks that let round 1's plan
+    pass would start its review where the recorded history sent it back (another child workflow)."""
+    history = load(Path(__file__).parent / "histories" / "supervisor_dr_plan_v1.json")
+    planner = registry.get("dr_planner")
+    lenient = dataclasses.replace(planner, prompt=planner.prompt_path(),
+                                  checks={name: (lambda out: None) for name in planner.checks})
+    monkeypatch.setitem(registry._AGENTS, "dr_planner", lenient)
+    with pytest.raises(NondeterminismError):
+        await replayer().replay_workflow(history)
+    monkeypatch.delitem(registry._AGENTS, "dr_planner")
+    with pytest.raises(NondeterminismError):
+        await replayer().replay_workflow(history)

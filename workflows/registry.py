@@ -7,7 +7,6 @@ from workflows.orchestrator import OrchestratorWorkflow, SwarmAgentsWorkflow
 from workflows.research import ResearchReportWorkflow
 from workflows.shadow import ShadowWorkflow
 from workflows.supervision import SupervisorWorkflow
-from workflows.supervisor import SupervisedPlanWorkflow
 from workflows.support_ticket import SupportTicketWorkflow
 from workflows.swarm import SwarmWorkflow
 
@@ -20,7 +19,6 @@ WORKFLOWS = [
     CostCircuitBreakerWorkflow,
     AgentTaskWorkflow,
     ResearchReportWorkflow,
-    SupervisedPlanWorkflow,
     SwarmWorkflow,
     ShadowWorkflow,
 ]
@@ -33,7 +31,6 @@ __all__ = [
     "OrchestratorWorkflow",
     "ResearchReportWorkflow",
     "ShadowWorkflow",
-    "SupervisedPlanWorkflow",
     "SupervisorWorkflow",
     "SupportTicketWorkflow",
     "SwarmAgentsWorkflow",

@@ -21,16 +21,20 @@ with workflow.unsafe.imports_passed_through():
     from pydantic import ValidationError
 
     from keel import errors, names, registry
+    from keel.agent import Agent, FinalOutput
     from keel.supervision import (
+        CheckFn,
         Review,
         SupervisionRound,
         SupervisorInput,
         SupervisorResult,
         SupervisorStatus,
+        check_names,
         violations,
     )
     from keel.types import AgentInput, AgentResult, ChildRecord, ModelSpec, TaskStatus
 
+from workflows.agent import config_error
 from workflows.children import Children, PatternParent, finish_parent, parent_runner, stage_caps, with_books
 
 _OUTCOME: dict[SupervisorStatus, TaskStatus] = {
@@ -76,7 +80,7 @@ class SupervisorWorkflow(PatternParent):
             rnd.answer, rnd.structured = res.output, res.structured
 
             # 2. The rules (deterministic); an answer that breaks one is not worth a review.
-            rnd.violations = violations(inp.rules, res.output, res.structured)
+            rnd.violations = self._violations(inp, res)
             if rnd.violations:
                 runner.decide("rule_violation", f"round {n}: " + "; ".join(rnd.violations))
             elif inp.reviewer:
@@ -117,8 +121,14 @@ class SupervisorWorkflow(PatternParent):
     def _problems(inp: SupervisorInput) -> list[str]:
         """Why the supervision cannot run, found before any child starts."""
         problems: list[str] = []
-        if registry.find(inp.worker) is None:
+        worker = registry.find(inp.worker)
+        if worker is None:
             problems.append(f"no worker agent {inp.worker!r} is registered on this worker")
+        else:
+            missing = [n for n in check_names(inp.rules) if n not in worker.checks]
+            if missing:
+                problems.append(f"the worker agent {inp.worker!r} declares no check {', '.join(map(repr, missing))} "
+                                f"(its checks: {sorted(worker.checks) or 'none'})")
         if inp.reviewer:
             reviewer = registry.find(inp.reviewer)
             if reviewer is None:
@@ -127,6 +137,20 @@ class SupervisorWorkflow(PatternParent):
                 problems.append(f"the reviewer agent {inp.reviewer!r} must answer a keel.supervision.Review "
                                 "(its output_type)")
         return problems
+
+    @staticmethod
+    def _violations(inp: SupervisorInput, res: AgentResult) -> list[str]:
+        """The rules the worker's answer breaks; a `check` rule runs the worker agent's named check."""
+        worker = registry.get(inp.worker)
+        names_ = check_names(inp.rules)
+        checks = {n: _adapt(worker, inp, n) for n in names_}
+        try:
+            return violations(inp.rules, res.output, res.structured, checks)
+        except Exception as e:
+            # A bug in the agent's check, met in workflow code: fail with it (a retried workflow task
+            # would only raise it again, forever).
+            raise config_error(f"agent {worker.name!r}: a check of the supervision's rules raised "
+                               f"{type(e).__name__}: {e}") from e
 
     async def _child(self, children: Children, inp: SupervisorInput, name: str, role: str, agent: str, text: str,
                      context: list[str]) -> AgentResult | None:
@@ -173,3 +197,15 @@ class SupervisorWorkflow(PatternParent):
         self._phase, self._status = "done", status
         await finish_parent(children, status, _OUTCOME[status], reason)
         return with_books(children, result.model_copy(update={"status": status, "reason": reason}))
+
+
+def _adapt(agent: Agent, inp: SupervisorInput, name: str) -> CheckFn:
+    """The agent's check `name` as the rules run it: given the answer as a FinalOutput (its structured
+    answer as the agent's output_type; no executed calls: the supervisor sees the answer only)."""
+    fn = agent.checks[name]
+
+    def run(text: str, structured: dict[str, object] | None) -> object:
+        model = agent.output_type.model_validate(structured) if agent.output_type and structured is not None else None
+        return fn(FinalOutput(text=text, structured=model, input=inp.input, tenant=inp.tenant, executed=()))
+
+    return run  # type: ignore[return-value]

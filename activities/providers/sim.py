@@ -569,7 +569,6 @@ def _cap_output(text: str, calls: list[ToolCall], max_tokens: int) -> tuple[str,
 
 PATTERN_SIMS = {
     "research": "activities.providers.sim_research",
-    "dr": "activities.providers.sim_dr",
     "swarm": "activities.providers.sim_swarm",
 }
 """Prompt families of the multi-agent patterns, each simulated by its own module: a module's
@@ -637,7 +636,8 @@ class SimProvider:
         behaviour = agent.sim if agent is not None and agent.sim is not None else generic_behaviour
         if agent is not None and agent.triage is not None and req.kind == "classify":
             behaviour = agent.triage.sim or generic_behaviour
-        turn = parse_turn(req.agent, req.messages, req.tools, req.step, req.kind, rng, req.output_schema)
+        turn = parse_turn(req.agent, req.messages, req.tools, req.step, req.kind, rng, req.output_schema,
+                          seed=req.model.sim.seed)
         reply = behaviour(turn)
         if not isinstance(reply, SimReply):
             raise TypeError(f"the sim behaviour of agent {req.agent!r} returned {type(reply).__name__}, "

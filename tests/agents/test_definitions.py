@@ -30,6 +30,8 @@ def make(**kw: Any) -> keel.Agent:
     ({"name": "Bad Name"}, "agent name 'Bad Name' must match"),
     ({"tools": [service_status, service_status]}, "two tools named 'service_status'"),
     ({"tools": [len]}, "is not a tool"),
+    ({"checks": {"Bad Check": lambda out: None}}, "check 'Bad Check' must be named like"),
+    ({"checks": {"fine": "not callable"}}, "check 'fine' must be named like"),
 ])
 def test_bad_definitions_are_refused_at_load(kw: dict[str, Any], message: str) -> None:
     with pytest.raises(keel.AgentDefinitionError, match=None) as e:

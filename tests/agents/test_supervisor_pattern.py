@@ -5,6 +5,7 @@ under one parent budget; the rules themselves as unit and property tests."""
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import BaseModel, Field, ValidationError
 from sqlalchemy import text
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowFailureError
+from temporalio.exceptions import ApplicationError
 from temporalio.worker import Replayer
 
 import keel
@@ -280,3 +282,58 @@ async def test_keel_supervise_on_the_command_line(client: Client, tmp_path: Path
     res = SupervisorResult.model_validate_json(bad.output.strip().splitlines()[-1])
     assert res.status == "escalated" and len(res.rounds) == 2 and "say major" in res.reason
     assert refused.exit_code == 2
+
+
+# --- rules that run a check the worker agent declares (op="check") -------------------------------------
+def version_named(out: keel.FinalOutput) -> str | None:
+    """A deterministic check of the writer's answer: a rollback names the version it goes back to."""
+    assert isinstance(out.structured, Fix)  # the structured answer arrives as the agent's output_type
+    if "roll back" in out.structured.summary.lower() and not re.search(r"\d+\.\d+", out.structured.summary):
+        return f"the rollback of {out.structured.service} names no version"
+    return None
+
+
+def broken_check(out: keel.FinalOutput) -> None:
+    raise RuntimeError("the check has a bug")
+
+
+CHECKED_WRITER = keel.Agent(name="fix_writer_checked", prompt=str(PROMPTS / "fix_writer.v1.md"),
+                            models="scripted:scripted", budget=keel.Budget(max_tokens=2_000, max_usd=0.01),
+                            output_type=Fix, checks={"version_named": version_named, "broken": broken_check})
+
+
+def test_a_check_rule_runs_the_named_check_on_the_answer() -> None:
+    rule = Rule(op="check", value="version_named", message="say the version")
+    checks = {"version_named": lambda text, s: ["no version", "and no date"] if "2." not in text else None}
+    assert violations([rule, Rule(field="risk", op="max", value=3)], "roll back", {"risk": 5}, checks) == [
+        "say the version (no version)", "say the version (and no date)", "risk is 5, above the maximum 3"]
+    assert violations([rule], "roll back to 2.14", None, checks) == []
+    with pytest.raises(KeyError, match="declares no check 'other'"):
+        violations([Rule(op="check", value="other")], "x", None, checks)
+    with pytest.raises(ValueError, match="use violations"):
+        check_rule(rule, "x", None)
+    for bad in ({"op": "check"}, {"op": "check", "value": ""}, {"op": "check", "value": "x", "field": "risk"}):
+        with pytest.raises(ValidationError, match="needs the name of a check"):
+            Rule.model_validate(bad)
+
+
+async def test_an_answer_failing_the_workers_check_goes_back_and_is_fixed(client: Client, tmp_path: Path) -> None:
+    model = ScriptedModel([fix(summary="Roll back the api"), fix(), review(True)])
+    async with agent_environment(CHECKED_WRITER, REVIEWER, model=model, client=client, home=tmp_path) as env:
+        res = await env.supervise(REQUEST, worker="fix_writer_checked", reviewer="fix_reviewer", budget=BUDGET,
+                                  rules=[Rule(op="check", value="version_named")], key=uuid.uuid4().hex)
+    model.assert_all_used()
+    assert res.status == "completed", res.reason
+    assert res.rounds[0].violations == ["the rollback of api names no version"] and res.rounds[0].review is None
+    assert "the rollback of api names no version" in " ".join(m.content for m in model.calls[1].messages)
+    assert res.rounds[1].accepted and res.structured["summary"] == "Roll back the api to 2.14.0"
+
+
+async def test_a_check_that_raises_fails_the_supervision_with_its_error(client: Client, tmp_path: Path) -> None:
+    model = ScriptedModel([fix()])
+    async with agent_environment(CHECKED_WRITER, REVIEWER, model=model, client=client, home=tmp_path) as env:
+        with pytest.raises(WorkflowFailureError) as e:
+            await env.supervise(REQUEST, worker="fix_writer_checked", budget=BUDGET,
+                                rules=[Rule(op="check", value="broken")], key=uuid.uuid4().hex)
+    assert isinstance(e.value.cause, ApplicationError) and e.value.cause.type == "AgentConfigError"
+    assert "a check of the supervision's rules raised RuntimeError: the check has a bug" in str(e.value.cause)

@@ -1,10 +1,11 @@
 """Disaster recovery at Keel Bank (a fictional fintech), as data: its production services, its runbooks,
 and the deterministic rules a recovery plan must follow, with the checker that applies them.
 
-The rules are plain data (`Rule`): each names a check (`first_step`, `precedes`, `never`,
+The rules are plain data (`StepRule`): each names a check (`first_step`, `precedes`, `never`,
 `requires_field`, `followed_by`, `target_state`) and the steps it is about (`StepMatch`). Adding a
-rule over the existing checks is adding a `Rule` to `RULES` (and its id to the runbooks it governs);
-only a new kind of check is code.
+rule over the existing checks is adding a `StepRule` to `RULES` (and its id to the runbooks it
+governs); only a new kind of check is code. The planner agent declares one named check per rule, and
+a supervision runs a runbook's rules as `keel.Rule(op="check", value=<rule id>)` (agents.dr_plan.agent).
 
 Pure: no I/O. The service status is a fixed snapshot of a fictional incident (the payments database's
 primary in eu-west-1 is down), served by the `get_service_status` tool and used by the checker.
@@ -217,7 +218,7 @@ class TargetState(BaseModel):
 RuleCheck = Literal["first_step", "precedes", "never", "requires_field", "followed_by", "target_state"]
 
 
-class Rule(BaseModel):
+class StepRule(BaseModel):
     """A deterministic rule over a plan. What `check` means:
 
     - first_step: the plan's first step matches `require`.
@@ -248,42 +249,42 @@ HEALTH_CHECK = ["health_check", "healthcheck", "smoke_test", "synthetic", "verif
 PLACEHOLDERS = {"", "-", "?", "none", "n/a", "na", "tbd", "todo", "nothing", "no rollback", "not applicable"}
 """Values that do not name a rollback (or a verification)."""
 
-RULES: list[Rule] = [
-    Rule(id="notify_first",
+RULES: list[StepRule] = [
+    StepRule(id="notify_first",
          description=f"The first step notifies the incident channel ({INCIDENT_CHANNEL}).",
          check="first_step",
          require=StepMatch(actions=["notify", "page", "announce", "declare"], mentions=["incident"])),
-    Rule(id="snapshot_before_promote",
+    StepRule(id="snapshot_before_promote",
          description="A snapshot or backup of a database precedes any promotion or failover of it.",
          check="precedes",
          when=StepMatch(actions=PROMOTE),
          require=StepMatch(actions=["snapshot", "backup"], target_kinds=["database"]),
          same_cluster=True),
-    Rule(id="no_destructive_on_data",
+    StepRule(id="no_destructive_on_data",
          description="No destructive action (drop, delete, truncate, wipe, ...) on production data.",
          check="never",
          when=StepMatch(actions=DESTRUCTIVE, holds_data=True)),
-    Rule(id="rollback_named",
+    StepRule(id="rollback_named",
          description="Every step names its rollback.",
          check="requires_field",
          field="rollback"),
-    Rule(id="health_check_after_cutover",
+    StepRule(id="health_check_after_cutover",
          description="A DNS or traffic cutover is followed at once by a health check.",
          check="followed_by",
          when=StepMatch(actions=CUTOVER),
          require=StepMatch(actions=HEALTH_CHECK),
          within=1),
-    Rule(id="promote_healthy_replica",
+    StepRule(id="promote_healthy_replica",
          description=f"The replica promoted is healthy, with lag at most {MAX_PROMOTE_LAG_S:.0f} s (service status).",
          check="target_state",
          when=StepMatch(actions=PROMOTE),
          state=TargetState(role="replica", health=["healthy"], max_lag_s=MAX_PROMOTE_LAG_S)),
 ]
 
-RULES_BY_ID: dict[str, Rule] = {r.id: r for r in RULES}
+RULES_BY_ID: dict[str, StepRule] = {r.id: r for r in RULES}
 
 
-def rules_for(topic: str) -> list[Rule]:
+def rules_for(topic: str) -> list[StepRule]:
     """The rules of a runbook (all of them for an unknown topic: the strictest reading)."""
     book = RUNBOOKS.get(normalize_topic(topic))
     ids = book.rules if book is not None else ALL_RULE_IDS
@@ -350,7 +351,7 @@ def _state_problem(step: PlanStep, state: TargetState, services: list[Service]) 
     return f"{s.name} " + " and ".join(problems) if problems else None
 
 
-def _check(rule: Rule, steps: list[PlanStep], services: list[Service]) -> list[Violation]:
+def _check(rule: StepRule, steps: list[PlanStep], services: list[Service]) -> list[Violation]:
     out: list[Violation] = []
 
     def flag(i: int, message: str) -> None:
@@ -397,7 +398,7 @@ def _check(rule: Rule, steps: list[PlanStep], services: list[Service]) -> list[V
     return out
 
 
-def check_plan(steps: list[PlanStep], rules: list[Rule], services: list[Service]) -> list[Violation]:
+def check_plan(steps: list[PlanStep], rules: list[StepRule], services: list[Service]) -> list[Violation]:
     """Every violation of `rules` in the plan, by step then rule order. Deterministic and pure."""
     found = [v for rule in rules for v in _check(rule, steps, services)]
     order = {r.id: k for k, r in enumerate(rules)}

@@ -1,38 +1,30 @@
-"""The sim model's answers for the 'dr/*' prompts: the supervisor pattern's worker and reviewer.
+"""How the offline sim model plays the disaster-recovery planner and its reviewer.
 
-Deterministic: every answer depends only on the request (the messages, the offered tools, `req.model.sim.seed`).
+Deterministic: every answer depends only on the turn (the input, the context, the calls made, the seed).
 
-`dr/plan` (the worker, an agent loop with get_service_status and lookup_runbook):
+`dr_planner` (the worker):
 - first it calls get_service_status (all services), then lookup_runbook(<the task's runbook>), reading
-  the task from its first user message (`Task: Runbook: <topic>\\nScenario: <text>`);
-- then it answers with the plan as one JSON object {"summary", "steps": [{action, target, detail,
-  rollback, verify}]}, built from the runbook's order and the status it read: the failing database
-  cluster is the one the scenario names (else the first whose primary is not healthy); the replica it
-  promotes is the best one (healthy first, then the lowest lag);
-- its FIRST draft (no supervisor feedback in the messages) has the mistake people make most on that
-  runbook: database_failover and region_evacuation leave out the snapshot before promoting a replica
-  (rule snapshot_before_promote), dns_cutover leaves out the health check after the cutover (rule
+  the task from its input (`Runbook: <topic>\nScenario: <text>`);
+- then it answers the plan as one JSON object {"summary", "steps": [{action, target, detail, rollback,
+  verify}]}, built from the runbook's order and the status it read: the failing database cluster is
+  the one the scenario names (else the first whose primary is not healthy); the replica it promotes
+  is the best one (healthy first, then the lowest lag);
+- its FIRST draft (not sent back yet) has the mistake people make most on that runbook:
+  database_failover and region_evacuation leave out the snapshot before promoting a replica (rule
+  snapshot_before_promote), dns_cutover leaves out the health check after the cutover (rule
   health_check_after_cutover). With `Random(f"{seed}:dr:verify").random() < 0.5` (seeds 1, 5, 7, 10,
   ...; not 0, 2, 3, 4) the draft's cutover step also names no verification: no rule catches that,
   only the reviewer;
-- with feedback (a `Context: Supervisor feedback on round N: ...` message, after a `Context: Your
-  previous plan (round N): {json}` one) it revises its previous plan and fixes exactly the problems
-  named: `[<rule id>] step N: ...` lines (snapshot inserted before the step, health check inserted after
-  it, rollback or first notification added, destructive step removed, promotion moved to a fitting
-  replica if there is one) and `[review] step N (...): no verification ...` lines (a verification
-  added). A problem it cannot fix (no replica fit to promote) stays.
+- sent back (the supervisor's context `Your previous answer (round N): {json}` and `It was sent back;
+  fix every point ...: <reasons>`), it revises its previous plan and fixes exactly the problems
+  named: `[<rule id>] step N: ...` violations (snapshot inserted before the step, health check
+  inserted after it, rollback or first notification added, destructive step removed, promotion moved
+  to a fitting replica if there is one) and the reviewer's `step N (...): no verification ...`
+  issues (a verification added). A problem it cannot fix (no replica fit to promote) stays.
 - told to answer now (budget) or offered no tools, it answers with the plan from what it has read.
-- `req.model.sim.invalid_json_rate`: the chance that its plan is not valid JSON (cut off midway, as at an
-  output limit), except when the feedback names the invalid output (`[valid_plan]`): then it
-  answers with a fresh, complete plan.
 
-`dr/review` (the reviewer, one JSON call of the supervisor): reads `Plan: {json}` and `Rule check:
-{json}` from its messages and answers {"verdict", "feedback"}:
-- escalate if the rules found that no replica may be promoted (promote_healthy_replica): choosing
-  one is a data-loss decision for a human;
-- revise if there are rule violations, if the plan is not valid, or if a step names no verification
-  (its own concern, feedback `step N (action target): no verification named; ...`);
-- accept otherwise.
+`dr_reviewer` reads the plan from its context (`The answer to review: {json}`) and answers a
+keel.Review: not approved, with one issue per step that names no verification; approved otherwise.
 """
 
 from __future__ import annotations
@@ -42,88 +34,75 @@ import random
 import re
 from typing import Any
 
-from activities.providers.sim import parse_calls
-from keel.runbooks import INCIDENT_CHANNEL, MAX_PROMOTE_LAG_S, SERVICES, Service
-from keel.supervisor import INVALID_PLAN
-from keel.types import LlmRequest, Message, ToolCall
+from agents.dr_plan.runbooks import INCIDENT_CHANNEL, MAX_PROMOTE_LAG_S, SERVICES, Service
+from keel import SimReply, SimTurn
 
 Step = dict[str, str]
+PREVIOUS = "Your previous answer"
+SENT_BACK = "It was sent back"
+TO_REVIEW = "The answer to review:"
 
 
-def respond(req: LlmRequest, rng: random.Random) -> tuple[str, list[ToolCall]]:
-    if req.prompt.endswith("/review"):
-        return review(req.messages), []
-    return _worker(req, rng)
+# --- reading the turn --------------------------------------------------------------------------
 
 
-# --- reading the conversation -----------------------------------------------------------------
-
-
-def _task(messages: list[Message]) -> tuple[str, str]:
-    """(runbook topic, scenario) from the first user message."""
-    first = next((m.content for m in messages if m.role == "user"), "")
-    topic = re.search(r"Runbook:\s*([\w\-]+)", first)
-    scenario = re.search(r"Scenario:\s*(.*?)(?:\n\n|$)", first, re.DOTALL)
+def _task(text: str) -> tuple[str, str]:
+    """(runbook topic, scenario) from the input."""
+    topic = re.search(r"Runbook:\s*([\w\-]+)", text)
+    scenario = re.search(r"Scenario:\s*(.*?)(?:\n\n|$)", text, re.DOTALL)
     return (topic.group(1).lower() if topic else "database_failover"), (scenario.group(1).strip() if scenario else "")
 
 
-def _context(messages: list[Message], prefix: str) -> str | None:
-    head = f"Context: {prefix}"
-    return next((m.content for m in reversed(messages) if m.role == "user" and m.content.startswith(head)), None)
+def _context(turn: SimTurn, prefix: str) -> str | None:
+    return next((c for c in reversed(turn.context) if c.startswith(prefix)), None)
 
 
-def _previous_plan(messages: list[Message]) -> list[Step] | None:
-    text = _context(messages, "Your previous plan")
-    if text is None:
+def _json_after(text: str | None) -> dict[str, Any] | None:
+    if text is None or "{" not in text:
         return None
-    start = text.find("{")
     try:
-        value = json.loads(text[start:]) if start >= 0 else None
+        value, _ = json.JSONDecoder().raw_decode(text[text.find("{"):])
     except json.JSONDecodeError:
         return None
-    steps = value.get("steps") if isinstance(value, dict) else None
+    return value if isinstance(value, dict) else None
+
+
+def _steps(plan: dict[str, Any] | None) -> list[Step] | None:
+    steps = plan.get("steps") if plan is not None else None
     if not isinstance(steps, list):
         return None
     return [{k: str(s.get(k, "")) for k in ("action", "target", "detail", "rollback", "verify")}
             for s in steps if isinstance(s, dict)]
 
 
-def _services(messages: list[Message]) -> list[Service]:
+def _services(turn: SimTurn) -> list[Service]:
     """The services the status tool returned, or (never looked up) what the model already knows."""
-    for call in reversed(parse_calls(messages)):
-        if call.name == "get_service_status" and call.ok and call.result:
-            raw = call.result.get("services")
-            if isinstance(raw, list):
-                return [Service.model_validate(s) for s in raw if isinstance(s, dict)]
+    for call in reversed(turn.called("get_service_status")):
+        raw = (call.result or {}).get("services") if call.ok else None
+        if isinstance(raw, list):
+            return [Service.model_validate(s) for s in raw if isinstance(s, dict)]
     return list(SERVICES)
 
 
-# --- the worker -------------------------------------------------------------------------------
+# --- the planner -------------------------------------------------------------------------------
 
 
-def _worker(req: LlmRequest, rng: random.Random) -> tuple[str, list[ToolCall]]:
-    topic, scenario = _task(req.messages)
-    offered = {t.name for t in req.tools} | set(req.tool_names)
-    answer_now = any(m.role == "system" and "answer now" in m.content.lower() for m in req.messages)
-    if offered and not answer_now:
-        done = {c.name for c in parse_calls(req.messages)}
+def planner_sim(turn: SimTurn) -> SimReply:
+    topic, scenario = _task(turn.input)
+    if not turn.answer_now:
         for name, args in (("get_service_status", {}), ("lookup_runbook", {"topic": topic})):
-            if name in offered and name not in done:
-                return "", [ToolCall(id=f"call_{req.step}_0", name=name, arguments_json=json.dumps(args))]
-    services = _services(req.messages)
-    feedback = _context(req.messages, "Supervisor feedback")
-    previous = _previous_plan(req.messages)
-    if feedback is not None and previous is not None:
+            if turn.offered(name) and not turn.called(name):
+                return SimReply.call(name, **args)
+    services = _services(turn)
+    feedback = _context(turn, SENT_BACK)
+    previous = _steps(_json_after(_context(turn, PREVIOUS)))
+    if feedback is not None and previous:
         steps = revise(previous, feedback, services)
         summary = f"Revised {topic.replace('_', ' ')} plan: fixed what the supervisor named."
     else:
-        steps = draft(topic, scenario, services, omit_verify=_omits_verify(req.model.sim.seed),
-                      flawed=feedback is None)
+        steps = draft(topic, scenario, services, omit_verify=_omits_verify(turn.seed), flawed=feedback is None)
         summary = f"{topic.replace('_', ' ').capitalize()} plan for: {scenario[:200]}"
-    text = json.dumps({"summary": summary, "steps": steps})
-    if rng.random() < req.model.sim.invalid_json_rate and not (feedback and f"[{INVALID_PLAN}]" in feedback):
-        text = text[: int(len(text) * (0.3 + 0.4 * rng.random()))]  # cut off: never valid JSON
-    return text, []
+    return SimReply.answer(json.dumps({"summary": summary, "steps": steps}))
 
 
 def _omits_verify(seed: int) -> bool:
@@ -310,7 +289,7 @@ def _dns_cutover(services: list[Service], flawed: bool) -> list[Step]:
 
 
 _VIOLATION = re.compile(r"\[(\w+)\]\s+step\s+(\d+)")
-_NO_VERIFY = re.compile(r"\[review\]\s+step\s+(\d+)\b[^\n]*no verification", re.I)
+_NO_VERIFY = re.compile(r"\bstep\s+(\d+)\s+\([^)]*\):\s*no verification", re.I)
 
 
 def revise(previous: list[Step], feedback: str, services: list[Service]) -> list[Step]:
@@ -347,37 +326,14 @@ def revise(previous: list[Step], feedback: str, services: list[Service]) -> list
     return out
 
 
-# --- the reviewer -----------------------------------------------------------------------------
+# --- the reviewer ------------------------------------------------------------------------------
 
 
-def _message_json(messages: list[Message], prefix: str) -> dict[str, Any] | None:
-    for m in reversed(messages):
-        if m.role == "user" and m.content.startswith(prefix):
-            try:
-                value = json.loads(m.content[len(prefix):].strip())
-            except json.JSONDecodeError:
-                return None
-            return value if isinstance(value, dict) else None
-    return None
-
-
-def review(messages: list[Message]) -> str:
-    plan = _message_json(messages, "Plan:")
-    check = _message_json(messages, "Rule check:") or {}
-    violations = [v for v in check.get("violations", []) if isinstance(v, dict)]
-    if plan is None or "steps" not in plan:
-        return json.dumps({"verdict": "revise", "feedback": [
-            "the worker's output is not a plan: answer with the JSON object the instructions describe"]})
-    unfit = [v for v in violations if v.get("rule") == "promote_healthy_replica"]
-    if unfit:
-        return json.dumps({"verdict": "escalate", "feedback": [
-            f"no replica is fit to promote ({unfit[0].get('message')}); promoting one anyway risks losing "
-            "committed transactions: a human must decide"]})
-    concerns = [f"step {i} ({s.get('action')} {s.get('target')}): no verification named; say how you will know "
-                "it worked" for i, s in enumerate(plan.get("steps", []), 1)
-                if isinstance(s, dict) and not str(s.get("verify", "")).strip()]
-    if violations or concerns:
-        head = [f"fix the {len(violations)} rule violation(s) of the rule check"] if violations else []
-        return json.dumps({"verdict": "revise", "feedback": head + concerns})
-    return json.dumps({"verdict": "accept", "feedback": [
-        "the plan follows the runbook's order; every step names a rollback and a verification"]})
+def reviewer_sim(turn: SimTurn) -> SimReply:
+    steps = _steps(_json_after(_context(turn, TO_REVIEW)))
+    if not steps:
+        return SimReply.answer(json.dumps({"approved": False, "issues": [
+            "the answer is not a plan: answer with the JSON object the instructions describe"]}))
+    issues = [f"step {i} ({s['action']} {s['target']}): no verification named, say how you will know it worked"
+              for i, s in enumerate(steps, 1) if not s["verify"].strip()]
+    return SimReply.answer(json.dumps({"approved": not issues, "issues": issues}))
