@@ -25,7 +25,6 @@ SUPERVISOR_WORKFLOW = "KeelSupervisor"
 """The supervisor pattern over registered agents: a worker's answer checked by rules and a reviewer agent."""
 RESEARCH_REPORT_WORKFLOW = "ResearchReport"
 SUPERVISED_PLAN_WORKFLOW = "SupervisedPlan"
-SWARM_WORKFLOW = "Swarm"
 SHADOW_WORKFLOW = "Shadow"
 
 # Activities

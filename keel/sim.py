@@ -64,6 +64,11 @@ class SimTurn:
     """A notice asked for the answer now, without tools."""
     output_schema: dict[str, Any] | None = None
     context: list[str] = field(default_factory=list)
+    model: str = ""
+    """The model the call was made to (e.g. sim-small): a behaviour may read a small model differently."""
+    temperature: float = 0.0
+    """The call's sampling temperature: a behaviour may depart from its most likely answer more often
+    the hotter the call (the peers of a swarm differ by it)."""
 
     def offered(self, name: str) -> bool:
         return any(t.name == name for t in self.tools)
@@ -93,7 +98,8 @@ class SimReply(BaseModel):
 
 
 def parse_turn(agent: str, messages: list[Message], tools: list[ToolSpec], step: int, kind: StepKind,
-               rng: random.Random, output_schema: dict[str, Any] | None = None) -> SimTurn:
+               rng: random.Random, output_schema: dict[str, Any] | None = None, model: str = "",
+               temperature: float = 0.0) -> SimTurn:
     """Read the conversation the workflow sent: the input, the calls made so far and their results,
     and the notices (wrap up, answer now)."""
     users = [m.content for m in messages if m.role == "user"]
@@ -118,7 +124,7 @@ def parse_turn(agent: str, messages: list[Message], tools: list[ToolSpec], step:
     context = [u.removeprefix("Context: ") for u in users[1:] if u.startswith("Context: ")]
     return SimTurn(agent=agent, input=users[0] if users else "", messages=messages, tools=tools, calls=calls,
                    step=step, kind=kind, rng=rng, wrap_up=wrap, answer_now=answer or not tools,
-                   output_schema=output_schema, context=context)
+                   output_schema=output_schema, context=context, model=model, temperature=temperature)
 
 
 def _loads(text: str) -> dict[str, Any]:

@@ -9,7 +9,6 @@ from workflows.shadow import ShadowWorkflow
 from workflows.supervision import SupervisorWorkflow
 from workflows.supervisor import SupervisedPlanWorkflow
 from workflows.support_ticket import SupportTicketWorkflow
-from workflows.swarm import SwarmWorkflow
 
 WORKFLOWS = [
     AgentWorkflow,
@@ -21,7 +20,6 @@ WORKFLOWS = [
     AgentTaskWorkflow,
     ResearchReportWorkflow,
     SupervisedPlanWorkflow,
-    SwarmWorkflow,
     ShadowWorkflow,
 ]
 
@@ -37,5 +35,4 @@ __all__ = [
     "SupervisorWorkflow",
     "SupportTicketWorkflow",
     "SwarmAgentsWorkflow",
-    "SwarmWorkflow",
 ]
