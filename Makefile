@@ -19,14 +19,14 @@ demo: $(STAMP)
 	@mkdir -p .keel
 	@if ! { [ -f $(ONCALL_PID) ] && kill -0 $$(cat $(ONCALL_PID)) 2>/dev/null; }; then \
 	  nohup $(BIN)/python -m agents.oncall.status_service 8710 > .keel/oncall-status.log 2>&1 & echo $$! > $(ONCALL_PID); fi
-	KEEL_AGENTS=agents.oncall,agents.dr_plan $(BIN)/keel up --detach
+	KEEL_AGENTS=agents.oncall,agents.support_desk,agents.dr_plan,agents.triage $(BIN)/keel up --detach
 	$(BIN)/keel shadow start --candidate prompt=v2 --fraction 0.25
 	$(BIN)/keel ticket batch --sample $(DEMO_TICKETS) --concurrency 12 --sim-latency 1000-3000
 	$(BIN)/keel shadow report
 	$(BIN)/keel shadow stop
 	$(BIN)/keel research "Why did refunds rise in Q3, and what did the duplicate charges cost us?"
 	$(BIN)/keel plan "payments-db primary in eu-west-1 is down: storage controller failure" --sim-seed 1
-	$(BIN)/keel swarm "My card is declined at the ATM and I was charged twice at ShopNow." --customer C-1001 --ticket-id TK-DEMO-SWARM
+	$(BIN)/keel swarm "My card is declined at the ATM and I was charged twice at ShopNow." --tenant C-1001 --key TK-DEMO-SWARM
 	$(BIN)/keel run oncall "Is the api service healthy?" --key demo-api --wait
 	$(BIN)/keel run oncall "Payments is failing, please fix it" --key demo-payments --watch
 	$(BIN)/keel approvals

@@ -24,7 +24,6 @@ SWARM_AGENTS_WORKFLOW = "KeelSwarm"
 SUPERVISOR_WORKFLOW = "KeelSupervisor"
 """The supervisor pattern over registered agents: a worker's answer checked by rules and a reviewer agent."""
 RESEARCH_REPORT_WORKFLOW = "ResearchReport"
-SWARM_WORKFLOW = "Swarm"
 SHADOW_WORKFLOW = "Shadow"
 
 # Activities

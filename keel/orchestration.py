@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from keel.types import (
     AgentResult,
@@ -23,6 +23,7 @@ from keel.types import (
     BudgetReport,
     ChildRecord,
     Decision,
+    ModelSpec,
     SimConfig,
     TaskUsage,
 )
@@ -161,7 +162,7 @@ class OrchestratorResult(BaseModel):
 
 
 class SwarmInput(BaseModel):
-    """Input of the swarm workflow (`keel swarm-agents`): `peers` copies of one agent answer the same
+    """Input of the swarm workflow (`keel vote`, `keel swarm`): `peers` copies of one agent answer the same
     input independently (each its own seed and temperature); the value of `field` in their structured
     answers is put to a vote. Peers never act: their writes are recorded as dry runs, not executed."""
 
@@ -171,14 +172,24 @@ class SwarmInput(BaseModel):
     peers: int = Field(3, ge=2, le=12)
     quorum: float = Field(0.5, gt=0, le=1)
     """The winning value needs more than this share of the peers (all of them, answered or not)."""
-    temperatures: list[float] = Field(default_factory=lambda: [0.0, 0.4, 0.8])
+    temperatures: list[Annotated[float, Field(ge=0, le=2)]] = Field(default_factory=lambda: [0.0, 0.4, 0.8],
+                                                                   min_length=1, max_length=12)
     """Peer i's temperature: temperatures[i % len]."""
+    models: list[ModelSpec] = Field(default_factory=list, max_length=12)
+    """Peer i's model (for every tier): models[i % len]; empty: the agent's own models."""
     name: str = "swarm"
     budget: Budget = Field(default_factory=lambda: Budget(max_tokens=20_000, max_usd=0.10))
     key: str = ""
     tenant: str = "default"
     feature: str = ""
     sim: SimConfig = Field(default_factory=SimConfig)
+
+    @field_validator("input")
+    @classmethod
+    def _not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("the input is blank")
+        return v
 
 
 class PeerAnswer(BaseModel):
@@ -187,6 +198,11 @@ class PeerAnswer(BaseModel):
     value: object = None
     """The field's value in the peer's answer; None when it gave none."""
     problem: str = ""
+    answer: dict[str, Any] | None = None
+    """The peer's whole structured answer (its other fields: a confidence, a second label...)."""
+    model: str = ""
+    """The model it ran on ("" when the agent's own)."""
+    temperature: float = 0.0
 
 
 SwarmStatus = Literal["completed", "escalated", "budget_exceeded", "rejected"]

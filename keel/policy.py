@@ -38,9 +38,6 @@ BUDGETS: dict[str, Budget] = {
     # Orchestrator (workflows.research): its plan and synthesis plus every child, all attempts. The default
     # children's caps (keel.research.ROLE_POLICIES: 28,000 tokens, $0.10) fit with room for a retried child.
     "research_report": Budget(max_tokens=40_000, max_usd=0.20, soft_ratio=0.8, hard_ratio=0.95),
-    # Swarm (workflows.swarm): the sum of its peers' caps (keel.swarm.SWARM_POLICY: 2,000 tokens, $0.01
-    # each), with room for the largest swarm (12 peers); the parent itself makes no model call.
-    "swarm": Budget(max_tokens=30_000, max_usd=0.15),
 }
 """Default budget per task type; a task may override it."""
 

@@ -66,6 +66,11 @@ class SimTurn:
     context: list[str] = field(default_factory=list)
     seed: int = 0
     """The task's sim seed (`--sim-seed`): for behaviour that differs by seed but not by task."""
+    model: str = ""
+    """The model the call was made to (e.g. sim-small): a behaviour may read a small model differently."""
+    temperature: float = 0.0
+    """The call's sampling temperature: a behaviour may depart from its most likely answer more often
+    the hotter the call (the peers of a swarm differ by it)."""
 
     def offered(self, name: str) -> bool:
         return any(t.name == name for t in self.tools)
@@ -95,7 +100,8 @@ class SimReply(BaseModel):
 
 
 def parse_turn(agent: str, messages: list[Message], tools: list[ToolSpec], step: int, kind: StepKind,
-               rng: random.Random, output_schema: dict[str, Any] | None = None, seed: int = 0) -> SimTurn:
+               rng: random.Random, output_schema: dict[str, Any] | None = None, seed: int = 0,
+               model: str = "", temperature: float = 0.0) -> SimTurn:
     """Read the conversation the workflow sent: the input, the calls made so far and their results,
     and the notices (wrap up, answer now)."""
     users = [m.content for m in messages if m.role == "user"]
@@ -120,7 +126,8 @@ def parse_turn(agent: str, messages: list[Message], tools: list[ToolSpec], step:
     context = [u.removeprefix("Context: ") for u in users[1:] if u.startswith("Context: ")]
     return SimTurn(agent=agent, input=users[0] if users else "", messages=messages, tools=tools, calls=calls,
                    step=step, kind=kind, rng=rng, wrap_up=wrap, answer_now=answer or not tools,
-                   output_schema=output_schema, context=context, seed=seed)
+                   output_schema=output_schema, context=context, seed=seed, model=model,
+                   temperature=temperature)
 
 
 def _loads(text: str) -> dict[str, Any]:

@@ -17,12 +17,11 @@ from rich.markup import escape
 from temporalio.client import Client, WorkflowExecutionStatus
 
 from activities import tracing
-from keel import names
+from keel import SwarmResult, names
 from keel.dataset import sample_tickets
 from keel.orchestration import OrchestratorResult
 from keel.research import ResearchResult
 from keel.shadow import is_shadowed, shadow_workflow_id
-from keel.swarm import SwarmResult
 from keel.types import AgentResult, TicketResult
 from starter import orchestrate_cli, patterns, research_cli, stack, swarm_cli, tickets, views
 from starter.agents import SA_TASK_TYPE
@@ -53,7 +52,7 @@ def _json_result(res: Any) -> None:
 PATTERN_RESULTS: dict[str, tuple[type[Any], Callable[[Any, bool], None]]] = {
     names.RESEARCH_REPORT_WORKFLOW: (ResearchResult, lambda r, j: _json_result(r) if j
                                      else research_cli.print_result(r)),
-    names.SWARM_WORKFLOW: (SwarmResult, lambda r, j: _json_result(r) if j else swarm_cli.print_result(r)),
+    names.SWARM_AGENTS_WORKFLOW: (SwarmResult, swarm_cli.print_result),
     names.ORCHESTRATOR_WORKFLOW: (OrchestratorResult, orchestrate_cli.print_result),
 }
 """`keel result` of a pattern's parent: its result type and how its own command prints it (any other

@@ -4,7 +4,7 @@ one of their workflows lands):
     .venv/bin/python -m tests.record_pattern_histories
 
 Starts a throwaway dev server from the installed binary and runs, on the sim model: a research report whose
-analysis child fails once and is retried alone, a disagreeing swarm,
+analysis child fails once and is retried alone,
 and a shadowed refund ticket. Writes the parents' histories and one child's (pattern_*.json); test_replay
 replays every file there against today's code. A parent's children's ids derive from its own, so the
 recorded workflow ids are the file names (`__` for `/`: pattern_research_v1__analysis is a child's).
@@ -20,12 +20,11 @@ from typing import Any
 from temporalio.client import Client
 
 from keel import names
-from keel import swarm as sw
 from keel.dataset import sample_tickets
 from keel.research import ROLE_POLICIES, ResearchInput, ResearchResult
 from keel.settings import KeelSettings
 from keel.shadow import CandidateSpec, ShadowComparison, shadow_workflow_id
-from keel.types import InjectedFailure, ModelSpec, SimConfig
+from keel.types import InjectedFailure, SimConfig
 from starter import tickets
 from tests.conftest import ticket
 from tests.record_history import recording_stack
@@ -58,14 +57,6 @@ async def main() -> None:
         await save(c, research.workflow_id, "pattern_research_v1")
         await save(c, f"{research.workflow_id}/analysis", "pattern_research_v1__analysis")
 
-        swarm: sw.SwarmResult = await run(
-            c, settings, names.SWARM_WORKFLOW,
-            sw.SwarmInput(text="My card is declined at the ATM and I was charged twice at ShopNow.",
-                          customer_id="C-1001", ticket_id="TK-DEMO-SWARM",
-                          models=[ModelSpec(model="sim-small"), ModelSpec(model="sim-large")], sim=SIM),
-            "pattern_swarm_v1", sw.SwarmResult)
-        assert swarm.status == "escalated", swarm.status
-        await save(c, swarm.workflow_id, "pattern_swarm_v1")
 
         refund = next(t for t in sample_tickets(16) if t.category == "refund_request")
         inp = ticket(refund.customer_id, refund.text, ticket_id="TK-shadow-recorded")

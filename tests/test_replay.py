@@ -22,6 +22,7 @@ from temporalio.workflow import NondeterminismError
 import keel
 from agents.dr_plan import AGENTS as DR_PLAN_AGENTS
 from agents.oncall import oncall, service_status
+from agents.triage import triage
 from keel import registry
 from keel.settings import KeelSettings
 from tests.conftest import run_ticket, ticket
@@ -31,9 +32,9 @@ from workflows.registry import WORKFLOWS
 HISTORIES = sorted((Path(__file__).parent / "histories").glob("*.json"))
 TICKET_HISTORY = Path(__file__).parent / "histories" / "ticket_v1.json"
 """The history the tampering tests change (recorded under its file name as the workflow id)."""
-REPLAYED_AGENTS = [oncall, *DR_PLAN_AGENTS]
-"""The agents whose histories are recorded here (agent_<name>_*.json; supervisor_dr_plan_*.json: `keel plan`'s
-supervision, whose rules run the planner's checks in the workflow)."""
+REPLAYED_AGENTS = [oncall, triage, *DR_PLAN_AGENTS]
+"""The agents whose histories are recorded here (agent_<name>_*.json; triage: pattern_swarm_triage_*.json;
+supervisor_dr_plan_*.json: `keel plan`'s supervision, whose rules run the planner's checks in the workflow)."""
 ONCALL_HEALTHY = Path(__file__).parent / "histories" / "agent_oncall_v1.json"
 """The on-call agent on a healthy service: the status is read (oncall.service_status), then the answer."""
 ONCALL_APPROVAL = Path(__file__).parent / "histories" / "agent_oncall_v1_approval.json"

@@ -179,8 +179,9 @@ _SWARM_OUTCOME: dict[SwarmStatus, TaskStatus] = {
 class SwarmAgentsWorkflow(PatternParent):
     """The swarm pattern over any registered agent with a structured answer: K peers in parallel under
     the parent's budget (their caps shrunk to equal shares when they do not fit), each its own seed
-    (`<key>-peer-i`) and temperature, all dry runs; the value of one field of their answers is put to a
-    vote, and a value without more than `quorum` of the peers behind it goes to a human."""
+    (`<key>-peer-i`), temperature and (when `models` is given) model, all dry runs; the value of one
+    field of their answers is put to a vote, and a value without more than `quorum` of the peers behind
+    it goes to a human. Each peer's whole structured answer is kept beside its vote."""
 
     @workflow.run
     async def run(self, inp: SwarmInput) -> SwarmResult:
@@ -198,6 +199,8 @@ class SwarmAgentsWorkflow(PatternParent):
         self._phase = "peers"
         caps = stage_caps(children, [agent.budget] * inp.peers)
         names_ = [f"peer-{i + 1}" for i in range(inp.peers)]
+        temperatures = [inp.temperatures[i % len(inp.temperatures)] for i in range(inp.peers)]
+        models = [inp.models[i % len(inp.models)].model if inp.models else "" for i in range(inp.peers)]
 
         async def peer(i: int) -> AgentResult | None:
             wanted, fitted, why = caps[i]
@@ -209,26 +212,29 @@ class SwarmAgentsWorkflow(PatternParent):
             if fitted != wanted:
                 children.runner.decide("shrink_child", f"{names_[i]}: caps {_caps(wanted)} do not fit; "
                                                        f"given {_caps(fitted)}")
+            model = inp.models[i % len(inp.models)] if inp.models else None
             child = AgentInput(agent=inp.agent, input=inp.input, key=f"{inp.key or wid}-peer-{i + 1}",
                                tenant=inp.tenant, feature=inp.feature or inp.name, budget=fitted, dry_run=True,
-                               approval_mode="escalate", sim=inp.sim,
-                               temperature=inp.temperatures[i % len(inp.temperatures)])
+                               approval_mode="escalate", sim=inp.sim, temperature=temperatures[i],
+                               models={"small": model, "large": model} if model is not None else None)
             return await children.run_agent(names_[i], "peer", child)
 
         ran = await asyncio.gather(*(peer(i) for i in range(inp.peers)))
-        for name, res in zip(names_, ran, strict=True):
+        for i, (name, res) in enumerate(zip(names_, ran, strict=True)):
+            who = PeerAnswer(name=name, status="", model=models[i], temperature=temperatures[i])
             if res is None:
                 rec = next(r for r in children.records if r.name == name)
-                result.answers.append(PeerAnswer(name=name, status=rec.status, problem=rec.reason or "did not run"))
+                result.answers.append(who.model_copy(update={"status": rec.status,
+                                                             "problem": rec.reason or "did not run"}))
                 continue
             value = field_value(inp.field, res.output, res.structured)
+            who = who.model_copy(update={"status": res.status, "answer": res.structured})
             if res.status != "completed":
-                result.answers.append(PeerAnswer(name=name, status=res.status, problem=res.reason))
+                result.answers.append(who.model_copy(update={"problem": res.reason or res.status}))
             elif value is MISSING:
-                result.answers.append(PeerAnswer(name=name, status=res.status,
-                                                 problem=f"its answer has no field {inp.field!r}"))
+                result.answers.append(who.model_copy(update={"problem": f"its answer has no field {inp.field!r}"}))
             else:
-                result.answers.append(PeerAnswer(name=name, status=res.status, value=value))
+                result.answers.append(who.model_copy(update={"value": value}))
         result.value, result.votes, result.agreement, why = tally(result.answers, inp.peers, inp.quorum)
         if why:
             limited = runner.budget.limit_hit is not None or all(a.status == "budget_exceeded" for a in result.answers)

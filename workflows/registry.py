@@ -8,7 +8,6 @@ from workflows.research import ResearchReportWorkflow
 from workflows.shadow import ShadowWorkflow
 from workflows.supervision import SupervisorWorkflow
 from workflows.support_ticket import SupportTicketWorkflow
-from workflows.swarm import SwarmWorkflow
 
 WORKFLOWS = [
     AgentWorkflow,
@@ -19,7 +18,6 @@ WORKFLOWS = [
     CostCircuitBreakerWorkflow,
     AgentTaskWorkflow,
     ResearchReportWorkflow,
-    SwarmWorkflow,
     ShadowWorkflow,
 ]
 
@@ -34,5 +32,4 @@ __all__ = [
     "SupervisorWorkflow",
     "SupportTicketWorkflow",
     "SwarmAgentsWorkflow",
-    "SwarmWorkflow",
 ]

@@ -569,7 +569,6 @@ def _cap_output(text: str, calls: list[ToolCall], max_tokens: int) -> tuple[str,
 
 PATTERN_SIMS = {
     "research": "activities.providers.sim_research",
-    "swarm": "activities.providers.sim_swarm",
 }
 """Prompt families of the multi-agent patterns, each simulated by its own module: a module's
 `respond(req, rng) -> (text, tool_calls)` plays every role of that pattern (see their docstrings)."""
@@ -637,7 +636,7 @@ class SimProvider:
         if agent is not None and agent.triage is not None and req.kind == "classify":
             behaviour = agent.triage.sim or generic_behaviour
         turn = parse_turn(req.agent, req.messages, req.tools, req.step, req.kind, rng, req.output_schema,
-                          seed=req.model.sim.seed)
+                          seed=req.model.sim.seed, model=req.model.model, temperature=req.temperature)
         reply = behaviour(turn)
         if not isinstance(reply, SimReply):
             raise TypeError(f"the sim behaviour of agent {req.agent!r} returned {type(reply).__name__}, "
@@ -667,7 +666,7 @@ class SimProvider:
                 arguments_json = _broken_json(rng, arguments_json)
             calls.append(ToolCall(id=f"call_{req.step}_{i}{marker}", name=c.name, arguments_json=arguments_json))
         text = reply.text
-        if not calls and req.json_output and u_json < req.model.sim.invalid_json_rate:
+        if not calls and (req.json_output or req.output_schema) and u_json < req.model.sim.invalid_json_rate:
             text = _broken_json(rng, text)
         return text, calls
 

@@ -19,13 +19,18 @@ from temporalio.worker import Worker
 
 import keel
 from agents.oncall.status_service import StatusService
+from agents.triage import triage
 from keel import registry
+from keel.dataset import build_dataset
 from keel.orchestration import ChildTask
 from keel.settings import KeelSettings
+from starter.agents import start_swarm
 from starter.approvals_cli import pending_action
 from tests.agents.test_oncall import cli_env, env_for, keel_cli
+from tests.agents.test_triage import CLEAR, swarm_of
 from tests.conftest import assert_eventually, run_ticket, ticket
-from tests.test_swarm import CLEAR, CUSTOMER, _swarm, run_swarm
+
+CUSTOMER = build_dataset().customers[0].id
 
 
 @pytest.fixture
@@ -174,9 +179,9 @@ async def test_status_watch_and_result_still_serve_tickets_and_patterns(
         worker_factory: Callable[..., AbstractAsyncContextManager[Worker]], db_engine: Engine) -> None:
     cli = {"TEMPORAL_ADDRESS": client.service_client.config.target_host, "KEEL_TASK_QUEUE": settings.task_queue,
            "KEEL_DATABASE_URL": str(db_engine.url), "COLUMNS": "200"}
-    async with worker_factory(client):
+    async with worker_factory(client, agents=[triage]):
         t = await run_ticket(client, settings, ticket(CUSTOMER, "What are your opening hours?"))
-        swarm = await run_swarm(client, settings, _swarm(CLEAR, peers=3))
+        swarm = await (await start_swarm(client, settings, swarm_of(CLEAR, peers=3))).result()
         ticket_json = await keel_cli(cli, "result", t.workflow_id, "--json")
         ticket_now = await keel_cli(cli, "status", t.workflow_id)
         ticket_watched = await watch(cli, t.workflow_id)
@@ -190,7 +195,7 @@ async def test_status_watch_and_result_still_serve_tickets_and_patterns(
         assert out.exit_code == 0 and "category" in out.output and t.status in out.output, out.output
     assert swarm_json.exit_code == 0, swarm_json.output
     sdoc = json.loads(swarm_json.stdout)
-    assert (sdoc["workflow_id"], sdoc["status"], sdoc["answer"]) == (swarm.workflow_id, swarm.status, swarm.answer)
+    assert (sdoc["workflow_id"], sdoc["status"], sdoc["value"]) == (swarm.workflow_id, swarm.status, swarm.value)
     assert swarm_shown.exit_code == 0 and "agreement" in swarm_shown.output, swarm_shown.output
     assert swarm_now.exit_code == 0 and "phase" in swarm_now.output, swarm_now.output
 

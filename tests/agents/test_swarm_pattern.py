@@ -18,7 +18,7 @@ from temporalio.client import Client
 import keel
 from agents.oncall.agent import incident_note, oncall
 from agents.oncall.status_service import StatusService
-from keel.orchestration import PeerAnswer, SwarmResult, tally
+from keel.orchestration import PeerAnswer, SwarmInput, SwarmResult, tally
 from keel.testing import ScriptedModel, agent_environment, answer, call
 from tests.agents.test_oncall import cli_env, keel_cli
 
@@ -51,6 +51,8 @@ async def test_the_majority_value_wins(client: Client, tmp_path: Path) -> None:
     assert res.value == "billing" and res.votes == {'"billing"': 2, '"fraud"': 1}
     assert res.agreement == pytest.approx(2 / 3)
     assert [c.name for c in res.children] == ["peer-1", "peer-2", "peer-3"]
+    assert sorted(a.answer["label"] for a in res.answers if a.answer) == ["billing", "billing", "fraud"]
+    assert [a.temperature for a in res.answers] == [0.0, 0.4, 0.8] and all(a.model == "" for a in res.answers)
     assert res.usage.tokens == sum(c.usage.tokens for c in res.children) <= 20_000
 
 
@@ -121,3 +123,12 @@ async def test_keel_vote_on_the_command_line(client: Client, tmp_path: Path) -> 
     assert out.exit_code == 0, out.output
     res = SwarmResult.model_validate_json(out.output.strip().splitlines()[-1])
     assert res.status == "completed" and res.value == "fees" and res.agreement == 1.0
+
+
+def test_a_swarm_input_is_checked_before_it_starts() -> None:
+    with pytest.raises(ValueError, match="blank"):
+        SwarmInput(agent="labeler", input="   ", field="label")
+    with pytest.raises(ValueError, match="at least 1 item"):
+        SwarmInput(agent="labeler", input="x", field="label", temperatures=[])
+    with pytest.raises(ValueError, match="less than or equal to 2"):
+        SwarmInput(agent="labeler", input="x", field="label", temperatures=[0.0, 3.0])
