@@ -20,13 +20,12 @@ from activities import tracing
 from keel import names
 from keel.dataset import sample_tickets
 from keel.orchestration import OrchestratorResult
-from keel.research import ResearchResult
 from keel.settings import KeelSettings
 from keel.shadow import is_shadowed, shadow_workflow_id
 from keel.supervisor import SupervisedPlanResult
 from keel.swarm import SwarmResult
 from keel.types import AgentResult, SimConfig, TicketResult
-from starter import orchestrate_cli, patterns, plan_cli, research_cli, stack, swarm_cli, tickets, views
+from starter import orchestrate_cli, patterns, plan_cli, stack, swarm_cli, tickets, views
 from starter.agents import SA_TASK_TYPE
 from starter.approvals_cli import approvals, approve, reject, resolve_cmd
 from starter.breaker_cli import breaker_app
@@ -53,8 +52,6 @@ def _json_result(res: Any) -> None:
 
 
 PATTERN_RESULTS: dict[str, tuple[type[Any], Callable[[Any, bool], None]]] = {
-    names.RESEARCH_REPORT_WORKFLOW: (ResearchResult, lambda r, j: _json_result(r) if j
-                                     else research_cli.print_result(r)),
     names.SUPERVISED_PLAN_WORKFLOW: (SupervisedPlanResult, lambda r, j: _json_result(r) if j
                                      else plan_cli.print_result(r)),
     names.SWARM_WORKFLOW: (SwarmResult, lambda r, j: _json_result(r) if j else swarm_cli.print_result(r)),

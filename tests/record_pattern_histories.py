@@ -3,11 +3,10 @@ one of their workflows lands):
 
     .venv/bin/python -m tests.record_pattern_histories
 
-Starts a throwaway dev server from the installed binary and runs, on the sim model: a research report whose
-analysis child fails once and is retried alone, a supervised plan rejected then accepted, a disagreeing swarm,
-and a shadowed refund ticket. Writes the parents' histories and one child's (pattern_*.json); test_replay
-replays every file there against today's code. A parent's children's ids derive from its own, so the
-recorded workflow ids are the file names (`__` for `/`: pattern_research_v1__analysis is a child's).
+Starts a throwaway dev server from the installed binary and runs, on the sim model: a supervised plan
+rejected then accepted, a disagreeing swarm, and a shadowed refund ticket. Writes the parents' histories
+(pattern_*.json); test_replay replays every file there against today's code. A parent's children's ids
+derive from its own, so the recorded workflow ids are the file names (`__` for `/` in a child's).
 """
 
 from __future__ import annotations
@@ -22,11 +21,10 @@ from temporalio.client import Client
 from keel import names
 from keel import swarm as sw
 from keel.dataset import sample_tickets
-from keel.research import ROLE_POLICIES, ResearchInput, ResearchResult
 from keel.settings import KeelSettings
 from keel.shadow import CandidateSpec, ShadowComparison, shadow_workflow_id
 from keel.supervisor import SupervisedPlanInput, SupervisedPlanResult
-from keel.types import InjectedFailure, ModelSpec, SimConfig
+from keel.types import ModelSpec, SimConfig
 from starter import tickets
 from tests.conftest import ticket
 from tests.record_history import recording_stack
@@ -49,16 +47,6 @@ async def run(client: Client, settings: KeelSettings, workflow: str, inp: Any, w
 
 async def main() -> None:
     async with recording_stack() as (c, settings):
-        research: ResearchResult = await run(
-            c, settings, names.RESEARCH_REPORT_WORKFLOW,
-            ResearchInput(question="Why did refunds rise in Q3, and what did the duplicate charges cost us?",
-                          sim=SIM, roles=dict(ROLE_POLICIES),
-                          child_failures={"analysis": InjectedFailure(at_step=2, runs=1)}),
-            "pattern_research_v1", ResearchResult)
-        assert research.status == "completed", research.status
-        await save(c, research.workflow_id, "pattern_research_v1")
-        await save(c, f"{research.workflow_id}/analysis", "pattern_research_v1__analysis")
-
         plan: SupervisedPlanResult = await run(
             c, settings, names.SUPERVISED_PLAN_WORKFLOW,
             SupervisedPlanInput(scenario="payments-db primary in eu-west-1 is down", sim=SimConfig(seed=1,

@@ -198,7 +198,7 @@ class AgentWorkflow:
             runner.budget.limit_hit = "steps"
             runner.budget.detail = f"step limit {max_steps} reached"
         report = check_output(agent, loop.answer or loop.final_text, structured, inp.input, inp.tenant,
-                              _executed(runner))
+                              _executed(runner), inp.context)
         if report.redactions:
             detail = ", ".join(f"{v} {k}" for k, v in report.redactions.items())
             runner.decide("redact", f"removed from the answer: {detail}")
@@ -233,7 +233,8 @@ class AgentWorkflow:
 
         def validate(tool: str, arguments: dict[str, object]) -> str | None:
             action = ProposedAction(tool=tool, arguments=arguments, permission=agent.tool_map[tool].permission,
-                                    input=inp.input, tenant=inp.tenant, executed=tuple(_executed(runner)))
+                                    input=inp.input, tenant=inp.tenant, executed=tuple(_executed(runner)),
+                                    context=tuple(inp.context))
             for v in agent.validators:
                 try:
                     problem = v(action)

@@ -4,7 +4,6 @@ from workflows.agent import AgentWorkflow
 from workflows.agent_task import AgentTaskWorkflow
 from workflows.breaker import CostCircuitBreakerWorkflow
 from workflows.orchestrator import OrchestratorWorkflow, SwarmAgentsWorkflow
-from workflows.research import ResearchReportWorkflow
 from workflows.shadow import ShadowWorkflow
 from workflows.supervision import SupervisorWorkflow
 from workflows.supervisor import SupervisedPlanWorkflow
@@ -19,7 +18,6 @@ WORKFLOWS = [
     SupportTicketWorkflow,
     CostCircuitBreakerWorkflow,
     AgentTaskWorkflow,
-    ResearchReportWorkflow,
     SupervisedPlanWorkflow,
     SwarmWorkflow,
     ShadowWorkflow,
@@ -31,7 +29,6 @@ __all__ = [
     "AgentWorkflow",
     "CostCircuitBreakerWorkflow",
     "OrchestratorWorkflow",
-    "ResearchReportWorkflow",
     "ShadowWorkflow",
     "SupervisedPlanWorkflow",
     "SupervisorWorkflow",

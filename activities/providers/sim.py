@@ -514,7 +514,6 @@ def _cap_output(text: str, calls: list[ToolCall], max_tokens: int) -> tuple[str,
 
 
 PATTERN_SIMS = {
-    "research": "activities.providers.sim_research",
     "dr": "activities.providers.sim_dr",
     "swarm": "activities.providers.sim_swarm",
 }
