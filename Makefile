@@ -19,7 +19,7 @@ demo: $(STAMP)
 	@mkdir -p .keel
 	@if ! { [ -f $(ONCALL_PID) ] && kill -0 $$(cat $(ONCALL_PID)) 2>/dev/null; }; then \
 	  nohup $(BIN)/python -m agents.oncall.status_service 8710 > .keel/oncall-status.log 2>&1 & echo $$! > $(ONCALL_PID); fi
-	KEEL_AGENTS=agents.oncall,agents.support_desk,agents.dr_plan,agents.triage $(BIN)/keel up --detach
+	KEEL_AGENTS=agents.oncall,agents.support_desk,agents.research,agents.dr_plan,agents.triage $(BIN)/keel up --detach
 	$(BIN)/keel shadow start --candidate prompt=v2 --fraction 0.25
 	$(BIN)/keel ticket batch --sample $(DEMO_TICKETS) --concurrency 12 --sim-latency 1000-3000
 	$(BIN)/keel shadow report

@@ -18,7 +18,6 @@ from sqlalchemy.pool import StaticPool
 from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, SQLModel, create_engine
 
-from keel.corpus import CORPUS
 from keel.dataset import build_dataset
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -148,16 +147,6 @@ class ReportRow(SQLModel, table=True):
     body: str
     created_at: datetime = _created_at()
 
-
-class DocumentRow(SQLModel, table=True):
-    """The internal document corpus the research agents search (keel.corpus, seeded by init_db)."""
-
-    __tablename__ = "documents"
-    id: str = Field(primary_key=True)
-    title: str
-    tags: str = ""
-    """Space-separated keywords."""
-    body: str
 
 
 class LedgerRow(SQLModel, table=True):
@@ -346,9 +335,6 @@ def init_db(engine: Engine) -> bool:
             conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _SEED_LOCK_ID})
         SQLModel.metadata.create_all(conn)
         _add_missing_columns(conn)
-        if CORPUS and not conn.execute(select(func.count()).select_from(DocumentRow)).scalar_one():
-            # Its own check: a file made before the corpus existed gets it too.
-            conn.execute(SQLModel.metadata.tables["documents"].insert(), [d.model_dump() for d in CORPUS])
         if conn.execute(select(func.count()).select_from(CustomerRow)).scalar_one():
             return False
         ds = build_dataset()

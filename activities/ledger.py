@@ -245,7 +245,7 @@ class Ledger:
         """LLM spend grouped by any of GROUP_COLUMNS, most expensive group first.
 
         Each row: the group's values, then calls, input_tokens, output_tokens, cost_usd. `session`: run
-        in that transaction (a tool's, see activities.research_tools.ledger_costs) instead of a new one."""
+        in that caller's transaction instead of a new one."""
         bad = [g for g in group_by if g not in GROUP_COLUMNS]
         if bad:
             raise ValueError(f"cannot group costs by {bad!r}: valid names are {', '.join(GROUP_COLUMNS)}")

@@ -21,7 +21,6 @@ from sqlmodel import Session, col
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from activities import research_tools
 from activities.alerts import TaskObserver
 from activities.breaker import UsageReporter
 from activities.db import (
@@ -58,7 +57,7 @@ OrmHandler = Callable[[Session, ToolRequest, Any], ToolResult]
 
 
 def _orm(handler: OrmHandler) -> Handler:
-    """A tool written with the ORM (the patterns' research and DR tools), on a Session joined to the
+    """A tool written with the ORM (the DR pattern's tools), on a Session joined to the
     caller's connection and transaction (committed or rolled back with it)."""
 
     def run(conn: Connection, req: ToolRequest, args: Any) -> ToolResult:
@@ -103,10 +102,6 @@ class ToolActivities:
             ("lookup_policy", _lookup_policy), ("issue_refund", _issue_refund),
             ("send_reply", _send_reply), ("escalate_to_human", _escalate),
             # multi-agent patterns
-            ("search_documents", _orm(research_tools.search_documents)),
-            ("read_document", _orm(research_tools.read_document)),
-            ("transaction_stats", _orm(research_tools.transaction_stats)),
-            ("ledger_costs", _orm(research_tools.ledger_costs)),
             ("publish_report", _publish_report),
         ]
         return [self._async_activity(name, handler) for name, handler in handlers]

@@ -178,6 +178,8 @@ class ProposedAction:
     tenant: str
     executed: tuple[ToolOutcome, ...]
     """This task's executed calls so far, in order."""
+    context: tuple[str, ...] = ()
+    """The task's context (`AgentInput.context`: e.g. the answers a parent orchestration gave it)."""
 
 
 @dataclass(frozen=True)
@@ -189,6 +191,8 @@ class FinalOutput:
     input: str
     tenant: str
     executed: tuple[ToolOutcome, ...]
+    context: tuple[str, ...] = ()
+    """The task's context, as ProposedAction.context."""
 
 
 ActionValidator = Callable[[ProposedAction], str | None]

@@ -23,7 +23,6 @@ SWARM_AGENTS_WORKFLOW = "KeelSwarm"
 """The swarm pattern over any registered agent with a structured answer (`keel vote`)."""
 SUPERVISOR_WORKFLOW = "KeelSupervisor"
 """The supervisor pattern over registered agents: a worker's answer checked by rules and a reviewer agent."""
-RESEARCH_REPORT_WORKFLOW = "ResearchReport"
 SHADOW_WORKFLOW = "Shadow"
 
 # Activities

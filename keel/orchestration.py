@@ -116,6 +116,9 @@ class OrchestratorInput(BaseModel):
     """The orchestration's name: its task type in the ledger and the prefix of its workflow id."""
     budget: Budget = Field(default_factory=lambda: Budget(max_tokens=20_000, max_usd=0.10))
     """The whole family's budget: the planner's, every child's and the synthesizer's caps come out of it."""
+    child_budgets: dict[str, Budget] = Field(default_factory=dict)
+    """Caps of children by task name (`planner` and `synthesizer` included), over the plan's and the
+    agent's own; a limit left None keeps theirs (a child is always capped when its agent is)."""
     key: str = ""
     tenant: str = "default"
     feature: str = ""
@@ -131,6 +134,17 @@ class OrchestratorInput(BaseModel):
         if self.tasks and self.planner:
             raise ValueError("give `tasks` or a `planner`, not both")
         return self
+
+
+def child_caps(inp: OrchestratorInput, name: str, own: Budget) -> Budget:
+    """The caps of child `name`: `own` (the plan's or its agent's), overridden by `inp.child_budgets`."""
+    override = inp.child_budgets.get(name)
+    if override is None:
+        return own
+    return own.model_copy(update={
+        "max_tokens": own.max_tokens if override.max_tokens is None else override.max_tokens,
+        "max_usd": own.max_usd if override.max_usd is None else override.max_usd,
+    })
 
 
 OrchestratorStatus = Literal["completed", "partial", "escalated", "budget_exceeded", "rejected"]

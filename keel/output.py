@@ -47,7 +47,7 @@ def unfounded_claims(agent: Agent, text: str, executed: Sequence[ToolOutcome]) -
 
 
 def check_output(agent: Agent, text: str, structured: BaseModel | None, task_input: str, tenant: str,
-                 executed: Sequence[ToolOutcome]) -> OutputReport:
+                 executed: Sequence[ToolOutcome], context: Sequence[str] = ()) -> OutputReport:
     report = redact(text, None)
     counts = {k: v for k, v in report.counts.items() if v}
     out = OutputReport(text=report.text, redactions=counts)
@@ -57,7 +57,7 @@ def check_output(agent: Agent, text: str, structured: BaseModel | None, task_inp
     out.problems += [f"unfilled template placeholder {_quote(f)}" for f in placeholders(report.text)]
     out.problems += unfounded_claims(agent, report.text, executed)
     final = FinalOutput(text=report.text, structured=structured, input=task_input, tenant=tenant,
-                        executed=tuple(executed))
+                        executed=tuple(executed), context=tuple(context))
     for check in agent.output_checks:
         # A bug in the agent's hook, met in workflow code, fails the task with it: never a workflow task
         # retried forever (it would go wrong again on every attempt).

@@ -35,9 +35,6 @@ BUDGETS: dict[str, Budget] = {
     # Tuned with bench/cost.py (1,000 tickets, 15% spirals): at most ~2x the median ticket (4,778
     # tokens), and a wrap-up early enough that a spiral has room to finish instead of being killed.
     "support_ticket": Budget(max_tokens=10_000, max_usd=0.03, soft_ratio=0.45, hard_ratio=0.9),
-    # Orchestrator (workflows.research): its plan and synthesis plus every child, all attempts. The default
-    # children's caps (keel.research.ROLE_POLICIES: 28,000 tokens, $0.10) fit with room for a retried child.
-    "research_report": Budget(max_tokens=40_000, max_usd=0.20, soft_ratio=0.8, hard_ratio=0.95),
 }
 """Default budget per task type; a task may override it."""
 

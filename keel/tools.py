@@ -48,29 +48,10 @@ class EscalateArgs(_Args):
     priority: str = Field("normal", pattern="^(low|normal|high|urgent)$")
 
 
-class SearchDocumentsArgs(_Args):
-    query: str = Field(min_length=1, max_length=500, description="What to look for in the document corpus")
-    limit: int = Field(5, ge=1, le=10, description="At most this many documents, best match first")
-
-
-class ReadDocumentArgs(_Args):
-    doc_id: str = Field(min_length=1, max_length=64, description="A document id from search_documents, e.g. D-004")
-
-
-class TransactionStatsArgs(_Args):
-    days: int = Field(90, ge=1, le=365, description="How many days back")
-    group_by: str = Field("kind", pattern="^(kind|merchant|none)$", description="kind, merchant or none")
-    kind: str | None = Field(None, max_length=32, description="Only transactions of this kind (e.g. card)")
-
-
-class LedgerCostsArgs(_Args):
-    group_by: list[str] = Field(default_factory=lambda: ["feature"], min_length=1, max_length=3,
-                                description="Ledger columns: customer, feature, task_type, model, tier, step_kind")
-    days: int = Field(30, ge=1, le=365, description="How many days back")
 
 
 class PublishReportArgs(_Args):
-    kind: str = Field(pattern="^(research_report|plan|swarm_answer)$")
+    kind: str = Field(pattern="^(plan|swarm_answer)$")
     title: str = Field(min_length=1, max_length=200)
     body: str = Field(min_length=1, max_length=20_000)
 
@@ -148,37 +129,7 @@ TOOLS: dict[str, ToolDef] = {
             permission="autonomous",
             writes=True,
         ),
-        # --- multi-agent patterns (workflows.research / supervisor / swarm) ---
-        ToolDef(
-            name="search_documents",
-            description="Search the internal document corpus (reports, policies, incident notes); returns ids, "
-                        "titles and snippets, best match first.",
-            args=SearchDocumentsArgs,
-            permission="read_only",
-            writes=False,
-        ),
-        ToolDef(
-            name="read_document",
-            description="Read one document of the corpus in full.",
-            args=ReadDocumentArgs,
-            permission="read_only",
-            writes=False,
-        ),
-        ToolDef(
-            name="transaction_stats",
-            description="Aggregate statistics over all customers' transactions: counts, totals, disputes, "
-                        "duplicates, grouped by kind or merchant. No customer data.",
-            args=TransactionStatsArgs,
-            permission="read_only",
-            writes=False,
-        ),
-        ToolDef(
-            name="ledger_costs",
-            description="LLM spend from the cost ledger, grouped by ledger columns.",
-            args=LedgerCostsArgs,
-            permission="read_only",
-            writes=False,
-        ),
+        # --- multi-agent patterns (workflows.supervisor / swarm) ---
         ToolDef(
             name="publish_report",
             description="Store a finished report, plan or answer of a multi-agent task (the workflow's own step).",
@@ -192,8 +143,6 @@ TOOLS: dict[str, ToolDef] = {
 AGENT_TOOLS = ["get_account", "get_transactions", "lookup_policy", "issue_refund", "escalate_to_human"]
 """Tools the support agent may call in its loop; send_reply is the workflow's own routing step."""
 
-RETRIEVAL_TOOLS = ["search_documents", "read_document"]
-ANALYSIS_TOOLS = ["transaction_stats", "ledger_costs"]
 
 
 def agent_tool_specs() -> list[ToolSpec]:

@@ -20,10 +20,9 @@ from activities import tracing
 from keel import SwarmResult, names
 from keel.dataset import sample_tickets
 from keel.orchestration import OrchestratorResult
-from keel.research import ResearchResult
 from keel.shadow import is_shadowed, shadow_workflow_id
 from keel.types import AgentResult, TicketResult
-from starter import orchestrate_cli, patterns, research_cli, stack, swarm_cli, tickets, views
+from starter import orchestrate_cli, patterns, stack, swarm_cli, tickets, views
 from starter.agents import SA_TASK_TYPE
 from starter.approvals_cli import approvals, approve, reject, resolve_cmd
 from starter.breaker_cli import breaker_app
@@ -50,8 +49,6 @@ def _json_result(res: Any) -> None:
 
 
 PATTERN_RESULTS: dict[str, tuple[type[Any], Callable[[Any, bool], None]]] = {
-    names.RESEARCH_REPORT_WORKFLOW: (ResearchResult, lambda r, j: _json_result(r) if j
-                                     else research_cli.print_result(r)),
     names.SWARM_AGENTS_WORKFLOW: (SwarmResult, swarm_cli.print_result),
     names.ORCHESTRATOR_WORKFLOW: (OrchestratorResult, orchestrate_cli.print_result),
 }

@@ -3,11 +3,8 @@ one of their workflows lands):
 
     .venv/bin/python -m tests.record_pattern_histories
 
-Starts a throwaway dev server from the installed binary and runs, on the sim model: a research report whose
-analysis child fails once and is retried alone,
-and a shadowed refund ticket. Writes the parents' histories and one child's (pattern_*.json); test_replay
-replays every file there against today's code. A parent's children's ids derive from its own, so the
-recorded workflow ids are the file names (`__` for `/`: pattern_research_v1__analysis is a child's).
+Starts a throwaway dev server from the installed binary and runs, on the sim model, a shadowed refund
+ticket. Writes its history (pattern_*.json); test_replay replays every file there against today's code.
 """
 
 from __future__ import annotations
@@ -19,12 +16,10 @@ from typing import Any
 
 from temporalio.client import Client
 
-from keel import names
 from keel.dataset import sample_tickets
-from keel.research import ROLE_POLICIES, ResearchInput, ResearchResult
 from keel.settings import KeelSettings
 from keel.shadow import CandidateSpec, ShadowComparison, shadow_workflow_id
-from keel.types import InjectedFailure, SimConfig
+from keel.types import SimConfig
 from starter import tickets
 from tests.conftest import ticket
 from tests.record_history import recording_stack
@@ -47,16 +42,6 @@ async def run(client: Client, settings: KeelSettings, workflow: str, inp: Any, w
 
 async def main() -> None:
     async with recording_stack() as (c, settings):
-        research: ResearchResult = await run(
-            c, settings, names.RESEARCH_REPORT_WORKFLOW,
-            ResearchInput(question="Why did refunds rise in Q3, and what did the duplicate charges cost us?",
-                          sim=SIM, roles=dict(ROLE_POLICIES),
-                          child_failures={"analysis": InjectedFailure(at_step=2, runs=1)}),
-            "pattern_research_v1", ResearchResult)
-        assert research.status == "completed", research.status
-        await save(c, research.workflow_id, "pattern_research_v1")
-        await save(c, f"{research.workflow_id}/analysis", "pattern_research_v1__analysis")
-
 
         refund = next(t for t in sample_tickets(16) if t.category == "refund_request")
         inp = ticket(refund.customer_id, refund.text, ticket_id="TK-shadow-recorded")

@@ -209,7 +209,7 @@ class AgentWorkflow:
         if loop.escalation and not text.strip():
             report = OutputReport(text="")  # handed to a human with nothing written: nothing to check
         else:
-            report = check_output(agent, text, structured, inp.input, inp.tenant, _executed(runner))
+            report = check_output(agent, text, structured, inp.input, inp.tenant, _executed(runner), inp.context)
         if report.redactions:
             detail = ", ".join(f"{v} {k}" for k, v in report.redactions.items())
             runner.decide("redact", f"removed from the answer: {detail}")
@@ -284,7 +284,8 @@ class AgentWorkflow:
 
         def validate(tool: str, arguments: dict[str, object]) -> str | None:
             action = ProposedAction(tool=tool, arguments=arguments, permission=agent.tool_map[tool].permission,
-                                    input=inp.input, tenant=inp.tenant, executed=tuple(_executed(runner)))
+                                    input=inp.input, tenant=inp.tenant, executed=tuple(_executed(runner)),
+                                    context=tuple(inp.context))
             for v in agent.validators:
                 try:
                     problem = v(action)

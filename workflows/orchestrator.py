@@ -34,6 +34,7 @@ with workflow.unsafe.imports_passed_through():
         SwarmInput,
         SwarmResult,
         SwarmStatus,
+        child_caps,
         named,
         plan_problems,
         stages,
@@ -78,7 +79,8 @@ class OrchestratorWorkflow(PatternParent):
             if inp.planner not in known:
                 return await self._end(children, result, "rejected", f"no planner agent {inp.planner!r} is registered")
             planned = await self._child(children, inp, "planner", "planner", inp.planner, inp.input, [],
-                                        stage_caps(children, [registry.get(inp.planner).budget])[0])
+                                        stage_caps(children, [child_caps(inp, "planner",
+                                                                         registry.get(inp.planner).budget)])[0])
             tasks, why = self._plan_of(planned)
             if planned is not None:
                 result.results["planner"] = planned
@@ -86,6 +88,10 @@ class OrchestratorWorkflow(PatternParent):
                 return await self._end(children, result, "escalated", f"the planner gave no usable plan: {why}")
         result.plan = tasks
         problems = plan_problems(tasks, known)
+        unknown = sorted(set(inp.child_budgets) - {t.name for t in tasks} - {"planner", "synthesizer"})
+        if unknown:
+            problems.append(f"child_budgets name {unknown}, which are not tasks of the plan "
+                            f"({', '.join(t.name for t in tasks)})")
         if problems:
             return await self._end(children, result, "rejected", "the plan cannot run: " + "; ".join(problems))
 
@@ -93,7 +99,8 @@ class OrchestratorWorkflow(PatternParent):
         self._phase = "tasks"
         answers: dict[str, str] = {}
         for stage in stages(tasks) or []:
-            caps = stage_caps(children, [t.budget or registry.get(t.agent).budget for t in stage])
+            caps = stage_caps(children, [child_caps(inp, t.name, t.budget or registry.get(t.agent).budget)
+                                         for t in stage])
             ran = await asyncio.gather(*(
                 self._child(children, inp, t.name, "task", t.agent, t.input,
                             [f"{a}: {answers[a]}" for a in t.after if a in answers], c)
@@ -106,12 +113,15 @@ class OrchestratorWorkflow(PatternParent):
                 else:
                     result.missing.append(f"{t.name}: {self._why(children, t.name, res)}")
 
-        # 3. The answer: the synthesizer's over the children's answers, or theirs under their names.
+        # 3. The answer: the synthesizer's over the children's answers (and a note of each task that did
+        # not deliver, so it never passes a partial answer off as whole), or theirs under their names.
         sections = [f"{t.name} ({t.agent}): {answers[t.name]}" for t in tasks if t.name in answers]
         if inp.synthesizer and sections:
             self._phase = "synthesize"
+            notes = [f"Missing: {m}" for m in result.missing]
             res = await self._child(children, inp, "synthesizer", "synthesizer", inp.synthesizer, inp.input,
-                                    sections, stage_caps(children, [registry.get(inp.synthesizer).budget])[0])
+                                    sections + notes, stage_caps(children, [child_caps(
+                                        inp, "synthesizer", registry.get(inp.synthesizer).budget)])[0])
             if res is not None:
                 result.results["synthesizer"] = res
             if res is not None and res.status == "completed":

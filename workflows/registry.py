@@ -4,7 +4,6 @@ from workflows.agent import AgentWorkflow
 from workflows.agent_task import AgentTaskWorkflow
 from workflows.breaker import CostCircuitBreakerWorkflow
 from workflows.orchestrator import OrchestratorWorkflow, SwarmAgentsWorkflow
-from workflows.research import ResearchReportWorkflow
 from workflows.shadow import ShadowWorkflow
 from workflows.supervision import SupervisorWorkflow
 from workflows.support_ticket import SupportTicketWorkflow
@@ -17,7 +16,6 @@ WORKFLOWS = [
     SupportTicketWorkflow,
     CostCircuitBreakerWorkflow,
     AgentTaskWorkflow,
-    ResearchReportWorkflow,
     ShadowWorkflow,
 ]
 
@@ -27,7 +25,6 @@ __all__ = [
     "AgentWorkflow",
     "CostCircuitBreakerWorkflow",
     "OrchestratorWorkflow",
-    "ResearchReportWorkflow",
     "ShadowWorkflow",
     "SupervisorWorkflow",
     "SupportTicketWorkflow",

@@ -21,7 +21,6 @@ call), one saying "answer now" (or an empty tool list) gets a text answer at onc
 from __future__ import annotations
 
 import asyncio
-import importlib
 import json
 import random
 import re
@@ -567,12 +566,6 @@ def _cap_output(text: str, calls: list[ToolCall], max_tokens: int) -> tuple[str,
     return (text, False) if len(text) <= room else (text[:room], True)
 
 
-PATTERN_SIMS = {
-    "research": "activities.providers.sim_research",
-}
-"""Prompt families of the multi-agent patterns, each simulated by its own module: a module's
-`respond(req, rng) -> (text, tool_calls)` plays every role of that pattern (see their docstrings)."""
-
 AGENT_KINDS = ("reason", "route", "plan", "extract", "synthesize")
 """Step kinds of an agent loop: the sim acts as the agent (tool calls, then a final answer)."""
 
@@ -589,13 +582,9 @@ class SimProvider:
             key = f"{key}@{req.task.prompt_version}"
         rng = random.Random(f"{req.model.sim.seed}:{key}:{req.step}:{req.kind}")
         u_hallucinate, u_json, u_args = rng.random(), rng.random(), rng.random()
-        family = req.prompt.partition("/")[0]
         text, tool_calls = "", list[ToolCall]()
         if req.agent:
             text, tool_calls = self._agent(req, rng, u_hallucinate, u_json, u_args)
-        elif family in PATTERN_SIMS:
-            module = importlib.import_module(PATTERN_SIMS[family])
-            text, tool_calls = module.respond(req, rng)
         elif req.kind == "classify":
             ticket = parse_ticket(req.messages)
             text = json.dumps(classify_text(ticket.text, rng))

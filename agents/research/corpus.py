@@ -1,4 +1,5 @@
-"""The internal document corpus the research agents search (seeded into the `documents` table).
+"""The internal document corpus the research agents search (seeded into `research_documents`, store.py),
+and the search terms of a text (the tools' ranking and the sim's queries share them).
 
 Fictional documents of the fictional Keel Bank: reports, a postmortem, policies and notes, with
 figures that agree with one another, so a research question has an answer to find and to check.
