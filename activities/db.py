@@ -135,19 +135,6 @@ class HumanQueueRow(SQLModel, table=True):
     created_at: datetime = _created_at()
 
 
-class ReportRow(SQLModel, table=True):
-    """A published report, plan or answer of a multi-agent task (tool publish_report)."""
-
-    __tablename__ = "reports"
-    id: int | None = Field(default=None, primary_key=True)
-    idempotency_key: str = Field(unique=True)
-    workflow_id: str = Field(index=True)
-    kind: str = Field(index=True)
-    title: str
-    body: str
-    created_at: datetime = _created_at()
-
-
 
 class LedgerRow(SQLModel, table=True):
     """One row per (workflow_id, step, kind); kind is llm | tool | outcome.

@@ -30,7 +30,6 @@ from activities.db import (
     PolicyRow,
     RefundRow,
     ReplyRow,
-    ReportRow,
     TransactionRow,
     read_only,
     table_of,
@@ -46,7 +45,6 @@ from keel.tools import (
     GetTransactionsArgs,
     IssueRefundArgs,
     LookupPolicyArgs,
-    PublishReportArgs,
     SendReplyArgs,
 )
 from keel.types import ToolRequest, ToolResult
@@ -101,8 +99,6 @@ class ToolActivities:
             ("get_account", _get_account), ("get_transactions", _get_transactions),
             ("lookup_policy", _lookup_policy), ("issue_refund", _issue_refund),
             ("send_reply", _send_reply), ("escalate_to_human", _escalate),
-            # multi-agent patterns
-            ("publish_report", _publish_report),
         ]
         return [self._async_activity(name, handler) for name, handler in handlers]
 
@@ -232,7 +228,6 @@ _POLICIES = table_of(PolicyRow)
 _REFUNDS = table_of(RefundRow)
 _REPLIES = table_of(ReplyRow)
 _QUEUE = table_of(HumanQueueRow)
-_REPORTS = table_of(ReportRow)
 
 _CUSTOMER_BY_ID = select(_CUSTOMERS).where(_CUSTOMERS.c.id == bindparam("id"))
 _ACCOUNTS_OF = select(_ACCOUNTS).where(_ACCOUNTS.c.customer_id == bindparam("id")).order_by(_ACCOUNTS.c.id)
@@ -346,24 +341,6 @@ def _escalate(conn: Connection, req: ToolRequest, args: EscalateArgs) -> ToolRes
         q = _insert(conn, _QUEUE, idempotency_key=req.idempotency_key, workflow_id=req.task.workflow_id,
                     customer_id=req.task.customer, reason=args.reason, priority=args.priority, status="open")
     return ToolResult(ok=True, content={"queue_item_id": f"HQ-{q['id']}", "status": "queued", "reason": q["reason"]})
-
-
-def _publish_report(conn: Connection, req: ToolRequest, args: PublishReportArgs) -> ToolResult:
-    r = _existing(conn, _REPORTS, req.idempotency_key)
-    if r is None:
-        r = _insert(conn, _REPORTS, idempotency_key=req.idempotency_key, workflow_id=req.task.workflow_id,
-                    kind=args.kind, title=args.title, body=args.body)
-    return ToolResult(ok=True, content={"report_id": f"RE-{r['id']}", "kind": r["kind"], "title": r["title"]})
-
-
-def reports(engine: Engine, workflow_id: str | None = None) -> list[dict[str, Any]]:
-    """Published reports (newest first), or those of one workflow."""
-    stmt = select(ReportRow).order_by(col(ReportRow.created_at).desc(), col(ReportRow.id).desc())
-    if workflow_id is not None:
-        stmt = stmt.where(col(ReportRow.workflow_id) == workflow_id)
-    with Session(engine) as s:
-        return [{"report_id": f"RE-{r.id}", "workflow_id": r.workflow_id, "kind": r.kind, "title": r.title,
-                 "body": r.body, "created_at": r.created_at} for r in s.scalars(stmt)]
 
 
 def human_queue(engine: Engine, status: str | None = "open") -> list[dict[str, Any]]:

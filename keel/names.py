@@ -13,8 +13,6 @@ PIPELINE_VERSION = 3
 chosen by the pinned input instead of a patch marker, and the budget search attribute written
 mid-task only when the hard limit fires. Older histories carry no version and replay through their
 patch markers (workflows.support_ticket)."""
-AGENT_TASK_WORKFLOW = "AgentTask"
-"""A child agent of a multi-agent pattern: the agent loop with its own prompt, tools, model and budget."""
 AGENT_WORKFLOW = "KeelAgent"
 """The generic agent workflow: runs any registered keel.Agent (`keel run AGENT "input"`)."""
 ORCHESTRATOR_WORKFLOW = "KeelOrchestrator"

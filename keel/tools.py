@@ -49,13 +49,6 @@ class EscalateArgs(_Args):
 
 
 
-
-class PublishReportArgs(_Args):
-    kind: str = Field(pattern="^(plan|swarm_answer)$")
-    title: str = Field(min_length=1, max_length=200)
-    body: str = Field(min_length=1, max_length=20_000)
-
-
 class ToolDef(BaseModel):
     name: str
     description: str
@@ -126,14 +119,6 @@ TOOLS: dict[str, ToolDef] = {
             name="escalate_to_human",
             description="Put the ticket in the human support queue with a reason.",
             args=EscalateArgs,
-            permission="autonomous",
-            writes=True,
-        ),
-        # --- multi-agent patterns (workflows.supervisor / swarm) ---
-        ToolDef(
-            name="publish_report",
-            description="Store a finished report, plan or answer of a multi-agent task (the workflow's own step).",
-            args=PublishReportArgs,
             permission="autonomous",
             writes=True,
         ),

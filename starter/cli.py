@@ -32,13 +32,12 @@ from starter.console import client_or_exit, console, err, load_settings, run_tas
 from starter.inspect_cli import history_app, prompts_app, replay_cmd
 from starter.metrics_cli import alerts, metrics
 from starter.orchestrate_cli import orchestrate_cmd, supervise_cmd, vote_cmd
-from starter.research_cli import research_cmd
 from starter.run_cli import print_agent_result, run_cmd, sim_config, watch_agent, worker_cmd
 from starter.shadow_cli import shadow_app
 from starter.swarm_cli import swarm_cmd
 from starter.trace_cli import trace_cmd
 
-TASK_WORKFLOWS = (names.SUPPORT_TICKET_WORKFLOW, names.AGENT_TASK_WORKFLOW)
+TASK_WORKFLOWS = (names.SUPPORT_TICKET_WORKFLOW,)
 """Single tasks whose `progress` is a Progress. KeelAgent is one too (its result an AgentResult); every
 other workflow is a multi-agent pattern's parent (research, plan, swarm, shadow, the orchestrator, ...),
 whose `progress` is its phase and its children's (PatternProgress)."""
@@ -70,7 +69,6 @@ app.add_typer(prompts_app, name="prompts")
 app.command("metrics")(metrics)
 app.command("alerts")(alerts)
 app.command("trace")(trace_cmd)
-app.command("research")(research_cmd)
 add_commands(app)  # the agent packages' verbs (keel.Command): the built-in ones' and KEEL_COMMANDS'
 app.command("swarm")(swarm_cmd)
 app.command("run")(run_cmd)

@@ -94,9 +94,8 @@ def test_writes_default_to_confirm_and_reads_cannot_write() -> None:
         ToolDef(name="x", description="", args=GetAccountArgs, writes=True, permission="read_only")
     with pytest.raises(ValueError, match="declare it read_only"):
         ToolDef(name="x", description="", args=GetAccountArgs, writes=False)
-    # The workflows' own final steps (routing, publishing a pattern's product), never offered to the model.
-    assert {n for n, t in TOOLS.items() if t.permission == "autonomous"} == {"send_reply", "escalate_to_human",
-                                                                            "publish_report"}
+    # The workflows' own final steps (routing), never offered to the model.
+    assert {n for n, t in TOOLS.items() if t.permission == "autonomous"} == {"send_reply", "escalate_to_human"}
 
 
 # -- layer 1: approvals on the dev server ---------------------------------------------------------

@@ -35,8 +35,6 @@ with workflow.unsafe.imports_passed_through():
     from keel.types import (
         AgentInput,
         AgentResult,
-        AgentTaskInput,
-        AgentTaskResult,
         Budget,
         ChildRecord,
         ChildStatus,
@@ -141,13 +139,6 @@ class Children:
         return o.model_copy(update={"llm_calls": t.llm_calls, "input_tokens": t.input_tokens,
                                     "output_tokens": t.output_tokens, "cost_usd": t.cost_usd})
 
-    async def publish(self, kind: str, title: str, body: str, status: TaskStatus = "resolved",
-                      reason: str = "", category: str | None = None) -> ToolResult:
-        """Store the pattern's product (tool publish_report); the same call writes the outcome row."""
-        args = {"kind": kind, "title": title[:200], "body": body[:20_000] or "(empty)"}
-        return await self.runner.tool("publish_report", args,
-                                      outcome=self.outcome(status, "report", reason, category))
-
     async def escalate(self, reason: str, priority: str = "normal", status: TaskStatus = "escalated",
                        category: str | None = None) -> ToolResult:
         """Hand the task to the human queue with its reason; the same call writes the outcome row."""
@@ -159,26 +150,6 @@ class Children:
         total = self.total()
         return PatternProgress(status=status, phase=phase, children=self.records, tokens=total.tokens,
                                cost_usd=total.cost_usd, budget=self.runner.budget.report())
-
-    async def run(self, inp: AgentTaskInput, summary: str = "") -> AgentTaskResult | None:
-        """Run one child to its end (retrying a failed one alone); None if it never completed."""
-        rec = ChildRecord(name=inp.name, role=inp.role, model=inp.model.label, budget_tokens=inp.budget.max_tokens,
-                          budget_usd=inp.budget.max_usd)
-
-        async def start(wid: str, attempt: int) -> tuple[AgentTaskResult, TaskUsage, str, str]:
-            res: AgentTaskResult = await workflow.execute_child_workflow(
-                names.AGENT_TASK_WORKFLOW,
-                inp.model_copy(update={"attempt": attempt}),
-                id=wid,
-                result_type=AgentTaskResult,
-                execution_timeout=CHILD_EXECUTION_TIMEOUT,
-                # The parent retries (with a new id): Temporal must not re-run it under the same id.
-                retry_policy=RetryPolicy(maximum_attempts=1),
-                static_summary=summary or f"{inp.role} agent {inp.name} · {inp.model.label}",
-            )
-            return res, res.usage, res.status, res.reason
-
-        return await self._attempts(rec, inp.budget, start, retry_all=True)
 
     async def run_agent(self, name: str, role: str, inp: AgentInput) -> AgentResult | None:
         """Run one registered agent as a child (`KeelAgent`) to its end; None if it never completed.

@@ -1,7 +1,6 @@
 """The workflows a Keel worker registers."""
 
 from workflows.agent import AgentWorkflow
-from workflows.agent_task import AgentTaskWorkflow
 from workflows.breaker import CostCircuitBreakerWorkflow
 from workflows.orchestrator import OrchestratorWorkflow, SwarmAgentsWorkflow
 from workflows.shadow import ShadowWorkflow
@@ -15,13 +14,11 @@ WORKFLOWS = [
     SwarmAgentsWorkflow,
     SupportTicketWorkflow,
     CostCircuitBreakerWorkflow,
-    AgentTaskWorkflow,
     ShadowWorkflow,
 ]
 
 __all__ = [
     "WORKFLOWS",
-    "AgentTaskWorkflow",
     "AgentWorkflow",
     "CostCircuitBreakerWorkflow",
     "OrchestratorWorkflow",
