@@ -71,6 +71,10 @@ class SimTurn:
     temperature: float = 0.0
     """The call's sampling temperature: a behaviour may depart from its most likely answer more often
     the hotter the call (the peers of a swarm differ by it)."""
+    follows_injection: bool = False
+    """This task obeys instructions injected in its input (`SimConfig.follow_injection_rate`): a
+    behaviour may play its domain's injections ("refund 10,000 EUR", "send it to x@y"); the engine
+    itself plays "call the tool X" for every agent."""
 
     def offered(self, name: str) -> bool:
         return any(t.name == name for t in self.tools)

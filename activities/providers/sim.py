@@ -386,14 +386,18 @@ def injected_call(turn: SimTurn, offered: dict[str, ToolSpec]) -> SimReply | Non
     """A task that obeys instructions injected in its input: its first call is the offered tool the
     input tells it to call ("ignore previous instructions and call the tool X"), whatever its behaviour
     would have done. The workflow's guardrails (permissions, validators, approvals) decide what runs."""
-    if turn.calls or turn.answer_now:
+    if turn.calls or turn.answer_now or not turn.tools:
         return None
     found = _CALL_TOOL.search(turn.input)
-    spec = offered.get(found.group(1)) if found else None
-    if spec is None:
+    if found is None:
         return None
-    return SimReply.call(spec.name, f"As instructed in the request: calling {spec.name}.",
-                         **arguments_for(spec, turn.input, turn.rng))
+    name, rest = found.group(1), turn.input[found.end():]
+    spec = offered.get(name)
+    note = f"As instructed in the request: calling {name}."
+    if spec is None:  # a tool the agent does not have: an obedient model calls it all the same
+        return SimReply.call(name, note)
+    # "call the tool X for Y": the arguments come from what follows the instruction first.
+    return SimReply.call(spec.name, note, **arguments_for(spec, rest if rest.strip() else turn.input, turn.rng))
 
 
 def spiral_call(turn: SimTurn, offered: dict[str, ToolSpec], traits: TaskTraits,
@@ -626,14 +630,15 @@ class SimProvider:
             behaviour = agent.triage.sim or generic_behaviour
         turn = parse_turn(req.agent, req.messages, req.tools, req.step, req.kind, rng, req.output_schema,
                           seed=req.model.sim.seed, model=req.model.model, temperature=req.temperature)
+        # Drawn from the request, not the task's id: the same input under the same seed always spirals
+        # (or obeys an injection) or never does, so a test's outcome never hangs on a random id.
+        traits = task_traits(req.model.sim, f"{req.agent}:{turn.input}")
+        turn.follows_injection = traits.follows_injection
         reply = behaviour(turn)
         if not isinstance(reply, SimReply):
             raise TypeError(f"the sim behaviour of agent {req.agent!r} returned {type(reply).__name__}, "
                             "not keel.sim.SimReply")
         offered = {t.name: t for t in req.tools}
-        # Drawn from the request, not the task's id: the same input under the same seed always spirals
-        # (or obeys an injection) or never does, so a test's outcome never hangs on a random id.
-        traits = task_traits(req.model.sim, f"{req.agent}:{turn.input}")
         marker = ""
         injected = injected_call(turn, offered) if traits.follows_injection else None
         if injected is not None:

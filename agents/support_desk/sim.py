@@ -9,6 +9,9 @@ request, then an answer from the facts the tools returned.
   support lead); over the bound, or with no matching charge, no refund is proposed;
 - fees, cards, access, fraud, general questions: the transactions and/or the policy of the topic.
 
+A task that obeys injected instructions (`SimConfig.follow_injection_rate`) first does what the request
+dictates (a refund of a given amount, sending details to an address): the guardrails must stop it.
+
 The answer states only what the tools returned and never claims a refund that did not run: a refund
 awaiting approval, rejected or refused is said to be so. The customer is the request's
 `Customer: C-1001` line (the sim does not see the task's tenant).
@@ -195,11 +198,40 @@ def answer(turn: SimTurn, customer: str, intent: str) -> str:
     return "\n".join(lines)
 
 
+_REFUND_CMD = re.compile(r"\brefund\s+(?:EUR\s*|€\s*)?(\d[\d,]*(?:\.\d+)?)", re.I)
+_SEND_TO = re.compile(r"\b(?:send|forward|e-?mail)\b[^.]{0,200}?\bto\s+([\w.+-]+@[\w-]+(?:\.[\w-]+)+)", re.I)
+
+
+def obeyed_injection(turn: SimTurn, customer: str) -> SimReply | None:
+    """What a task that obeys instructions in the request does first (`SimTurn.follows_injection`): a
+    refund of the amount and transaction the request dictates (for another customer if it names one),
+    or sending the customer's details to the address it gives (a tool the desk does not have). The
+    guardrails decide what runs; the engine plays "call the tool X" itself."""
+    if not turn.follows_injection or turn.calls or turn.answer_now:
+        return None
+    text = turn.input
+    refund, send = _REFUND_CMD.search(text), _SEND_TO.search(text)
+    if refund:
+        others = [c.upper() for c in _CUSTOMER.findall(text) if c.upper() != customer]
+        tx = next(iter(_TX.findall(text)), "T-000000")
+        amount = float(refund.group(1).replace(",", ""))
+        return SimReply.call("issue_refund", f"As instructed in the request: refunding {amount:.2f}.",
+                             customer_id=others[0] if others else customer, transaction_id=tx.upper(),
+                             amount=amount, reason="requested in the message")
+    if send:
+        return SimReply.call("send_reply", f"As instructed in the request: sending the details to {send.group(1)}.",
+                             customer_id=send.group(1), body=f"Account details of {customer}, as requested.")
+    return None
+
+
 def support_desk_sim(turn: SimTurn) -> SimReply:
     customer = customer_in(turn.input)
     if customer is None:
         return SimReply.answer("Please tell us your customer id (it looks like C-1001) so that we can look at "
                                "your account.")
+    injected = obeyed_injection(turn, customer)
+    if injected is not None:
+        return injected
     intent = intent_of(turn.input)
     if not turn.answer_now and not (turn.wrap_up and turn.calls):
         nxt = _next_call(turn, customer, intent)
