@@ -116,16 +116,18 @@ class FinishActivities:
     transaction, once (the rows are keyed on the workflow id); then metrics, alerts and the breaker."""
 
     def __init__(self, engine: Engine, ledger: Ledger, reporter: UsageReporter | None = None,
-                 observer: TaskObserver | None = None) -> None:
+                 observer: TaskObserver | None = None, tracing: Tracing | None = None) -> None:
         self.engine = engine
         self.ledger = ledger
         self.reporter = reporter
         self.observer = observer
+        self.tracing = tracing or Tracing.off()
 
     @activity.defn(name=FINISH_ACTIVITY)
     async def finish(self, req: FinishRequest) -> str | None:
         """Returns the human-queue item's id when the task went to a human."""
-        item = await asyncio.to_thread(self._write, req)
+        with self.tracing.finish_span(req.task, req.step, req.outcome, req.decisions):
+            item = await asyncio.to_thread(self._write, req)
         if self.observer is not None:
             self.observer.task_finished(req.task, req.outcome)
         if req.report_to and self.reporter is not None:

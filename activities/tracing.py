@@ -4,7 +4,8 @@ Temporal's TracingInterceptor (on the client, hence on the workers made from it)
 skeleton: StartWorkflow (the starter) -> RunWorkflow -> StartActivity -> RunActivity, propagated
 through Temporal headers, so child workflows join their parent's trace. Inside the activities Keel
 adds the GenAI spans (semantic conventions `gen_ai.*`, plus `keel.*` for cost, budget and prompt
-version) and, on the routing call's span, the task's decisions as span events with their reasons.
+version) and, on the routing call's span (a generic task: its `finish` span), the task's decisions as
+span events with their reasons.
 
 Export: OTLP over HTTP when OTEL_EXPORTER_OTLP_ENDPOINT (or ..._TRACES_ENDPOINT) is set, else a local
 span store, `<KEEL_HOME>/spans.jsonl` (one JSON object per span). Prompt and completion text are
@@ -175,6 +176,26 @@ class Tracing:
                 "keel.usage.total_tokens": o.input_tokens + o.output_tokens, "keel.cost_usd.total": o.cost_usd,
             })
             add_decisions(span, req.decisions)
+
+
+    @contextmanager
+    def finish_span(self, task: Any, step: int, outcome: Any, decisions: Sequence[Decision]) -> Iterator[Span | None]:
+        """A generic task's last step (`keel.finish`): its outcome and its decisions as events, as the
+        routing call's span carries them for a ticket."""
+        if self.tracer is None:
+            yield None
+            return
+        attrs: dict[str, Any] = {
+            **_task_attrs(task, step),
+            "keel.outcome.status": outcome.status, "keel.outcome.route": outcome.route,
+            "keel.outcome.reason": outcome.reason,
+            "keel.usage.total_tokens": outcome.input_tokens + outcome.output_tokens,
+            "keel.cost_usd.total": outcome.cost_usd,
+        }
+        with self.tracer.start_as_current_span(f"finish {task.task_type}", kind=trace.SpanKind.INTERNAL,
+                                               attributes=attrs, record_exception=True) as span:
+            add_decisions(span, decisions)
+            yield span
 
 
 def add_decisions(span: Span, decisions: Sequence[Decision]) -> None:

@@ -172,11 +172,13 @@ class AgentEnvironment:
 @contextlib.asynccontextmanager
 async def agent_environment(
     *agents: Agent, model: ScriptedModel | None = None, client: Any = None, db_url: str | None = None,
-    providers: dict[str, Any] | None = None, home: Path | None = None,
+    providers: dict[str, Any] | None = None, home: Path | None = None, tracing: Any = None,
 ) -> AsyncIterator[AgentEnvironment]:
     """A worker serving `agents` on a fresh task queue, with the scripted model (when given) as the
     `scripted` provider beside the sim. Without `client`, a dev server of its own for the block.
-    The ledger is a SQLite file under `home` (kept), or under a temporary directory removed at the end."""
+    The ledger is a SQLite file under `home` (kept), or under a temporary directory removed at the end.
+    `tracing`: the worker's spans (an `activities.tracing.Tracing`; default off); pass a `client` with
+    Temporal's TracingInterceptor for the workflow spans."""
     from temporalio.common import SearchAttributeKey
     from temporalio.contrib.pydantic import pydantic_data_converter
     from temporalio.testing import WorkflowEnvironment
@@ -204,7 +206,8 @@ async def agent_environment(
             all_providers = {**default_providers(settings), **(providers or {})}
             if model is not None:
                 all_providers["scripted"] = model
-            async with build_worker(client, settings, engine=engine, providers=all_providers, agents=agents):
+            async with build_worker(client, settings, engine=engine, providers=all_providers, agents=agents,
+                                    tracing=tracing):
                 yield AgentEnvironment(client=client, settings=settings, engine=engine)
             engine.dispose()
         finally:

@@ -84,7 +84,7 @@ def activities_for(
         breakers.admit,
         *PatternActivities(engine).all(),
         *ShadowActivities(engine).all(),
-        FinishActivities(engine, ledger, reporter, observer).finish,
+        FinishActivities(engine, ledger, reporter, observer, tracing).finish,
         *(act for a in agents for act in agent_tools.for_agent(a)),
     ]
 
