@@ -172,13 +172,14 @@ class AgentEnvironment:
 @contextlib.asynccontextmanager
 async def agent_environment(
     *agents: Agent, model: ScriptedModel | None = None, client: Any = None, db_url: str | None = None,
-    providers: dict[str, Any] | None = None, home: Path | None = None, tracing: Any = None,
+    providers: dict[str, Any] | None = None, home: Path | None = None, tracing: Any = None, observer: Any = None,
 ) -> AsyncIterator[AgentEnvironment]:
     """A worker serving `agents` on a fresh task queue, with the scripted model (when given) as the
     `scripted` provider beside the sim. Without `client`, a dev server of its own for the block.
     The ledger is a SQLite file under `home` (kept), or under a temporary directory removed at the end.
     `tracing`: the worker's spans (an `activities.tracing.Tracing`; default off); pass a `client` with
-    Temporal's TracingInterceptor for the workflow spans."""
+    Temporal's TracingInterceptor for the workflow spans. `observer`: the worker's metrics and alerts at
+    the end of each task (an `activities.alerts.TaskObserver`; default from the settings)."""
     from temporalio.common import SearchAttributeKey
     from temporalio.contrib.pydantic import pydantic_data_converter
     from temporalio.testing import WorkflowEnvironment
@@ -207,7 +208,7 @@ async def agent_environment(
             if model is not None:
                 all_providers["scripted"] = model
             async with build_worker(client, settings, engine=engine, providers=all_providers, agents=agents,
-                                    tracing=tracing):
+                                    tracing=tracing, observer=observer):
                 yield AgentEnvironment(client=client, settings=settings, engine=engine)
             engine.dispose()
         finally:

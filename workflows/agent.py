@@ -78,6 +78,21 @@ def task_messages(inp: AgentInput) -> list[Message]:
             *(Message(role="user", content=f"Context: {c}") for c in inp.context)]
 
 
+
+def _classification(triage: dict[str, Any] | None) -> dict[str, object]:
+    """The outcome row's category, urgency and confidence, from a triage answer that has them (so the
+    ledger's metrics and the distribution-shift alert see an agent's kinds of request)."""
+    out: dict[str, object] = {}
+    for name in ("category", "urgency"):
+        value = (triage or {}).get(name)
+        if isinstance(value, str) and value:
+            out[name] = value[:64]
+    confidence = (triage or {}).get("confidence")
+    if isinstance(confidence, int | float) and not isinstance(confidence, bool) and 0 <= confidence <= 1:
+        out["confidence"] = float(confidence)
+    return out
+
+
 @workflow.defn(name=names.AGENT_WORKFLOW, failure_exception_types=[errors.KeelError])
 class AgentWorkflow:
     """`failure_exception_types`: a `keel.KeelError` raised in workflow code (an agent definition that
@@ -306,7 +321,7 @@ class AgentWorkflow:
         route = "human" if human else "reply"
         runner.progress.budget = runner.budget.report()
         runner.decide("route", f"{route}: {reason}")
-        outcome = runner.outcome(_OUTCOME_STATUS[status], route, reason, {})
+        outcome = runner.outcome(_OUTCOME_STATUS[status], route, reason, _classification(result.triage))
         step = runner.progress.step + 1
         admission = runner.admission
         await workflow.execute_activity(
