@@ -346,3 +346,15 @@ async def test_no_refund_without_a_listed_approvers_decision_for_any_model_outpu
         await asyncio.to_thread(prop)
     # Not vacuous: the examples reached approved writes, ignored decisions, blocks and hand-offs.
     assert all(seen[k] >= 1 for k in ("refunds", "ignored", "blocked", "escalated")), seen
+
+
+async def test_on_the_time_skipping_server_the_default_approval_timeout_hands_the_task_over(
+        own_ts_env: Any, db_url: str) -> None:
+    """No decision for the agent's default approval timeout (hours): the time-skipping server jumps it."""
+    async with desk(own_ts_env.client, db_url) as env:
+        customer, t = refund_request(5)
+        body = f"I was charged twice at {t['merchant']} for {t['amount']:.2f} EUR. Please refund the duplicate charge."
+        res = await env.run("support_desk", ask(customer, body), tenant=customer)
+        made = refunds(env.engine)
+    assert res.status == "escalated" and "within the approval timeout" in res.reason, res.reason
+    assert made == [] and res.tools_executed == ["get_account", "get_transactions", "lookup_policy"]

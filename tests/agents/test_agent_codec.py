@@ -1,0 +1,76 @@
+"""Encrypted history for generic agent tasks: the support desk answers a request that carries a card
+number and an e-mail address, through a client and worker with Keel's encryption codec. What Temporal
+stores holds none of it, nor the account data the tools returned or the model's answer; the decrypted
+payloads do (not vacuous); the result reads with the codec and not without it."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from temporalio.client import Client
+from temporalio.testing import WorkflowEnvironment
+
+import keel
+from agents.support_desk import store, support_desk
+from agents.support_desk.data import build_seed
+from keel.codec import EncryptionCodec, data_converter
+from keel.settings import KeelSettings
+from keel.testing import agent_environment
+from tests.test_codec import _payloads
+
+KEY = base64.b64encode(bytes(range(32))).decode()
+SEED = build_seed()
+CUSTOMER = next(c for c in SEED["customers"] if c["id"] == "C-1001")
+IBANS = [a["iban"] for a in SEED["accounts"] if a["customer_id"] == "C-1001" and a.get("iban")]
+
+
+@pytest.fixture
+def db_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    url = f"sqlite:///{tmp_path / 'keel.db'}"
+    monkeypatch.setenv("KEEL_DATABASE_URL", url)
+    store.reset()
+    yield url
+    store.reset()
+
+
+async def test_an_agent_history_holds_no_plaintext(dev_env: WorkflowEnvironment, db_url: str) -> None:
+    conv = data_converter(KeelSettings(encrypt=True, encryption_keys=f"k1:{KEY}"))
+    codec = conv.payload_codec
+    assert isinstance(codec, EncryptionCodec)
+    plain = dev_env.client
+    enc = await Client.connect(plain.service_client.config.target_host, namespace=plain.namespace,
+                               data_converter=conv)
+    text = (f"Customer: C-1001\n\nWhy was I charged a fee of 4.90 EUR on my card {CUSTOMER['card_number']}? "
+            f"Please answer to {CUSTOMER['email']}.")
+    async with agent_environment(support_desk, client=enc, db_url=db_url) as env:
+        res = await env.run("support_desk", text, tenant="C-1001")
+    assert res.status == "completed" and "get_account" in res.tools_executed, res
+    answer = json.dumps(res.output)[1:41]
+    secrets = [text, CUSTOMER["email"], CUSTOMER["card_number"], CUSTOMER["phone"], CUSTOMER["name"], answer,
+               *IBANS]
+
+    history = await plain.get_workflow_handle(res.workflow_id).fetch_history()
+    raw = b"".join(e.SerializeToString() for e in history.events)
+    for s in secrets:
+        assert s.encode() not in raw and json.dumps(s)[1:-1].encode() not in raw, f"{s!r} in plaintext"
+
+    def exempt(event: Any, path: str) -> bool:  # search attributes and the SDK core's own markers
+        marker = event.marker_recorded_event_attributes.marker_name
+        return "search_attributes" in path or marker in ("core_patch", "core_local_activity")
+
+    encrypted = [p for e in history.events for path, p in _payloads(e) if not exempt(e, path)]
+    assert len(encrypted) > 10
+    assert all(p.metadata.get("encoding") == b"binary/encrypted" for p in encrypted)
+    decoded = b"".join(p.data for p in await codec.decode(encrypted))
+    for s in [CUSTOMER["email"], CUSTOMER["card_number"], CUSTOMER["name"], answer]:
+        assert s.encode() in decoded, s
+
+    again = await enc.get_workflow_handle(res.workflow_id, result_type=keel.AgentResult).result()
+    assert again == res
+    with pytest.raises(Exception, match="binary/encrypted"):
+        await plain.get_workflow_handle(res.workflow_id, result_type=keel.AgentResult).result()
