@@ -28,15 +28,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import difflib
-import functools
 import hashlib
 import json
 import re
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager
-from functools import cache
+from functools import cache, partial
 from itertools import zip_longest
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
@@ -90,7 +88,7 @@ if TYPE_CHECKING:
     from workflows.agent_loop import AgentRunner
 
 M = TypeVar("M", bound=BaseModel)
-LlmFactory = Callable[[], AbstractContextManager["LlmActivities"]]
+LlmFactory = Callable[[], contextlib.AbstractContextManager["LlmActivities"]]
 
 NOT_RECORDED = "not recorded in the original run: not executed (what-if replay has no side effects)"
 WHAT_IF_FEATURE = "what-if"
@@ -619,7 +617,7 @@ async def what_if(
     `model` replaces every tier; `small_model`/`large_model` one each (they win over `model`).
     `engine`: the ledger's database (default: the settings'); `providers`: default the worker's."""
     rec = await read_recording(await fetch_history(client, workflow_id), client.data_converter)
-    llm = functools.partial(_llm_activities, settings, engine, providers)
+    llm = partial(_llm_activities, settings, engine, providers)
     if isinstance(rec.input, AgentInput):
         return await _agent_what_if(rec, rec.input, llm, prompt_version, model, small_model, large_model)
     return await _ticket_what_if(rec, rec.input, llm, prompt_version, model, small_model, large_model)
