@@ -7,14 +7,18 @@
   orchestrator) history runs its agents' definitions: `--agents MODULES` (and KEEL_AGENTS) loads them
   into this process first, as `keel worker --agents` does; a replay that fails for want of one says so.
 - Export: the history as JSON, exactly as tests/histories/ holds it (CI replays every file there).
-- What-if (`keel replay ID --prompt-version V` / `--model provider:model`): the ticket's agent run
-  again in this process, without Temporal, on the same input with the prompt version or models
-  replaced. Model calls are real (the LLM activity, its ledger rows under a workflow id of their own,
-  feature "what-if"); tool calls are served from the results recorded in the original history, and a
-  call that was never recorded is answered "not executed": a what-if never writes through a tool.
+- What-if (`keel replay ID --prompt-version V` / `--model provider:model`): the task run again in this
+  process, without Temporal, on the same input with the prompt version or models replaced. A KeelAgent
+  task (any registered agent: `--agents MODULES` or KEEL_AGENTS loads it, as for replay) goes through
+  the agent workflow's own steps (AgentWorkflow.make_runner and run_task: triage, the tool loop, the
+  answer and output checks); a ticket through the ticket pipeline. Model calls are real (the LLM
+  activity, its ledger rows under a workflow id of their own, feature "what-if"); tool calls are served
+  from the results recorded in the original history (same tool, same arguments), a `confirm` call gets
+  the approval decision recorded for it, and a call that was never recorded is answered "not
+  executed": a what-if never runs a tool, read or write. The report sets the old and new runs side by
+  side (path, status, tools, tokens and cost, the answer) and lists the calls not executed.
 - Prompts: the versions under prompts/ with their content hashes (the ones stamped on every ledger
   row), and a unified diff between two of them.
-  What-if runs support tickets only: a KeelAgent task is refused with what to do instead.
 
 The functions are testable without the command line; the commands only print.
 """
@@ -22,14 +26,15 @@ The functions are testable without the command line; the commands only print.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import difflib
 import hashlib
 import json
 import re
 import uuid
 from collections import deque
-from collections.abc import Sequence
-from functools import cache
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from functools import cache, partial
 from itertools import zip_longest
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
@@ -55,13 +60,18 @@ from keel.pricing import UnpricedModelError, price_for
 from keel.settings import KeelSettings
 from keel.tools import TOOLS
 from keel.types import (
+    AgentInput,
+    AgentResult,
+    AgentStatus,
     ApprovalDecision,
+    ApprovalRecord,
     LlmRequest,
     LlmResponse,
     ModelSpec,
     PendingAction,
     TicketInput,
     TicketResult,
+    Tier,
     ToolRequest,
     ToolResult,
 )
@@ -75,15 +85,17 @@ if TYPE_CHECKING:
 
     from activities.llm import LlmActivities
     from activities.providers.base import Provider
+    from workflows.agent_loop import AgentRunner
 
 M = TypeVar("M", bound=BaseModel)
+LlmFactory = Callable[[], contextlib.AbstractContextManager["LlmActivities"]]
 
 NOT_RECORDED = "not recorded in the original run: not executed (what-if replay has no side effects)"
 WHAT_IF_FEATURE = "what-if"
 
 
 class InspectError(Exception):
-    """A task or prompt that cannot be inspected (not found, not a ticket, bad arguments); says why."""
+    """A task or prompt that cannot be inspected (not found, its agent not loaded, bad arguments); says why."""
 
 
 # -- history ----------------------------------------------------------------------------------------------
@@ -269,7 +281,7 @@ async def replay_workflow(client: Client, workflow_id: str) -> ReplayReport:
 class PathStep(BaseModel):
     step: int
     kind: str
-    """The model call's step kind (classify, route, draft, ...), or "tool"."""
+    """The model call's step kind (classify, route, draft, reason, ...), or "tool"."""
     name: str
     """The step kind, or the tool's name."""
     model: str = ""
@@ -289,9 +301,14 @@ class PathStep(BaseModel):
 class RunSummary(BaseModel):
     workflow_id: str
     status: str
+    agent: str | None = None
+    """A KeelAgent task's agent (None for a ticket)."""
     route: str | None = None
     category: str | None = None
     reason: str = ""
+    answer: str = ""
+    """The answer as it left the task (a ticket's reply, an agent's output), or the partial output of
+    one that was stopped or held back."""
     tokens: int = 0
     cost_usd: float = 0.0
     prompt_version: str = "v1"
@@ -337,16 +354,19 @@ def tool_key(name: str, arguments: dict[str, Any]) -> str:
 
 
 class Recording(BaseModel):
-    """What a ticket's history recorded: its input, every model and tool call, decisions, the result."""
+    """What a task's history recorded (a ticket, or a KeelAgent task): its input, every model and tool
+    call, approval decisions, the result."""
 
     workflow_id: str
-    input: TicketInput
+    input: TicketInput | AgentInput
+    tool_names: dict[str, str] = Field(default_factory=dict)
+    """The task's tool activities: activity name -> tool name (`oncall.service_status` -> `service_status`)."""
     steps: list[PathStep] = Field(default_factory=list)
     tools: list[tuple[str, ToolResult]] = Field(default_factory=list)
     """(tool_key, result) of every completed tool call, in order."""
     decisions: list[ApprovalDecision] = Field(default_factory=list)
     """Approval decisions sent to the task (signals and accepted updates), in order."""
-    result: TicketResult | None = None
+    result: TicketResult | AgentResult | None = None
     close_status: str = "Running"
 
 
@@ -357,29 +377,41 @@ async def _decode(dc: DataConverter, payloads: Sequence[Payload], t: type[M]) ->
     return values[0]
 
 
+def _not_loaded(workflow_id: str, agent: str) -> InspectError:
+    return InspectError(f"{workflow_id!r} runs agent {agent!r}, not loaded in this process: a what-if re-runs the "
+                        "agent's definition (its loop, tools and prompts), as its worker has it; pass --agents "
+                        "MODULES (e.g. --agents agents.oncall) or set KEEL_AGENTS")
+
+
 async def read_recording(history: WorkflowHistory, dc: DataConverter) -> Recording:
-    """Decode a SupportTicket history (with the client's data converter: encrypted payloads need the keys)."""
+    """Decode a SupportTicket or KeelAgent history (with the client's data converter: encrypted payloads
+    need the keys). A KeelAgent task's agent must be registered in this process (its tools' names)."""
     events = list(history.events)
     if not events or events[0].event_type != EventType.EVENT_TYPE_WORKFLOW_EXECUTION_STARTED:
         raise InspectError(f"the history of {history.workflow_id!r} does not start with the workflow's start")
     started = events[0].workflow_execution_started_event_attributes
-    if started.workflow_type.name == names.AGENT_WORKFLOW:
-        raise InspectError(
-            f"{history.workflow_id!r} is a {names.AGENT_WORKFLOW} task (a registered agent): what-if replay "
-            "(--prompt-version, --model) re-runs support tickets only. Replay it as recorded with "
-            f"`keel replay {history.workflow_id} --agents MODULES`; to try another prompt version or model, run "
-            "the agent again: `keel run AGENT \"input\" --prompt-version V --model provider:model`")
-    if started.workflow_type.name != names.SUPPORT_TICKET_WORKFLOW:
-        raise InspectError(f"{history.workflow_id!r} is a {started.workflow_type.name} workflow; "
-                           f"what-if replay runs {names.SUPPORT_TICKET_WORKFLOW} tasks")
+    kind = started.workflow_type.name
+    if kind not in (names.AGENT_WORKFLOW, names.SUPPORT_TICKET_WORKFLOW):
+        raise InspectError(f"{history.workflow_id!r} is a {kind} workflow; what-if replay runs "
+                           f"{names.AGENT_WORKFLOW} tasks (any registered agent) and {names.SUPPORT_TICKET_WORKFLOW} "
+                           "tasks")
+    input_type: type[TicketInput | AgentInput] = AgentInput if kind == names.AGENT_WORKFLOW else TicketInput
     try:
-        inp = await _decode(dc, started.input.payloads, TicketInput)
+        inp = await _decode(dc, started.input.payloads, input_type)
     except InspectError:
         raise
     except Exception as exc:
         raise InspectError(f"cannot decode the input of {history.workflow_id!r} ({exc}); an encrypted history "
                            "needs KEEL_ENCRYPT=1 and the keys it was written with") from exc
-    rec = Recording(workflow_id=history.workflow_id, input=inp)
+    result_type: type[TicketResult | AgentResult]
+    if isinstance(inp, AgentInput):
+        agent = registry.find(inp.agent)
+        if agent is None:
+            raise _not_loaded(history.workflow_id, inp.agent)
+        tool_names, result_type = {agent.activity_name(t): t for t in agent.tool_map}, AgentResult
+    else:
+        tool_names, result_type = {n: n for n in TOOLS}, TicketResult
+    rec = Recording(workflow_id=history.workflow_id, input=inp, tool_names=tool_names)
     scheduled: dict[int, tuple[str, LlmRequest | ToolRequest]] = {}
     steps: dict[int, PathStep] = {}
     for e in events[1:]:
@@ -392,10 +424,10 @@ async def read_recording(history: WorkflowHistory, dc: DataConverter) -> Recordi
                 scheduled[e.event_id] = (name, llm_req)
                 steps[e.event_id] = PathStep(step=llm_req.step, kind=llm_req.kind, name=llm_req.kind,
                                              model=f"{llm_req.model.provider}:{llm_req.model.model}")
-            elif name in TOOLS:
+            elif name in tool_names:
                 tool_req = await _decode(dc, a.input.payloads, ToolRequest)
-                scheduled[e.event_id] = (name, tool_req)
-                steps[e.event_id] = PathStep(step=tool_req.step, kind="tool", name=name)
+                scheduled[e.event_id] = (tool_names[name], tool_req)
+                steps[e.event_id] = PathStep(step=tool_req.step, kind="tool", name=tool_names[name])
         elif t == EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED:
             c = e.activity_task_completed_event_attributes
             if c.scheduled_event_id not in scheduled:
@@ -430,7 +462,7 @@ async def read_recording(history: WorkflowHistory, dc: DataConverter) -> Recordi
                 rec.decisions.append(await _decode(dc, u.args.payloads, ApprovalDecision))
         elif t == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED:
             rec.result = await _decode(dc, e.workflow_execution_completed_event_attributes.result.payloads,
-                                       TicketResult)
+                                       result_type)
             rec.close_status = "Completed"
         elif t in (EventType.EVENT_TYPE_WORKFLOW_EXECUTION_FAILED, EventType.EVENT_TYPE_WORKFLOW_EXECUTION_TERMINATED,
                    EventType.EVENT_TYPE_WORKFLOW_EXECUTION_TIMED_OUT, EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CANCELED):
@@ -451,17 +483,49 @@ def _accepted(rec: Recording) -> dict[str, ApprovalDecision]:
     return out
 
 
+class RecordedApprovals:
+    """The approval gate of a what-if run: a `confirm` call gets the decision the original task
+    recorded for the same action (same action id, same arguments), or none (taken as timed out)."""
+
+    def __init__(self, rec: Recording, notes: list[str], approvers: Mapping[str, Sequence[str]] | None = None) -> None:
+        self._decisions = _accepted(rec)
+        self._notes = notes
+        self._approvers = approvers
+        self.records: list[ApprovalRecord] = []
+        """The recorded decisions the what-if applied (as the task's approval records)."""
+
+    async def __call__(self, action: PendingAction) -> ApprovalDecision | None:
+        d = self._decisions.get(action.action_id)
+        if d is not None and d.arguments_digest not in (None, action.arguments_digest):
+            self._notes.append(f"{action.action_id}: the recorded decision was on other arguments; treated as none")
+            d = None
+        if d is not None and self._approvers is not None and d.approver not in self._approvers.get(action.tool, ()):
+            self._notes.append(f"{action.action_id}: the recorded decision's approver {d.approver!r} is no longer "
+                               f"listed for {action.tool}; treated as none")
+            d = None
+        if d is None:
+            self._notes.append(f"{action.action_id}: no recorded decision applies; treated as timed out")
+            return None
+        self.records.append(ApprovalRecord(action_id=d.action_id, approver=d.approver, decision=d.decision,
+                                           accepted=True, note="recorded decision", comment=d.comment))
+        return d
+
+
 class WhatIfCalls:
     """The `Calls` protocol of a what-if run: real model calls through the LLM activity (its ledger
     rows under the what-if's own workflow id), tool results served from the original history."""
 
-    def __init__(self, llm: LlmActivities, recorded: Sequence[tuple[str, ToolResult]]) -> None:
+    def __init__(self, llm: LlmActivities, recorded: Sequence[tuple[str, ToolResult]],
+                 tool_names: Mapping[str, str] | None = None) -> None:
         self._llm = llm
+        self._tool_names = tool_names or {}
         self._recorded: dict[str, deque[ToolResult]] = {}
         for key, res in recorded:
             self._recorded.setdefault(key, deque()).append(res)
         self.steps: list[PathStep] = []
         self.not_executed: list[str] = []
+        self.served: list[str] = []
+        """The tools whose calls were answered from the recording, in order (what the run "executed")."""
 
     async def llm(self, req: LlmRequest) -> LlmResponse:
         from temporalio.testing import ActivityEnvironment
@@ -474,12 +538,14 @@ class WhatIfCalls:
         return resp
 
     async def tool(self, name: str, req: ToolRequest) -> ToolResult:
+        name = self._tool_names.get(name, name)  # an agent's tool runs as `<agent>.<tool>`
         key = tool_key(name, req.arguments)
         queue = self._recorded.get(key)
         if queue:
             # In recorded order; the last result of a key keeps answering repeats of it.
             res = queue.popleft() if len(queue) > 1 else queue[0]
             note = "recorded result" if res.ok else (res.error or "recorded error")
+            self.served.append(name)
         else:
             res = ToolResult(ok=False, error=NOT_RECORDED)
             note = "not recorded: not executed"
@@ -488,15 +554,20 @@ class WhatIfCalls:
         return res
 
 
-def _summary(workflow_id: str, result: TicketResult | None, status: str, prompt_version: str,
-             steps: list[PathStep]) -> RunSummary:
+def _summary(workflow_id: str, result: TicketResult | AgentResult | None, status: str, prompt_version: str,
+             steps: list[PathStep], agent: str | None = None, served: list[str] | None = None) -> RunSummary:
+    """`served`: a what-if's tool calls answered from the recording (its calls never recorded ran nothing,
+    so they are not among the tools it executed)."""
     if result is None:
-        return RunSummary(workflow_id=workflow_id, status=status.lower(), prompt_version=prompt_version, steps=steps,
-                          tokens=sum(s.tokens for s in steps))
-    return RunSummary(workflow_id=workflow_id, status=result.status, route=result.route, category=result.category,
-                      reason=result.reason, tokens=result.tokens, cost_usd=result.cost_usd,
-                      prompt_version=prompt_version, models=result.models, tools_executed=result.tools_executed,
-                      steps=steps)
+        return RunSummary(workflow_id=workflow_id, status=status.lower(), agent=agent, prompt_version=prompt_version,
+                          steps=steps, tokens=sum(s.tokens for s in steps))
+    common = {"workflow_id": workflow_id, "status": result.status, "reason": result.reason, "tokens": result.tokens,
+              "cost_usd": result.cost_usd, "prompt_version": prompt_version, "models": result.models,
+              "tools_executed": result.tools_executed if served is None else served, "steps": steps}
+    if isinstance(result, AgentResult):
+        return RunSummary(**common, agent=result.agent, answer=result.output or result.partial_output or "")
+    return RunSummary(**common, route=result.route, category=result.category,
+                      answer=result.reply or result.partial_output or "")
 
 
 def _parse_model(spec: str, what: str) -> ModelSpec:
@@ -506,6 +577,27 @@ def _parse_model(spec: str, what: str) -> ModelSpec:
     except (ValueError, UnpricedModelError) as e:
         raise InspectError(f"{what} {spec!r}: {e}") from e
     return model
+
+
+@contextlib.contextmanager
+def _llm_activities(settings: KeelSettings, engine: Engine | None,
+                    providers: dict[str, Provider] | None) -> Iterator[LlmActivities]:
+    """The worker's LLM activity over the ledger at `engine` (default: the settings' database, opened
+    here and closed after) and `providers` (default: the worker's)."""
+    from activities.db import init_db, make_engine
+    from activities.ledger import Ledger
+    from activities.llm import LlmActivities
+    from workers.worker import default_providers
+
+    if engine is not None:
+        yield LlmActivities(providers or default_providers(settings), Ledger(engine))
+        return
+    own = make_engine(settings.db_url)
+    try:
+        init_db(own)
+        yield LlmActivities(providers or default_providers(settings), Ledger(own))
+    finally:
+        own.dispose()
 
 
 async def what_if(
@@ -520,19 +612,29 @@ async def what_if(
     engine: Engine | None = None,
     providers: dict[str, Provider] | None = None,
 ) -> WhatIfReport:
-    """Run the ticket of `workflow_id` again, in this process, with the prompt version and/or models
-    replaced. `model` replaces both tiers; `small_model`/`large_model` one each (they win over `model`).
+    """Run the task of `workflow_id` again, in this process, with the prompt version and/or models
+    replaced: a ticket, or a KeelAgent task of an agent registered in this process (`load_agents`).
+    `model` replaces every tier; `small_model`/`large_model` one each (they win over `model`).
     `engine`: the ledger's database (default: the settings'); `providers`: default the worker's."""
-    from activities.db import init_db, make_engine
-    from activities.ledger import Ledger
-    from activities.llm import LlmActivities
+    rec = await read_recording(await fetch_history(client, workflow_id), client.data_converter)
+    llm = partial(_llm_activities, settings, engine, providers)
+    if isinstance(rec.input, AgentInput):
+        return await _agent_what_if(rec, rec.input, llm, prompt_version, model, small_model, large_model)
+    return await _ticket_what_if(rec, rec.input, llm, prompt_version, model, small_model, large_model)
+
+
+def _whatif_id(workflow_id: str) -> tuple[str, list[str]]:
+    whatif_id = f"whatif-{workflow_id}-{uuid.uuid4().hex[:8]}"
+    return whatif_id, [f"model calls are in the ledger under workflow id {whatif_id} (feature {WHAT_IF_FEATURE!r}); "
+                       "tool results were served from the original history: no tool ran"]
+
+
+async def _ticket_what_if(rec: Recording, old: TicketInput, llm: LlmFactory, prompt_version: str | None,
+                          model: str | None, small_model: str | None, large_model: str | None) -> WhatIfReport:
     from keel.policy import DEFAULT_POLICY
-    from workers.worker import default_providers
     from workflows.support_ticket import approval_policy_of, make_runner
     from workflows.ticket_pipeline import handle_ticket
 
-    rec = await read_recording(await fetch_history(client, workflow_id), client.data_converter)
-    old = rec.input
     version = prompt_version or old.prompt_version
     if problems := prompt_version_problems(version):
         raise InspectError("; ".join(problems))
@@ -553,44 +655,81 @@ async def what_if(
         "sim": old.sim.model_copy(update={"latency_ms_min": 0, "latency_ms_max": 0}),
         "hold_for_human": False,
     })
-    whatif_id = f"whatif-{workflow_id}-{uuid.uuid4().hex[:8]}"
-    notes = [f"model calls are in the ledger under workflow id {whatif_id} (feature {WHAT_IF_FEATURE!r}); "
-             "tool results were served from the original history, nothing was written"]
-
-    own_engine = engine is None
-    if engine is None:
-        engine = make_engine(settings.db_url)
-        init_db(engine)
-    try:
-        calls = WhatIfCalls(LlmActivities(providers or default_providers(settings), Ledger(engine)), rec.tools)
+    whatif_id, notes = _whatif_id(rec.workflow_id)
+    with llm() as activities:
+        calls = WhatIfCalls(activities, rec.tools)
         runner = make_runner(inp, whatif_id, calls)
         # As SupportTicketWorkflow sets up a task today (guardrails on; no breaker: nothing is admitted).
-        approval = approval_policy_of(inp)
-        decisions = _accepted(rec)
-
-        async def recorded_decision(action: PendingAction) -> ApprovalDecision | None:
-            d = decisions.get(action.action_id)
-            if d is not None and d.arguments_digest not in (None, action.arguments_digest):
-                notes.append(f"{action.action_id}: the recorded decision was on other arguments; treated as none")
-                d = None
-            if d is None:
-                notes.append(f"{action.action_id}: no recorded decision applies; treated as timed out")
-            return d
-
-        runner.arm_guardrails(DEFAULT_POLICY.max_refund, recorded_decision, approval.mode)
+        runner.arm_guardrails(DEFAULT_POLICY.max_refund, RecordedApprovals(rec, notes), approval_policy_of(inp).mode)
         try:
             result = await handle_ticket(runner, inp, DEFAULT_POLICY)
         except ApplicationError as e:
             raise InspectError(f"the what-if run failed at step {runner.progress.step}: {e.type}: {e.message}") from e
-    finally:
-        if own_engine:
-            engine.dispose()
     return WhatIfReport(
-        workflow_id=workflow_id,
+        workflow_id=rec.workflow_id,
         whatif_workflow_id=whatif_id,
         changes=changes,
-        old=_summary(workflow_id, rec.result, rec.close_status, old.prompt_version, rec.steps),
-        new=_summary(whatif_id, result, "completed", version, calls.steps),
+        old=_summary(rec.workflow_id, rec.result, rec.close_status, old.prompt_version, rec.steps),
+        new=_summary(whatif_id, result, "completed", version, calls.steps, served=calls.served),
+        not_executed=calls.not_executed,
+        notes=notes,
+    )
+
+
+async def _agent_what_if(rec: Recording, old: AgentInput, llm: LlmFactory, prompt_version: str | None,
+                         model: str | None, small_model: str | None, large_model: str | None) -> WhatIfReport:
+    """A KeelAgent task again, through the agent workflow's own steps (AgentWorkflow.make_runner and
+    run_task: triage, the tool loop, the answer and output checks), with the what-if's calls."""
+    from workflows.agent import AgentWorkflow, close_task, final_result
+
+    agent = registry.find(old.agent)
+    if agent is None:
+        raise _not_loaded(rec.workflow_id, old.agent)
+    old_version = old.prompt_version or agent.prompt_version
+    version = prompt_version or old_version
+    if version not in agent.prompt_versions():
+        raise InspectError(f"agent {agent.name!r} has no prompt version {version!r} ({agent.prompt_path(version)} "
+                           f"not found); its versions: {', '.join(agent.prompt_versions())}")
+    before: dict[Tier, ModelSpec] = {**agent.model_specs, **(old.models or {})}
+    after = dict(before)
+    tier: Tier
+    for tier, one, flag in (("small", small_model, "--small-model"), ("large", large_model, "--large-model")):
+        if spec := one or (model if tier in before else None):
+            after[tier] = _parse_model(spec, flag if one else "--model")
+    changes: dict[str, tuple[str, str]] = {}
+    if version != old_version:
+        changes["prompt_version"] = (old_version, version)
+    for tier in after:
+        if before.get(tier) != after[tier]:
+            changes[f"{tier}_model"] = (before[tier].label if tier in before else "", after[tier].label)
+    inp = old.model_copy(update={
+        "prompt_version": version, "models": after, "feature": WHAT_IF_FEATURE,
+        # The sim seeds on the task's key, else its workflow id: the original's, so the same version and
+        # models take the same path. No breaker: a what-if is not admitted as a task of the agent.
+        "key": old.key or rec.workflow_id, "breaker": False,
+        "sim": old.sim.model_copy(update={"latency_ms_min": 0, "latency_ms_max": 0}),
+    })
+    whatif_id, notes = _whatif_id(rec.workflow_id)
+    approvals = RecordedApprovals(rec, notes, agent.approvers)
+
+    async def finish(runner: AgentRunner, result: AgentResult, status: AgentStatus, reason: str) -> AgentResult:
+        close_task(runner, status, reason)  # no finishing activity: no outcome row, nothing queued
+        return final_result(runner, result, status, reason, approvals.records)
+
+    with llm() as activities:
+        calls = WhatIfCalls(activities, rec.tools, rec.tool_names)
+        runner = AgentWorkflow.make_runner(agent, inp, whatif_id, "", calls)
+        runner.approval_gate, runner.approval_mode = approvals, inp.approval_mode
+        try:
+            result = await AgentWorkflow.run_task(agent, inp, runner, finish)
+        except ApplicationError as e:
+            raise InspectError(f"the what-if run failed at step {runner.progress.step}: {e.type}: {e.message}") from e
+    return WhatIfReport(
+        workflow_id=rec.workflow_id,
+        whatif_workflow_id=whatif_id,
+        changes=changes,
+        old=_summary(rec.workflow_id, rec.result, rec.close_status, old_version, rec.steps, old.agent),
+        new=_summary(whatif_id, result, "completed", version, calls.steps, old.agent, calls.served),
         not_executed=calls.not_executed,
         notes=notes,
     )
@@ -678,10 +817,10 @@ def _run(fn: Any) -> Any:
 def replay_cmd(
     workflow_id: Annotated[str, typer.Argument(help="The task's workflow id")],
     prompt_version: Annotated[str | None, typer.Option(
-        "--prompt-version", help="What-if: run the ticket again on this prompt version (tools served from the "
+        "--prompt-version", help="What-if: run the task again on this prompt version (tools served from the "
                                  "history)")] = None,
     model: Annotated[str | None, typer.Option(
-        "--model", help="What-if: provider:model for both tiers, e.g. sim:sim-large")] = None,
+        "--model", help="What-if: provider:model for every tier, e.g. sim:sim-large")] = None,
     small_model: Annotated[str | None, typer.Option("--small-model", help="What-if: provider:model, small tier")
                            ] = None,
     large_model: Annotated[str | None, typer.Option("--large-model", help="What-if: provider:model, large tier")
@@ -689,11 +828,12 @@ def replay_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
     agents: Annotated[str, typer.Option(
         "--agents", help="Comma-separated modules whose agents to load first (and KEEL_AGENTS), as for "
-                         "`keel worker`: a KeelAgent task's history replays with its agent's definition")] = "",
+                         "`keel worker`: a KeelAgent task's history replays (and a what-if re-runs) with its "
+                         "agent's definition")] = "",
 ) -> None:
     """Replay a task's history against today's workflow code (exit 1 on a divergence); with
-    --prompt-version or --model, run the ticket again on them and show the old and new path side by side
-    (support tickets only)."""
+    --prompt-version or --model, run the task again on them (tools served from the history, nothing
+    executed) and show the old and new path side by side."""
     settings = load_settings()
     whatif = any(v is not None for v in (prompt_version, model, small_model, large_model))
     try:
@@ -755,17 +895,21 @@ def print_what_if(r: WhatIfReport) -> None:
     o, n = r.old, r.new
     for label, a, b in (
         ("workflow id", o.workflow_id, n.workflow_id),
+        ("agent", o.agent or "", n.agent or ""),
         ("prompt version", o.prompt_version, n.prompt_version),
         ("status", o.status, n.status),
         ("route", o.route or "", n.route or ""),
         ("category", o.category or "", n.category or ""),
+        ("steps", str(len(o.steps)), str(len(n.steps))),
         ("tokens", f"{o.tokens:,}", f"{n.tokens:,}"),
         ("cost", f"${o.cost_usd:.5f}", f"${n.cost_usd:.5f}"),
         ("tool calls", ", ".join(o.tools_executed), ", ".join(n.tools_executed)),
         ("models", ", ".join(o.models), ", ".join(n.models)),
         ("reason", o.reason, n.reason),
+        ("answer", o.answer, n.answer),
     ):
-        s.add_row(label, escape(a), escape(b))
+        if a or b:
+            s.add_row(label, escape(a), escape(b))
     console.print(s)
     if r.same_path:
         console.print("[green]same path[/green] (every step's kind, tool and requested tools)")

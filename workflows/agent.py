@@ -13,6 +13,7 @@ configuration that cannot run, fails the workflow with its reason (never a workf
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from temporalio import workflow
@@ -37,6 +38,7 @@ with workflow.unsafe.imports_passed_through():
         PendingAction,
         Progress,
         TaskContext,
+        TaskOutcome,
         TaskStatus,
     )
 
@@ -44,6 +46,7 @@ from workflows.agent_loop import (
     FINISH_RETRY,
     AgentRunner,
     BreakerRefused,
+    Calls,
     LoopResult,
     TemporalCalls,
     run_agent_loop,
@@ -60,6 +63,9 @@ SA_BUDGET = SearchAttributeKey.for_keyword(names.SA_BUDGET)
 _OUTCOME_STATUS: dict[AgentStatus, TaskStatus] = {
     "completed": "resolved", "escalated": "escalated", "budget_exceeded": "budget_exceeded", "rejected": "rejected",
 }
+
+Finish = Callable[[AgentRunner, AgentResult, AgentStatus, str], Awaitable[AgentResult]]
+"""Closes a task: (runner, result so far, status, reason) -> the final result."""
 
 
 def config_error(message: str) -> ApplicationError:
@@ -128,30 +134,11 @@ class AgentWorkflow:
     async def run(self, inp: AgentInput) -> AgentResult:
         agent = resolve_agent(inp.agent)
         info = workflow.info()
-        version = inp.prompt_version or agent.prompt_version
-        task = TaskContext(
-            workflow_id=info.workflow_id, customer=inp.tenant, ticket_id=inp.key,
-            feature=inp.feature or agent.task_feature, task_type=agent.name, prompt_version=version,
-            input_hash=ticket_input_hash(inp.tenant, inp.input),
-            parent_workflow_id=info.parent.workflow_id if info.parent is not None else "",
-        )
-        models = {**agent.model_specs, **(inp.models or {})}
-        tiers = {agent.step_kind: agent.tier}
-        if agent.triage is not None:
-            tiers["classify"] = agent.triage.tier
-        runner = AgentRunner(TemporalCalls(), task, models=models, tiers=tiers, sim=inp.sim,
-                             max_output_tokens=agent.max_output_tokens,
-                             budget=inp.budget if inp.budget is not None else agent.budget,
-                             fallbacks=agent.fallback_specs)
-        runner.agent = agent
+        runner = self.make_runner(agent, inp, info.workflow_id,
+                                  info.parent.workflow_id if info.parent is not None else "", TemporalCalls())
         runner.clock = workflow.now
         runner.on_step = show_step
-        runner.temperature = inp.temperature
-        runner.dry_run = inp.dry_run
-        runner.guardrails = True
-        runner.output_schema = agent.output_type.model_json_schema() if agent.output_type is not None else None
         runner.on_budget_state = _budget_upsert
-        runner.validate_action = self._validator(agent, inp, runner)
         self._gate.policy = ApprovalPolicy(approvers={k: list(v) for k, v in agent.approvers.items()},
                                            timeout_s=inp.approval_timeout_s or agent.approval_timeout_s,
                                            mode=inp.approval_mode)
@@ -162,10 +149,44 @@ class AgentWorkflow:
                                                              expected_tokens=agent.expected_tokens),
                                         workflow_id=info.workflow_id)
             runner.breaker_id = breaker_workflow_id(agent.name, info.task_queue)
+        return await self.run_task(agent, inp, runner, self._finish)
 
-        result = AgentResult(workflow_id=info.workflow_id, agent=agent.name, status="completed", prompt_version=version)
+    @classmethod
+    def make_runner(cls, agent: Agent, inp: AgentInput, workflow_id: str, parent_workflow_id: str,
+                    calls: Calls) -> AgentRunner:
+        """The runner of one task of `agent`, as every run of it sets it up (the workflow, a what-if
+        replay): its task tags, models and tiers, budget, guardrails and action validators."""
+        version = inp.prompt_version or agent.prompt_version
+        task = TaskContext(
+            workflow_id=workflow_id, customer=inp.tenant, ticket_id=inp.key,
+            feature=inp.feature or agent.task_feature, task_type=agent.name, prompt_version=version,
+            input_hash=ticket_input_hash(inp.tenant, inp.input), parent_workflow_id=parent_workflow_id,
+        )
+        models = {**agent.model_specs, **(inp.models or {})}
+        tiers = {agent.step_kind: agent.tier}
+        if agent.triage is not None:
+            tiers["classify"] = agent.triage.tier
+        runner = AgentRunner(calls, task, models=models, tiers=tiers, sim=inp.sim,
+                             max_output_tokens=agent.max_output_tokens,
+                             budget=inp.budget if inp.budget is not None else agent.budget,
+                             fallbacks=agent.fallback_specs)
+        runner.agent = agent
+        runner.temperature = inp.temperature
+        runner.dry_run = inp.dry_run
+        runner.guardrails = True
+        runner.output_schema = agent.output_type.model_json_schema() if agent.output_type is not None else None
+        runner.validate_action = cls._validator(agent, inp, runner)
+        return runner
+
+    @classmethod
+    async def run_task(cls, agent: Agent, inp: AgentInput, runner: AgentRunner, finish: Finish) -> AgentResult:
+        """The task's steps (triage, the tool loop, the answer and output checks) on a runner from
+        `make_runner`; `finish` closes the task with its status and reason (the workflow: the finishing
+        activity; a what-if replay: the result only)."""
+        result = AgentResult(workflow_id=runner.task.workflow_id, agent=agent.name, status="completed",
+                             prompt_version=runner.task.prompt_version)
         if not inp.input.strip():
-            return await self._finish(runner, result, "rejected", "the input is empty")
+            return await finish(runner, result, "rejected", "the input is empty")
         messages = task_messages(inp)
         max_steps = inp.max_steps or agent.max_steps
         loop = LoopResult()
@@ -173,13 +194,13 @@ class AgentWorkflow:
         problem: str | None = None
         try:
             if agent.triage is not None:
-                verdict, why = await self._triage(agent, runner, messages, result)
+                verdict, why = await cls._triage(agent, runner, messages, result)
                 if why is not None:
-                    return await self._finish(runner, result, "escalated", why)
+                    return await finish(runner, result, "escalated", why)
                 messages.append(Message(role="user", content=f"Triage: {verdict}"))
             loop = await run_agent_loop(runner, agent.prompt_name, messages, list(agent.tool_map.values()), max_steps,
                                         agent.max_invalid_outputs, kind=agent.step_kind)
-            structured, problem = self._answer_problem(agent, loop)
+            structured, problem = cls._answer_problem(agent, loop)
             while problem is not None and not loop.escalation:
                 # Not a final answer: the model is told what is wrong and tries again (it counts).
                 loop.invalid_outputs += 1
@@ -193,11 +214,11 @@ class AgentWorkflow:
                                              list(agent.tool_map.values()), 1, agent.max_invalid_outputs,
                                              kind=agent.step_kind)
                 loop = _merge(loop, again)
-                structured, problem = self._answer_problem(agent, loop)
+                structured, problem = cls._answer_problem(agent, loop)
         except BreakerRefused as e:
             runner.budget.limit_hit, runner.budget.detail = "breaker", str(e)
             runner.decide("breaker", str(e))
-            return await self._finish(runner, result, "escalated", str(e))
+            return await finish(runner, result, "escalated", str(e))
         except BudgetExceeded as e:
             runner.decide("kill", str(e))
             result.invalid_outputs = loop.invalid_outputs
@@ -205,7 +226,7 @@ class AgentWorkflow:
                                                if m.role == "assistant" and m.content), "")
             result.partial_output = check_output(agent, partial, None, inp.input, inp.tenant, []).text or None
             limit = {"tokens": "token", "usd": "dollar"}.get(e.limit, e.limit)
-            return await self._finish(runner, result, "budget_exceeded", f"{limit} budget exceeded: {e}")
+            return await finish(runner, result, "budget_exceeded", f"{limit} budget exceeded: {e}")
 
         result.invalid_outputs = loop.invalid_outputs
         reasons: list[str] = []
@@ -237,10 +258,10 @@ class AgentWorkflow:
             reasons.append("the answer failed the output checks: " + "; ".join(report.problems))
         if reasons:
             result.partial_output = report.text or None
-            return await self._finish(runner, result, "escalated", "; ".join(reasons))
+            return await finish(runner, result, "escalated", "; ".join(reasons))
         result.output = report.text
         result.structured = structured.model_dump(mode="json") if structured is not None else None
-        return await self._finish(runner, result, "completed", "answered by the agent")
+        return await finish(runner, result, "completed", "answered by the agent")
 
     @staticmethod
     async def _triage(agent: Agent, runner: AgentRunner, messages: list[Message],
@@ -318,10 +339,7 @@ class AgentWorkflow:
 
     async def _finish(self, runner: AgentRunner, result: AgentResult, status: AgentStatus, reason: str) -> AgentResult:
         human = status != "completed"
-        route = "human" if human else "reply"
-        runner.progress.budget = runner.budget.report()
-        runner.decide("route", f"{route}: {reason}")
-        outcome = runner.outcome(_OUTCOME_STATUS[status], route, reason, _classification(result.triage))
+        outcome = close_task(runner, status, reason, result.triage)
         step = runner.progress.step + 1
         admission = runner.admission
         await workflow.execute_activity(
@@ -337,24 +355,40 @@ class AgentWorkflow:
             await workflow.get_external_workflow_handle(runner.breaker_id or "").signal(
                 BREAKER_RECORD_SIGNAL, UsageReport(workflow_id=runner.task.workflow_id, tokens=outcome.input_tokens
                                                    + outcome.output_tokens, cost_usd=outcome.cost_usd, probe=True))
-        runner.progress.status = outcome.status
-        runner.progress.action = "done"
-        budget = runner.budget.report()
-        final = result.model_copy(update={
-            "status": status, "reason": reason, "tools_executed": runner.tools_executed,
-            "tools_blocked": runner.tools_blocked, "dry_run_actions": runner.dry_run_actions,
-            "observations": runner.observations, "decisions": runner.decisions, "approvals": self._gate.records,
-            "guardrails": runner.guardrail_events, "steps": runner.progress.step, "llm_calls": runner.llm_calls,
-            "tokens": runner.input_tokens + runner.output_tokens, "input_tokens": runner.input_tokens,
-            "output_tokens": runner.output_tokens, "cost_usd": round(runner.cost_usd, 8),
-            "models": runner.models_used, "budget": budget, "validation_failures": runner.validation_failures,
-        })
+        final = final_result(runner, result, status, reason, self._gate.records)
+        budget = final.budget
         updates: list[SearchAttributeUpdate[Any]] = [
             SA_STATUS.value_set(status), SA_TOKENS.value_set(final.tokens), SA_COST.value_set(final.cost_usd),
             SA_BUDGET.value_set(budget.state if not budget.limit_hit else f"limit:{budget.limit_hit}"),
         ]
         workflow.upsert_search_attributes(updates)
         return final
+
+
+def close_task(runner: AgentRunner, status: AgentStatus, reason: str,
+               triage: dict[str, Any] | None = None) -> TaskOutcome:
+    """The task's route decision, and its outcome (the finishing activity's row)."""
+    route = "human" if status != "completed" else "reply"
+    runner.progress.budget = runner.budget.report()
+    runner.decide("route", f"{route}: {reason}")
+    return runner.outcome(_OUTCOME_STATUS[status], route, reason, _classification(triage))
+
+
+def final_result(runner: AgentRunner, result: AgentResult, status: AgentStatus, reason: str,
+                 approvals: list[ApprovalRecord]) -> AgentResult:
+    """The task's result from its runner's books, once it is closed."""
+    runner.progress.status = _OUTCOME_STATUS[status]
+    runner.progress.action = "done"
+    budget = runner.budget.report()
+    return result.model_copy(update={
+        "status": status, "reason": reason, "tools_executed": runner.tools_executed,
+        "tools_blocked": runner.tools_blocked, "dry_run_actions": runner.dry_run_actions,
+        "observations": runner.observations, "decisions": runner.decisions, "approvals": approvals,
+        "guardrails": runner.guardrail_events, "steps": runner.progress.step, "llm_calls": runner.llm_calls,
+        "tokens": runner.input_tokens + runner.output_tokens, "input_tokens": runner.input_tokens,
+        "output_tokens": runner.output_tokens, "cost_usd": round(runner.cost_usd, 8),
+        "models": runner.models_used, "budget": budget, "validation_failures": runner.validation_failures,
+    })
 
 
 def _budget_upsert(state: str) -> None:

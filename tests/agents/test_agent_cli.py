@@ -166,12 +166,7 @@ async def test_replay_of_an_agent_task_loads_its_agent_with_agents_or_keel_agent
     bad = await keel_cli(cli, "replay", res.workflow_id, "--agents", "no_such_module_xyz")
     assert bad.exit_code == 2 and "cannot import agent module 'no_such_module_xyz'" in bad.output
 
-    # What-if re-runs support tickets only: an agent task is refused, before any model call.
-    whatif = await keel_cli(cli, "replay", res.workflow_id, "--prompt-version", "v2", "--agents", "agents.oncall")
-    said = " ".join(whatif.output.split())  # the error console wraps long lines
-    assert whatif.exit_code == 1, said
-    assert "is a KeelAgent task" in said and "re-runs support tickets only" in said
-    assert f"keel replay {res.workflow_id} --agents MODULES" in said
+    # The what-if of an agent task (--prompt-version, --model): tests/agents/test_whatif.py.
 
 
 async def test_status_watch_and_result_still_serve_tickets_and_patterns(
