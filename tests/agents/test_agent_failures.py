@@ -1,0 +1,98 @@
+"""What a generic agent task does with bad input and bad model output, on the dev server with the support
+desk (the agent-path twin of tests/test_ticket_workflow.py): empty input is rejected with its reason and
+an outcome row (nothing lost); a huge input is stopped by the budget before any call; hallucinated tools,
+schema-invalid arguments and broken JSON never reach a tool, are recorded, and past the agent's limit hand
+the task to a person; the progress query answers while the task runs, with the triage's acknowledgement;
+an unpriced model fails the task with a message that says what to do."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+from temporalio.client import Client, WorkflowFailureError
+
+import keel
+from agents.support_desk import store, support_desk
+from keel import names
+from keel.testing import AgentEnvironment, agent_environment
+from keel.types import Progress
+from tests.conftest import assert_eventually
+
+FEE = "Customer: C-1003\n\nWhy was I charged a fee on my statement?"
+
+
+@pytest.fixture
+def db_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    url = f"sqlite:///{tmp_path / 'keel.db'}"
+    monkeypatch.setenv("KEEL_DATABASE_URL", url)
+    store.reset()
+    yield url
+    store.reset()
+
+
+def rows(env: AgentEnvironment, sql: str, **params: Any) -> list[dict[str, Any]]:
+    with env.engine.connect() as conn:
+        return [dict(r._mapping) for r in conn.execute(text(sql), params)]
+
+
+def tool_rows(env: AgentEnvironment, workflow_id: str) -> list[dict[str, Any]]:
+    return rows(env, "SELECT tool, status FROM ledger WHERE workflow_id = :w AND kind = 'tool'", w=workflow_id)
+
+
+async def test_bad_input_is_refused_with_its_reason_and_never_lost(client: Client, db_url: str) -> None:
+    async with agent_environment(support_desk, client=client, db_url=db_url) as env:
+        empty = await env.run("support_desk", "", tenant="C-1001")
+        blank = await env.run("support_desk", " \n\t ", tenant="C-1001")
+        huge = await env.run("support_desk", "x" * 1_000_001, tenant="C-1001")
+        outcomes = {r["workflow_id"]: r for r in rows(env, "SELECT workflow_id, status, reason FROM ledger "
+                                                          "WHERE kind = 'outcome'")}
+    for r in (empty, blank):
+        assert r.status == "rejected" and r.reason == "the input is empty" and r.llm_calls == 0
+    assert huge.status == "budget_exceeded" and "kill switch" in huge.reason and huge.llm_calls == 0
+    assert set(outcomes) == {empty.workflow_id, blank.workflow_id, huge.workflow_id}  # one row each
+
+
+@pytest.mark.parametrize("knob", ["hallucinated_tool_rate", "invalid_args_rate", "invalid_json_rate"])
+async def test_bad_tool_calls_never_reach_a_tool(client: Client, db_url: str, knob: str) -> None:
+    sim = keel.SimConfig(spiral_rate=0.0, **{knob: 1.0})
+    async with agent_environment(support_desk, client=client, db_url=db_url) as env:
+        res = await env.run("support_desk", FEE, tenant="C-1003", sim=sim)
+        ran = tool_rows(env, res.workflow_id)
+        guard = rows(env, "SELECT status FROM ledger WHERE workflow_id = :w AND kind = 'guardrail'", w=res.workflow_id)
+    assert res.tools_executed == [] and ran == [], ran
+    assert res.tools_blocked and res.invalid_outputs >= support_desk.max_invalid_outputs
+    assert res.status == "escalated" and "invalid" in res.reason, res.reason
+    assert len(guard) >= len(res.tools_blocked) and all(g["status"] == "blocked" for g in guard)
+    expected = {"hallucinated_tool_rate": "unknown tool", "invalid_args_rate": "invalid arguments",
+                "invalid_json_rate": "not valid JSON"}[knob]
+    assert any(expected in b.reason for b in res.tools_blocked), res.tools_blocked
+
+
+async def test_progress_while_running_with_the_triages_acknowledgement(client: Client, db_url: str) -> None:
+    slow = keel.SimConfig(spiral_rate=0.0, latency_ms_min=300, latency_ms_max=300)
+    async with agent_environment(support_desk, client=client, db_url=db_url) as env:
+        handle = await env.start("support_desk", FEE, tenant="C-1003", sim=slow)
+
+        async def progress() -> Progress:
+            p: Progress = await handle.query(names.PROGRESS_QUERY, result_type=Progress)
+            return p
+
+        p = await assert_eventually(progress, lambda p: p.acknowledgement is not None)
+        res = await handle.result()
+    assert p.status == "running" and p.llm_calls < res.llm_calls
+    assert p.acknowledgement is not None and "Keel Bank" in p.acknowledgement
+
+
+async def test_an_unpriced_model_fails_the_task_saying_what_to_do(client: Client, db_url: str) -> None:
+    unpriced = keel.ModelSpec(provider="openai", model="gpt-9-unpriced")
+    async with agent_environment(support_desk, client=client, db_url=db_url) as env:
+        handle = await env.start("support_desk", FEE, tenant="C-1003", models={"large": unpriced})
+        with pytest.raises(WorkflowFailureError) as failed:
+            await asyncio.wait_for(handle.result(), 60)
+    message = str(failed.value.cause)
+    assert "no price for openai:gpt-9-unpriced" in message and "PRICES" in message, message
