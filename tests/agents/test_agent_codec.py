@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,7 +14,7 @@ from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 
 import keel
-from agents.support_desk import store, support_desk
+from agents.support_desk import support_desk
 from agents.support_desk.data import build_seed
 from keel.codec import EncryptionCodec, data_converter
 from keel.settings import KeelSettings
@@ -27,15 +25,6 @@ KEY = base64.b64encode(bytes(range(32))).decode()
 SEED = build_seed()
 CUSTOMER = next(c for c in SEED["customers"] if c["id"] == "C-1001")
 IBANS = [a["iban"] for a in SEED["accounts"] if a["customer_id"] == "C-1001" and a.get("iban")]
-
-
-@pytest.fixture
-def db_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    url = f"sqlite:///{tmp_path / 'keel.db'}"
-    monkeypatch.setenv("KEEL_DATABASE_URL", url)
-    store.reset()
-    yield url
-    store.reset()
 
 
 async def test_an_agent_history_holds_no_plaintext(dev_env: WorkflowEnvironment, db_url: str) -> None:

@@ -8,8 +8,6 @@ an unpriced model fails the task with a message that says what to do."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,22 +15,13 @@ from sqlalchemy import text
 from temporalio.client import Client, WorkflowFailureError
 
 import keel
-from agents.support_desk import store, support_desk
+from agents.support_desk import support_desk
 from keel import names
 from keel.testing import AgentEnvironment, agent_environment
 from keel.types import Progress
 from tests.conftest import assert_eventually
 
 FEE = "Customer: C-1003\n\nWhy was I charged a fee on my statement?"
-
-
-@pytest.fixture
-def db_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    url = f"sqlite:///{tmp_path / 'keel.db'}"
-    monkeypatch.setenv("KEEL_DATABASE_URL", url)
-    store.reset()
-    yield url
-    store.reset()
 
 
 def rows(env: AgentEnvironment, sql: str, **params: Any) -> list[dict[str, Any]]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,7 +23,7 @@ from typer.testing import CliRunner
 
 import keel
 from activities.tracing import Tracing
-from agents.support_desk import store, support_desk
+from agents.support_desk import support_desk
 from keel.testing import agent_environment
 from starter.cli import app
 from tests.test_tracing import Collector
@@ -37,15 +36,6 @@ def collector() -> Iterator[Collector]:
     c = Collector()
     yield c
     c.server.shutdown()
-
-
-@pytest.fixture
-def db_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    url = f"sqlite:///{tmp_path / 'keel.db'}"
-    monkeypatch.setenv("KEEL_DATABASE_URL", url)
-    store.reset()
-    yield url
-    store.reset()
 
 
 async def traced_task(client: Client, db_url: str, collector: Collector, capture: bool

@@ -13,15 +13,14 @@ import asyncio
 import contextlib
 import json
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import hypothesis
 import pytest
 from hypothesis import strategies as st
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowHandle, WorkflowUpdateFailedError
 from temporalio.contrib.pydantic import pydantic_data_converter
@@ -35,6 +34,7 @@ from keel import names
 from keel.testing import AgentEnvironment, agent_environment
 from keel.types import ApprovalDecision, LlmRequest, PendingAction, ToolCall, Usage
 from starter.approvals_cli import ApprovalError, decide, pending_action
+from tests.agents.conftest import rows
 from tests.conftest import assert_eventually
 from workers.worker import STRICT_SANDBOX
 from workflows.registry import WORKFLOWS
@@ -52,20 +52,6 @@ def ask(customer: str, body: str) -> str:
 def refund_request(i: int) -> tuple[str, dict[str, Any]]:
     t = RECENT_DUPLICATES[i]
     return t["customer_id"], t
-
-
-@pytest.fixture
-def db_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    url = f"sqlite:///{tmp_path / 'keel.db'}"
-    monkeypatch.setenv("KEEL_DATABASE_URL", url)
-    store.reset()
-    yield url
-    store.reset()
-
-
-def rows(engine: Engine, sql: str, **params: Any) -> list[dict[str, Any]]:
-    with engine.connect() as conn:
-        return [dict(r._mapping) for r in conn.execute(text(sql), params)]
 
 
 def refunds(engine: Engine, workflow_id: str | None = None) -> list[dict[str, Any]]:
