@@ -17,6 +17,13 @@ and, with a worker serving agents.dr_plan, `keel plan`'s supervision (the generi
   payments database failover: round 1 breaks a runbook rule (sent back unreviewed), round 2 keeps the
   rules and the reviewer asks for a verification, round 3 is approved (completed).
 
+and, with a worker serving agents.support_desk on a database of its own:
+
+- agent_support_desk_v1: a fee question: the triage (small tier), the account, transactions and fees
+  policy read, the answer (completed);
+- agent_support_desk_v1_refund: a duplicate charge: triage, reads, a refund waits for a listed
+  approver, an unlisted one's signal is ignored, alice approves by update, the refund runs once (completed).
+
 The workflow ids are the file names: test_replay replays every file there against today's code, with
 the on-call agent registered (the workflow looks its agent up in keel.registry at run time).
 """
@@ -26,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 from temporalio.client import Client
@@ -34,6 +42,8 @@ from agents.dr_plan import AGENTS as DR_PLAN_AGENTS
 from agents.dr_plan import supervision
 from agents.oncall import oncall
 from agents.oncall.status_service import StatusService
+from agents.support_desk import support_desk
+from agents.support_desk.data import build_seed
 from keel.names import APPROVAL_SIGNAL
 from keel.settings import KeelSettings
 from keel.supervision import SupervisorResult
@@ -46,6 +56,8 @@ OUT = Path(__file__).parent / "histories"
 HEALTHY = "agent_oncall_v1"
 APPROVAL = "agent_oncall_v1_approval"
 DR_PLAN = "supervisor_dr_plan_v1"
+DESK = "agent_support_desk_v1"
+DESK_REFUND = "agent_support_desk_v1_refund"
 
 
 async def record_healthy(client: Client, settings: KeelSettings) -> AgentResult:
@@ -85,6 +97,31 @@ async def record_dr_plan(client: Client, settings: KeelSettings) -> SupervisorRe
     return res
 
 
+async def record_desk(client: Client, settings: KeelSettings) -> AgentResult:
+    inp = AgentInput(agent="support_desk", input="Customer: C-1003\n\nWhy was I charged a fee on my statement?",
+                     tenant="C-1003", key="recorded")
+    res: AgentResult = await (await start_agent(client, settings, inp, workflow_id=DESK)).result()
+    assert res.status == "completed" and res.triage and "lookup_policy" in res.tools_executed, res
+    return res
+
+
+async def record_desk_refund(client: Client, settings: KeelSettings) -> AgentResult:
+    dup = next(t for t in build_seed()["transactions"] if t["customer_id"] == "C-1001" and t["duplicate_of"])
+    inp = AgentInput(agent="support_desk", tenant="C-1001", key="recorded-refund",
+                     input=f"Customer: C-1001\n\nI was charged twice at {dup['merchant']} for {dup['amount']:.2f} "
+                           "EUR. Please refund the duplicate charge.")
+    handle = await start_agent(client, settings, inp, workflow_id=DESK_REFUND)
+    while (action := await pending_action(client, handle.id)) is None:  # noqa: ASYNC110
+        await asyncio.sleep(0.05)
+    assert action.tool == "issue_refund", action
+    await handle.signal(APPROVAL_SIGNAL, ApprovalDecision(action_id=action.action_id, approver="mallory",
+                                                          decision="approve"))  # not an approver: ignored
+    await decide(client, handle.id, "alice", "approve", comment="recorded for the replay tests")
+    res: AgentResult = await handle.result()
+    assert res.status == "completed" and res.tools_executed[-1] == "issue_refund", res
+    return res
+
+
 async def save(client: Client, workflow_id: str, res: AgentResult) -> None:
     history = await client.get_workflow_handle(workflow_id).fetch_history()
     out = OUT / f"{workflow_id}.json"
@@ -104,6 +141,14 @@ async def main(only: list[str]) -> None:
     if not only or DR_PLAN in only:
         async with agent_environment(*DR_PLAN_AGENTS) as env:
             await record_dr_plan(env.client, env.settings)
+    if not only or DESK in only or DESK_REFUND in only:
+        with tempfile.TemporaryDirectory() as tmp:
+            os.environ["KEEL_DATABASE_URL"] = url = f"sqlite:///{tmp}/keel.db"
+            async with agent_environment(support_desk, db_url=url) as env:
+                if not only or DESK in only:
+                    await save(env.client, DESK, await record_desk(env.client, env.settings))
+                if not only or DESK_REFUND in only:
+                    await save(env.client, DESK_REFUND, await record_desk_refund(env.client, env.settings))
 
 
 if __name__ == "__main__":

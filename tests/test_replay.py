@@ -22,6 +22,7 @@ from temporalio.workflow import NondeterminismError
 import keel
 from agents.dr_plan import AGENTS as DR_PLAN_AGENTS
 from agents.oncall import oncall, service_status
+from agents.support_desk import support_desk
 from agents.triage import triage
 from keel import registry
 from keel.settings import KeelSettings
@@ -32,7 +33,7 @@ from workflows.registry import WORKFLOWS
 HISTORIES = sorted((Path(__file__).parent / "histories").glob("*.json"))
 TICKET_HISTORY = Path(__file__).parent / "histories" / "ticket_v1.json"
 """The history the tampering tests change (recorded under its file name as the workflow id)."""
-REPLAYED_AGENTS = [oncall, triage, *DR_PLAN_AGENTS]
+REPLAYED_AGENTS = [oncall, triage, support_desk, *DR_PLAN_AGENTS]
 """The agents whose histories are recorded here (agent_<name>_*.json; triage: pattern_swarm_triage_*.json;
 supervisor_dr_plan_*.json: `keel plan`'s supervision, whose rules run the planner's checks in the workflow)."""
 ONCALL_HEALTHY = Path(__file__).parent / "histories" / "agent_oncall_v1.json"
@@ -59,6 +60,7 @@ def test_there_are_recorded_histories() -> None:
     assert HISTORIES, "tests/histories/ should hold at least one recorded ticket history"
     assert ONCALL_HEALTHY in HISTORIES and ONCALL_APPROVAL in HISTORIES, "the on-call agent's histories"
     assert any(p.stem == "supervisor_dr_plan_v1" for p in HISTORIES), "keel plan's supervision"
+    assert {"agent_support_desk_v1", "agent_support_desk_v1_refund"} <= {p.stem for p in HISTORIES}, "the desk"
 
 
 @pytest.mark.parametrize("runner", [STRICT_SANDBOX, SANDBOX], ids=["strict", "shared"])
