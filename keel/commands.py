@@ -12,7 +12,7 @@ renderable), or as JSON with `--json`. The command line adds the verbs of the bu
 A batch command (`show_batch` given) builds a list of inputs: the CLI starts them, at most
 `--concurrency` at a time, waits for each to settle (it ended, or it waits for a person: an approval,
 a human's resolution; a batch never sits behind one) and prints the `BatchItem`s with `show_batch`, or
-one JSON array with `--json`. A `CommandGroup` makes a verb group (`keel ticket submit`). With
+one JSON array with `--json`. A `CommandGroup` makes a verb group (`keel GROUP VERB ...`). With
 `idempotent=True`, an input whose workflow id (from its key) already exists, running or closed, starts
 nothing: the command waits for and shows that run.
 """

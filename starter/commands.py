@@ -2,7 +2,7 @@
 command that builds what to start from its options, starts it, prints its id and UI link, waits, and
 prints the result with the command's `show` (or as JSON with --json). A batch command starts every input
 it builds, at most --concurrency at a time, and prints them all with its `show_batch`; a task that waits
-for a person (an approval) counts as settled. A keel.CommandGroup is a verb group (`keel ticket submit`).
+for a person (an approval) counts as settled. A keel.CommandGroup is a verb group (`keel GROUP VERB`).
 
 The command line adds the verbs of every built-in agent package's `cli` module (`agents/<name>/cli.py`
 with a COMMANDS list; found without importing the agents) and of the modules named in KEEL_COMMANDS
@@ -199,9 +199,8 @@ def waiting_lines(item: BatchItem) -> list[str]:
     wid, a = item.workflow_id, item.pending_action
     if a is not None:
         who = a.approvers[0] if a.approvers else "NAME"
-        return [f"{wid} is awaiting_approval: {a.tool} {json.dumps(a.arguments, sort_keys=True)} "
-                f"(approvers: {', '.join(a.approvers) or '-'})",
-                f"  `keel approvals`; `keel approve {wid} --as {who}` or `keel reject {wid} --as {who}`"]
+        return [f"{wid} waits for the approval of {a.action_id} ({a.tool}): `keel approvals`; "
+                f"`keel approve {wid} --as {who}` or `keel reject {wid} --as {who}`"]
     return [f"{wid} is {item.status}: it waits for a person"]
 
 
@@ -215,7 +214,7 @@ def _build(cmd: Command, label: str, kwargs: dict[str, Any]) -> Any:
 
 def command_function(cmd: Command, label: str | None = None) -> Callable[..., None]:
     """A typer command: the parameters of `cmd.build`, plus --json and --watch (a batch: --json and
-    --concurrency). `label`: how errors name it (default its name; `ticket submit` in a group)."""
+    --concurrency). `label`: how errors name it (default its name; `GROUP VERB` in a group)."""
     label = label or cmd.name
     sig = inspect.signature(cmd.build, eval_str=True)
     clash = (_OWN_BATCH if cmd.batch else _OWN) & set(sig.parameters)

@@ -2,7 +2,7 @@
 tickets, or of any registered agent's new tasks (`--agent NAME`), its writes dry-run, and compare them.
 
 The configuration lives in the ledger database (KEEL_DATABASE_URL or the stack's), where
-`shadow_agent_task` reads an agent's before its task starts (`keel run`, `keel ticket`, any agent verb),
+`shadow_agent_task` reads an agent's before its task starts (`keel run`, any agent package's verb),
 and the legacy SupportTicket's start (starter.tickets.start_ticket, no command any more) the tickets';
 the comparisons are written there by the workers.
 """

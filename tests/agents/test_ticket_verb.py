@@ -14,14 +14,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import hypothesis
 import pytest
+from hypothesis import strategies as st
 from sqlalchemy import text
 from temporalio.client import Client
 from typer.testing import CliRunner
 
 import keel
 from agents.support_desk import store, support_desk
-from agents.support_desk.cli import load_batch_file, request_text
+from agents.support_desk.cli import load_batch_file, parse_latency, request_text
 from agents.support_desk.data import build_seed, sample_tickets
 from keel import names
 from keel.dataset import sample_tickets as legacy_sample_tickets
@@ -168,6 +170,31 @@ async def test_a_ticket_submitted_again_is_not_run_twice(client: Client, db_url:
     assert len(b_outcomes) == 1
 
 
+async def test_a_refund_ticket_returns_once_it_waits_for_an_approval(
+        client: Client, db_url: str, tmp_path: Path) -> None:
+    ticket = f"TK-{uuid.uuid4().hex[:8]}"
+    wid = f"support_desk-{ticket}"
+    dup = next(t for t in SEED["transactions"] if t["customer_id"] == "C-1001" and t["duplicate_of"])
+    args = ("ticket", "submit", "-c", "C-1001", "--ticket-id", ticket, "--spiral-rate", "0", "-t",
+            f"I was charged twice at {dup['merchant']} for {dup['amount']:.2f} EUR. "
+            "Please refund the duplicate charge.")
+    async with agent_environment(support_desk, client=client, db_url=db_url) as env:
+        cli = cli_env(env, tmp_path)
+        shown = await asyncio.wait_for(keel_cli(cli, *args), 60)
+        as_json = await asyncio.wait_for(keel_cli(cli, *args, "--json"), 60)
+        await client.get_workflow_handle(wid).terminate("test over")
+    text_ = " ".join(shown.output.split())
+    assert shown.exit_code == 0, shown.output
+    assert "awaiting_approval" in text_ and "support-lead" in text_
+    assert f"{wid} waits for the approval of issue_refund#1 (issue_refund): `keel approvals`" in text_
+    assert f"`keel approve {wid} --as alice` or `keel reject {wid} --as alice`" in text_
+    assert as_json.exit_code == 0, as_json.output
+    doc = json.loads(as_json.stdout)
+    assert doc["workflow_id"] == wid and doc["status"] == "awaiting_approval" and doc["existing"] is True
+    assert doc["result"] is None and doc["progress"]["pending_action"]["arguments"]["transaction_id"] == dup["id"]
+    assert doc["progress"]["triage"]["category"] == "refund_request"
+
+
 def test_bad_tickets_are_refused_before_anything_starts(tmp_path: Path) -> None:
     env = {"KEEL_HOME": str(tmp_path), "TEMPORAL_ADDRESS": "127.0.0.1:1", "COLUMNS": "200"}  # no server there
 
@@ -231,3 +258,30 @@ def test_the_shadow_candidate_of_the_demo_has_its_prompts() -> None:
     assert support_desk.prompt_versions() == ["v1", "v2"]
     assert support_desk.prompt_path("v2").is_file()
     assert (support_desk.prompt_dir / "support_desk_triage.v2.md").is_file()
+
+
+@hypothesis.given(st.integers(0, 10**6), st.integers(0, 10**6))
+def test_property_sim_latency_is_a_range_or_refused(low: int, high: int) -> None:
+    if low <= high:
+        assert parse_latency(f"{low}-{high}") == (low, high) and parse_latency(str(low)) == (low, low)
+    else:
+        with pytest.raises(ValueError, match="MIN <= MAX"):
+            parse_latency(f"{low}-{high}")
+
+
+TAG = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,20}", fullmatch=True)
+
+
+@hypothesis.given(st.lists(st.tuples(TAG, st.text(min_size=1, max_size=200).filter(str.strip), TAG), max_size=12))
+@hypothesis.settings(max_examples=40, deadline=None)
+def test_property_a_batch_file_keeps_every_ticket_in_order(tmp_path_factory: pytest.TempPathFactory,
+                                                           tickets: list[tuple[str, str, str]]) -> None:
+    f = tmp_path_factory.mktemp("batch") / "t.jsonl"
+    f.write_text("".join(json.dumps({"customer_id": c, "text": t, "ticket_id": k}) + "\n" for c, t, k in tickets))
+    if not tickets:
+        with pytest.raises(ValueError, match="no tickets in the file"):
+            load_batch_file(f)
+        return
+    got = load_batch_file(f)
+    assert [(i.tenant, i.input, i.key) for i in got] == [(c, request_text(c, t), k) for c, t, k in tickets]
+    assert {i.agent for i in got} == {"support_desk"}
