@@ -182,6 +182,7 @@ async def test_a_refund_ticket_returns_once_it_waits_for_an_approval(
         cli = cli_env(env, tmp_path)
         shown = await asyncio.wait_for(keel_cli(cli, *args), 60)
         as_json = await asyncio.wait_for(keel_cli(cli, *args, "--json"), 60)
+        now = await keel_cli(cli, "status", wid)
         await client.get_workflow_handle(wid).terminate("test over")
     text_ = " ".join(shown.output.split())
     assert shown.exit_code == 0, shown.output
@@ -193,6 +194,8 @@ async def test_a_refund_ticket_returns_once_it_waits_for_an_approval(
     assert doc["workflow_id"] == wid and doc["status"] == "awaiting_approval" and doc["existing"] is True
     assert doc["result"] is None and doc["progress"]["pending_action"]["arguments"]["transaction_id"] == dup["id"]
     assert doc["progress"]["triage"]["category"] == "refund_request"
+    assert now.exit_code == 0 and "awaiting_approval" in now.output, now.output
+    assert "category refund_request, urgency normal, confidence 0.95" in now.output  # the triage, while it waits
 
 
 def test_bad_tickets_are_refused_before_anything_starts(tmp_path: Path) -> None:
