@@ -20,10 +20,10 @@ demo: $(STAMP)
 	@if ! { [ -f $(ONCALL_PID) ] && kill -0 $$(cat $(ONCALL_PID)) 2>/dev/null; }; then \
 	  nohup $(BIN)/python -m agents.oncall.status_service 8710 > .keel/oncall-status.log 2>&1 & echo $$! > $(ONCALL_PID); fi
 	KEEL_AGENTS=agents.oncall,agents.support_desk,agents.research,agents.dr_plan,agents.triage $(BIN)/keel up --detach
-	$(BIN)/keel shadow start --candidate prompt=v2 --fraction 0.25
+	$(BIN)/keel shadow start --agent support_desk --candidate prompt=v2 --fraction 0.25
 	$(BIN)/keel ticket batch --sample $(DEMO_TICKETS) --concurrency 12 --sim-latency 1000-3000
-	$(BIN)/keel shadow report
-	$(BIN)/keel shadow stop
+	$(BIN)/keel shadow report --agent support_desk
+	$(BIN)/keel shadow stop --agent support_desk
 	$(BIN)/keel research "Why did refunds rise in Q3, and what did the duplicate charges cost us?"
 	$(BIN)/keel plan "payments-db primary in eu-west-1 is down: storage controller failure" --sim-seed 1
 	$(BIN)/keel swarm "My card is declined at the ATM and I was charged twice at ShopNow." --tenant C-1001 --key TK-DEMO-SWARM

@@ -19,7 +19,7 @@ from keel.agent import (
     Triage,
     tool,
 )
-from keel.commands import Command
+from keel.commands import BatchItem, Command, CommandGroup
 from keel.errors import AgentDefinitionError, AgentNotRegistered, KeelError, ScriptExhausted, ToolError
 from keel.orchestration import ChildTask, OrchestratorInput, OrchestratorResult, Plan, SwarmInput, SwarmResult
 from keel.sim import SimCall, SimReply, SimTurn
@@ -35,9 +35,11 @@ __all__ = [
     "AgentResult",
     "ApprovalDecision",
     "Args",
+    "BatchItem",
     "Budget",
     "ChildTask",
     "Command",
+    "CommandGroup",
     "FinalOutput",
     "KeelError",
     "ModelSpec",

@@ -494,6 +494,8 @@ class Progress(BaseModel):
     """The write waiting for a human's approval (status awaiting_approval)."""
     acknowledgement: str | None = None
     """Set after the first step (the small tier's classification): what the customer can be told now."""
+    triage: dict[str, Any] | None = None
+    """An agent task's triage (its `keel.Triage.output_type`), once it succeeded."""
 
 
 ToolRequest.model_rebuild()

@@ -93,14 +93,18 @@ async def start_orchestration(client: Client, settings: KeelSettings, inp: Orche
     )
 
 
+def swarm_id(inp: SwarmInput) -> str:
+    key = _UNSAFE.sub("-", inp.key).strip("-") if inp.key else uuid.uuid4().hex[:12]
+    return f"{inp.name}-{key}"
+
+
 async def start_swarm(client: Client, settings: KeelSettings, inp: SwarmInput,
                       workflow_id: str | None = None) -> WorkflowHandle[Any, SwarmResult]:
     """Start the swarm pattern: `inp.peers` copies of one agent and a vote on a field (`keel vote`)."""
-    key = _UNSAFE.sub("-", inp.key).strip("-") if inp.key else uuid.uuid4().hex[:12]
     return await client.start_workflow(
         names.SWARM_AGENTS_WORKFLOW,
         inp,
-        id=workflow_id or f"{inp.name}-{key}",
+        id=workflow_id or swarm_id(inp),
         task_queue=settings.task_queue,
         result_type=SwarmResult,
         static_summary=f"Swarm {inp.name} · {inp.peers} x {inp.agent} · vote on {inp.field}",

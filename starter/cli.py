@@ -8,7 +8,6 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -18,9 +17,7 @@ from temporalio.client import Client, WorkflowExecutionStatus
 
 from activities import tracing
 from keel import SwarmResult, names
-from keel.dataset import sample_tickets
 from keel.orchestration import OrchestratorResult
-from keel.shadow import is_shadowed, shadow_workflow_id
 from keel.types import AgentResult, TicketResult
 from starter import orchestrate_cli, patterns, stack, swarm_cli, tickets, views
 from starter.agents import SA_TASK_TYPE
@@ -32,7 +29,7 @@ from starter.console import client_or_exit, console, err, load_settings, run_tas
 from starter.inspect_cli import history_app, prompts_app, replay_cmd
 from starter.metrics_cli import alerts, metrics
 from starter.orchestrate_cli import orchestrate_cmd, supervise_cmd, vote_cmd
-from starter.run_cli import print_agent_result, run_cmd, sim_config, watch_agent, worker_cmd
+from starter.run_cli import print_agent_result, run_cmd, watch_agent, worker_cmd
 from starter.shadow_cli import shadow_app
 from starter.swarm_cli import swarm_cmd
 from starter.trace_cli import trace_cmd
@@ -55,8 +52,6 @@ PATTERN_RESULTS: dict[str, tuple[type[Any], Callable[[Any, bool], None]]] = {
 workflow: its result as JSON)."""
 
 app = typer.Typer(help="Keel: durable, budgeted, observable LLM agents on Temporal.", no_args_is_help=True)
-ticket_app = typer.Typer(help="Support tickets: submit one, or a batch.", no_args_is_help=True)
-app.add_typer(ticket_app, name="ticket")
 app.add_typer(breaker_app, name="breaker")
 app.command("codec-server")(codec_server)
 app.command("approvals")(approvals)
@@ -77,7 +72,6 @@ app.command("vote")(vote_cmd)
 app.command("supervise")(supervise_cmd)
 app.command("worker")(worker_cmd)
 app.add_typer(shadow_app, name="shadow")
-_sim = sim_config
 
 
 @app.command()
@@ -133,53 +127,6 @@ def down() -> None:
     stack.down(load_settings(), console.print)
 
 
-@ticket_app.command("submit")
-def ticket_submit(
-    customer: Annotated[str, typer.Option("--customer", "-c", help="Customer id, e.g. C-1001")],
-    text: Annotated[str, typer.Option("--text", "-t", help="The ticket text")],
-    ticket_id: Annotated[str | None, typer.Option(help="Your ticket id (default: generated)")] = None,
-    wait: Annotated[bool, typer.Option("--wait", help="Wait for the result")] = False,
-    watch: Annotated[bool, typer.Option("--watch", help="Draw live progress until done")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON (implies --wait)")] = False,
-    sim_seed: Annotated[int | None, typer.Option(help="Seed of the sim model")] = None,
-    spiral_rate: Annotated[float | None, typer.Option(help="Sim: share of tasks that spiral")] = None,
-    sim_latency: Annotated[str | None, typer.Option(help="Sim: latency per call in ms, e.g. 1000-3000")] = None,
-    prompt_version: Annotated[str, typer.Option(help="Prompt version (prompts/<name>.<version>.md)")] = "v1",
-) -> None:
-    """Submit one support ticket; prints the workflow id and its Temporal UI link."""
-    settings = load_settings()
-    try:
-        sim = _sim(settings, sim_seed, spiral_rate, sim_latency)
-        inp = tickets.make_input(settings, customer, text, ticket_id, sim, prompt_version=prompt_version)
-    except tickets.TicketInputError as e:
-        err.print(f"[red]ticket refused:[/red] {e}")
-        raise typer.Exit(2) from e
-
-    async def run() -> None:
-        client = await client_or_exit(settings)
-        handle = await tickets.start_ticket(client, settings, inp)
-        if not as_json:
-            console.print(f"started [bold]{handle.id}[/bold]  model: {escape(inp.large_model.label)}")
-            console.print(f"  {views.workflow_url(settings, handle.id)}")
-            shadow = tickets.shadow_config(settings)
-            if shadow is not None and is_shadowed(inp.ticket_id, shadow.fraction):
-                console.print(f"  shadowed by candidate {escape(shadow.candidate.label)} (dry run): "
-                              f"{shadow_workflow_id(handle.id)}")
-        if watch:
-            with Live(views.progress_panel(handle.id, None), console=console, refresh_per_second=8) as live:
-                # Until done, or until the task waits for a person (an approval, a human resolution).
-                done = asyncio.ensure_future(tickets.settled(client, handle, inp))
-                while not done.done():
-                    live.update(views.progress_panel(handle.id, await tickets.progress(client, handle.id)))
-                    await asyncio.wait({done}, timeout=0.25)
-                live.update(views.progress_panel(handle.id, await tickets.progress(client, handle.id)))
-            _print_result(done.result(), as_json)
-        elif wait or as_json:
-            _print_result(await tickets.settled(client, handle, inp), as_json)
-
-    _run(run)
-
-
 def _print_result(res: TicketResult, as_json: bool) -> None:
     if as_json:
         print(json.dumps(views.result_json(res), indent=2))
@@ -188,60 +135,6 @@ def _print_result(res: TicketResult, as_json: bool) -> None:
         if res.status == "awaiting_approval":
             console.print(f"Waiting for approval: `keel approve {res.workflow_id} --as alice` "
                           f"or `keel reject {res.workflow_id} --as bob` (approvers: KEEL_APPROVERS).")
-
-
-@ticket_app.command("batch")
-def ticket_batch(
-    file: Annotated[Path | None, typer.Argument(help="JSON list or JSON Lines of {customer_id, text}")] = None,
-    sample: Annotated[int | None, typer.Option("--sample", help="Run N synthetic sample tickets instead")] = None,
-    concurrency: Annotated[int, typer.Option("--concurrency", "-k", min=1)] = 10,
-    as_json: Annotated[bool, typer.Option("--json", help="Print results as JSON lines")] = False,
-    sim_seed: Annotated[int | None, typer.Option(help="Seed of the sim model")] = None,
-    spiral_rate: Annotated[float | None, typer.Option(help="Sim: share of tasks that spiral")] = None,
-    sim_latency: Annotated[str | None, typer.Option(help="Sim: latency per call in ms, e.g. 1000-3000")] = None,
-    prompt_version: Annotated[str, typer.Option(help="Prompt version (prompts/<name>.<version>.md)")] = "v1",
-) -> None:
-    """Run many tickets and print a result table."""
-    settings = load_settings()
-    if (file is None) == (sample is None):
-        err.print("[red]give a FILE or --sample N (one of them)[/red]")
-        raise typer.Exit(2)
-    sim = _sim(settings, sim_seed, spiral_rate, sim_latency)
-    try:
-        if file is not None:
-            inputs = tickets.load_batch_file(file, settings, sim, prompt_version)
-        else:
-            inputs = [tickets.make_input(settings, t.customer_id, t.text, t.ticket_id, sim,
-                                         prompt_version=prompt_version)
-                      for t in sample_tickets(sample or 0, seed=sim.seed)]
-    except tickets.TicketInputError as e:
-        err.print(f"[red]{e}[/red]")
-        raise typer.Exit(2) from e
-
-    async def run() -> None:
-        client = await client_or_exit(settings)
-        if not as_json:
-            console.print(f"running {len(inputs)} tickets, concurrency {concurrency}, "
-                          f"model {escape(inputs[0].large_model.label)}" if inputs else "no tickets")
-        with console.status("working...", spinner="dots") if not as_json else _Null():
-            results = await tickets.run_batch(client, settings, inputs, concurrency)
-        if as_json:
-            for r in results:
-                print(json.dumps(views.result_json(r)))
-        else:
-            console.print(views.batch_table(results))
-            console.print(f"Temporal UI: [bold]{settings.ui_url}[/bold]  (filter: KeelCustomer, KeelStatus, "
-                          "KeelTokens, KeelCostUsd)")
-
-    _run(run)
-
-
-class _Null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *a: object) -> None:
-        return None
 
 
 @app.command()

@@ -1,9 +1,10 @@
 """`keel shadow start|stop|status|report`: run a candidate version beside the primary on a share of new
 tickets, or of any registered agent's new tasks (`--agent NAME`), its writes dry-run, and compare them.
 
-The configuration lives in the ledger database (KEEL_DATABASE_URL or the stack's), where every
-`keel ticket submit/batch` (starter.tickets.start_ticket) reads it, and where `shadow_agent_task`
-reads an agent's before its task starts; the comparisons are written there by the workers.
+The configuration lives in the ledger database (KEEL_DATABASE_URL or the stack's), where
+`shadow_agent_task` reads an agent's before its task starts (`keel run`, any agent package's verb),
+and the legacy SupportTicket's start (starter.tickets.start_ticket, no command any more) the tickets';
+the comparisons are written there by the workers.
 """
 
 from __future__ import annotations

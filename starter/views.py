@@ -108,6 +108,8 @@ def progress_panel(workflow_id: str, p: Progress | None, agent: str | None = Non
     t.add_row("step", escape(f"{p.step}: {p.action}"))
     if agent is None:
         t.add_row("category", p.category or "-")
+    if agent is not None and p.triage:
+        t.add_row("triage", escape(", ".join(f"{k} {v}" for k, v in p.triage.items())))
     if p.acknowledgement:
         t.add_row("ack", escape(p.acknowledgement))
     t.add_row("tokens", f"{p.tokens:,} ({p.llm_calls} LLM calls, ${p.cost_usd:.5f})")

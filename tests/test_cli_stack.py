@@ -1,5 +1,5 @@
-"""The user's path, as processes: `keel up --detach`, `keel ticket submit`, `keel costs`, `keel down`,
-on free ports with a throwaway home, plus the CLI's refusals of bad input."""
+"""The user's path, as processes: `keel up --detach`, `keel ticket submit` (the support desk agent's verb),
+`keel costs`, `keel down`, on free ports with a throwaway home, plus the CLI's refusals of bad input."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from keel import names
 from keel.settings import KeelSettings
 from starter import stack, tickets
 
@@ -38,6 +39,7 @@ def stack_env(tmp_path: Path) -> Iterator[dict[str, str]]:
         "TEMPORAL_ADDRESS": f"127.0.0.1:{free_port()}",
         "KEEL_UI_PORT": str(free_port()),
         "KEEL_TASK_QUEUE": "cli-e2e",
+        "KEEL_AGENTS": "agents.support_desk",  # the worker `keel up` starts serves the tickets' agent
         "COLUMNS": "200",
         # The worker's metrics endpoints default to fixed ports: tests never bind those.
         "KEEL_METRICS_PORT": "0",
@@ -62,13 +64,14 @@ def test_up_submit_costs_down(stack_env: dict[str, str], tmp_path: Path) -> None
                "--spiral-rate", "0")
     assert sub.returncode == 0, sub.stderr
     doc = json.loads(sub.stdout)
-    assert doc["status"] == "resolved" and doc["category"] == "billing_question" and doc["route"] == "reply"
+    assert doc["agent"] == "support_desk" and doc["status"] == "completed", doc
+    assert doc["triage"]["category"] == "billing_question" and doc["workflow_id"].startswith("support_desk-TK-")
     assert doc["tokens"] > 0 and doc["cost_usd"] > 0
 
     costs = keel(stack_env, "costs", "--by", "customer,task_type", "--format", "json")
     assert costs.returncode == 0, costs.stderr
     rows = json.loads(costs.stdout)
-    assert rows[0]["customer"] == "C-1001" and rows[0]["task_type"] == "support_ticket"
+    assert rows[0]["customer"] == "C-1001" and rows[0]["task_type"] == "support_desk"
     assert rows[0]["cost_usd"] == pytest.approx(doc["cost_usd"])
 
     res = keel(stack_env, "result", doc["workflow_id"], "--json")
@@ -93,7 +96,7 @@ def test_port_held_by_something_else_is_a_clear_error(stack_env: dict[str, str])
 
 def test_submit_refuses_bad_tickets(stack_env: dict[str, str]) -> None:
     empty = keel(stack_env, "ticket", "submit", "--customer", "C-1001", "--text", "  ")
-    assert empty.returncode == 2 and "ticket text is empty" in empty.stderr
+    assert empty.returncode == 2 and "ticket submit refused: ticket text is empty" in empty.stderr
 
 
 def test_malformed_batch_file_starts_nothing(tmp_path: Path) -> None:
@@ -234,10 +237,10 @@ def test_up_with_a_trace_ui_exports_one_trace_per_task(stack_env: dict[str, str]
     spans: list[tuple[str, str, str]] = []
     while time.monotonic() < deadline:
         spans = _received_spans(received) if received.is_file() else []
-        if any(n.startswith("execute_tool send_reply") for n, _, _ in spans):
+        if any(n.startswith("execute_tool lookup_policy") for n, _, _ in spans):
             break
         time.sleep(0.2)
-    [root] = [s for s in spans if s[0] == "StartWorkflow:SupportTicket"]
+    [root] = [s for s in spans if s[0] == f"StartWorkflow:{names.AGENT_WORKFLOW}"]
     assert root[2] == "keel"  # the starter's span, exported by the `keel` command itself
     trace = [s for s in spans if s[1] == root[1]]
     assert {"keel-worker"} <= {s[2] for s in trace}

@@ -321,15 +321,16 @@ def test_submit_with_an_unknown_prompt_version_is_refused(tmp_path: Path, monkey
     assert "support/draft.v3.md" in str(e.value) and "classify.v3" not in str(e.value)
     monkeypatch.undo()
 
-    # The command refuses before it connects (no server at this address).
+    # `keel ticket` (the support desk agent's verbs) refuses before it connects (no server at this address).
     env = {"KEEL_HOME": str(tmp_path), "TEMPORAL_ADDRESS": "127.0.0.1:1", "COLUMNS": "200"}
     out = CliRunner().invoke(app, ["ticket", "submit", "-c", BILLING[0], "-t", BILLING[1], "--prompt-version", "v9"],
                              env=env)
-    assert out.exit_code == 2 and "ticket refused" in out.output and "support/agent.v9.md" in out.output
+    assert out.exit_code == 2 and "ticket submit refused" in out.output, out.output
+    assert "prompt version 'v9': the support desk has v1, v2" in out.output
     batch = tmp_path / "batch.jsonl"
     batch.write_text(json.dumps({"customer_id": BILLING[0], "text": BILLING[1]}) + "\n")
     out = CliRunner().invoke(app, ["ticket", "batch", str(batch), "--prompt-version", "v9"], env=env)
-    assert out.exit_code == 2 and "support/draft.v9.md" in out.output
+    assert out.exit_code == 2 and "prompt version 'v9'" in out.output, out.output
 
 
 async def test_the_llm_activity_refuses_a_missing_prompt_version(db_engine: Engine) -> None:

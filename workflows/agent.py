@@ -289,7 +289,7 @@ class AgentWorkflow:
         if problem is not None:
             return "", f"the request could not be triaged: {problem}"
         dumped = value.model_dump(mode="json")
-        result.triage = dumped
+        result.triage = runner.progress.triage = dumped
         as_json = value.model_dump_json()
         runner.decide("triage", as_json)
         try:

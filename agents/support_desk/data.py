@@ -1,4 +1,5 @@
-"""The support desk's seed data: fictional customers, accounts, transactions and policies of "Keel Bank".
+"""The support desk's seed data: fictional customers, accounts, transactions and policies of "Keel Bank",
+and the sample tickets of `keel ticket batch --sample N`.
 
 Ported unchanged from the platform's legacy seed (keel/dataset.py, written by activities/db.py
 init_db): the same generator and the same seed, so the same 40 customers, accounts, transactions and
@@ -11,6 +12,7 @@ and one 4.90 EUR account fee (its 6th).
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from typing import Any
 
 DATA_SEED = 7
@@ -103,3 +105,83 @@ def build_seed(seed: int = DATA_SEED, n_customers: int = N_CUSTOMERS) -> dict[st
             prev = t
     return {"customers": customers, "accounts": accounts, "transactions": txs,
             "policies": [dict(p) for p in POLICIES]}
+
+
+# --- sample tickets (`keel ticket batch --sample N`) ------------------------------------------------
+
+TICKET_KINDS = ["refund_request", "billing_question", "account_access", "card_issue", "fraud_report",
+                "general_inquiry", "refund_request", "card_issue"]
+
+
+@dataclass(frozen=True)
+class SampleTicket:
+    ticket_id: str
+    customer_id: str
+    text: str
+    category: str
+    """The category a correct triage finds."""
+    expected_route: str
+    """reply | human: a refund waits for a person's approval, a fraud report goes to one."""
+
+
+def sample_tickets(n: int, seed: int = 0) -> list[SampleTicket]:
+    """n tickets over the seed's customers, every category represented, with known answers.
+
+    Ported unchanged from the legacy generator (keel/dataset.py sample_tickets): the same seed gives the
+    same tickets."""
+    data = build_seed()
+    rng = random.Random(f"tickets:{seed}")
+    by_customer: dict[str, list[dict[str, Any]]] = {}
+    for t in data["transactions"]:
+        by_customer.setdefault(t["customer_id"], []).append(t)
+    customers = data["customers"]
+    out = []
+    for i in range(n):
+        c = customers[rng.randrange(len(customers))]
+        txs = by_customer[c["id"]]
+        kind = TICKET_KINDS[i % len(TICKET_KINDS)]
+        dup = next(t for t in txs if t["duplicate_of"])
+        fee = next(t for t in txs if t["kind"] == "fee")
+        other = rng.choice([t for t in txs if t["kind"] == "purchase" and not t["duplicate_of"]])
+        if kind == "refund_request":
+            text = rng.choice([
+                f"I was charged twice at {dup['merchant']} for {dup['amount']:.2f} EUR. "
+                "Please refund the duplicate charge.",
+                f"There is a duplicate payment of {dup['amount']:.2f} EUR to {dup['merchant']} on my account, "
+                "I want my money back.",
+            ])
+            route = "human"  # the refund is a write that waits for a support lead's approval
+        elif kind == "billing_question":
+            text = rng.choice([
+                f"Why was I charged a fee of {fee['amount']:.2f} EUR this month? I thought my account was free.",
+                "Can you explain the monthly fee on my statement?",
+            ])
+            route = "reply"
+        elif kind == "account_access":
+            text = rng.choice([
+                "I can't log in to the app, it says my account is locked. Please help.",
+                "I forgot my password and now I am locked out of my account.",
+            ])
+            route = "reply"
+        elif kind == "card_issue":
+            text = rng.choice([
+                f"My card was declined at {other['merchant']} yesterday, what is wrong with my card?",
+                "My card keeps getting declined when I pay online.",
+            ])
+            route = "reply"
+        elif kind == "fraud_report":
+            text = rng.choice([
+                f"I do not recognise the payment of {other['amount']:.2f} EUR to {other['merchant']}. "
+                "I think someone stole my card details, this is fraud!",
+                "Someone made payments I did not authorise. My card may have been stolen.",
+            ])
+            route = "human"
+        else:
+            text = rng.choice([
+                "How do I change my postal address?",
+                "What are your support hours?",
+            ])
+            route = "reply"
+        out.append(SampleTicket(ticket_id=f"TK-{seed}-{i + 1:04d}", customer_id=c["id"], text=text,
+                                category=kind, expected_route=route))
+    return out
