@@ -54,6 +54,12 @@ async def test_bad_tool_calls_never_reach_a_tool(client: Client, db_url: str, kn
         ran = tool_rows(env, res.workflow_id)
         guard = rows(env, "SELECT status FROM ledger WHERE workflow_id = :w AND kind = 'guardrail'", w=res.workflow_id)
     assert res.tools_executed == [] and ran == [], ran
+    if res.reason.startswith("the request could not be triaged"):
+        # Broken JSON can break the triage's own answer too (the breakage is drawn per call: some broken
+        # answers still hold a readable object): then a person takes the task before any tool.
+        assert knob == "invalid_json_rate" and res.status == "escalated", res.reason
+        assert [d.kind for d in res.decisions].count("invalid_output") == support_desk.triage.attempts  # type: ignore[union-attr]
+        return
     assert res.tools_blocked and res.invalid_outputs >= support_desk.max_invalid_outputs
     assert res.status == "escalated" and "invalid" in res.reason, res.reason
     assert len(guard) >= len(res.tools_blocked) and all(g["status"] == "blocked" for g in guard)
