@@ -6,6 +6,8 @@
   fire in order, each once, at the steps the report names, and the model is told (wrap up; answer now,
   with no tool offered after it); the ledger rows of the task sum exactly to the result's usage.
 - A fixed spiral where soft, hard and the kill all fire, in that order.
+- Reservations: an orchestration's children (any agents) hold their caps from the parent's budget
+  before they start; the family's ledger rows stay within the parent's budget, each child's within its own.
 - The cost circuit breaker is per agent: when one agent's breaker trips, its new tasks go to the human
   queue without a model call, and another agent's tasks still run.
 
@@ -35,6 +37,7 @@ from agents.support_desk import store, support_desk
 from keel import names
 from keel.breaker import BREAKER_STATE_QUERY, BreakerState, breaker_workflow_id
 from keel.dataset import sample_tickets
+from keel.orchestration import ChildTask
 from keel.testing import AgentEnvironment, agent_environment
 from keel.types import LlmRequest, LlmResponse
 from tests.conftest import assert_eventually
@@ -208,7 +211,72 @@ async def test_a_spiral_meets_wrap_up_then_answer_now_then_the_kill(client: Clie
     assert sa[names.SA_BUDGET] == "limit:tokens" and sa[names.SA_STATUS] == "budget_exceeded"
 
 
-# --- 2. the cost circuit breaker, per agent -----------------------------------------------------
+# --- 2. reservations: children of any agents under one parent budget --------------------------
+@st.composite
+def families(draw: st.DrawFn) -> dict[str, Any]:
+    parent = keel.Budget(max_tokens=draw(st.integers(2_000, 24_000)),
+                         max_usd=draw(st.none() | st.floats(0.005, 0.08)))
+    picks = draw(st.lists(st.sampled_from(["api", "payments", "desk", "desk-2"]), min_size=1, max_size=4,
+                          unique=True))
+    children = []
+    for name in picks:
+        cap = draw(st.none() | st.builds(keel.Budget, max_tokens=st.integers(1_000, 12_000),
+                                         max_usd=st.none() | st.floats(0.003, 0.05)))
+        if name.startswith("desk"):
+            sample = draw(st.sampled_from(SAMPLES))
+            children.append(ChildTask(agent="support_desk", name=name, budget=cap,
+                                      input=f"Customer: {sample.customer_id}\n\n{sample.text}"))
+        else:
+            children.append(ChildTask(agent="oncall", name=name, budget=cap, input=f"Is the {name} service ok?"))
+    return {"tasks": children, "budget": parent, "approval_mode": "escalate",
+            "sim": keel.SimConfig(seed=draw(st.integers(0, 2**16)),
+                                  spiral_rate=draw(st.sampled_from([0.0, 1.0]) | st.floats(0, 1)))}
+
+
+def family_rows(env: AgentEnvironment, parent: str) -> list[dict[str, Any]]:
+    with env.engine.connect() as conn:
+        rows = conn.execute(text("SELECT workflow_id, input_tokens + output_tokens AS tokens, cost_usd FROM ledger "
+                                 "WHERE (workflow_id = :p OR parent_workflow_id = :p) AND kind = 'llm'"),
+                            {"p": parent})
+        return [dict(r._mapping) for r in rows]
+
+
+async def test_children_reserve_from_the_parent_and_never_cross_it(
+        client: Client, status: StatusService, db_url: str) -> None:
+    """An orchestration of support desk and on-call children: each child's caps are held from the
+    parent's budget before it starts, so however they spiral, the family's ledger rows stay within the
+    parent's budget, each child's within its own caps, and the reservations are all released."""
+    loop = asyncio.get_running_loop()
+    async with agent_environment(support_desk, oncall, client=client, db_url=db_url) as env:
+
+        @hypothesis.settings(max_examples=10, deadline=None, database=None, derandomize=True)
+        @hypothesis.given(fam=families())
+        def prop(fam: dict[str, Any]) -> None:
+            res = asyncio.run_coroutine_threadsafe(
+                env.orchestrate("Check on things", key=uuid.uuid4().hex[:12], tenant="C-1001", **fam),
+                loop).result(timeout=90)
+            budget: keel.Budget = fam["budget"]
+            rows = family_rows(env, res.workflow_id)
+            tokens, usd = sum(r["tokens"] for r in rows), sum(r["cost_usd"] for r in rows)
+            assert budget.max_tokens is not None and tokens <= budget.max_tokens, (tokens, res.decisions)
+            if budget.max_usd is not None:
+                assert usd <= budget.max_usd + USD_EPS, (usd, res.decisions)
+            assert (tokens, res.usage.llm_calls) == (res.usage.tokens, len(rows))
+            assert usd == pytest.approx(res.usage.cost_usd, abs=1e-7)
+            assert res.budget.reserved_tokens == 0 and res.budget.reserved_usd == 0
+            assert res.budget.used_tokens == res.usage.tokens
+            for c in res.children:
+                mine = [r for r in rows if r["workflow_id"] == c.workflow_id]
+                if c.budget_tokens is not None:
+                    assert sum(r["tokens"] for r in mine) <= c.budget_tokens, c
+                if c.budget_usd is not None:
+                    assert sum(r["cost_usd"] for r in mine) <= c.budget_usd + USD_EPS, c
+                assert c.status in ("completed", "budget_exceeded", "not_started", "escalated"), c
+
+        await asyncio.to_thread(prop)
+
+
+# --- 3. the cost circuit breaker, per agent -----------------------------------------------------
 class HostArgs(keel.Args):
     host: str
 
@@ -236,16 +304,17 @@ async def test_a_tripped_breaker_refuses_that_agents_tasks_only(
     suffix = uuid.uuid4().hex[:8]
     hot, calm = (keel.Agent(name=f"{n}_{suffix}", prompt=prompt, tools=[ping], expected_tokens=40,
                             budget=keel.Budget(max_tokens=None, max_usd=None)) for n in ("hot", "calm"))
+    calm_sim = keel.SimConfig(spiral_rate=0)  # the agents' names are drawn: no spiral drawn with them
     async with agent_environment(hot, calm, client=client, home=tmp_path) as env:
-        first = await asyncio.gather(*(env.run(hot.name, f"Is db-{i} up?", key=f"{suffix}-{i}")
+        first = await asyncio.gather(*(env.run(hot.name, f"Is db-{i} up?", key=f"{suffix}-{i}", sim=calm_sim)
                                        for i in range(10)))
         assert all(r.status == "completed" and r.llm_calls > 0 for r in first), [r.reason for r in first]
         state = await assert_eventually(lambda: breaker(client, hot, env),
                                         lambda s: s.status == "open" and len(s.window) == 10)
         assert state.window_avg_tokens > 2 * hot.expected_tokens and state.trips == 1
 
-        refused = await env.run(hot.name, "Is db-1 up?", key=f"{suffix}-refused")
-        other = await env.run(calm.name, "Is db-1 up?", key=f"{suffix}-other")
+        refused = await env.run(hot.name, "Is db-1 up?", key=f"{suffix}-refused", sim=calm_sim)
+        other = await env.run(calm.name, "Is db-1 up?", key=f"{suffix}-other", sim=calm_sim)
         hot_after, calm_after = await breaker(client, hot, env), await breaker(client, calm, env)
         refused_rows = ledger_rows(env, refused.workflow_id)
 
