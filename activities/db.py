@@ -1,4 +1,4 @@
-"""The tool and ledger database: SQLModel tables, the engine, and the one-time seed.
+"""The platform's database: SQLModel tables (ledger, human queue, alerts, shadow) and the engine.
 
 SQLite by default (a file under KEEL_HOME); any SQLAlchemy URL works, PostgreSQL included.
 All calls are synchronous: activities run them in worker threads.
@@ -12,13 +12,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, DateTime, Engine, Table, event, func, inspect, select, text
+from sqlalchemy import Connection, DateTime, Engine, Table, event, inspect, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import StaticPool
 from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, SQLModel, create_engine
-
-from keel.dataset import build_dataset
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 _SEED_LOCK_ID = 0x6B65656C  # "keel": PostgreSQL advisory lock that serializes init_db
@@ -54,72 +52,6 @@ def table_of(model: type[SQLModel]) -> Table:
 
 def _created_at() -> Any:
     return Field(default_factory=utcnow, sa_type=UtcDateTime, index=True)
-
-
-class CustomerRow(SQLModel, table=True):
-    __tablename__ = "customers"
-    id: str = Field(primary_key=True)
-    name: str
-    email: str
-    phone: str
-    tier: str
-    locked: bool
-    card_status: str
-    card_number: str
-
-
-class AccountRow(SQLModel, table=True):
-    __tablename__ = "accounts"
-    id: str = Field(primary_key=True)
-    customer_id: str = Field(index=True, foreign_key="customers.id")
-    iban: str
-    kind: str
-    balance: float
-    currency: str = "EUR"
-
-
-class TransactionRow(SQLModel, table=True):
-    __tablename__ = "transactions"
-    id: str = Field(primary_key=True)
-    customer_id: str = Field(index=True, foreign_key="customers.id")
-    account_id: str = Field(foreign_key="accounts.id")
-    merchant: str
-    amount: float
-    days_ago: int
-    kind: str
-    disputed: bool = False
-    duplicate_of: str | None = None
-
-
-class PolicyRow(SQLModel, table=True):
-    __tablename__ = "policies"
-    topic: str = Field(primary_key=True)
-    text: str
-    max_refund: float | None = None
-
-
-class RefundRow(SQLModel, table=True):
-    __tablename__ = "refunds"
-    id: int | None = Field(default=None, primary_key=True)
-    idempotency_key: str = Field(unique=True)
-    workflow_id: str = Field(index=True)
-    customer_id: str
-    transaction_id: str = Field(index=True)
-    amount: float
-    reason: str
-    status: str = "executed"
-    created_at: datetime = _created_at()
-
-
-class ReplyRow(SQLModel, table=True):
-    __tablename__ = "replies"
-    id: int | None = Field(default=None, primary_key=True)
-    idempotency_key: str = Field(unique=True)
-    workflow_id: str = Field(index=True)
-    customer_id: str = Field(index=True)
-    body: str
-    status: str = "sent"
-    created_at: datetime = _created_at()
 
 
 class HumanQueueRow(SQLModel, table=True):
@@ -312,28 +244,17 @@ def make_engine(url: str) -> Engine:
     return engine
 
 
-def init_db(engine: Engine) -> bool:
-    """Create the tables and seed the synthetic dataset once. Returns True if it seeded.
+def init_db(engine: Engine) -> None:
+    """Create the platform's tables (ledger, human queue, alerts, shadow) and add the columns an older
+    file lacks. The platform seeds nothing: an agent creates and seeds its own tables.
 
-    Safe to call again and from several processes at once: the check and the seed run in one
-    transaction holding the write lock (SQLite) or an advisory lock (PostgreSQL)."""
+    Safe to call again and from several processes at once: it runs in one transaction holding the write
+    lock (SQLite) or an advisory lock (PostgreSQL)."""
     with engine.begin() as conn:
         if conn.dialect.name == "postgresql":
             conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _SEED_LOCK_ID})
         SQLModel.metadata.create_all(conn)
         _add_missing_columns(conn)
-        if conn.execute(select(func.count()).select_from(CustomerRow)).scalar_one():
-            return False
-        ds = build_dataset()
-        tables = SQLModel.metadata.tables
-        for name, rows in (
-            ("customers", ds.customers),
-            ("accounts", ds.accounts),
-            ("transactions", ds.transactions),
-            ("policies", ds.policies),
-        ):
-            conn.execute(tables[name].insert(), [r.model_dump() for r in rows])
-        return True
 
 
 def _add_missing_columns(conn: Connection) -> list[str]:

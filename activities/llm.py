@@ -11,14 +11,13 @@ from temporalio.exceptions import ApplicationError
 
 from activities.breaker import BreakerActivities
 from activities.ledger import Ledger
-from activities.prompts import load_prompt, load_prompt_at
+from activities.prompts import load_prompt_at
 from activities.providers.base import Provider
 from activities.tracing import Tracing
 from keel import errors, registry
 from keel.names import LLM_ACTIVITY
 from keel.pricing import UnpricedModelError, cost_usd, price_for
 from keel.tokens import estimate_input_tokens
-from keel.tools import TOOLS
 from keel.types import LlmRequest, LlmResponse, ModelSpec
 
 BREAKER_OPEN = "BreakerOpen"
@@ -57,33 +56,22 @@ class LlmActivities:
             price_for(req.model.provider, req.model.model)
         except UnpricedModelError as e:
             raise ApplicationError(str(e), type="UnpricedModel", non_retryable=True) from e
-        agent = None
-        if req.agent:
-            agent = registry.find(req.agent)
-            if agent is None:
-                raise ApplicationError(f"agent {req.agent!r} is not registered on this worker",
-                                       type=errors.AGENT_NOT_REGISTERED, non_retryable=True)
-            unknown = [n for n in req.tool_names if n not in agent.tool_map]
-            if unknown:
-                raise ApplicationError(f"agent {req.agent!r} has no tools {unknown!r}", type=errors.UNKNOWN_TOOL,
-                                       non_retryable=True)
-            req = req.model_copy(update={"tools": [*req.tools, *agent.tool_specs(req.tool_names)], "tool_names": []})
-        elif req.tool_names:
-            unknown = [n for n in req.tool_names if n not in TOOLS]
-            if unknown:
-                raise ApplicationError(f"unknown tools {unknown!r} in the request", type="ProviderBadRequest",
-                                       non_retryable=True)
-            req = req.model_copy(update={"tools": [*req.tools, *(TOOLS[n].spec() for n in req.tool_names)],
-                                         "tool_names": []})
+        agent = registry.find(req.agent) if req.agent else None
+        if agent is None:
+            raise ApplicationError(f"agent {req.agent!r} is not registered on this worker" if req.agent
+                                   else "a model call must name its agent", type=errors.AGENT_NOT_REGISTERED,
+                                   non_retryable=True)
+        unknown = [n for n in req.tool_names if n not in agent.tool_map]
+        if unknown:
+            raise ApplicationError(f"agent {req.agent!r} has no tools {unknown!r}", type=errors.UNKNOWN_TOOL,
+                                   non_retryable=True)
+        req = req.model_copy(update={"tools": [*req.tools, *agent.tool_specs(req.tool_names)], "tool_names": []})
         admission = None
         if req.admit is not None and self._breakers is not None:
             admission = await self._breakers.decide(req.admit)
             if not admission.admitted:
                 raise ApplicationError(admission.reason, admission, type=BREAKER_OPEN, non_retryable=True)
-        if agent is not None:
-            prompt = load_prompt_at(agent.prompt_dir, req.prompt, req.task.prompt_version)
-        else:
-            prompt = load_prompt(req.prompt, req.task.prompt_version)
+        prompt = load_prompt_at(agent.prompt_dir, req.prompt, req.task.prompt_version)
         if req.max_input_tokens is not None:
             # The workflow estimated without the system prompt's exact size; this is the exact check.
             est = estimate_input_tokens(req.messages, req.tools, len(prompt.text))

@@ -1,16 +1,14 @@
-"""Versioned prompts: files `prompts/<name>.<version>.md`; version and content hash go on every call."""
+"""Versioned prompts: an agent's files `<name>.<version>.md` beside its module; version and content hash go
+on every call."""
 
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
 from temporalio.exceptions import ApplicationError
-
-PROMPTS_DIR = Path(os.environ.get("KEEL_PROMPTS_DIR", Path(__file__).resolve().parents[1] / "prompts"))
 
 
 @dataclass(frozen=True)
@@ -23,11 +21,6 @@ class Prompt:
     @property
     def short_hash(self) -> str:
         return self.sha256[:12]
-
-
-def load_prompt(name: str, version: str) -> Prompt:
-    """A built-in pipeline's prompt, under PROMPTS_DIR."""
-    return load_prompt_at(PROMPTS_DIR, name, version)
 
 
 @cache

@@ -14,10 +14,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 
-def ticket_input_hash(customer_id: str, text: str) -> str:
-    """sha256 of the customer id and the ticket text, 16 hex: the same ticket submitted again hashes
-    the same, so its runs can be compared (outcome consistency). No text is kept, only the digest."""
-    return hashlib.sha256(f"{customer_id.strip()}\n{text}".encode()).hexdigest()[:16]
+def input_hash(tenant: str, text: str) -> str:
+    """sha256 of the tenant and the task's input, 16 hex: the same request submitted again hashes the
+    same, so its runs can be compared (outcome consistency). No text is kept, only the digest."""
+    return hashlib.sha256(f"{tenant.strip()}\n{text}".encode()).hexdigest()[:16]
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:

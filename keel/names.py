@@ -7,12 +7,6 @@ from datetime import timedelta
 TASK_QUEUE = "keel"
 
 # Workflows
-SUPPORT_TICKET_WORKFLOW = "SupportTicket"
-PIPELINE_VERSION = 3
-"""The ticket pipeline new tasks run (TicketInput.pipeline_version): 3 = cost controls and guardrails,
-chosen by the pinned input instead of a patch marker, and the budget search attribute written
-mid-task only when the hard limit fires. Older histories carry no version and replay through their
-patch markers (workflows.support_ticket)."""
 AGENT_WORKFLOW = "KeelAgent"
 """The generic agent workflow: runs any registered keel.Agent (`keel run AGENT "input"`)."""
 ORCHESTRATOR_WORKFLOW = "KeelOrchestrator"

@@ -65,8 +65,6 @@ class KeelSettings(BaseSettings):
     approval_mode: Literal["wait", "escalate"] = "wait"
     """wait: a `confirm` write pauses its task for a human's decision (`keel approve`). escalate: the
     proposal is recorded and the task goes to the human queue at once (bulk runs with nobody at hand)."""
-    approvers: str | None = None
-    """Who may approve which tool, e.g. `issue_refund=alice,bob;other_tool=carol`; default: keel.policy."""
     approval_timeout_s: float = Field(86_400, gt=0)
     """A proposal nobody decides within this time sends its task to the human queue."""
     hold_escalated: bool = False
@@ -113,13 +111,6 @@ class KeelSettings(BaseSettings):
             return otlp_endpoint() is not None
         return self.tracing == "on"
 
-    @field_validator("approvers")
-    @classmethod
-    def _valid_approvers(cls, v: str | None) -> str | None:
-        if v is not None:
-            parse_approvers(v)
-        return v
-
     @property
     def db_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.home / 'keel.db').resolve()}"
@@ -136,17 +127,6 @@ class KeelSettings(BaseSettings):
     def ui_url(self) -> str:
         return f"http://{self.temporal_host}:{self.ui_port}"
 
-
-def parse_approvers(spec: str) -> dict[str, list[str]]:
-    """`issue_refund=alice,bob;other=carol` -> {"issue_refund": ["alice", "bob"], "other": ["carol"]}."""
-    out: dict[str, list[str]] = {}
-    for part in filter(None, (p.strip() for p in spec.split(";"))):
-        tool, sep, names = part.partition("=")
-        people = [n.strip() for n in names.split(",") if n.strip()]
-        if not sep or not tool.strip() or not people:
-            raise ValueError(f"KEEL_APPROVERS entry {part!r} must look like 'tool=name1,name2'")
-        out[tool.strip()] = people
-    return out
 
 
 def otlp_endpoint() -> str | None:

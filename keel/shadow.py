@@ -5,10 +5,9 @@ A candidate (a prompt version and/or models) runs beside the primary on the same
 dry-run (recorded, never executed); only the primary's output acts. Each shadowed task leaves one
 comparison row; `keel shadow report` summarizes them per candidate.
 
-Two kinds of primary: a support ticket (TicketInput, the configuration without an agent), and a task
-of any registered agent (AgentInput, a configuration per agent: `CandidateSpec.agent`). Both use the
-same ShadowWorkflow, configuration table and comparison rows; an agent's candidate label starts with
-`agent=<name>,`, so its comparisons and reports never mix with the tickets' or another agent's.
+The primary is a task of any registered agent (AgentInput, a configuration per agent:
+`CandidateSpec.agent`); a candidate label starts with `agent=<name>,`, so one agent's comparisons and
+reports never mix with another's.
 """
 
 from __future__ import annotations
@@ -20,19 +19,14 @@ from statistics import fmean
 
 from pydantic import BaseModel, Field
 
-from keel.policy import APPROVALS
 from keel.pricing import UnpricedModelError, price_for
 from keel.types import (
     AgentInput,
     AgentResult,
     BlockedAction,
-    ChildStatus,
     ModelSpec,
     Route,
-    TaskStatus,
     TaskUsage,
-    TicketInput,
-    TicketResult,
     Tier,
 )
 
@@ -136,22 +130,6 @@ class CandidateSpec(BaseModel):
                     problems.append(str(e))
         return problems
 
-    def apply(self, primary: TicketInput) -> TicketInput:
-        """The candidate's input: the primary's ticket with this version, as a dry run charged to the
-        shadow feature, outside the circuit breaker, never waiting for anyone."""
-        approval = (primary.approval or APPROVALS).model_copy(update={"mode": "escalate"})
-        return primary.model_copy(update={
-            "prompt_version": self.prompt_version or primary.prompt_version,
-            "small_model": self.small_model or primary.small_model,
-            "large_model": self.large_model or primary.large_model,
-            "dry_run": True,
-            "feature": SHADOW_FEATURE,
-            "breaker": False,
-            "hold_for_human": False,
-            "approval": approval,
-        })
-
-
     def for_agent(self, agent: str) -> CandidateSpec:
         """This candidate, shadowing the tasks of `agent`."""
         return self.model_copy(update={"agent": agent})
@@ -220,15 +198,13 @@ def agent_of_label(label: str) -> str | None:
 
 
 class ShadowInput(BaseModel):
-    """Input of ShadowWorkflow: one task, run by the primary and by the candidate. Exactly one of
-    `primary` (a support ticket) and `agent` (a registered agent's task) is given."""
+    """Input of ShadowWorkflow: one task of a registered agent, run by the primary and by the candidate."""
 
-    primary: TicketInput | None = None
     candidate: CandidateSpec
     primary_workflow_id: str
     """The task's normal workflow id: approvals, watch and trace on it work unchanged."""
     agent: AgentInput | None = None
-    """The primary task of a registered agent (`KeelAgent`), instead of a ticket."""
+    """The primary task of a registered agent (`KeelAgent`)."""
 
 
 class ShadowComparison(BaseModel):
@@ -282,58 +258,6 @@ NOT_STORED = frozenset({"primary_answer", "candidate_answer", "answer_agrees"})
 def final_status(status: str) -> str:
     """The agent's outcome: a task a human resolved after its escalation was escalated by the agent."""
     return "escalated" if status == "resolved_by_human" else status
-
-
-def compare(
-    primary: TicketResult,
-    candidate: TicketResult | None,
-    *,
-    shadow_workflow_id: str,
-    candidate_workflow_id: str,
-    candidate_label: str,
-    candidate_error: str = "",
-    candidate_spent: TaskUsage | None = None,
-) -> ShadowComparison:
-    """The comparison row of one shadowed ticket. `candidate` None: it failed (`candidate_error`),
-    after spending `candidate_spent` (from the ledger); its deltas stay None."""
-    c = ShadowComparison(
-        shadow_workflow_id=shadow_workflow_id, primary_workflow_id=primary.workflow_id,
-        candidate_workflow_id=candidate_workflow_id, ticket_id=primary.ticket_id, customer_id=primary.customer_id,
-        candidate=candidate_label, primary_status=primary.status, primary_route=primary.route,
-        primary_category=primary.category, primary_cost_usd=primary.cost_usd, primary_steps=primary.steps,
-        primary_tokens=primary.tokens,
-    )
-    if candidate is None:
-        spent = {"candidate_cost_usd": candidate_spent.cost_usd, "candidate_tokens": candidate_spent.tokens
-                 } if candidate_spent is not None else {}
-        return c.model_copy(update={"candidate_failed": True, "candidate_error": candidate_error or "failed", **spent})
-    proposed = [b for b in candidate.tools_blocked if b.reason.startswith("requires human approval")]
-    return c.model_copy(update={
-        "candidate_status": candidate.status,
-        "candidate_route": candidate.route,
-        "candidate_category": candidate.category,
-        "same_outcome": candidate.route == primary.route
-        and final_status(candidate.status) == final_status(primary.status),
-        "classification_agrees": candidate.category == primary.category,
-        "candidate_cost_usd": candidate.cost_usd,
-        "cost_delta_usd": round(candidate.cost_usd - primary.cost_usd, 8),
-        "candidate_steps": candidate.steps,
-        "step_delta": candidate.steps - primary.steps,
-        "candidate_tokens": candidate.tokens,
-        "token_delta": candidate.tokens - primary.tokens,
-        "dry_run_writes": len(candidate.dry_run_actions),
-        "dry_run_actions": candidate.dry_run_actions,
-        "proposed_writes": proposed,
-    })
-
-
-def failed_primary(workflow_id: str, inp: TicketInput, reason: str) -> TicketResult:
-    """What the comparison records for a primary that failed (it has no result of its own)."""
-    return TicketResult(workflow_id=workflow_id, ticket_id=inp.ticket_id, customer_id=inp.customer_id,
-                        status="failed", route="human", reason=reason)
-
-
-# --- agents -----------------------------------------------------------------------------------
 
 
 def agent_route(status: str) -> Route:
@@ -416,19 +340,6 @@ def failed_agent_primary(workflow_id: str, inp: AgentInput, reason: str) -> Agen
 
 
 def agent_usage_of(r: AgentResult) -> TaskUsage:
-    return TaskUsage(llm_calls=r.llm_calls, input_tokens=r.input_tokens, output_tokens=r.output_tokens,
-                     cost_usd=r.cost_usd)
-
-
-def child_status(status: TaskStatus) -> ChildStatus:
-    """A ticket's status as a pattern's child record shows it."""
-    mapping: dict[str, ChildStatus] = {"resolved": "completed", "resolved_by_human": "completed",
-                                       "budget_exceeded": "budget_exceeded", "failed": "failed"}
-    return mapping.get(status, "running" if status in ("running", "awaiting_approval", "awaiting_human")
-                       else "escalated")
-
-
-def usage_of(r: TicketResult) -> TaskUsage:
     return TaskUsage(llm_calls=r.llm_calls, input_tokens=r.input_tokens, output_tokens=r.output_tokens,
                      cost_usd=r.cost_usd)
 

@@ -183,7 +183,7 @@ class TaskContext(BaseModel):
     task_type: str = "support_ticket"
     prompt_version: str = "v1"
     input_hash: str = ""
-    """sha256 of the customer id and ticket text, 16 hex (keel.metrics.ticket_input_hash): groups repeated
+    """sha256 of the customer id and ticket text, 16 hex (keel.metrics.input_hash): groups repeated
     submissions of the same input (outcome consistency). Empty in histories recorded before it existed."""
     parent_workflow_id: str = ""
     """The parent pattern's workflow (orchestrator, supervisor, swarm, shadow) of a child task, else
@@ -291,12 +291,6 @@ class ToolResult(BaseModel):
     latency_ms: float = 0.0
 
 
-class Classification(BaseModel):
-    category: str
-    urgency: Literal["low", "normal", "high", "urgent"] = "normal"
-    confidence: float = Field(ge=0, le=1)
-
-
 TaskStatus = Literal[
     "running", "resolved", "escalated", "rejected", "failed", "budget_exceeded", "awaiting_approval",
     "awaiting_human", "resolved_by_human",
@@ -395,89 +389,11 @@ class HumanResolution(BaseModel):
     """A reply the human sent the customer, if any (recorded, not sent by Keel)."""
 
 
-class TicketInput(BaseModel):
-    """Input of SupportTicketWorkflow. Lenient on purpose: a bad ticket is rejected with a clear
-    reason by the workflow (and earlier by the CLI) instead of failing deserialization."""
-
-    ticket_id: str = ""
-    customer_id: str
-    text: str
-    feature: str = "support"
-    task_type: str = "support_ticket"
-    prompt_version: str = "v1"
-    small_model: ModelSpec = Field(default_factory=lambda: ModelSpec(provider="sim", model="sim-small"))
-    large_model: ModelSpec = Field(default_factory=lambda: ModelSpec(provider="sim", model="sim-large"))
-    sim: SimConfig = Field(default_factory=SimConfig)
-    max_steps: int | None = None
-    """Override of the policy's step cap for this task."""
-    budget: Budget | None = None
-    """Override of the task type's budget; `Budget(max_tokens=None, max_usd=None)` means no budget."""
-    tiering: bool = True
-    """Serve each step kind from its tier (small/large); False runs every step on the large model."""
-    fallbacks: list[ModelSpec] = Field(default_factory=list)
-    """Models tried in order when a call's retries are exhausted on a retryable provider error."""
-    breaker: bool = True
-    """Ask the task type's cost circuit breaker before running the model."""
-    approval: ApprovalPolicy | None = None
-    """Approvers, timeout and mode for `confirm` tools (the CLI pins the policy's). None: the policy's
-    approvers in mode "escalate" (nobody was named to wait for)."""
-    hold_for_human: bool = False
-    """An escalated task waits for a human's `resolve` signal before it completes."""
-    dry_run: bool = False
-    """Shadow mode's candidate: every write is recorded, never executed (see ToolRequest.dry_run), and
-    a `confirm` write is recorded as a proposal without asking anyone."""
-    pipeline_version: int = 0
-    """The ticket pipeline this task runs, pinned at submission (`keel.names.PIPELINE_VERSION`), so it
-    replays on the same path whatever code runs later. 0 (inputs recorded before the field existed):
-    the path is chosen by the history's patch markers, as then."""
-
-
 class BlockedAction(BaseModel):
     step: int
     tool: str
     arguments_json: str
     reason: str
-
-
-class TicketResult(BaseModel):
-    workflow_id: str
-    ticket_id: str = ""
-    customer_id: str = ""
-    status: TaskStatus
-    route: Route
-    reason: str = ""
-    category: str | None = None
-    urgency: str | None = None
-    confidence: float | None = None
-    reply: str | None = None
-    partial_output: str | None = None
-    """When a limit stopped the task: the best output it had produced."""
-    tools_executed: list[str] = Field(default_factory=list)
-    tools_blocked: list[BlockedAction] = Field(default_factory=list)
-    observations: list[str] = Field(default_factory=list)
-    """Problems the agent ran into (invalid output, unknown tools, tool errors), in order."""
-    steps: int = 0
-    llm_calls: int = 0
-    tokens: int = 0
-    input_tokens: int = 0
-    output_tokens: int = 0
-    cost_usd: float = 0.0
-    models: list[str] = Field(default_factory=list)
-    budget: BudgetReport = Field(default_factory=BudgetReport)
-    reasoning_loops: int = 0
-    """Times the agent went back to a tool it had left for another (revisiting an earlier step)."""
-    repeated_calls: int = 0
-    """Identical tool calls answered from the earlier result instead of being paid for again."""
-    decisions: list[Decision] = Field(default_factory=list)
-    approvals: list[ApprovalRecord] = Field(default_factory=list)
-    validation_failures: int = 0
-    """Tool calls the deterministic checks refused (schema, bounds, business rules, retry storms)."""
-    redactions: dict[str, int] = Field(default_factory=dict)
-    """PII removed from the reply before it left, by kind."""
-    resolution: HumanResolution | None = None
-    acknowledgement: str | None = None
-    dry_run_actions: list[BlockedAction] = Field(default_factory=list)
-    """Writes of a dry run (shadow candidate): recorded with their arguments, never executed."""
 
 
 class Progress(BaseModel):

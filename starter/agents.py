@@ -17,7 +17,7 @@ from keel import names
 from keel.orchestration import OrchestratorInput, OrchestratorResult, SwarmInput, SwarmResult
 from keel.settings import KeelSettings
 from keel.supervision import SupervisorInput, SupervisorResult
-from keel.types import AgentInput, AgentResult
+from keel.types import AgentInput, AgentResult, Progress
 
 SA_CUSTOMER = SearchAttributeKey.for_keyword(names.SA_CUSTOMER)
 SA_TASK_TYPE = SearchAttributeKey.for_keyword(names.SA_TASK_TYPE)
@@ -140,3 +140,13 @@ async def start_supervision(client: Client, settings: KeelSettings, inp: Supervi
             SearchAttributePair(SA_STATUS, "running"),
         ]),
     )
+
+
+WAITING_FOR_PEOPLE = ("awaiting_approval", "awaiting_human")
+"""Progress statuses of a task that waits for a person (an approval, a human's resolution)."""
+
+
+async def agent_progress(client: Client, workflow_id: str) -> Progress:
+    """A running task's progress query."""
+    p: Progress = await client.get_workflow_handle(workflow_id).query(names.PROGRESS_QUERY, result_type=Progress)
+    return p

@@ -11,16 +11,15 @@ from collections.abc import Callable, Coroutine
 from typing import Annotated, Any
 
 import typer
-from rich.live import Live
 from rich.markup import escape
 from temporalio.client import Client, WorkflowExecutionStatus
 
 from activities import tracing
 from keel import SwarmResult, names
 from keel.orchestration import OrchestratorResult
-from keel.types import AgentResult, TicketResult
-from starter import orchestrate_cli, patterns, stack, swarm_cli, tickets, views
-from starter.agents import SA_TASK_TYPE
+from keel.types import AgentResult
+from starter import orchestrate_cli, patterns, stack, swarm_cli, views
+from starter.agents import SA_TASK_TYPE, agent_progress
 from starter.approvals_cli import approvals, approve, reject, resolve_cmd
 from starter.breaker_cli import breaker_app
 from starter.codec_cli import codec_server
@@ -33,11 +32,6 @@ from starter.run_cli import print_agent_result, run_cmd, watch_agent, worker_cmd
 from starter.shadow_cli import shadow_app
 from starter.swarm_cli import swarm_cmd
 from starter.trace_cli import trace_cmd
-
-TASK_WORKFLOWS = (names.SUPPORT_TICKET_WORKFLOW,)
-"""Single tasks whose `progress` is a Progress. KeelAgent is one too (its result an AgentResult); every
-other workflow is a multi-agent pattern's parent (research, plan, swarm, shadow, the orchestrator, ...),
-whose `progress` is its phase and its children's (PatternProgress)."""
 
 
 def _json_result(res: Any) -> None:
@@ -127,16 +121,6 @@ def down() -> None:
     stack.down(load_settings(), console.print)
 
 
-def _print_result(res: TicketResult, as_json: bool) -> None:
-    if as_json:
-        print(json.dumps(views.result_json(res), indent=2))
-    else:
-        console.print(views.result_panel(res))
-        if res.status == "awaiting_approval":
-            console.print(f"Waiting for approval: `keel approve {res.workflow_id} --as alice` "
-                          f"or `keel reject {res.workflow_id} --as bob` (approvers: KEEL_APPROVERS).")
-
-
 @app.command()
 def status(workflow_id: str) -> None:
     """Live progress of a task: step, current action, tokens, status (a pattern: its phase and children;
@@ -150,19 +134,19 @@ def status(workflow_id: str) -> None:
             p = await patterns.pattern_progress(client, workflow_id)
             console.print(patterns.pattern_panel(workflow_id, p))
             return
-        if kind == names.AGENT_WORKFLOW:
-            if running:
-                console.print(views.progress_panel(workflow_id, await tickets.progress(client, workflow_id), agent))
-            else:  # from the history: no worker needed
-                print_agent_result(await _agent_result(client, workflow_id), False)
-            return
-        console.print(views.progress_panel(workflow_id, await tickets.progress(client, workflow_id)))
+        if running:
+            console.print(views.progress_panel(workflow_id, await agent_progress(client, workflow_id), agent))
+        else:  # from the history: no worker needed
+            print_agent_result(await _agent_result(client, workflow_id), False)
 
     _run(run)
 
 
 def _is_pattern(workflow_type: str) -> bool:
-    return workflow_type not in (*TASK_WORKFLOWS, names.AGENT_WORKFLOW)
+    """Every workflow but KeelAgent (a single task: its `progress` is a Progress) is a multi-agent
+    pattern's parent (the orchestrator, swarm, supervisor, shadow), whose `progress` is its phase and its
+    children's (PatternProgress)."""
+    return workflow_type != names.AGENT_WORKFLOW
 
 
 async def _describe(client: Client, workflow_id: str) -> tuple[str, str, bool]:
@@ -191,23 +175,9 @@ def watch(workflow_id: str) -> None:
         if _is_pattern(kind):
             await patterns.watch(client, console, handle)
             return
-        if kind == names.AGENT_WORKFLOW:
-            res = await watch_agent(client, workflow_id, agent) if running else await _agent_result(client, workflow_id)
-            if res is not None:
-                print_agent_result(res, False)
-            return
-        done = asyncio.ensure_future(handle.result())
-        p = await tickets.progress(client, workflow_id)
-        with Live(views.progress_panel(workflow_id, p), console=console, refresh_per_second=8) as live:
-            while not done.done() and p.status not in tickets.WAITING_FOR_PEOPLE:
-                await asyncio.wait({done}, timeout=0.25)
-                p = await tickets.progress(client, workflow_id)
-                live.update(views.progress_panel(workflow_id, p))
-        if not console.is_terminal:
-            console.line()  # Live ends a terminal's last line itself, not a pipe's
-        if not done.done():
-            done.cancel()
-            console.print(f"{workflow_id} is {p.status}: `keel approvals` / `keel resolve` (see the README).")
+        res = await watch_agent(client, workflow_id, agent) if running else await _agent_result(client, workflow_id)
+        if res is not None:
+            print_agent_result(res, False)
 
     _run(run)
 
@@ -222,8 +192,6 @@ def result(workflow_id: str, as_json: Annotated[bool, typer.Option("--json")] = 
         kind, _, _ = await _describe(client, workflow_id)
         if kind == names.AGENT_WORKFLOW:
             print_agent_result(await _agent_result(client, workflow_id), as_json)
-        elif kind == names.SUPPORT_TICKET_WORKFLOW:
-            _print_result(await tickets.result(client, workflow_id), as_json)
         elif kind in PATTERN_RESULTS:
             result_type, show = PATTERN_RESULTS[kind]
             show(await client.get_workflow_handle(workflow_id, result_type=result_type).result(), as_json)
@@ -260,11 +228,7 @@ def costs(
 
 
 def _run(fn: Callable[[], Coroutine[Any, Any, None]]) -> None:
-    try:
-        run_task(fn)
-    except tickets.ShadowStartError as e:
-        err.print(f"[red]{e}[/red]")
-        raise typer.Exit(1) from e
+    run_task(fn)
 
 
 def main() -> None:

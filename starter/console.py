@@ -45,6 +45,9 @@ def run_task(main: Callable[[], Coroutine[Any, Any, None]], what: str = "task") 
     except RPCError as e:
         err.print(f"[red]Temporal: {e.message}[/red]")
         raise typer.Exit(1) from e
+    except TimeoutError as e:  # e.g. a shadowed task's primary that no worker started in time
+        err.print(f"[red]{what}: {e}[/red]")
+        raise typer.Exit(1) from e
 
 
 def ledger_engine() -> Engine:

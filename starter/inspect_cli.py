@@ -11,14 +11,14 @@
   process, without Temporal, on the same input with the prompt version or models replaced. A KeelAgent
   task (any registered agent: `--agents MODULES` or KEEL_AGENTS loads it, as for replay) goes through
   the agent workflow's own steps (AgentWorkflow.make_runner and run_task: triage, the tool loop, the
-  answer and output checks); a ticket through the ticket pipeline. Model calls are real (the LLM
+  answer and output checks). Model calls are real (the LLM
   activity, its ledger rows under a workflow id of their own, feature "what-if"); tool calls are served
   from the results recorded in the original history (same tool, same arguments), a `confirm` call gets
   the approval decision recorded for it, and a call that was never recorded is answered "not
   executed": a what-if never runs a tool, read or write. The report sets the old and new runs side by
   side (path, status, tools, tokens and cost, the answer) and lists the calls not executed.
-- Prompts: the versions under prompts/ with their content hashes (the ones stamped on every ledger
-  row), and a unified diff between two of them.
+- Prompts: the loaded agents' prompt versions with their content hashes (the ones stamped on every
+  ledger row), and a unified diff between two of them.
 
 The functions are testable without the command line; the commands only print.
 """
@@ -53,12 +53,11 @@ from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 from temporalio.workflow import NondeterminismError
 
-from activities.prompts import PROMPTS_DIR, load_prompt
 from keel import names, registry
+from keel.agent import Agent
 from keel.errors import AgentDefinitionError
 from keel.pricing import UnpricedModelError, price_for
 from keel.settings import KeelSettings
-from keel.tools import TOOLS
 from keel.types import (
     AgentInput,
     AgentResult,
@@ -69,14 +68,11 @@ from keel.types import (
     LlmResponse,
     ModelSpec,
     PendingAction,
-    TicketInput,
-    TicketResult,
     Tier,
     ToolRequest,
     ToolResult,
 )
 from starter.console import client_or_exit, console, err, load_settings
-from starter.tickets import prompt_version_problems
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
@@ -358,7 +354,7 @@ class Recording(BaseModel):
     call, approval decisions, the result."""
 
     workflow_id: str
-    input: TicketInput | AgentInput
+    input: AgentInput
     tool_names: dict[str, str] = Field(default_factory=dict)
     """The task's tool activities: activity name -> tool name (`oncall.service_status` -> `service_status`)."""
     steps: list[PathStep] = Field(default_factory=list)
@@ -366,7 +362,7 @@ class Recording(BaseModel):
     """(tool_key, result) of every completed tool call, in order."""
     decisions: list[ApprovalDecision] = Field(default_factory=list)
     """Approval decisions sent to the task (signals and accepted updates), in order."""
-    result: TicketResult | AgentResult | None = None
+    result: AgentResult | None = None
     close_status: str = "Running"
 
 
@@ -384,33 +380,27 @@ def _not_loaded(workflow_id: str, agent: str) -> InspectError:
 
 
 async def read_recording(history: WorkflowHistory, dc: DataConverter) -> Recording:
-    """Decode a SupportTicket or KeelAgent history (with the client's data converter: encrypted payloads
-    need the keys). A KeelAgent task's agent must be registered in this process (its tools' names)."""
+    """Decode a KeelAgent history (with the client's data converter: encrypted payloads need the keys).
+    The task's agent must be registered in this process (its tools' names)."""
     events = list(history.events)
     if not events or events[0].event_type != EventType.EVENT_TYPE_WORKFLOW_EXECUTION_STARTED:
         raise InspectError(f"the history of {history.workflow_id!r} does not start with the workflow's start")
     started = events[0].workflow_execution_started_event_attributes
     kind = started.workflow_type.name
-    if kind not in (names.AGENT_WORKFLOW, names.SUPPORT_TICKET_WORKFLOW):
+    if kind != names.AGENT_WORKFLOW:
         raise InspectError(f"{history.workflow_id!r} is a {kind} workflow; what-if replay runs "
-                           f"{names.AGENT_WORKFLOW} tasks (any registered agent) and {names.SUPPORT_TICKET_WORKFLOW} "
-                           "tasks")
-    input_type: type[TicketInput | AgentInput] = AgentInput if kind == names.AGENT_WORKFLOW else TicketInput
+                           f"{names.AGENT_WORKFLOW} tasks (any registered agent)")
     try:
-        inp = await _decode(dc, started.input.payloads, input_type)
+        inp = await _decode(dc, started.input.payloads, AgentInput)
     except InspectError:
         raise
     except Exception as exc:
         raise InspectError(f"cannot decode the input of {history.workflow_id!r} ({exc}); an encrypted history "
                            "needs KEEL_ENCRYPT=1 and the keys it was written with") from exc
-    result_type: type[TicketResult | AgentResult]
-    if isinstance(inp, AgentInput):
-        agent = registry.find(inp.agent)
-        if agent is None:
-            raise _not_loaded(history.workflow_id, inp.agent)
-        tool_names, result_type = {agent.activity_name(t): t for t in agent.tool_map}, AgentResult
-    else:
-        tool_names, result_type = {n: n for n in TOOLS}, TicketResult
+    agent = registry.find(inp.agent)
+    if agent is None:
+        raise _not_loaded(history.workflow_id, inp.agent)
+    tool_names = {agent.activity_name(t): t for t in agent.tool_map}
     rec = Recording(workflow_id=history.workflow_id, input=inp, tool_names=tool_names)
     scheduled: dict[int, tuple[str, LlmRequest | ToolRequest]] = {}
     steps: dict[int, PathStep] = {}
@@ -462,7 +452,7 @@ async def read_recording(history: WorkflowHistory, dc: DataConverter) -> Recordi
                 rec.decisions.append(await _decode(dc, u.args.payloads, ApprovalDecision))
         elif t == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED:
             rec.result = await _decode(dc, e.workflow_execution_completed_event_attributes.result.payloads,
-                                       result_type)
+                                       AgentResult)
             rec.close_status = "Completed"
         elif t in (EventType.EVENT_TYPE_WORKFLOW_EXECUTION_FAILED, EventType.EVENT_TYPE_WORKFLOW_EXECUTION_TERMINATED,
                    EventType.EVENT_TYPE_WORKFLOW_EXECUTION_TIMED_OUT, EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CANCELED):
@@ -554,7 +544,7 @@ class WhatIfCalls:
         return res
 
 
-def _summary(workflow_id: str, result: TicketResult | AgentResult | None, status: str, prompt_version: str,
+def _summary(workflow_id: str, result: AgentResult | None, status: str, prompt_version: str,
              steps: list[PathStep], agent: str | None = None, served: list[str] | None = None) -> RunSummary:
     """`served`: a what-if's tool calls answered from the recording (its calls never recorded ran nothing,
     so they are not among the tools it executed)."""
@@ -613,67 +603,18 @@ async def what_if(
     providers: dict[str, Provider] | None = None,
 ) -> WhatIfReport:
     """Run the task of `workflow_id` again, in this process, with the prompt version and/or models
-    replaced: a ticket, or a KeelAgent task of an agent registered in this process (`load_agents`).
+    replaced: a KeelAgent task of an agent registered in this process (`load_agents`).
     `model` replaces every tier; `small_model`/`large_model` one each (they win over `model`).
     `engine`: the ledger's database (default: the settings'); `providers`: default the worker's."""
     rec = await read_recording(await fetch_history(client, workflow_id), client.data_converter)
     llm = partial(_llm_activities, settings, engine, providers)
-    if isinstance(rec.input, AgentInput):
-        return await _agent_what_if(rec, rec.input, llm, prompt_version, model, small_model, large_model)
-    return await _ticket_what_if(rec, rec.input, llm, prompt_version, model, small_model, large_model)
+    return await _agent_what_if(rec, rec.input, llm, prompt_version, model, small_model, large_model)
 
 
 def _whatif_id(workflow_id: str) -> tuple[str, list[str]]:
     whatif_id = f"whatif-{workflow_id}-{uuid.uuid4().hex[:8]}"
     return whatif_id, [f"model calls are in the ledger under workflow id {whatif_id} (feature {WHAT_IF_FEATURE!r}); "
                        "tool results were served from the original history: no tool ran"]
-
-
-async def _ticket_what_if(rec: Recording, old: TicketInput, llm: LlmFactory, prompt_version: str | None,
-                          model: str | None, small_model: str | None, large_model: str | None) -> WhatIfReport:
-    from keel.policy import DEFAULT_POLICY
-    from workflows.support_ticket import approval_policy_of, make_runner
-    from workflows.ticket_pipeline import handle_ticket
-
-    version = prompt_version or old.prompt_version
-    if problems := prompt_version_problems(version):
-        raise InspectError("; ".join(problems))
-    small, large = old.small_model, old.large_model
-    if small_spec := small_model or model:
-        small = _parse_model(small_spec, "--small-model" if small_model else "--model")
-    if large_spec := large_model or model:
-        large = _parse_model(large_spec, "--large-model" if large_model else "--model")
-    changes: dict[str, tuple[str, str]] = {}
-    if version != old.prompt_version:
-        changes["prompt_version"] = (old.prompt_version, version)
-    for key, before, after in (("small_model", old.small_model, small), ("large_model", old.large_model, large)):
-        if before != after:
-            changes[key] = (before.label, after.label)
-    inp = old.model_copy(update={
-        "prompt_version": version, "small_model": small, "large_model": large, "feature": WHAT_IF_FEATURE,
-        # Latency only delays a sim answer (its last draw): the what-if takes the same path without it.
-        "sim": old.sim.model_copy(update={"latency_ms_min": 0, "latency_ms_max": 0}),
-        "hold_for_human": False,
-    })
-    whatif_id, notes = _whatif_id(rec.workflow_id)
-    with llm() as activities:
-        calls = WhatIfCalls(activities, rec.tools)
-        runner = make_runner(inp, whatif_id, calls)
-        # As SupportTicketWorkflow sets up a task today (guardrails on; no breaker: nothing is admitted).
-        runner.arm_guardrails(DEFAULT_POLICY.max_refund, RecordedApprovals(rec, notes), approval_policy_of(inp).mode)
-        try:
-            result = await handle_ticket(runner, inp, DEFAULT_POLICY)
-        except ApplicationError as e:
-            raise InspectError(f"the what-if run failed at step {runner.progress.step}: {e.type}: {e.message}") from e
-    return WhatIfReport(
-        workflow_id=rec.workflow_id,
-        whatif_workflow_id=whatif_id,
-        changes=changes,
-        old=_summary(rec.workflow_id, rec.result, rec.close_status, old.prompt_version, rec.steps),
-        new=_summary(whatif_id, result, "completed", version, calls.steps, served=calls.served),
-        not_executed=calls.not_executed,
-        notes=notes,
-    )
 
 
 async def _agent_what_if(rec: Recording, old: AgentInput, llm: LlmFactory, prompt_version: str | None,
@@ -755,40 +696,51 @@ def _version_key(version: str) -> tuple[Any, ...]:
     return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", version))
 
 
-def list_prompts(root: Path | None = None) -> list[PromptInfo]:
-    """Every `<name>.<version>.md` under prompts/, with the content hash the ledger stamps."""
-    root = root or PROMPTS_DIR
+def _agent_prompts(agent: Agent) -> list[tuple[str, str]]:
+    """(shown name, file name stem) of an agent's prompts: its own, and its triage's."""
+    out = [(agent.name, agent.prompt_name)]
+    if agent.triage is not None:
+        out.append((f"{agent.name}/triage", agent.triage.prompt_name))
+    return out
+
+
+def list_prompts(agents: Sequence[Agent] | None = None) -> list[PromptInfo]:
+    """Every version of the registered agents' prompts (`<name>.<version>.md` beside each agent's module),
+    with the content hash the ledger stamps on each model call."""
     out = []
-    for path in root.rglob("*.md"):
-        stem, dot, version = path.name.removesuffix(".md").partition(".")
-        if not dot or not version:
-            continue
-        name = (path.parent.relative_to(root) / stem).as_posix()
-        # The hash activities.prompts.load_prompt stamps on every call: of the text, stripped.
-        sha = hashlib.sha256(path.read_text(encoding="utf-8").strip().encode()).hexdigest()
-        out.append(PromptInfo(name=name, version=version, sha256=sha, size=path.stat().st_size, path=str(path)))
+    for agent in agents if agents is not None else registry.registered():
+        for shown, stem in _agent_prompts(agent):
+            for path in agent.prompt_dir.glob(f"{stem}.*.md"):
+                version = path.name.removesuffix(".md").removeprefix(f"{stem}.")
+                if not version or "." in version:
+                    continue
+                # The hash activities.prompts.load_prompt_at stamps on every call: of the text, stripped.
+                sha = hashlib.sha256(path.read_text(encoding="utf-8").strip().encode()).hexdigest()
+                out.append(PromptInfo(name=shown, version=version, sha256=sha, size=path.stat().st_size,
+                                      path=str(path)))
     return sorted(out, key=lambda p: (p.name, _version_key(p.version)))
 
 
 def _parse_ref(ref: str) -> tuple[str, str]:
     name, at, version = ref.rpartition("@")
     if not at or not name or not version:
-        raise InspectError(f"{ref!r}: name a prompt version as NAME@VERSION, e.g. support/agent@v1")
+        raise InspectError(f"{ref!r}: name a prompt version as AGENT@VERSION, e.g. support_desk@v1 "
+                           "(an agent's triage: support_desk/triage@v1)")
     return name, version
 
 
 def diff_prompts(a: str, b: str) -> str:
-    """A unified diff of two prompt versions, e.g. `support/agent@v1` and `support/agent@v2` (the
-    text the model is given: the file, stripped). Empty when they are identical."""
+    """A unified diff of two prompt versions of registered agents, e.g. `support_desk@v1` and
+    `support_desk@v2` (the text the model is given: the file, stripped). Empty when they are identical."""
+    known = {(i.name, i.version): i for i in list_prompts()}
     texts = []
     for ref in (a, b):
-        name, version = _parse_ref(ref)
-        try:
-            p = load_prompt(name, version)
-        except ApplicationError as e:
-            known = [f"{i.name}@{i.version}" for i in list_prompts()]
-            raise InspectError(f"unknown prompt {ref!r}; known: {', '.join(known) or 'none'}") from e
-        texts.append((f"{ref} ({p.short_hash})", p.text))
+        info = known.get(_parse_ref(ref))
+        if info is None:
+            raise InspectError(f"unknown prompt {ref!r}; known: "
+                               f"{', '.join(f'{n}@{v}' for n, v in known) or 'none (load agents with --agents)'}")
+        text = Path(info.path).read_text(encoding="utf-8").strip()
+        texts.append((f"{ref} ({info.short_hash})", text))
     (fa, ta), (fb, tb) = texts
     return "".join(difflib.unified_diff(ta.splitlines(keepends=True), tb.splitlines(keepends=True), fa, fb))
 
@@ -797,7 +749,7 @@ def diff_prompts(a: str, b: str) -> str:
 
 
 history_app = typer.Typer(help="Task histories: export one for tests/histories/.", no_args_is_help=True)
-prompts_app = typer.Typer(help="Prompt versions under prompts/: list them, compare two.", no_args_is_help=True)
+prompts_app = typer.Typer(help="The agents' prompt versions: list them, compare two.", no_args_is_help=True)
 
 
 def _fail(msg: str, code: int = 1) -> typer.Exit:
@@ -942,16 +894,15 @@ def history_export(
 
 
 @prompts_app.command("list")
-def prompts_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
-    """Every prompt version: name, version, short content hash (as in the ledger), size."""
-    from starter.tickets import PIPELINE_PROMPTS
-
+def prompts_list(
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+    agents: Annotated[str, typer.Option("--agents", help="Agent modules to load (default KEEL_AGENTS)")] = "",
+) -> None:
+    """Every prompt version of the loaded agents: name, version, short content hash (as in the ledger), size."""
+    load_agents(load_settings(), agents)
     infos = list_prompts()
-    versions = sorted({i.version for i in infos}, key=_version_key)
-    complete = [v for v in versions if not prompt_version_problems(v)]
     if as_json:
-        print(json.dumps({"prompts": [{**i.model_dump(), "short_hash": i.short_hash} for i in infos],
-                          "ticket_versions": complete}, indent=2))
+        print(json.dumps({"prompts": [{**i.model_dump(), "short_hash": i.short_hash} for i in infos]}, indent=2))
         return
     t = Table(box=box.SIMPLE_HEAD)
     for col, justify in (("name", "left"), ("version", "left"), ("hash", "left"), ("bytes", "right")):
@@ -959,16 +910,18 @@ def prompts_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> No
     for i in infos:
         t.add_row(escape(i.name), escape(i.version), i.short_hash, f"{i.size:,}")
     console.print(t)
-    console.print(f"versions complete for support tickets ({', '.join(PIPELINE_PROMPTS)}): "
-                  f"{', '.join(complete) or 'none'}  (use with --prompt-version)")
+    if not infos:
+        console.print("no agents loaded: pass --agents MODULES or set KEEL_AGENTS")
 
 
 @prompts_app.command("diff")
 def prompts_diff(
-    a: Annotated[str, typer.Argument(help="NAME@VERSION, e.g. support/agent@v1")],
-    b: Annotated[str, typer.Argument(help="NAME@VERSION, e.g. support/agent@v2")],
+    a: Annotated[str, typer.Argument(help="AGENT@VERSION, e.g. support_desk@v1")],
+    b: Annotated[str, typer.Argument(help="AGENT@VERSION, e.g. support_desk@v2")],
+    agents: Annotated[str, typer.Option("--agents", help="Agent modules to load (default KEEL_AGENTS)")] = "",
 ) -> None:
-    """A unified diff of two prompt versions (the text the model is given)."""
+    """A unified diff of two prompt versions of an agent (the text the model is given)."""
+    load_agents(load_settings(), agents)
     try:
         diff = diff_prompts(a, b)
     except InspectError as e:

@@ -12,8 +12,8 @@ from temporalio.client import Client
 
 from keel.settings import KeelSettings
 from keel.types import AgentInput, AgentResult, ApprovalMode, Budget, ModelSpec, SimConfig
-from starter import tickets, views
-from starter.agents import start_agent
+from starter import views
+from starter.agents import WAITING_FOR_PEOPLE, agent_progress, start_agent
 from starter.console import client_or_exit, console, err, load_settings, run_task
 
 
@@ -31,11 +31,11 @@ async def watch_agent(client: Client, workflow_id: str, agent: str | None = None
     handle = client.get_workflow_handle(workflow_id, result_type=AgentResult)
     done = asyncio.ensure_future(handle.result())
     try:
-        p = await tickets.progress(client, workflow_id)
+        p = await agent_progress(client, workflow_id)
         with Live(views.progress_panel(workflow_id, p, agent), console=console, refresh_per_second=8) as live:
-            while not done.done() and p.status not in tickets.WAITING_FOR_PEOPLE:
+            while not done.done() and p.status not in WAITING_FOR_PEOPLE:
                 await asyncio.wait({done}, timeout=0.25)
-                p = await tickets.progress(client, workflow_id)
+                p = await agent_progress(client, workflow_id)
                 live.update(views.progress_panel(workflow_id, p, agent))
         if not console.is_terminal:
             console.line()  # Live ends a terminal's last line itself, not a pipe's

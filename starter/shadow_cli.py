@@ -1,10 +1,9 @@
-"""`keel shadow start|stop|status|report`: run a candidate version beside the primary on a share of new
-tickets, or of any registered agent's new tasks (`--agent NAME`), its writes dry-run, and compare them.
+"""`keel shadow start|stop|status|report --agent NAME`: run a candidate version beside the primary on a
+share of a registered agent's new tasks, its writes dry-run, and compare them.
 
 The configuration lives in the ledger database (KEEL_DATABASE_URL or the stack's), where
-`shadow_agent_task` reads an agent's before its task starts (`keel run`, any agent package's verb),
-and the legacy SupportTicket's start (starter.tickets.start_ticket, no command any more) the tickets';
-the comparisons are written there by the workers.
+`shadow_agent_task` reads an agent's before its task starts (`keel run`, any agent package's verb); the
+comparisons are written there by the workers.
 """
 
 from __future__ import annotations
@@ -38,7 +37,6 @@ from keel.shadow import (
     shadow_workflow_id,
 )
 from keel.types import AgentInput, AgentResult
-from starter import tickets
 from starter.agents import agent_workflow_id
 from starter.console import console, err, ledger_engine
 from starter.views import parse_since
@@ -69,15 +67,11 @@ def parse_candidate(spec: str, agent: str | None = None) -> CandidateSpec:
                                          f"version {candidate.prompt_version!r} (it has "
                                          f"{', '.join(known.prompt_versions()) or 'none'})")
         return candidate
-    if candidate.prompt_version is not None:
-        problems = tickets.prompt_version_problems(candidate.prompt_version)
-        if problems:
-            raise CandidateSpecError(f"candidate spec {spec!r}: " + "; ".join(problems))
-    return candidate
+    raise CandidateSpecError(f"candidate spec {spec!r} names no agent: shadow an agent's tasks (--agent NAME)")
 
 
 def _target(agent: str | None) -> str:
-    return f"new {agent} tasks" if agent else "new tickets"
+    return f"new {agent} tasks"
 
 
 def _describe(c: ShadowConfig) -> str:
@@ -87,12 +81,20 @@ def _describe(c: ShadowConfig) -> str:
 
 
 def forget_shadow_configs() -> None:
-    """Drop every cached configuration, the tickets' and the agents' (after `keel shadow start/stop`)."""
-    tickets.forget_shadow_config()
+    """Drop every cached configuration (after `keel shadow start/stop`)."""
     _agent_configs.clear()
 
 
 # --- any agent: its tasks' shadow -------------------------------------------------------------
+SHADOW_CONFIG_CACHE_S = 2.0
+"""A process reuses its read of the shadow configurations this long: a batch reads them once or twice,
+and `keel shadow start/stop` reaches running starters within this time."""
+SHADOW_START_TIMEOUT_S = 60.0
+
+
+class ShadowStartError(TimeoutError):
+    """A shadowed task whose primary workflow did not appear in time (is a worker running?)."""
+
 
 _agent_configs: dict[str, tuple[float, dict[str, ShadowConfig]]] = {}
 
@@ -104,11 +106,11 @@ SA_STATUS = SearchAttributeKey.for_keyword(names.SA_STATUS)
 
 def agent_shadow_config(settings: KeelSettings, agent: str) -> ShadowConfig | None:
     """The active shadow configuration of `agent`'s tasks in the ledger of `settings`, or None. One
-    read of every agent's, cached per process for tickets.SHADOW_CONFIG_CACHE_S; no ledger file, no
+    read of every agent's, cached per process for SHADOW_CONFIG_CACHE_S; no ledger file, no
     shadow (and no file is created for asking)."""
     url, now = settings.db_url, time.monotonic()
     hit = _agent_configs.get(url)
-    if hit is None or now - hit[0] >= tickets.SHADOW_CONFIG_CACHE_S:
+    if hit is None or now - hit[0] >= SHADOW_CONFIG_CACHE_S:
         u = make_url(url)
         if u.get_backend_name() == "sqlite" and (not u.database or not Path(u.database).expanduser().is_file()):
             configs: dict[str, ShadowConfig] = {}
@@ -127,7 +129,7 @@ def agent_shadow_config(settings: KeelSettings, agent: str) -> ShadowConfig | No
 
 async def start_agent_shadowed(
     client: Client, settings: KeelSettings, inp: AgentInput, candidate: CandidateSpec,
-    workflow_id: str | None = None, timeout_s: float = tickets.SHADOW_START_TIMEOUT_S,
+    workflow_id: str | None = None, timeout_s: float = SHADOW_START_TIMEOUT_S,
 ) -> WorkflowHandle[Any, AgentResult]:
     """Start an agent task as a ShadowWorkflow (`shadow-<task id>`) whose primary child is the task
     under its normal workflow id (`KeelAgent`), and return a handle to that PRIMARY once it exists:
@@ -159,7 +161,7 @@ async def start_agent_shadowed(
             if e.status != RPCStatusCode.NOT_FOUND:
                 raise
         if time.monotonic() > deadline:
-            raise tickets.ShadowStartError(
+            raise ShadowStartError(
                 f"shadow workflow {shadow_workflow_id(primary_id)} has not started task {primary_id} within "
                 f"{timeout_s:.0f}s: is a worker polling task queue {settings.task_queue!r}? It starts when one is.")
         await asyncio.sleep(pause)
@@ -183,19 +185,18 @@ async def shadow_agent_task(
     return await start_agent_shadowed(client, settings, inp, config.candidate, workflow_id=wid)
 
 
-AgentOption = Annotated[str | None, typer.Option("--agent", help="A registered agent: its tasks, not tickets")]
+AgentOption = Annotated[str, typer.Option("--agent", help="A registered agent: its tasks are shadowed")]
 
 
 @shadow_app.command("start")
 def start(
     candidate: Annotated[str, typer.Option("--candidate", help=f"What the candidate changes, e.g. {SPEC_EXAMPLES}")],
     fraction: Annotated[float, typer.Option("--fraction", min=0.0, max=1.0,
-                                            help="Share of new tickets (or tasks) shadowed, by a hash of the "
-                                                 "ticket id (the task's key)")] = 1.0,
-    agent: AgentOption = None,
+                                            help="Share of new tasks shadowed, by a hash of the task's key")] = 1.0,
+    *,
+    agent: AgentOption,
 ) -> None:
-    """Shadow a share of new tickets, or of an agent's new tasks, with a candidate (replaces that
-    target's active shadow)."""
+    """Shadow a share of an agent's new tasks with a candidate (replaces that agent's active shadow)."""
     try:
         spec = parse_candidate(candidate, agent)
     except CandidateSpecError as e:
@@ -211,8 +212,8 @@ def start(
 
 
 @shadow_app.command("stop")
-def stop(agent: AgentOption = None) -> None:
-    """Stop shadowing new tickets, or an agent's new tasks (shadows already running finish and are reported)."""
+def stop(agent: AgentOption) -> None:
+    """Stop shadowing an agent's new tasks (shadows already running finish and are reported)."""
     from activities.shadow import stop_shadow
 
     config = stop_shadow(ledger_engine(), agent)
@@ -224,10 +225,9 @@ def stop(agent: AgentOption = None) -> None:
 
 
 @shadow_app.command("status")
-def status(as_json: Annotated[bool, typer.Option("--json", help="One JSON object")] = False,
-           agent: AgentOption = None) -> None:
-    """The active shadow configuration (of tickets, or of an agent's tasks) and how many tasks it has
-    compared."""
+def status(agent: AgentOption, as_json: Annotated[bool, typer.Option("--json", help="One JSON object")] = False,
+           ) -> None:
+    """The active shadow configuration of an agent's tasks and how many tasks it has compared."""
     from activities.shadow import comparisons, last_shadow
 
     engine = ledger_engine()
@@ -250,7 +250,7 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="One JSON object
         return
     state = "on" if doc["active"] else f"off since {str(doc['stopped_at'])[:19]} (last run below)"
     console.print(f"shadow mode {state}: {_describe(last[0])}")
-    console.print(f"{doc['compared']} {'tasks' if agent else 'tickets'} compared since it started, "
+    console.print(f"{doc['compared']} tasks compared since it started, "
                   f"{doc['candidate_failures']} candidate failures; `keel shadow report` for the comparison")
 
 
@@ -259,22 +259,19 @@ def _num(v: float | None, fmt: str) -> str:
 
 
 def _table(s: ShadowSummary) -> Table:
-    what = f"{s.agent} tasks" if s.agent else "tickets"
+    what = f"{s.agent} tasks"
     t = Table(title=f"candidate {escape(s.candidate)}: {s.tasks} shadowed {escape(what)}", show_header=False,
               title_justify="left")
     t.add_row("compared", f"{s.compared} ({s.candidate_failures} candidate failures)")
     t.add_row("same outcome", f"{_num(s.same_outcome_rate, '.1%')} (route and status)")
     for change, n in s.outcome_changes.items():
         t.add_row("  changed", f"{n} × {escape(change)}")
-    if s.agent:
-        t.add_row("same actions", f"{_num(s.classification_agreement_rate, '.1%')} (tools executed or proposed)")
-    else:
-        t.add_row("classification agreement", _num(s.classification_agreement_rate, ".1%"))
+    t.add_row("same actions", f"{_num(s.classification_agreement_rate, '.1%')} (tools executed or proposed)")
     t.add_row("cost (compared)", f"primary ${s.primary_cost_usd:.4f}, candidate ${s.candidate_cost_usd:.4f}")
     t.add_row("cost delta", f"total ${s.total_cost_delta_usd:+.4f}, mean ${_num(s.mean_cost_delta_usd, '+.5f')} "
-                            "per ticket")
-    t.add_row("step delta", f"mean {_num(s.mean_step_delta, '+.2f')} per ticket")
-    t.add_row("token delta", f"mean {_num(s.mean_token_delta, '+.0f')} per ticket")
+                            "per task")
+    t.add_row("step delta", f"mean {_num(s.mean_step_delta, '+.2f')} per task")
+    t.add_row("token delta", f"mean {_num(s.mean_token_delta, '+.0f')} per task")
     by_tool = ", ".join(f"{k} {v}" for k, v in s.dry_run_by_tool.items())
     t.add_row("dry-run writes", f"{s.dry_run_writes}" + (f" ({escape(by_tool)})" if by_tool else "")
               + " recorded, none executed")
@@ -294,9 +291,8 @@ def report(
     as_json: Annotated[bool, typer.Option("--json", help="A JSON list, one object per candidate")] = False,
     agent: Annotated[str | None, typer.Option("--agent", help="Only this agent's candidates")] = None,
 ) -> None:
-    """Compare each candidate with the primary over the shadowed tickets and agent tasks: outcomes,
-    classification (agents: the actions), cost, steps and tokens, the dry-run writes, the candidate's
-    failures."""
+    """Compare each candidate with the primary over the shadowed agent tasks: outcomes, the actions, cost,
+    steps and tokens, the dry-run writes, the candidate's failures."""
     from activities.shadow import shadow_report
 
     try:
@@ -309,10 +305,9 @@ def report(
         print(json.dumps([s.model_dump(mode="json") for s in summaries], indent=2))
         return
     if not summaries:
-        what = f"{agent} tasks" if agent else "tickets"
+        what = f"{agent} tasks" if agent else "tasks"
         console.print(f"no shadowed {escape(what)}" + (f" since {since}" if since else "") +
-                      f"; `keel shadow start{' --agent ' + escape(agent) if agent else ''} --candidate SPEC` "
-                      + ("then start its tasks" if agent else "then submit tickets"))
+                      f"; `keel shadow start --agent {escape(agent or 'NAME')} --candidate SPEC` then start its tasks")
         return
     for s in summaries:
         console.print(_table(s))

@@ -24,14 +24,13 @@ from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 
-from keel.names import FINISH_ACTIVITY, LLM_ACTIVITY, SUPPORT_TICKET_WORKFLOW
+from keel.names import FINISH_ACTIVITY, LLM_ACTIVITY
 from keel.types import (
     Decision,
     FinishRequest,
     LlmRequest,
     LlmResponse,
     ModelSpec,
-    TicketResult,
     ToolRequest,
     ToolResult,
 )
@@ -58,9 +57,8 @@ class TaskTrace(BaseModel):
     workflow_type: str
     status: str
     """Temporal's execution status (RUNNING, COMPLETED, ...)."""
-    result: TicketResult | None = None
     summary: dict[str, Any] | None = None
-    """Other workflow types (the patterns' parents and children): status, usage and decisions."""
+    """The result's status, usage and decisions (an agent task's, a pattern parent's)."""
     nodes: list[TraceNode] = Field(default_factory=list)
     duration_s: float | None = None
 
@@ -163,22 +161,17 @@ async def task_trace(client: Client, workflow_id: str, depth: int = 0) -> TaskTr
         elif t == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED:
             payloads = ev.workflow_execution_completed_event_attributes.result.payloads
             try:
-                if desc.workflow_type == SUPPORT_TICKET_WORKFLOW:
-                    trace.result = await _decode(client, payloads, TicketResult)
-                else:
-                    decoded = (await client.data_converter.decode(list(payloads), [dict]))[0]
-                    trace.summary = _summary(decoded) if isinstance(decoded, dict) else None
+                decoded = (await client.data_converter.decode(list(payloads), [dict]))[0]
+                trace.summary = _summary(decoded) if isinstance(decoded, dict) else None
             except Exception:
-                trace.result = None
+                trace.summary = None
     if events:
         trace.duration_s = (events[-1].event_time.ToDatetime() - events[0].event_time.ToDatetime()).total_seconds()
     if depth < CHILD_DEPTH:
         for node in children.values():
             with contextlib.suppress(TraceError, RPCError):
                 node.child = await task_trace(client, node.detail.split(" -> ")[0], depth + 1)
-    if trace.result is not None:
-        trace.nodes = _with_decisions(trace.nodes, trace.result.decisions)
-    elif trace.summary is not None:
+    if trace.summary is not None:
         decisions = [Decision.model_validate(d) for d in trace.summary.get("decisions", [])]
         trace.nodes = _with_decisions(trace.nodes, decisions)
     return trace
@@ -237,11 +230,7 @@ def _with_decisions(nodes: list[TraceNode], decisions: Sequence[Decision]) -> li
 
 def _head(t: TaskTrace) -> str:
     head = f"[bold]{escape(t.workflow_id)}[/bold]  {t.workflow_type}  {t.status}"
-    if t.result is not None:
-        r = t.result
-        head += (f"  {r.status} -> {r.route}  {r.tokens:,} tokens  ${r.cost_usd:.5f}"
-                 f"  {r.llm_calls} LLM calls, {len(r.tools_executed)} tools")
-    elif t.summary is not None:
+    if t.summary is not None:
         s = t.summary
         if s.get("agent"):
             head += f"  agent {escape(str(s['agent']))}"
@@ -278,7 +267,7 @@ def render(t: TaskTrace, tree: Tree | None = None) -> Tree:
         else:
             line = f"{step}[blue]{n.kind}[/blue] {escape(n.name)} {escape(n.detail)}"
         tree.add(line)
-    if t.result is None and t.status == "RUNNING":
+    if t.summary is None and t.status == "RUNNING":
         tree.add("[dim](running: decisions appear when the task completes; `keel status ID` shows progress)[/dim]")
     return tree
 

@@ -10,66 +10,21 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import quote
 
-from rich import box
 from rich.console import Console, Group, RenderableType
 from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
 from keel.settings import KeelSettings
-from keel.types import SIM_LABEL, AgentResult, BudgetReport, Progress, TicketResult
+from keel.types import SIM_LABEL, AgentResult, BudgetReport, Progress
 
 
 def workflow_url(settings: KeelSettings, workflow_id: str) -> str:
     return f"{settings.ui_url}/namespaces/{settings.temporal_namespace}/workflows/{quote(workflow_id, safe='')}"
 
 
-def result_json(r: TicketResult) -> dict[str, Any]:
-    return {
-        "workflow_id": r.workflow_id,
-        "ticket_id": r.ticket_id,
-        "status": r.status,
-        "category": r.category,
-        "route": r.route,
-        "reason": r.reason,
-        "tools_executed": r.tools_executed,
-        "tools_blocked": [b.model_dump() for b in r.tools_blocked],
-        "tokens": r.tokens,
-        "cost_usd": r.cost_usd,
-        "budget": r.budget.model_dump(),
-        "models": r.models,
-        "reply": r.reply,
-    }
-
-
 def _sim_note(models: list[str]) -> str:
     return f"  [dim]({SIM_LABEL}: simulated tokens and costs)[/dim]" if any(SIM_LABEL in m for m in models) else ""
-
-
-def result_panel(r: TicketResult) -> Panel:
-    t = Table.grid(padding=(0, 2))
-    t.add_row("status", f"[bold]{r.status}[/bold] -> {r.route}")
-    t.add_row("reason", r.reason)
-    t.add_row("category", f"{r.category} ({r.urgency}, confidence {r.confidence})")
-    t.add_row("tools", ", ".join(r.tools_executed) or "-")
-    if r.tools_blocked:
-        t.add_row("blocked", "\n".join(f"{b.tool}: {b.reason}" for b in r.tools_blocked))
-    t.add_row("usage", f"{r.llm_calls} LLM calls, {r.tokens:,} tokens, ${r.cost_usd:.5f}" + _sim_note(r.models))
-    t.add_row("models", escape(", ".join(r.models)))
-    t.add_row("budget", budget_text(r.budget))
-    if r.reasoning_loops or r.repeated_calls:
-        t.add_row("spiral", f"{r.reasoning_loops} reasoning loops, {r.repeated_calls} repeated calls not paid twice")
-    if r.partial_output:
-        t.add_row("partial", r.partial_output)
-    if r.approvals:
-        t.add_row("approvals", escape("; ".join(
-            f"{a.action_id} {a.decision} by {a.approver}" + ("" if a.accepted else f" (ignored: {a.note})")
-            for a in r.approvals)))
-    if r.redactions:
-        t.add_row("redacted", ", ".join(f"{v} {k}" for k, v in r.redactions.items()))
-    if r.reply:
-        t.add_row("reply", r.reply)
-    return Panel(t, title=r.workflow_id)
 
 
 def agent_result_view(r: AgentResult) -> Group:
@@ -135,31 +90,6 @@ def budget_text(b: BudgetReport) -> str:
     if b.limit_hit:
         text += f"  [bold]limit: {b.limit_hit}[/bold] ({escape(b.detail)})"
     return text
-
-
-def batch_table(results: list[TicketResult]) -> Group:
-    t = Table(title=f"{len(results)} support tickets", box=box.SIMPLE_HEAD)
-    for col in ("ticket", "customer", "category", "conf", "status", "route", "tools", "blocked", "tokens", "cost $"):
-        t.add_column(col, justify="right" if col in ("conf", "tokens", "cost $", "tools", "blocked") else "left")
-    for r in results:
-        t.add_row(r.ticket_id, r.customer_id, r.category or "-",
-                  f"{r.confidence:.2f}" if r.confidence is not None else "-",
-                  r.status, r.route, str(len(r.tools_executed)), str(len(r.tools_blocked)),
-                  f"{r.tokens:,}", f"{r.cost_usd:.5f}")
-    n = len(results) or 1
-    human = sum(r.route == "human" for r in results)
-    tokens = sum(r.tokens for r in results)
-    cost = sum(r.cost_usd for r in results)
-    models = sorted({m for r in results for m in r.models})
-    waiting = [r for r in results if r.status == "awaiting_approval"]
-    summary = (f"resolved {sum(r.status == 'resolved' for r in results)}, to the human queue {human} "
-               f"({human / n:.0%}); {tokens:,} tokens, ${cost:.4f} in all, ${cost / n:.5f} per ticket; "
-               f"models: {escape(', '.join(models))}" + _sim_note(models))
-    parts: list[Any] = [t, summary]
-    if waiting:
-        parts.append(f"{len(waiting)} ticket(s) wait for a human's approval of a refund: `keel approvals` lists "
-                     f"them; e.g. `keel approve {waiting[0].workflow_id} --as alice` or `keel reject ... --as bob`.")
-    return Group(*parts)
 
 
 def parse_since(text: str, now: datetime | None = None) -> datetime:

@@ -24,7 +24,6 @@ from activities.providers.base import Provider
 from activities.providers.openai_provider import OpenAIProvider
 from activities.providers.sim import SimProvider
 from activities.shadow import ShadowActivities
-from activities.tools import ToolActivities
 from activities.tracing import Tracing
 from keel import registry
 from keel.agent import Agent
@@ -80,7 +79,6 @@ def activities_for(
     agent_tools = AgentToolActivities(ledger, tracing)
     return [
         LlmActivities(providers, ledger, breakers, tracing).llm_call,
-        *ToolActivities(engine, ledger, reporter, tracing, observer).all(),
         breakers.admit,
         *PatternActivities(engine).all(),
         *ShadowActivities(engine).all(),

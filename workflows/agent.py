@@ -24,7 +24,7 @@ with workflow.unsafe.imports_passed_through():
     from keel import errors, names, registry
     from keel.agent import Agent, ProposedAction, ToolOutcome
     from keel.breaker import BREAKER_RECORD_SIGNAL, AdmitRequest, BreakerConfig, UsageReport, breaker_workflow_id
-    from keel.metrics import ticket_input_hash
+    from keel.metrics import input_hash
     from keel.output import OutputReport, check_output, parse_structured
     from keel.types import (
         AgentInput,
@@ -160,7 +160,7 @@ class AgentWorkflow:
         task = TaskContext(
             workflow_id=workflow_id, customer=inp.tenant, ticket_id=inp.key,
             feature=inp.feature or agent.task_feature, task_type=agent.name, prompt_version=version,
-            input_hash=ticket_input_hash(inp.tenant, inp.input), parent_workflow_id=parent_workflow_id,
+            input_hash=input_hash(inp.tenant, inp.input), parent_workflow_id=parent_workflow_id,
         )
         models = {**agent.model_specs, **(inp.models or {})}
         tiers = {agent.step_kind: agent.tier}

@@ -1,7 +1,7 @@
 """The generic agent loop (plan, call a tool, observe, loop until done), run inside a workflow.
 
 Deterministic: every model and tool call is an activity; this module only decides. It is a plain
-class, not a workflow, so every pattern (ticket, orchestrator, supervisor, swarm) can reuse it.
+class, not a workflow, so every pattern (agent, orchestrator, supervisor, swarm) can reuse it.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ with workflow.unsafe.imports_passed_through():
 
     from keel.agent import Agent
     from keel.breaker import AdmitDecision, AdmitRequest
-    from keel.guardrails import TaskFacts, arguments_digest, check_action
+    from keel.errors import KeelError
+    from keel.guardrails import arguments_digest
     from keel.names import (
         LLM_ACTIVITY,
         LLM_START_TO_CLOSE,
@@ -30,7 +31,6 @@ with workflow.unsafe.imports_passed_through():
     )
     from keel.pricing import UnpricedModelError
     from keel.tokens import estimate_input_tokens
-    from keel.tools import TOOLS, ToolDef
     from keel.types import (
         ApprovalDecision,
         ApprovalMode,
@@ -60,7 +60,7 @@ from workflows.budget import BudgetGuard
 
 
 class ToolLike(Protocol):
-    """A tool as the loop needs it: a built-in `keel.tools.ToolDef` or an agent's `keel.Tool`."""
+    """A tool as the loop needs it (an agent's `keel.Tool`)."""
 
     @property
     def name(self) -> str: ...
@@ -210,8 +210,6 @@ class AgentRunner:
         self.models_used: list[str] = []
         self.guardrails = False
         """Layer 2 checks (keel.guardrails) before every tool call; False replays older histories."""
-        self.facts: TaskFacts | None = None
-        """What this task's tool results established (set with guardrails)."""
         self.approval_gate: Callable[[PendingAction], Awaitable[ApprovalDecision | None]] | None = None
         """Pauses the task until a human decides on a `confirm` call (None: timed out). Without a gate,
         or in approval mode "escalate", such calls are recorded and the task goes to the human queue."""
@@ -245,16 +243,6 @@ class AgentRunner:
         self.results: list[tuple[str, dict[str, object], dict[str, object]]] = []
         """Executed calls of this task: (tool, arguments, content), in order."""
         self.output_schema: dict[str, object] | None = None
-
-    def arm_guardrails(
-        self, max_refund: float, gate: Callable[[PendingAction], Awaitable[ApprovalDecision | None]],
-        mode: ApprovalMode,
-    ) -> None:
-        """Layer-2 checks from this task's own facts, and `confirm` writes through `gate` (in `mode`)."""
-        self.guardrails = True
-        self.facts = TaskFacts(customer_id=self.task.customer, max_refund=max_refund)
-        self.approval_gate = gate
-        self.approval_mode = mode
 
     # -- bookkeeping -------------------------------------------------------------------------
     def _next_step(self, action: str) -> int:
@@ -405,13 +393,15 @@ class AgentRunner:
         call_id = f"{self.task.workflow_id}/{step}"
         if outcome is not None:  # the routing call: it counts in the outcome it writes (as in TicketResult)
             outcome = outcome.model_copy(update={"tools": [*outcome.tools, name], "steps": step})
-        writes = self.agent.tool_map[name].writes if self.agent is not None else TOOLS[name].writes
+        if self.agent is None:
+            raise KeelError(f"tool {name!r} called outside an agent task")
+        writes = self.agent.tool_map[name].writes
         dry = self.dry_run and writes
         req = ToolRequest(task=self.task, step=step, call_id=call_id, arguments=dict(arguments), outcome=outcome,
                           report_to=self.report_to if outcome is not None else None,
                           guardrails=list(self.guardrail_events) if outcome is not None else [],
                           decisions=list(self.decisions) if outcome is not None else [], dry_run=dry)
-        activity = self.agent.activity_name(name) if self.agent is not None else name
+        activity = self.agent.activity_name(name)
         result = await self.calls.tool(activity, req)
         if dry:
             self.dry_run_actions.append(BlockedAction(step=step, tool=name, reason="dry run: recorded, not executed",
@@ -532,11 +522,6 @@ async def _handle_new_call(
         problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'arguments'}: {err['msg']}" for err in e.errors())
         return refuse(f"invalid arguments: {problems}")
     arguments = args.model_dump()
-    if runner.facts is not None:
-        problem = check_action(call.name, arguments, runner.facts)
-        if problem is not None:
-            runner.validation_failures += 1
-            return refuse(f"refused by policy: {problem}")
     if runner.validate_action is not None:
         problem = runner.validate_action(call.name, arguments)
         if problem is not None:
@@ -600,8 +585,6 @@ async def _execute(runner: AgentRunner, name: str, arguments: dict[str, object])
     if not res.ok:
         runner.observe(f"{name}: {res.error}")
         return {"error": res.error or "tool failed"}
-    if runner.facts is not None:
-        runner.facts.learn(name, arguments, res.content)
     runner.results.append((name, arguments, res.content))
     return res.content
 
@@ -645,8 +628,8 @@ async def _await_approval(
             arguments = tool.args.model_validate(decision.arguments or {}).model_dump()
         except ValidationError as e:
             return refuse(f"edited arguments of {action.action_id} are invalid: {e.errors()[0]['msg']}")
-        problem = check_action(call.name, arguments, runner.facts) if runner.facts is not None else None
-        if problem is None and runner.validate_action is not None:
+        problem = None
+        if runner.validate_action is not None:
             problem = runner.validate_action(call.name, arguments)
         if problem is not None:
             runner.validation_failures += 1
@@ -657,6 +640,3 @@ async def _await_approval(
         _hand_off(runner, call.name, arguments, content, result)
     return {**content, "approved_by": decision.approver}
 
-
-def tool_defs(names: list[str]) -> list[ToolDef]:
-    return [TOOLS[n] for n in names]

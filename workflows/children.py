@@ -47,7 +47,6 @@ with workflow.unsafe.imports_passed_through():
         TaskOutcome,
         TaskStatus,
         TaskUsage,
-        ToolResult,
     )
 
 from workflows.agent_loop import FINISH_RETRY, AgentRunner, TemporalCalls
@@ -138,13 +137,6 @@ class Children:
         t = self.total()
         return o.model_copy(update={"llm_calls": t.llm_calls, "input_tokens": t.input_tokens,
                                     "output_tokens": t.output_tokens, "cost_usd": t.cost_usd})
-
-    async def escalate(self, reason: str, priority: str = "normal", status: TaskStatus = "escalated",
-                       category: str | None = None) -> ToolResult:
-        """Hand the task to the human queue with its reason; the same call writes the outcome row."""
-        args = {"reason": reason[:1000], "priority": priority}
-        return await self.runner.tool("escalate_to_human", args,
-                                      outcome=self.outcome(status, "human", reason, category))
 
     def progress(self, status: str, phase: str) -> PatternProgress:
         total = self.total()

@@ -5,14 +5,12 @@ from workflows.breaker import CostCircuitBreakerWorkflow
 from workflows.orchestrator import OrchestratorWorkflow, SwarmAgentsWorkflow
 from workflows.shadow import ShadowWorkflow
 from workflows.supervision import SupervisorWorkflow
-from workflows.support_ticket import SupportTicketWorkflow
 
 WORKFLOWS = [
     AgentWorkflow,
     OrchestratorWorkflow,
     SupervisorWorkflow,
     SwarmAgentsWorkflow,
-    SupportTicketWorkflow,
     CostCircuitBreakerWorkflow,
     ShadowWorkflow,
 ]
@@ -24,6 +22,5 @@ __all__ = [
     "OrchestratorWorkflow",
     "ShadowWorkflow",
     "SupervisorWorkflow",
-    "SupportTicketWorkflow",
     "SwarmAgentsWorkflow",
 ]

@@ -1,11 +1,10 @@
 """ShadowWorkflow: a candidate version runs beside the primary on the same task; only the primary acts.
 
-The task is a support ticket (`ShadowInput.primary`, SupportTicket children) or a task of any
-registered agent (`ShadowInput.agent`, KeelAgent children); both go the same way. The two children
+The task is a task of any registered agent (`ShadowInput.agent`, KeelAgent children). The two children
 are started together on the same input:
-- the PRIMARY under the ticket's normal workflow id, with parent close policy ABANDON: approvals, watch,
-  trace and results on the ticket work as for any ticket, and nothing that happens to the shadow (a
-  failure, a termination) reaches it;
+- the PRIMARY under the task's normal workflow id, with parent close policy ABANDON: approvals, watch,
+  trace and results work as for any task, and nothing that happens to the shadow (a failure, a
+  termination) reaches it;
 - the CANDIDATE as `<primary id>.shadow` with the candidate's prompt version and models, as a dry run
   (every write recorded, never executed), charged to the feature "shadow", outside the circuit
   breaker, never waiting for a person.
@@ -30,12 +29,8 @@ with workflow.unsafe.imports_passed_through():
         ShadowInput,
         agent_usage_of,
         candidate_workflow_id,
-        child_status,
-        compare,
         compare_agent,
         failed_agent_primary,
-        failed_primary,
-        usage_of,
     )
     from keel.types import (
         AgentInput,
@@ -44,8 +39,6 @@ with workflow.unsafe.imports_passed_through():
         ChildStatus,
         PatternProgress,
         TaskUsage,
-        TicketInput,
-        TicketResult,
     )
 
 from workflows.children import TASK_USAGE_ACTIVITY
@@ -59,17 +52,6 @@ SA_TASK_TYPE = SearchAttributeKey.for_keyword(names.SA_TASK_TYPE)
 SA_FEATURE = SearchAttributeKey.for_keyword(names.SA_FEATURE)
 SA_STATUS = SearchAttributeKey.for_keyword(names.SA_STATUS)
 SA_AWAITING = SearchAttributeKey.for_bool(names.SA_AWAITING_APPROVAL)
-
-
-def _search_attributes(inp: TicketInput) -> TypedSearchAttributes:
-    # What starter.tickets.start_ticket sets on a ticket, so the UI's filters find both children.
-    return TypedSearchAttributes([
-        SearchAttributePair(SA_CUSTOMER, inp.customer_id),
-        SearchAttributePair(SA_TASK_TYPE, inp.task_type),
-        SearchAttributePair(SA_FEATURE, inp.feature),
-        SearchAttributePair(SA_STATUS, "running"),
-        SearchAttributePair(SA_AWAITING, False),
-    ])
 
 
 def _agent_search_attributes(inp: AgentInput) -> TypedSearchAttributes:
@@ -100,10 +82,6 @@ def _why(e: BaseException) -> str:
     return f"{kind}{e.message if isinstance(e, FailureError) else e}"
 
 
-def _models(inp: TicketInput) -> str:
-    return inp.large_model.label if not inp.tiering else f"{inp.small_model.label} / {inp.large_model.label}"
-
-
 @workflow.defn(name=names.SHADOW_WORKFLOW)
 class ShadowWorkflow:
     def __init__(self) -> None:
@@ -121,95 +99,14 @@ class ShadowWorkflow:
 
     @workflow.run
     async def run(self, inp: ShadowInput) -> ShadowComparison:
-        if inp.agent is not None:
-            return await self._run_agent(inp, inp.agent)
-        if inp.primary is None:
-            raise ApplicationError("a shadow needs a primary: a ticket (primary) or an agent task (agent)",
+        if inp.agent is None:
+            raise ApplicationError("a shadow needs a primary: an agent task (agent)",
                                    type="ShadowInputError", non_retryable=True)
-        return await self._run_ticket(inp, inp.primary)
-
-    async def _run_ticket(self, inp: ShadowInput, primary_inp: TicketInput) -> ShadowComparison:
-        shadow_id = workflow.info().workflow_id
-        primary_id, candidate_id = inp.primary_workflow_id, candidate_workflow_id(inp.primary_workflow_id)
-        cand_inp = inp.candidate.apply(primary_inp)
-        label = inp.candidate.label
-        prim_rec = ChildRecord(name="primary", role="primary", workflow_id=primary_id, model=_models(primary_inp),
-                               status="running", attempts=1)
-        cand_rec = ChildRecord(name="candidate", role=f"candidate {label}", workflow_id=candidate_id,
-                               model=_models(cand_inp), status="running", attempts=1)
-        self._progress.children = [prim_rec, cand_rec]
-
-        primary = await workflow.start_child_workflow(
-            names.SUPPORT_TICKET_WORKFLOW, primary_inp, id=primary_id, result_type=TicketResult,
-            # The shadow must never affect the primary: it outlives the shadow whatever happens to it.
-            parent_close_policy=workflow.ParentClosePolicy.ABANDON,
-            search_attributes=_search_attributes(primary_inp),
-            static_summary=f"Support ticket {primary_inp.ticket_id} · customer {primary_inp.customer_id} · "
-                           f"{_models(primary_inp)} (shadowed)",
-        )
-        self._update("running")
-
-        async def run_primary() -> TicketResult:
-            try:
-                res: TicketResult = await primary
-            except ChildWorkflowError as e:
-                res = failed_primary(primary_id, primary_inp, _why(e))
-            prim_rec.status, prim_rec.usage, prim_rec.reason = child_status(res.status), usage_of(res), res.reason
-            self._update("waiting for the candidate" if cand_rec.status == "running" else "comparing")
-            return res
-
-        async def run_candidate() -> tuple[TicketResult | None, str]:
-            res: TicketResult | None = None
-            error = ""
-            refused = inp.candidate.problems()
-            if refused:
-                # Checked here too (the price table may have changed since `keel shadow start`): a ticket
-                # on an unpriced model would stop at its first budget check and wait for a fix.
-                error = "candidate not started: " + "; ".join(refused)
-            else:
-                res, error = await start_candidate()
-            if res is None:
-                cand_rec.status, cand_rec.reason = "failed" if not refused else "not_started", error
-                cand_rec.failures.append(error)
-            else:
-                cand_rec.status, cand_rec.usage, cand_rec.reason = child_status(res.status), usage_of(res), res.reason
-            self._update("waiting for the primary" if prim_rec.status == "running" else "comparing")
-            return res, error
-
-        async def start_candidate() -> tuple[TicketResult | None, str]:
-            try:
-                res: TicketResult = await workflow.execute_child_workflow(
-                    names.SUPPORT_TICKET_WORKFLOW, cand_inp, id=candidate_id, result_type=TicketResult,
-                    execution_timeout=CANDIDATE_TIMEOUT,
-                    search_attributes=_search_attributes(cand_inp),
-                    static_summary=f"Shadow candidate {label} of {primary_id} (dry run)",
-                )
-            except FailureError as e:  # failed, timed out, or could not start
-                # Recorded, never raised: a failing candidate fails neither the primary nor the shadow.
-                return None, _why(e)
-            return res, ""
-
-        prim_res, (cand_res, error) = await asyncio.gather(run_primary(), run_candidate())
-        self._update("comparing")
-        spent: TaskUsage | None = None
-        if cand_res is None and cand_rec.status == "failed":
-            # A failed candidate says nothing of what it spent; the ledger has every call it made.
-            spent = await workflow.execute_activity(TASK_USAGE_ACTIVITY, candidate_id, result_type=TaskUsage,
-                                                    start_to_close_timeout=timedelta(seconds=30),
-                                                    retry_policy=RECORD_RETRY)
-            cand_rec.usage = spent
-        comparison = compare(prim_res, cand_res, shadow_workflow_id=shadow_id, candidate_workflow_id=candidate_id,
-                             candidate_label=label, candidate_error=error, candidate_spent=spent)
-        comparison = comparison.model_copy(update={"created_at": workflow.now()})
-        await workflow.execute_activity(SHADOW_RECORD_ACTIVITY, comparison, result_type=bool,
-                                        start_to_close_timeout=timedelta(seconds=30), retry_policy=RECORD_RETRY)
-        workflow.upsert_search_attributes([SA_STATUS.value_set("compared")])
-        self._update("done", "completed")
-        return comparison
+        return await self._run_agent(inp, inp.agent)
 
     async def _run_agent(self, inp: ShadowInput, primary_inp: AgentInput) -> ShadowComparison:
-        """The same as for a ticket, with KeelAgent children: the primary under the task's own id
-        (ABANDON), the candidate as a dry run charged to `shadow` that asks no one for approval."""
+        """KeelAgent children: the primary under the task's own id (ABANDON), the candidate as a dry run
+        charged to `shadow` that asks no one for approval."""
         shadow_id = workflow.info().workflow_id
         primary_id, candidate_id = inp.primary_workflow_id, candidate_workflow_id(inp.primary_workflow_id)
         candidate = inp.candidate.for_agent(primary_inp.agent)
