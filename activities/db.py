@@ -145,7 +145,7 @@ class AlertRow(SQLModel, table=True):
 
 
 class ShadowComparisonRow(SQLModel, table=True):
-    """Shadow mode: one row per shadowed ticket, the primary against the candidate (keel.shadow)."""
+    """Shadow mode: one row per shadowed task, the primary against the candidate (keel.shadow)."""
 
     __tablename__ = "shadow_comparisons"
     shadow_workflow_id: str = Field(primary_key=True)

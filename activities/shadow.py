@@ -1,9 +1,8 @@
 """Shadow mode's database side: the comparison rows (written by an activity, once per shadowed
 task), the configuration `keel shadow start/stop` writes and the client reads, and the report.
 
-One configuration is active per target: support tickets (a candidate without an agent) and each
-registered agent (`CandidateSpec.agent`). A target's rows are told apart by their label (the
-`candidate` column): an agent's starts with `agent=<name>,`."""
+One configuration is active per registered agent (`CandidateSpec.agent`). An agent's rows are told
+apart by their label (the `candidate` column), which starts with `agent=<name>,`."""
 
 from __future__ import annotations
 
@@ -80,7 +79,7 @@ def _comparison(r: ShadowComparisonRow) -> ShadowComparison:
 
 
 def _target(column: Any, agent: str | None) -> Any:
-    """Rows of one target: `agent`'s candidates, or (None) the tickets'."""
+    """Rows of one target: `agent`'s candidates, or (None) every target's."""
     if agent is None:
         return ~column.startswith(AGENT_LABEL_PREFIX, autoescape=True)
     return column.startswith(agent_label_prefix(agent), autoescape=True)
@@ -116,7 +115,7 @@ def _config(r: ShadowConfigRow) -> ShadowConfig:
 
 
 def start_shadow(engine: Engine, candidate: CandidateSpec, fraction: float) -> ShadowConfig:
-    """Make `candidate` the active shadow for `fraction` of new tickets, or of new tasks of
+    """Make `candidate` the active shadow for `fraction` of new tasks of
     `candidate.agent` (replacing that target's active one; other targets' stay)."""
     now = utcnow()
     config = ShadowConfig(candidate=candidate, fraction=fraction, started_at=now)
@@ -133,7 +132,7 @@ def start_shadow(engine: Engine, candidate: CandidateSpec, fraction: float) -> S
 
 
 def stop_shadow(engine: Engine, agent: str | None = None) -> ShadowConfig | None:
-    """End shadowing of new tickets, or of `agent`'s new tasks (running shadows finish); the
+    """End shadowing of `agent`'s new tasks (running shadows finish); the
     configuration that was active."""
     with Session(engine) as s:
         rows = list(s.scalars(select(ShadowConfigRow).where(col(ShadowConfigRow.active),
@@ -146,7 +145,7 @@ def stop_shadow(engine: Engine, agent: str | None = None) -> ShadowConfig | None
 
 
 def active_shadow(engine: Engine, agent: str | None = None) -> ShadowConfig | None:
-    """The active configuration for tickets, or for `agent`'s tasks; None. One indexed read; a ledger
+    """The active configuration for `agent`'s tasks; None. One indexed read; a ledger
     made before shadow mode existed has no table yet, which means no shadow."""
     stmt = (select(ShadowConfigRow).where(col(ShadowConfigRow.active), _target(col(ShadowConfigRow.candidate), agent))
             .order_by(col(ShadowConfigRow.id).desc()).limit(1))
@@ -176,7 +175,7 @@ def active_agent_shadows(engine: Engine) -> dict[str, ShadowConfig]:
 
 
 def last_shadow(engine: Engine, agent: str | None = None) -> tuple[ShadowConfig, datetime | None, bool] | None:
-    """The latest configuration for tickets (or `agent`'s tasks), its stop time and whether it is
+    """The latest configuration for `agent`'s tasks, its stop time and whether it is
     active; None if there never was one."""
     stmt = (select(ShadowConfigRow).where(_target(col(ShadowConfigRow.candidate), agent))
             .order_by(col(ShadowConfigRow.id).desc()).limit(1))

@@ -181,7 +181,7 @@ class Tracing:
     @contextmanager
     def finish_span(self, task: Any, step: int, outcome: Any, decisions: Sequence[Decision]) -> Iterator[Span | None]:
         """A generic task's last step (`keel.finish`): its outcome and its decisions as events, as the
-        routing call's span carries them for a ticket."""
+        decisions, once, at the end."""
         if self.tracer is None:
             yield None
             return

@@ -88,7 +88,7 @@ class TaskFigures:
 
     @property
     def ran_model(self) -> bool:
-        """A task refused before any model call (a bad ticket, an open breaker) says nothing of behaviour."""
+        """A task refused before any model call (bad input, an open breaker) says nothing of behaviour."""
         return self.tokens > 0
 
 

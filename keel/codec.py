@@ -203,7 +203,7 @@ keel_data_converter = DataConverter(payload_converter_class=KeelPayloadConverter
 
 def data_converter(settings: KeelSettings) -> DataConverter:
     """Pydantic JSON payloads; with KEEL_ENCRYPT, encrypted, and failure messages and stack traces moved
-    into the (encrypted) failure payload, so an error quoting the ticket does not leak it either."""
+    into the (encrypted) failure payload, so an error quoting the input does not leak it either."""
     codec = codec_from_settings(settings)
     if codec is None:
         return keel_data_converter

@@ -1,10 +1,9 @@
-"""Layer 3 of the agent guardrails: output filtering of the reply a customer will read.
+"""Layer 3 of the agent guardrails: output filtering of the answer that leaves a task.
 
-`redact` takes out personal data a reply must not carry: every full card number, and other people's
-IBANs, e-mail addresses, phone numbers and account ids, and US social security numbers. The ticket's
-own customer (`CustomerIdentity`) may see their own e-mail, phone, account ids and IBANs.
-`check_reply` flags replies that break the reply rules: empty or oversized, an unfilled template,
-a refund promised that was never executed, internal notes or raw tool names.
+`redact` takes out personal data an answer must not carry: every full card number, and other people's
+IBANs, e-mail addresses, phone numbers and account ids, and US social security numbers. The person the
+task is done for (`CustomerIdentity`) may see their own e-mail, phone, account ids and IBANs. The
+placeholder rules find unfilled templates (keel.output uses them on every agent's answer).
 
 Pure and deterministic (no I/O, no clock, no randomness, only `re`), so a workflow can call it inside
 the Temporal sandbox and a replay gets the same answer.
@@ -22,7 +21,6 @@ KINDS = ("card", "iban", "ssn", "email", "phone", "account")
 """Redaction kinds, in the order they are applied: a card number is also a digit run that a phone
 rule could match, so the most specific (and checksum-validated) kinds go first."""
 PLACEHOLDERS = {kind: f"[redacted {kind}]" for kind in KINDS}
-MAX_REPLY_CHARS = 8000
 _MAX_ROUNDS = 4
 """`redact` repeats its pass until nothing more is found (a placeholder can free a boundary that hid a
 match); in practice the second round finds nothing. The cap bounds the work on hostile input."""
@@ -317,7 +315,7 @@ def redact(text: str, own: CustomerIdentity | None) -> RedactionReport:
     return RedactionReport(text=text, counts=counts)
 
 
-# --- reply rules ---------------------------------------------------------------------------
+# --- answer rules ---------------------------------------------------------------------------
 _PLACEHOLDER_RULES = [
     re.compile(r"\{\{[^{}]{0,200}\}\}"),
     re.compile(r"\{\s*[A-Za-z_][A-Za-z0-9_.]*\s*\}"),
@@ -330,41 +328,6 @@ _PLACEHOLDER_RULES = [
 ]
 """Unfilled templates: {name}, {{...}}, [CUSTOMER NAME], [Your Name], [Customer's Name], <NAME>, <insert ...>.
 Our [redacted ...] is lower case and never matches."""
-
-_WE = r"\b(?:we|i)"
-_HAVE = r"(?:'ve|\u2019ve| have)?"
-_WILL = r"(?:'ll|\u2019ll| will| are going to| am going to| shall)"
-_AMOUNT_OF = r"(?: of (?:[^.;!?\n]|\.(?=[0-9])){1,40}?)?"
-_REFUND_PROMISES = [re.compile(p, re.I) for p in (
-    rf"{_WE}{_HAVE}(?: already| now| just)? (?:fully |partially )?(?:refunded|reimbursed)\b",
-    rf"{_WE}{_WILL}(?: now| also| then)? (?:fully |partially )?(?:refund|reimburse)\b",
-    rf"{_WE}{_HAVE}(?: already| now| just)? (?:issued|processed|approved|initiated|sent|credited|made)"
-    r" (?:you )?(?:a|the|your) (?:full |partial )?refund\b",
-    r"\byou(?:'ll|\u2019ll| will)(?: now| soon| shortly)? (?:receive|get|see) (?:a|the|your)"
-    r"(?: full| partial)? refund\b",
-    rf"\brefund{_AMOUNT_OF} (?:has been|have been|was|is now|will be) (?:fully )?"
-    r"(?:issued|processed|approved|completed|credited|sent|paid|made|executed|granted|initiated|transferred)\b",
-    r"\b(?:has been|have been|was|were) (?:fully )?refunded\b",
-    r"\brefund is on (?:its|the) way\b",
-)]
-"""A refund stated or promised as done or certain. Not: a request recorded, awaiting approval, reviewed."""
-_REFUND_IN_PROGRESS = re.compile(rf"\brefund{_AMOUNT_OF} is (?:being processed|in progress|under ?way)\b", re.I)
-"""Fine while a refund is pending approval; a false claim when none was even proposed."""
-
-_TOOL_NAMES = ("escalate_to_human", "issue_refund", "get_account", "get_transactions", "lookup_policy", "send_reply")
-_INTERNAL_RULES = [re.compile(p, re.I) for p in (
-    r"\binternal notes?\b",
-    r"\binternal\s*:",
-    r"\[\s*internal\s*\]",
-    r"\bnote to self\b",
-    r"\b(?:do not|don't|don\u2019t|never) (?:tell|inform|show) (?:this to )?the customer\b",
-    r"\bsystem prompt\b",
-    r"\bchain[- ]of[- ]thought\b",
-    r"\bas an ai(?: language)? model\b",
-    r"\btool[ _-]?calls?\b",
-)]
-_TOOL_NAME = re.compile(r"(?<![A-Za-z0-9_])(?:" + "|".join(_TOOL_NAMES) + r")(?![A-Za-z0-9_])", re.I)
-
 
 def _quote(fragment: str) -> str:
     fragment = " ".join(fragment.split())
@@ -383,33 +346,3 @@ def _found(rules: list[re.Pattern[str]], text: str) -> list[str]:
         if text[start:end] not in out:
             out.append(text[start:end])
     return out
-
-
-def check_reply(reply: str, *, refunds_executed: int, refunds_pending: int = 0) -> list[str]:
-    """Problems with a reply under the reply rules, human-readable; an empty list means it passes.
-
-    `refunds_executed` / `refunds_pending`: refunds the agent actually issued / proposed for approval
-    in this ticket, so the reply may only claim what happened.
-    """
-    problems: list[str] = []
-    if not reply.strip():
-        return ["reply is empty"]
-    if len(reply) > MAX_REPLY_CHARS:
-        problems.append(f"reply is too long: {len(reply)} characters (at most {MAX_REPLY_CHARS})")
-    problems += [f"unfilled template placeholder {_quote(f)}" for f in _found(_PLACEHOLDER_RULES, reply)]
-    if refunds_executed == 0:
-        problems += [f"promises a refund that was not executed: {_quote(f)}" for f in _found(_REFUND_PROMISES, reply)]
-        if refunds_pending == 0:
-            problems += [f"says a refund is in progress, but none was proposed: {_quote(f)}"
-                         for f in _found([_REFUND_IN_PROGRESS], reply)]
-    problems += [f"internal note in the reply: {_quote(f)}" for f in _found(_INTERNAL_RULES, reply)]
-    problems += [f"raw tool name in the reply: {_quote(f)}" for f in _found([_TOOL_NAME], reply)]
-    return problems
-
-
-def filter_reply(
-    reply: str, own: CustomerIdentity | None, *, refunds_executed: int, refunds_pending: int = 0
-) -> tuple[RedactionReport, list[str]]:
-    """Redact, then check the rules on the redacted text (what the customer would actually read)."""
-    report = redact(reply, own)
-    return report, check_reply(report.text, refunds_executed=refunds_executed, refunds_pending=refunds_pending)

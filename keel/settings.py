@@ -52,7 +52,7 @@ class KeelSettings(BaseSettings):
     worker_gc_threshold: int = Field(10_000, ge=0)
     """The worker (`python -m workers`) freezes what it loaded at start-up out of the garbage collector's
     reach (gc.freeze) and collects young objects after this many allocations instead of Python's 700, so
-    a ticket's short-lived objects die before they are promoted; 0: Python's defaults. Measured: the
+    a task's short-lived objects die before they are promoted; 0: Python's defaults. Measured: the
     collector's time in the worker fell from 0.2 to 0.02 ms per agent step (bench/throughput.py)."""
     encrypt: bool = False
     """Encrypt every payload in Temporal's history (AES-256-GCM, keel/codec.py); off for the local demo."""

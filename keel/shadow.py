@@ -36,12 +36,12 @@ SHADOW_RECORD_ACTIVITY = "shadow_record"
 """Writes a comparison row (idempotent on the shadow workflow id)."""
 
 _VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
-"""A prompt version's name, as starter.tickets checks it (the files are checked there: keel does no I/O)."""
+"""A prompt version's name (its files are checked by the starter and the worker: keel does no I/O)."""
 _AGENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _KEYS = ("agent", "prompt", "model", "small", "large")
 SPEC_EXAMPLES = "prompt=v2, model=sim:sim-small, large=openai:gpt-4o,prompt=v2, agent=oncall,prompt=v2"
 AGENT_LABEL_PREFIX = "agent="
-"""How an agent candidate's label starts (`agent=oncall,prompt=v2`); a ticket candidate's never does."""
+"""How an agent candidate's label starts (`agent=oncall,prompt=v2`)."""
 
 
 class CandidateSpecError(ValueError):
@@ -75,7 +75,7 @@ class CandidateSpec(BaseModel):
     def parse(cls, spec: str, check_prices: bool = True) -> CandidateSpec:
         """`key=value` pairs separated by commas: `prompt=VERSION`, `model=provider:model` (both tiers),
         `small=provider:model`, `large=provider:model`, and `agent=NAME` for a registered agent's tasks
-        (without it: support tickets). Raises CandidateSpecError, saying why."""
+        (without it, `for_agent` names the agent). Raises CandidateSpecError, saying why."""
         text = spec.strip()
         if not text:
             raise CandidateSpecError(f"empty candidate spec; examples: {SPEC_EXAMPLES}")
@@ -113,7 +113,7 @@ class CandidateSpec(BaseModel):
 
     def problems(self, check_prices: bool = True) -> list[str]:
         """Why this candidate cannot run (a malformed prompt version, an unpriced model), or []. The
-        prompt files themselves are checked by the starter (starter.tickets.prompt_version_problems)."""
+        prompt files themselves are checked by the starter against the agent's."""
         problems = []
         if self.prompt_version is None and self.small_model is None and self.large_model is None:
             problems.append("it changes nothing: give prompt=, model=, small= or large=")
@@ -163,13 +163,13 @@ class ShadowConfig(BaseModel):
 
 
 def shadow_point(ticket_id: str) -> int:
-    """Where a ticket falls in [0, 2^64): the first 8 bytes of sha256 of its id. Stable across runs,
+    """Where a task falls in [0, 2^64): the first 8 bytes of sha256 of its id. Stable across runs,
     processes and machines (Python's hash() is salted per process)."""
     return int.from_bytes(hashlib.sha256(ticket_id.encode("utf-8")).digest()[:8], "big")
 
 
 def is_shadowed(ticket_id: str, fraction: float) -> bool:
-    """Whether this ticket is in the shadowed `fraction` (0: none, 1: all). Deterministic per ticket id."""
+    """Whether this task is in the shadowed `fraction` (0: none, 1: all). Deterministic per task key."""
     if not 0 <= fraction <= 1:
         raise ValueError(f"fraction {fraction!r} must be between 0 and 1")
     if fraction >= 1:
@@ -191,7 +191,7 @@ def agent_label_prefix(agent: str) -> str:
 
 
 def agent_of_label(label: str) -> str | None:
-    """The agent a candidate label shadows; None for a ticket candidate."""
+    """The agent a candidate label shadows; None when it names none."""
     if not label.startswith(AGENT_LABEL_PREFIX):
         return None
     return label[len(AGENT_LABEL_PREFIX):].split(",", 1)[0]
@@ -208,7 +208,7 @@ class ShadowInput(BaseModel):
 
 
 class ShadowComparison(BaseModel):
-    """One shadowed ticket: the primary against the candidate (deltas are candidate minus primary)."""
+    """One shadowed task: the primary against the candidate (deltas are candidate minus primary)."""
 
     shadow_workflow_id: str
     primary_workflow_id: str
@@ -353,13 +353,13 @@ class ShadowSummary(BaseModel):
 
     candidate: str
     agent: str | None = None
-    """The agent whose tasks the candidate shadows; None: support tickets."""
+    """The agent whose tasks the candidate shadows."""
     tasks: int = 0
     compared: int = 0
     same_outcome: int = 0
     same_outcome_rate: float | None = None
     classification_agreement_rate: float | None = None
-    """Tickets: the same category. Agents: the same actions (tools executed or proposed)."""
+    """The same actions (tools executed or proposed)."""
     primary_cost_usd: float = 0.0
     candidate_cost_usd: float = 0.0
     total_cost_delta_usd: float = 0.0

@@ -178,7 +178,7 @@ class TaskContext(BaseModel):
     workflow_id: str
     customer: str
     ticket_id: str = ""
-    """The business key of the task; the sim model seeds on it so a ticket replays the same path."""
+    """The business key of the task; the sim model seeds on it so a task replays the same path."""
     feature: str = "support"
     task_type: str = "support_ticket"
     prompt_version: str = "v1"

@@ -298,12 +298,12 @@ class RunSummary(BaseModel):
     workflow_id: str
     status: str
     agent: str | None = None
-    """A KeelAgent task's agent (None for a ticket)."""
+    """The task's agent."""
     route: str | None = None
     category: str | None = None
     reason: str = ""
     answer: str = ""
-    """The answer as it left the task (a ticket's reply, an agent's output), or the partial output of
+    """The answer as it left the task (the agent's output), or the partial output of
     one that was stopped or held back."""
     tokens: int = 0
     cost_usd: float = 0.0
@@ -350,7 +350,7 @@ def tool_key(name: str, arguments: dict[str, Any]) -> str:
 
 
 class Recording(BaseModel):
-    """What a task's history recorded (a ticket, or a KeelAgent task): its input, every model and tool
+    """What a task's history recorded (a KeelAgent task): its input, every model and tool
     call, approval decisions, the result."""
 
     workflow_id: str

@@ -53,7 +53,7 @@ def agent_result_view(r: AgentResult) -> Group:
 
 
 def progress_panel(workflow_id: str, p: Progress | None, agent: str | None = None) -> Panel:
-    """A task's live progress; `agent`: a KeelAgent task's agent (shown instead of a ticket's category)."""
+    """A task's live progress; `agent`: a KeelAgent task's agent (shown with its triage)."""
     if p is None:
         return Panel("starting...", title=workflow_id)
     t = Table.grid(padding=(0, 2))

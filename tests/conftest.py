@@ -26,10 +26,7 @@ from temporalio.worker import Worker
 from activities.db import init_db, make_engine
 from keel import names
 from keel.breaker import breaker_workflow_id
-from keel.policy import APPROVALS
 from keel.settings import KeelSettings
-from keel.types import ApprovalMode, SimConfig, TicketInput, TicketResult
-from starter import tickets
 from starter.stack import ensure_search_attributes
 from workers.worker import build_worker
 
@@ -111,12 +108,13 @@ async def running_worker(client: Client, settings: KeelSettings, engine: Engine,
     worker = build_worker(client, settings, engine=engine, **kw)
     async with worker:
         yield worker
-        # A breaker outlives its tickets; ending it while its worker still runs keeps the time-skipping
+        # A breaker outlives its tasks; ending it while its worker still runs keeps the time-skipping
         # server from stalling on a workflow task that no worker will ever pick up.
-        with contextlib.suppress(RPCError):
-            await client.get_workflow_handle(
-                breaker_workflow_id("support_ticket", settings.task_queue)
-            ).terminate("test finished")
+        for agent in kw.get("agents", ()):
+            with contextlib.suppress(RPCError):
+                await client.get_workflow_handle(
+                    breaker_workflow_id(agent.name, settings.task_queue)
+                ).terminate("test finished")
 
 
 @pytest.fixture
@@ -128,25 +126,6 @@ def worker_factory(
 
     return make
 
-
-def ticket(
-    customer_id: str, text: str, ticket_id: str | None = None, approval_mode: ApprovalMode = "escalate", **sim: Any
-) -> TicketInput:
-    """A ticket on the sim model with no spiral and no failures unless asked for. A refund it proposes
-    goes to the human queue at once unless `approval_mode="wait"` (then a test must decide on it)."""
-    return TicketInput(
-        ticket_id=ticket_id or f"TK-{uuid.uuid4().hex[:8]}",
-        customer_id=customer_id,
-        text=text,
-        sim=SimConfig(**{"spiral_rate": 0.0, **sim}),
-        approval=APPROVALS.model_copy(update={"mode": approval_mode}),
-        pipeline_version=names.PIPELINE_VERSION,  # as keel submits it (make_input)
-    )
-
-
-async def run_ticket(client: Client, settings: KeelSettings, inp: TicketInput) -> TicketResult:
-    handle = await tickets.start_ticket(client, settings, inp)
-    return await handle.result()
 
 
 async def assert_eventually(fn: Callable[[], Awaitable[T]], check: Callable[[T], bool], within_s: float = 10.0) -> T:

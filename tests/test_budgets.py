@@ -301,11 +301,11 @@ def test_request_chars_counts_tool_specs_as_their_json() -> None:
     """The remembered size of a tool spec equals its JSON, for cached specs and for copies."""
     import json
 
+    from agents.support_desk import support_desk
     from keel.tokens import request_chars
-    from keel.tools import TOOLS
     from keel.types import Message
 
-    specs = [t.spec() for t in TOOLS.values()]
+    specs = support_desk.tool_specs(list(support_desk.tool_map))
     for k in range(len(specs) + 1):
         expected = len(json.dumps([t.model_dump() for t in specs[:k]])) if k else 0
         assert request_chars([Message(role="user", content="hi")], specs[:k]) == 2 + expected

@@ -16,7 +16,7 @@ import pytest
 
 from keel import names
 from keel.settings import KeelSettings
-from starter import stack, tickets
+from starter import stack
 
 KEEL = [sys.executable, "-m", "starter"]
 
@@ -99,30 +99,6 @@ def test_submit_refuses_bad_tickets(stack_env: dict[str, str]) -> None:
     assert empty.returncode == 2 and "ticket submit refused: ticket text is empty" in empty.stderr
 
 
-def test_malformed_batch_file_starts_nothing(tmp_path: Path) -> None:
-    f = tmp_path / "batch.jsonl"
-    f.write_text('{"customer_id": "C-1001", "text": "fine"}\n{"customer_id": "C-1002", "text": \n'
-                 '{"customer_id": "C-1003"}\n[1, 2]\n{"customer_id": "C-1004", "text": "x", "amount": 5}\n')
-    with pytest.raises(tickets.TicketInputError) as e:
-        tickets.load_batch_file(f, KeelSettings())
-    msg = str(e.value)
-    assert "4 bad ticket(s), nothing was started" in msg
-    assert "line 2: not valid JSON" in msg
-    assert "line 3: ticket text is empty" in msg
-    assert "line 4: expected an object" in msg
-    assert "line 5: unknown fields ['amount']" in msg
-
-
-def test_batch_file_json_list(tmp_path: Path) -> None:
-    f = tmp_path / "batch.json"
-    f.write_text(json.dumps([{"customer_id": "C-1001", "text": "hello", "ticket_id": "T1"}]))
-    [inp] = tickets.load_batch_file(f, KeelSettings())
-    assert inp.ticket_id == "T1" and inp.customer_id == "C-1001"
-    f.write_text("[{")
-    with pytest.raises(tickets.TicketInputError, match="not valid JSON"):
-        tickets.load_batch_file(f, KeelSettings())
-
-
 def test_ctrl_c_stops_everything(stack_env: dict[str, str], tmp_path: Path) -> None:
     import signal
     import time
@@ -143,16 +119,6 @@ def test_ctrl_c_stops_everything(stack_env: dict[str, str], tmp_path: Path) -> N
     assert proc.wait(timeout=60) == 0
     # No orphans: both children and their process groups are gone.
     assert not stack.alive(state["server_pid"]) and not stack.alive(state["worker_pid"])
-
-
-def test_unpriced_model_and_bad_tags_are_refused_at_start() -> None:
-    settings = KeelSettings(model_large="openai:gpt-9-unreleased")
-    with pytest.raises(tickets.TicketInputError, match="no price for openai:gpt-9-unreleased"):
-        tickets.make_input(settings, "C-1001", "hello")
-    with pytest.raises(tickets.TicketInputError, match="feature"):
-        tickets.make_input(KeelSettings(), "C-1001", "hello", feature="bad feature!")
-    with pytest.raises(tickets.TicketInputError, match="unknown task type"):
-        tickets.make_input(KeelSettings(), "C-1001", "hello", task_type="nope")
 
 
 def test_since_parsing() -> None:

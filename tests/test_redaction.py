@@ -8,28 +8,30 @@ replies) are left alone, and hypothesis checks the properties that must hold for
 from __future__ import annotations
 
 import string
+from types import SimpleNamespace
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from activities.providers.sim import PLANS, TOPICS, Call, Ticket, draft_reply, final_summary
-from keel.dataset import Customer, build_dataset, sample_tickets
+from agents.support_desk.data import build_seed, sample_tickets
 from keel.redaction import (
+    _PLACEHOLDER_RULES,
     KINDS,
-    MAX_REPLY_CHARS,
     PLACEHOLDERS,
     CustomerIdentity,
     RedactionReport,
+    _found,
     _redact_once,
-    check_reply,
-    filter_reply,
     redact,
 )
 
-DS = build_dataset()
+_SEED = build_seed()
+DS = SimpleNamespace(**{k: [SimpleNamespace(**r) for r in rows] for k, rows in _SEED.items()})
+"""The support desk's synthetic customers, accounts and policies (a realistic spread of card numbers,
+IBANs, e-mail addresses and phones)."""
+Customer = SimpleNamespace
 ACCOUNTS = {c.id: [a for a in DS.accounts if a.customer_id == c.id] for c in DS.customers}
-POLICIES = {p.topic: p for p in DS.policies}
 
 
 def identity(c: Customer) -> CustomerIdentity:
@@ -210,84 +212,6 @@ def test_sample_tickets_and_policies_are_untouched() -> None:
     assert [redact(t, None).text for t in texts] == texts
 
 
-# Copied from activities/providers/sim.py draft_reply / final_summary output for Ana Silva (C-1001),
-# refund_request with the refund issued / pending, fraud_report escalated, general_inquiry, card_issue.
-SIM_REPLIES = [
-    "Dear Ana Silva,\n\nThank you for reporting the charge. We have reviewed your recent transactions.\nWe have "
-    "refunded 410.10 EUR (reference RF-1).\nDuplicate charges and unrecognised merchant errors are refunded in full "
-    "up to 500 EUR per transaction after the transaction is verified on the customer's own account.\n\nKind "
-    "regards,\nKeel Bank support",
-    "Dear Ana Silva,\n\nThank you for reporting the charge. We have reviewed your recent transactions.\nYour refund "
-    "request has been passed to our team for approval; we will confirm once it is done.\nDuplicate charges and "
-    "unrecognised merchant errors are refunded in full up to 500 EUR per transaction after the transaction is "
-    "verified on the customer's own account.\n\nKind regards,\nKeel Bank support",
-    "Dear Ana Silva,\n\nThank you for telling us. Our fraud team is looking into the payments you reported; please "
-    "freeze your card in the app if you have not done so.\nSuspected fraud is always handled by the fraud team: "
-    "freeze the card and escalate.\nA specialist from our team will contact you shortly.\n\nKind regards,\nKeel "
-    "Bank support",
-    "Hello,\n\nThank you for getting in touch.\nSupport answers within 24 hours.\n\nKind regards,\nKeel Bank support",
-    "Dear Ana Silva,\n\nWe are sorry your card payment did not go through.\nDeclined payments are usually caused by "
-    "a frozen card, the daily limit (2,000 EUR) or an expired card.\n\nKind regards,\nKeel Bank support",
-]
-SIM_SUMMARY = ("Findings for TK-0-0001 (refund_request). Customer Ana Silva (C-1001): not locked, card active. "
-               "9 recent transactions; T-100004 410.1 at CoffeeCo duplicates T-100003. Policy refunds: Duplicate "
-               "charges and unrecognised merchant errors are refunded in full up to 500 EUR per transaction after "
-               "the transaction is verified on the customer's own account. Refund of 410.1 on T-100004 proposed; "
-               "awaiting approval.")
-
-
-def sim_texts(c: Customer) -> list[tuple[str, int, int]]:
-    """(text, refunds executed, refunds pending) for every category's reply and findings, drafted by the sim
-    itself from tool results faked from the dataset the way tests/test_sim.py fakes them."""
-    txs = [t for t in DS.transactions if t.customer_id == c.id]
-    dup = next(t for t in txs if t.duplicate_of)
-    account = Call("get_account", {"customer_id": c.id}, 0, {
-        "customer": {"id": c.id, "name": c.name, "tier": c.tier, "locked": c.locked, "card_status": c.card_status,
-                     "card_last4": c.card_number[-4:]},
-        "accounts": [{"id": a.id, "iban": a.iban, "balance": a.balance, "currency": a.currency}
-                     for a in ACCOUNTS[c.id]]})
-    history = Call("get_transactions", {"customer_id": c.id, "days": 60}, 1,
-                   {"transactions": [t.model_dump(exclude={"customer_id", "account_id"}) for t in txs]})
-    refund_args = {"customer_id": c.id, "transaction_id": dup.id, "amount": dup.amount, "reason": "duplicate"}
-    refunds = {"issued": {"refund_id": "RF-1", "transaction_id": dup.id, "amount": dup.amount, "status": "issued"},
-               "pending": {"status": "pending_approval", "transaction_id": dup.id}}
-    out = []
-    for category, plan in PLANS.items():
-        policy = Call("lookup_policy", {"topic": TOPICS[category]}, 2, POLICIES[TOPICS[category]].model_dump())
-        escalated = Call("escalate_to_human", {"reason": "fraud", "priority": "urgent"}, 3,
-                         {"queue_item_id": "HQ-1", "status": "queued", "reason": "fraud"})
-        base = [{"get_account": account, "get_transactions": history, "lookup_policy": policy,
-                 "escalate_to_human": escalated}[step] for step in plan if step != "issue_refund"]
-        variants = [(base, 0, 0)]
-        if "issue_refund" in plan:
-            variants = [([*base, Call("issue_refund", refund_args, 3, refunds[state])], int(state == "issued"),
-                         int(state == "pending")) for state in ("issued", "pending")]
-        for calls, executed, pending in variants:
-            out.append((draft_reply(category, calls), executed, pending))
-            out.append((final_summary(category, Ticket(c.id, "TK-0-0001", "text"), calls), executed, pending))
-    return out
-
-
-def test_sim_texts_are_untouched_and_pass_the_rules() -> None:
-    assert [redact(t, None).text for t in [*SIM_REPLIES, SIM_SUMMARY]] == [*SIM_REPLIES, SIM_SUMMARY]
-    for i, reply in enumerate(SIM_REPLIES):  # the first says the refund was issued, the second that it is pending
-        assert check_reply(reply, refunds_executed=int(i == 0), refunds_pending=int(i == 1)) == [], reply
-    drafted = 0
-    for c in DS.customers:
-        for text, executed, pending in sim_texts(c):
-            for own in (None, identity(c)):
-                assert redact(text, own).text == text, text
-            if text.startswith(("Dear", "Hello")):
-                drafted += 1
-                assert check_reply(text, refunds_executed=executed, refunds_pending=pending) == [], text
-    assert drafted == len(DS.customers) * 7
-
-
-def test_the_sims_refund_sentence_is_a_promise_without_an_executed_refund() -> None:
-    problems = check_reply(SIM_REPLIES[0], refunds_executed=0, refunds_pending=1)
-    assert problems == ['promises a refund that was not executed: "We have refunded"']
-
-
 # --- every synthetic customer --------------------------------------------------------------
 @pytest.mark.parametrize("c", DS.customers, ids=[c.id for c in DS.customers])
 def test_every_dataset_customer(c: Customer) -> None:
@@ -405,134 +329,16 @@ def test_property_own_email_and_phone_survive(email: str, phone: str, before: st
     assert report.counts["phone"] == report.counts["card"] == 0
 
 
-# --- reply rules ---------------------------------------------------------------------------
-def test_schema_rules() -> None:
-    assert check_reply("", refunds_executed=0) == ["reply is empty"]
-    assert check_reply(" \n\t ", refunds_executed=0) == ["reply is empty"]
-    assert check_reply("x" * MAX_REPLY_CHARS, refunds_executed=0) == []
-    assert check_reply("x" * (MAX_REPLY_CHARS + 1), refunds_executed=0) == [
-        f"reply is too long: {MAX_REPLY_CHARS + 1} characters (at most {MAX_REPLY_CHARS})"]
-
-
+# --- unfilled templates (keel.output checks every agent's answer with these rules) ------------------
 @pytest.mark.parametrize("placeholder", ["{name}", "{ customer_name }", "{{customer.name}}", "{{ amount }}",
                                          "[CUSTOMER NAME]", "[AMOUNT]", "[TRANSACTION_ID]", "<insert amount>",
-                                         "<Insert name here>", "[insert date]"])
+                                         "<Insert name here>", "[insert date]", "[Your Name]", "[Customer's Name]",
+                                         "<NAME>"])
 def test_unfilled_placeholders(placeholder: str) -> None:
-    assert check_reply(f"Dear {placeholder}, your card works again.", refunds_executed=0) == [
-        f'unfilled template placeholder "{placeholder}"']
+    assert _found(_PLACEHOLDER_RULES, f"Dear {placeholder}, your card works again.") == [placeholder]
 
 
 def test_not_placeholders() -> None:
     for text in ["Your card [redacted card] is frozen; write to [redacted email].", "Use the app (Profile > Address).",
                  "A set like {1, 2} or the sign <3 is fine.", "Press [Freeze] in the app.", "See A-5001 [1]."]:
-        assert check_reply(text, refunds_executed=0) == [], text
-
-
-REFUND_PROMISES = [
-    "We have refunded 12.50 EUR.",
-    "We've refunded the duplicate charge.",
-    "we refunded the charge yesterday",
-    "I've refunded the fee.",
-    "I have already refunded it.",
-    "We will refund the duplicate charge.",
-    "We'll refund you within 3 days.",
-    "You will receive a refund of 12.50 EUR.",
-    "You'll get a full refund.",
-    "Your refund has been issued.",
-    "Your refund has been processed.",
-    "Your refund has been approved.",
-    "The refund of 12.50 EUR has been issued to your account.",
-    "A refund of 1,234.00 EUR was processed today.",
-    "The duplicate charge has been refunded.",
-    "We have issued a refund for the duplicate charge.",
-]
-NOT_PROMISES = [
-    "Your refund request has been recorded.",
-    "Your refund request has been passed to our team for approval; we will confirm once it is done.",
-    "Your refund is awaiting approval.",
-    "The refund of 12.50 EUR is awaiting approval by a colleague.",
-    "A colleague will review your refund request.",
-    "You may request a refund in the app.",
-    "If you want, you can request a refund.",
-    "Duplicate charges are refunded in full up to 500 EUR per transaction.",
-    "We have not refunded anything yet.",
-    "We have reviewed your recent transactions.",
-    "Refunds above 500 EUR go to the disputes team.",
-]
-
-
-@pytest.mark.parametrize("reply", REFUND_PROMISES)
-def test_refund_promise_without_executed_refund(reply: str) -> None:
-    problems = check_reply(reply, refunds_executed=0)
-    assert len(problems) == 1 and problems[0].startswith("promises a refund that was not executed: ")
-    assert check_reply(reply, refunds_executed=0, refunds_pending=1) == problems
-    assert check_reply(reply, refunds_executed=1) == []
-
-
-@pytest.mark.parametrize("reply", NOT_PROMISES)
-def test_refund_near_misses_are_not_promises(reply: str) -> None:
-    assert check_reply(reply, refunds_executed=0) == []
-    assert check_reply(reply, refunds_executed=0, refunds_pending=1) == []
-
-
-def test_refund_in_progress_needs_a_pending_refund() -> None:
-    reply = "Your refund is being processed."
-    assert check_reply(reply, refunds_executed=0) == [
-        'says a refund is in progress, but none was proposed: "refund is being processed"']
-    assert check_reply(reply, refunds_executed=0, refunds_pending=1) == []
-    assert check_reply(reply, refunds_executed=1) == []
-
-
-@pytest.mark.parametrize(("reply", "fragment"), [
-    ("Internal note: customer seems angry.", "Internal note"),
-    ("INTERNAL: check the duplicate first.", "INTERNAL:"),
-    ("[internal] waiting for fraud team", "[internal]"),
-    ("Note to self: follow up tomorrow.", "Note to self"),
-    ("Do not tell the customer about the limit.", "Do not tell the customer"),
-    ("As stated in my system prompt, I cannot do that.", "system prompt"),
-    ("My chain of thought was as follows.", "chain of thought"),
-    ("As an AI language model, I cannot help.", "As an AI language model"),
-    ("The tool call failed, sorry.", "tool call"),
-])
-def test_internal_notes(reply: str, fragment: str) -> None:
-    assert check_reply(reply, refunds_executed=0) == [f'internal note in the reply: "{fragment}"']
-
-
-@pytest.mark.parametrize("tool", ["escalate_to_human", "issue_refund", "get_account", "get_transactions",
-                                  "lookup_policy", "send_reply"])
-def test_raw_tool_names(tool: str) -> None:
-    assert check_reply(f"I called {tool} for you.", refunds_executed=1) == [f'raw tool name in the reply: "{tool}"']
-
-
-def test_internal_near_misses() -> None:
-    for text in ["Our internal review team will look at it.", "International payments carry a 1.5% fee.",
-                 "We have escalated your case to a specialist.", "You can look up our refund policy in the app.",
-                 "Use the tools in the app to freeze your card.", "Please send us a reply.",
-                 "Our support system is back online.", "Please tell the customer service desk."]:
-        assert check_reply(text, refunds_executed=0) == [], text
-
-
-def test_problem_quotes_are_truncated_to_60_characters() -> None:
-    long_placeholder = "{{" + "x" * 100 + "}}"
-    (problem,) = check_reply(f"Dear {long_placeholder}", refunds_executed=0)
-    assert problem == 'unfilled template placeholder "' + long_placeholder[:60] + '..."'
-
-
-def test_several_problems_are_all_reported() -> None:
-    problems = check_reply("Dear [CUSTOMER NAME], we have refunded you. INTERNAL: via issue_refund.",
-                           refunds_executed=0)
-    assert problems == ['unfilled template placeholder "[CUSTOMER NAME]"',
-                        'promises a refund that was not executed: "we have refunded"',
-                        'internal note in the reply: "INTERNAL:"', 'raw tool name in the reply: "issue_refund"']
-
-
-def test_filter_reply_redacts_then_checks_the_redacted_text() -> None:
-    reply = f"Dear [CUSTOMER NAME], card {VISA} of {BEN.email}: we will refund you. Mail {ANA.email}."
-    report, problems = filter_reply(reply, OWN, refunds_executed=0)
-    assert report.text == ("Dear [CUSTOMER NAME], card [redacted card] of [redacted email]: we will refund you. "
-                           f"Mail {ANA.email}.")
-    assert report.counts == {**dict.fromkeys(KINDS, 0), "card": 1, "email": 1}
-    assert problems == ['unfilled template placeholder "[CUSTOMER NAME]"',
-                        'promises a refund that was not executed: "we will refund"']
-    clean, none = filter_reply(SIM_REPLIES[1], OWN, refunds_executed=0, refunds_pending=1)
-    assert clean.text == SIM_REPLIES[1] and clean.total == 0 and none == []
+        assert _found(_PLACEHOLDER_RULES, text) == [], text

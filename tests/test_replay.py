@@ -22,17 +22,17 @@ from temporalio.workflow import NondeterminismError
 import keel
 from agents.dr_plan import AGENTS as DR_PLAN_AGENTS
 from agents.oncall import oncall, service_status
+from agents.support_desk import store as desk_store
 from agents.support_desk import support_desk
 from agents.triage import triage
 from keel import registry
-from keel.settings import KeelSettings
-from tests.conftest import run_ticket, ticket
+from keel.testing import agent_environment
 from workers.worker import SANDBOX, STRICT_SANDBOX
 from workflows.registry import WORKFLOWS
 
 HISTORIES = sorted((Path(__file__).parent / "histories").glob("*.json"))
-TICKET_HISTORY = Path(__file__).parent / "histories" / "ticket_v1.json"
-"""The history the tampering tests change (recorded under its file name as the workflow id)."""
+TAMPERED_HISTORY = Path(__file__).parent / "histories" / "agent_support_desk_v1.json"
+"""The history the tampering test changes (recorded under its file name as the workflow id)."""
 REPLAYED_AGENTS = [oncall, triage, support_desk, *DR_PLAN_AGENTS]
 """The agents whose histories are recorded here (agent_<name>_*.json; triage: pattern_swarm_triage_*.json;
 supervisor_dr_plan_*.json: `keel plan`'s supervision, whose rules run the planner's checks in the workflow)."""
@@ -57,7 +57,7 @@ def load(path: Path) -> WorkflowHistory:
 
 
 def test_there_are_recorded_histories() -> None:
-    assert HISTORIES, "tests/histories/ should hold at least one recorded ticket history"
+    assert HISTORIES, "tests/histories/ should hold recorded histories"
     assert ONCALL_HEALTHY in HISTORIES and ONCALL_APPROVAL in HISTORIES, "the on-call agent's histories"
     assert any(p.stem == "supervisor_dr_plan_v1" for p in HISTORIES), "keel plan's supervision"
     assert {"agent_support_desk_v1", "agent_support_desk_v1_refund"} <= {p.stem for p in HISTORIES}, "the desk"
@@ -72,22 +72,29 @@ async def test_recorded_history_replays(path: Path, runner: SandboxedWorkflowRun
 
 async def test_changed_history_is_detected() -> None:
     """A history whose commands differ from what the code does now must fail replay, loudly."""
-    path = TICKET_HISTORY
+    path = TAMPERED_HISTORY
     doc = json.loads(path.read_text())
     for event in doc["events"]:
         attrs = event.get("activityTaskScheduledEventAttributes")
-        if attrs and attrs["activityType"]["name"] != "llm_call":
-            attrs["activityType"]["name"] = "close_account"
+        if attrs and attrs["activityType"]["name"].startswith("support_desk."):
+            attrs["activityType"]["name"] = "support_desk.close_account"
             break
+    else:
+        raise AssertionError("the recorded history has no tool call to tamper with")
     history = WorkflowHistory.from_json(path.stem, json.dumps(doc))
     with pytest.raises(NondeterminismError):
         await replayer().replay_workflow(history)
 
 
-async def test_run_then_replay(client: Client, settings: KeelSettings, worker_factory: Any) -> None:
-    async with worker_factory(client):
-        res = await run_ticket(client, settings, ticket("C-1003", "My card keeps getting declined online.",
-                                                        spiral_rate=1.0, hallucinated_tool_rate=0.3))
+async def test_run_then_replay(client: Client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A spiralling task with hallucinated tools, run now, replays against the same code."""
+    url = f"sqlite:///{tmp_path / 'keel.db'}"
+    monkeypatch.setenv("KEEL_DATABASE_URL", url)
+    desk_store.reset()
+    async with agent_environment(support_desk, client=client, db_url=url) as env:
+        res = await env.run("support_desk", "Customer: C-1003\n\nMy card keeps getting declined online.",
+                            tenant="C-1003", sim=keel.SimConfig(spiral_rate=1.0, hallucinated_tool_rate=0.3))
+    desk_store.reset()
     history = await client.get_workflow_handle(res.workflow_id).fetch_history()
     await replayer().replay_workflow(history)
 

@@ -42,7 +42,7 @@ SANDBOX = SandboxedWorkflowRunner(restrictions=STRICT_SANDBOX.restrictions.with_
 """The workers' default: `workflows` imported once per worker and shared with every run, like `keel`.
 Each run still executes inside the sandbox (its own globals; imports at run time restricted), but the
 modules' own references are not re-checked per run: that check is STRICT_SANDBOX's, in the tests.
-Measured (bench/throughput.py, side by side): the per-run import of the ticket workflow's module, with
+Measured (bench/throughput.py, side by side): the per-run import of a workflow's module, with
 code the interpreter had to warm up again each time, cost about 10% of the worker's CPU. The modules
 hold no mutable state (constants only): nothing leaks from one run to the next."""
 

@@ -136,7 +136,7 @@ class TemporalCalls:
 
     No activity summaries: the SDK visits every payload of a command several times, each visit a
     round trip into the workflow sandbox, and a summary is one more payload per call (measured with
-    bench/throughput.py: 3 ms of worker CPU per ticket). The UI shows the activity type (`llm_call`,
+    bench/throughput.py: 3 ms of worker CPU per task). The UI shows the activity type (`llm_call`,
     the tool's name), its input (step kind, model), the workflow's summary (its models, labelled) and
     its current details (step, action, tokens), set below and in AgentRunner."""
 
@@ -391,7 +391,7 @@ class AgentRunner:
     async def tool(self, name: str, arguments: Mapping[str, object], outcome: TaskOutcome | None = None) -> ToolResult:
         step = self._next_step(f"tool {name}")
         call_id = f"{self.task.workflow_id}/{step}"
-        if outcome is not None:  # the routing call: it counts in the outcome it writes (as in TicketResult)
+        if outcome is not None:  # the routing call: it counts in the outcome it writes (the finishing call)
             outcome = outcome.model_copy(update={"tools": [*outcome.tools, name], "steps": step})
         if self.agent is None:
             raise KeelError(f"tool {name!r} called outside an agent task")

@@ -34,9 +34,9 @@ import keel
 from agents.oncall import oncall
 from agents.oncall.status_service import StatusService
 from agents.support_desk import store, support_desk
+from agents.support_desk.data import sample_tickets
 from keel import names
 from keel.breaker import BREAKER_STATE_QUERY, BreakerState, breaker_workflow_id
-from keel.dataset import sample_tickets
 from keel.orchestration import ChildTask
 from keel.testing import AgentEnvironment, agent_environment
 from keel.types import LlmRequest, LlmResponse

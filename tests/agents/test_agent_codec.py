@@ -1,7 +1,8 @@
 """Encrypted history for generic agent tasks: the support desk answers a request that carries a card
 number and an e-mail address, through a client and worker with Keel's encryption codec. What Temporal
 stores holds none of it, nor the account data the tools returned or the model's answer; the decrypted
-payloads do (not vacuous); the result reads with the codec and not without it."""
+payloads do (not vacuous); the result reads with the codec and not without it; `temporal workflow show`
+reads it through `keel codec-server` only."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from agents.support_desk.data import build_seed
 from keel.codec import EncryptionCodec, data_converter
 from keel.settings import KeelSettings
 from keel.testing import agent_environment
-from tests.test_codec import _payloads
+from starter.codec_server import CodecServer
+from tests.test_codec import _payload_data, _payloads, _temporal_show
 
 KEY = base64.b64encode(bytes(range(32))).decode()
 SEED = build_seed()
@@ -63,3 +65,9 @@ async def test_an_agent_history_holds_no_plaintext(dev_env: WorkflowEnvironment,
     assert again == res
     with pytest.raises(Exception, match="binary/encrypted"):
         await plain.get_workflow_handle(res.workflow_id, result_type=keel.AgentResult).result()
+
+    # The temporal CLI reads it through `keel codec-server`, and only through it.
+    with CodecServer(codec, port=0) as server:
+        shown = _payload_data(await _temporal_show(plain, res.workflow_id, server.url))
+    assert CUSTOMER["email"].encode() in shown and CUSTOMER["card_number"].encode() in shown
+    assert CUSTOMER["email"].encode() not in _payload_data(await _temporal_show(plain, res.workflow_id, None))

@@ -23,13 +23,15 @@ import keel
 from activities.alerts import AlertEngine, TaskObserver, WebhookSink, list_alerts
 from activities.db import init_db
 from activities.ledger import Ledger
-from activities.metrics import KeelMetrics
+from activities.metrics import KeelMetrics, sdk_runtime
 from agents.support_desk import store, support_desk
+from agents.support_desk.data import sample_tickets
 from keel.alerts import AlertPolicy
-from keel.dataset import sample_tickets
+from keel.settings import KeelSettings
 from keel.testing import AgentEnvironment, agent_environment
 from starter.cli import app
-from tests.test_metrics_alerts import webhook_server  # noqa: F401  (a fixture)
+from starter.client import connect
+from tests.test_metrics_alerts import free_port, webhook_server  # noqa: F401  (a fixture)
 
 AGENT = "support_desk"
 FEE = "Customer: C-1003\n\nWhy was I charged a fee of 4.90 EUR this month?"
@@ -145,3 +147,17 @@ async def test_a_tool_new_to_the_agent_raises_an_alert_that_reaches_the_webhook(
     assert sorted((a["rule"], a["subject"]) for a in found) == [("new_tool", t) for t in new]
     assert sorted(r["alert"]["subject"] for r in received) == new
     observer.close()
+
+
+async def test_the_sdk_metrics_endpoint_of_the_worker_runtime(client: Client, db: tuple[str, Engine]) -> None:
+    url, _ = db
+    port = free_port()
+    s = KeelSettings(temporal_address=client.service_client.config.target_host, sdk_metrics_port=port)
+    runtime = sdk_runtime(s)
+    assert runtime is not None
+    own = await connect(s, tracing=False, runtime=runtime)
+    async with agent_environment(support_desk, client=own, db_url=url) as env:
+        res = await env.run(AGENT, "Customer: C-1004\n\nWhat are your support hours?", tenant="C-1004")
+    assert res.status == "completed"
+    page = await asyncio.to_thread(fetch, f"http://127.0.0.1:{port}/metrics")
+    assert "temporal_" in page and "activity" in page

@@ -25,7 +25,6 @@ from agents.support_desk import AGENTS, issue_refund, store, support_desk
 from agents.support_desk.data import build_seed
 from agents.support_desk.tools import RefundArgs
 from keel import registry
-from keel.dataset import build_dataset
 from keel.testing import SCRIPTED, AgentEnvironment, ScriptedModel, agent_environment, answer, call
 from starter.approvals_cli import pending_action
 from starter.cli import app
@@ -117,12 +116,6 @@ def test_the_definition_uses_the_public_api() -> None:
     assert "support-lead" in support_desk.approvers["issue_refund"]
     assert support_desk.prompt_path().name == "support_desk.v1.md" and support_desk.prompt_path().is_file()
     assert issue_refund.claims and all(t.startswith("support_desk_") for t in store.metadata.tables)
-
-
-def test_the_seed_is_the_legacy_data() -> None:
-    legacy = build_dataset()
-    for name in ("customers", "accounts", "transactions", "policies"):
-        assert SEED[name] == [r.model_dump() for r in getattr(legacy, name)], name
 
 
 # --- end to end on Temporal ------------------------------------------------------------------------------

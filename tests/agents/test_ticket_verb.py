@@ -26,7 +26,6 @@ from agents.support_desk import store, support_desk
 from agents.support_desk.cli import load_batch_file, parse_latency, request_text
 from agents.support_desk.data import build_seed, sample_tickets
 from keel import names
-from keel.dataset import sample_tickets as legacy_sample_tickets
 from keel.testing import AgentEnvironment, agent_environment
 from starter.cli import app
 
@@ -245,14 +244,6 @@ def test_a_batch_file_becomes_support_desk_tasks(tmp_path: Path) -> None:
     f.write_text("[{")
     with pytest.raises(ValueError, match="not valid JSON"):
         load_batch_file(f)
-
-
-def test_the_sample_tickets_are_the_legacy_ones() -> None:
-    for seed in (0, SAMPLE_SEED):
-        ours = [(t.ticket_id, t.customer_id, t.text, t.category, t.expected_route) for t in sample_tickets(16, seed)]
-        legacy = [(t.ticket_id, t.customer_id, t.text, t.category, t.expected_route)
-                  for t in legacy_sample_tickets(16, seed)]
-        assert ours == legacy
 
 
 def test_the_shadow_candidate_of_the_demo_has_its_prompts() -> None:
