@@ -29,7 +29,6 @@ PROGRESS_QUERY = "progress"
 PENDING_ACTION_QUERY = "pending_action"
 APPROVAL_SIGNAL = "approval"
 DECIDE_UPDATE = "decide"
-RESOLVE_SIGNAL = "resolve"
 
 # Search attributes (name, Temporal type). Registered by `keel up` and by the test servers.
 SA_CUSTOMER = "KeelCustomer"

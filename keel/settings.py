@@ -62,13 +62,6 @@ class KeelSettings(BaseSettings):
     """The key id new payloads are encrypted with; default the first of `encryption_keys`."""
     codec_auth_token: str | None = None
     """When set, `keel codec-server` answers only requests with `Authorization: Bearer <token>`."""
-    approval_mode: Literal["wait", "escalate"] = "wait"
-    """wait: a `confirm` write pauses its task for a human's decision (`keel approve`). escalate: the
-    proposal is recorded and the task goes to the human queue at once (bulk runs with nobody at hand)."""
-    approval_timeout_s: float = Field(86_400, gt=0)
-    """A proposal nobody decides within this time sends its task to the human queue."""
-    hold_escalated: bool = False
-    """An escalated task stays open until a human resolves it (`keel resolve`)."""
     tracing: Literal["auto", "on", "off"] = "auto"
     """OpenTelemetry spans. auto: on when an OTLP endpoint is configured (OTEL_EXPORTER_OTLP_ENDPOINT, or
     the local stack's Phoenix); on: also without one, to the local span store `home`/spans.jsonl

@@ -380,15 +380,6 @@ class ApprovalRecord(BaseModel):
     at: datetime | None = None
 
 
-class HumanResolution(BaseModel):
-    """Signal `resolve`: a human closes an escalated task that waits for them (`hold_for_human`)."""
-
-    resolver: str
-    resolution: str
-    reply: str | None = None
-    """A reply the human sent the customer, if any (recorded, not sent by Keel)."""
-
-
 class BlockedAction(BaseModel):
     step: int
     tool: str

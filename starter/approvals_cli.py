@@ -21,7 +21,7 @@ from temporalio.client import Client, WorkflowUpdateFailedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from keel import names
-from keel.types import ApprovalDecision, ApprovalRecord, ApprovalVerdict, HumanResolution, PendingAction
+from keel.types import ApprovalDecision, ApprovalRecord, ApprovalVerdict, PendingAction
 from starter.console import client_or_exit, console, err, load_settings
 
 AWAITING = f"{names.SA_AWAITING_APPROVAL} = true AND ExecutionStatus = 'Running'"
@@ -73,9 +73,6 @@ async def decide(
         raise ApprovalError(f"refused: {e.cause or e}") from e
     return action, record
 
-
-async def resolve(client: Client, workflow_id: str, resolution: HumanResolution) -> None:
-    await client.get_workflow_handle(workflow_id).signal(names.RESOLVE_SIGNAL, resolution)
 
 
 # -- commands -------------------------------------------------------------------------------------
@@ -154,20 +151,3 @@ def reject(
 ) -> None:
     """Reject the task's pending action: it never runs, and the agent is told."""
     _decide(workflow_id, approver, "reject", comment, None)
-
-
-def resolve_cmd(
-    workflow_id: Annotated[str, typer.Argument(help="The escalated task's workflow id.")],
-    resolver: Annotated[str, typer.Option("--as", help="Your name.")],
-    resolution: Annotated[str, typer.Option("--note", help="How it was resolved.")],
-    reply: Annotated[str | None, typer.Option("--reply", help="The reply you sent the customer, if any.")] = None,
-) -> None:
-    """Resolve an escalated task that waits for a human (KEEL_HOLD_ESCALATED=1): it completes."""
-    settings = load_settings()
-
-    async def run() -> None:
-        await resolve(await client_or_exit(settings), workflow_id,
-                      HumanResolution(resolver=resolver, resolution=resolution, reply=reply))
-
-    asyncio.run(run())
-    console.print(f"resolution sent to {workflow_id}")

@@ -20,7 +20,7 @@ from keel.orchestration import OrchestratorResult
 from keel.types import AgentResult
 from starter import orchestrate_cli, patterns, stack, swarm_cli, views
 from starter.agents import SA_TASK_TYPE, agent_progress
-from starter.approvals_cli import approvals, approve, reject, resolve_cmd
+from starter.approvals_cli import approvals, approve, reject
 from starter.breaker_cli import breaker_app
 from starter.codec_cli import codec_server
 from starter.commands import add_commands
@@ -51,7 +51,6 @@ app.command("codec-server")(codec_server)
 app.command("approvals")(approvals)
 app.command("approve")(approve)
 app.command("reject")(reject)
-app.command("resolve")(resolve_cmd)
 app.command("replay")(replay_cmd)
 app.add_typer(history_app, name="history")
 app.add_typer(prompts_app, name="prompts")
