@@ -93,8 +93,8 @@ class AgentToolActivities:
             await self._record(req, t.name, result, attempt)
             return result
         ctx = ToolContext(agent=agent.name, tool=t.name, workflow_id=req.task.workflow_id, step=req.step,
-                          idempotency_key=req.idempotency_key, attempt=attempt, tenant=req.task.customer,
-                          key=req.task.ticket_id)
+                          idempotency_key=req.idempotency_key, attempt=attempt, tenant=req.task.tenant,
+                          key=req.task.key)
         try:
             value = await t.fn(ctx, args) if t.is_async else await asyncio.to_thread(t.fn, ctx, args)
         except ToolError as e:
@@ -150,7 +150,7 @@ class FinishActivities:
                     row = conn.execute(select(_QUEUE.c.id).where(_QUEUE.c.idempotency_key == key)).first()
                     if row is None:
                         row = conn.execute(insert(_QUEUE).values(
-                            idempotency_key=key, workflow_id=req.task.workflow_id, customer_id=req.task.customer,
+                            idempotency_key=key, workflow_id=req.task.workflow_id, tenant=req.task.tenant,
                             reason=req.human_reason[:2000], priority="normal", status="open", created_at=utcnow(),
                         ).returning(_QUEUE.c.id)).first()
                     assert row is not None

@@ -59,7 +59,7 @@ class HumanQueueRow(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     idempotency_key: str = Field(unique=True)
     workflow_id: str = Field(index=True)
-    customer_id: str
+    tenant: str
     reason: str
     priority: str = "normal"
     status: str = Field(default="open", index=True)
@@ -77,10 +77,10 @@ class LedgerRow(SQLModel, table=True):
     __tablename__ = "ledger"
     key: str = Field(primary_key=True)
     workflow_id: str = Field(index=True)
-    ticket_id: str = ""
+    task_key: str = ""
     step: int
     kind: str = Field(index=True)
-    customer: str = Field(default="", index=True)
+    tenant: str = Field(default="", index=True)
     feature: str = ""
     task_type: str = ""
     provider: str | None = None
@@ -151,8 +151,8 @@ class ShadowComparisonRow(SQLModel, table=True):
     shadow_workflow_id: str = Field(primary_key=True)
     primary_workflow_id: str = Field(index=True)
     candidate_workflow_id: str
-    ticket_id: str = ""
-    customer_id: str = ""
+    task_key: str = ""
+    tenant: str = ""
     candidate: str = Field(index=True)
     primary_status: str
     candidate_status: str | None = None
@@ -254,7 +254,34 @@ def init_db(engine: Engine) -> None:
         if conn.dialect.name == "postgresql":
             conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _SEED_LOCK_ID})
         SQLModel.metadata.create_all(conn)
+        _rename_columns(conn)
         _add_missing_columns(conn)
+
+
+RENAMED_COLUMNS = {
+    ("ledger", "customer"): "tenant",
+    ("ledger", "ticket_id"): "task_key",
+    ("human_queue", "customer_id"): "tenant",
+    ("shadow_comparisons", "customer_id"): "tenant",
+    ("shadow_comparisons", "ticket_id"): "task_key",
+}
+"""Columns an older Keel named after its support tickets, and their names now."""
+
+
+def _rename_columns(conn: Connection) -> list[str]:
+    """`ALTER TABLE ... RENAME COLUMN` for each column an older file still has under its old name (SQLite
+    3.25+ and PostgreSQL). Runs inside init_db's locked transaction, so concurrent starts rename once."""
+    inspector = inspect(conn)
+    renamed = []
+    for (table, old), new in RENAMED_COLUMNS.items():
+        if not inspector.has_table(table):
+            continue
+        have = {c["name"] for c in inspector.get_columns(table)}
+        if old in have and new not in have:
+            prep = conn.dialect.identifier_preparer
+            conn.execute(text(f"ALTER TABLE {prep.quote(table)} RENAME COLUMN {prep.quote(old)} TO {prep.quote(new)}"))
+            renamed.append(f"{table}.{old}")
+    return renamed
 
 
 def _add_missing_columns(conn: Connection) -> list[str]:

@@ -26,7 +26,7 @@ from keel.types import LlmRequest, LlmResponse, TaskContext, TaskOutcome, ToolRe
 OUTCOME_STEP = -1
 """The step of a task's outcome row."""
 
-GROUP_COLUMNS = ("customer", "feature", "task_type", "model", "provider", "tier", "step_kind", "prompt_version",
+GROUP_COLUMNS = ("tenant", "feature", "task_type", "model", "provider", "tier", "step_kind", "prompt_version",
                  "parent_workflow_id")
 """What `Ledger.costs` can group by."""
 
@@ -39,10 +39,10 @@ def _tags(task: TaskContext, step: int, kind: str, attempt: int) -> dict[str, An
     return {
         "key": ledger_key(task.workflow_id, step, kind),
         "workflow_id": task.workflow_id,
-        "ticket_id": task.ticket_id,
+        "task_key": task.key,
         "step": step,
         "kind": kind,
-        "customer": task.customer,
+        "tenant": task.tenant,
         "feature": task.feature,
         "task_type": task.task_type,
         "prompt_version": task.prompt_version,
@@ -324,7 +324,7 @@ class Ledger:
         if task_type is not None:
             stmt = stmt.where(col(LedgerRow.task_type) == task_type)
         stmt = stmt.order_by(col(LedgerRow.created_at), col(LedgerRow.key))
-        fields = ("workflow_id", "ticket_id", "customer", "feature", "task_type", "prompt_version", "status",
+        fields = ("workflow_id", "task_key", "tenant", "feature", "task_type", "prompt_version", "status",
                   "route", "reason", "category", "input_tokens", "output_tokens", "cost_usd", "created_at",
                   "steps", "tools", "reasoning_loops", "repeated_calls", "answer_tokens", "input_hash", "limit_hit")
         with Session(self.engine) as s:

@@ -9,7 +9,7 @@ span events with their reasons.
 
 Export: OTLP over HTTP when OTEL_EXPORTER_OTLP_ENDPOINT (or ..._TRACES_ENDPOINT) is set, else a local
 span store, `<KEEL_HOME>/spans.jsonl` (one JSON object per span). Prompt and completion text are
-recorded only with KEEL_TRACE_CONTENT=1: they hold customer data.
+recorded only with KEEL_TRACE_CONTENT=1: they may hold personal data.
 """
 
 from __future__ import annotations
@@ -210,8 +210,8 @@ def add_decisions(span: Span, decisions: Sequence[Decision]) -> None:
 def _task_attrs(task: Any, step: int) -> dict[str, Any]:
     return {
         "keel.workflow_id": task.workflow_id,
-        "keel.ticket_id": task.ticket_id,
-        "keel.customer": task.customer,
+        "keel.task_key": task.key,
+        "keel.tenant": task.tenant,
         "keel.feature": task.feature,
         "keel.task_type": task.task_type,
         "keel.step": step,

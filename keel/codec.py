@@ -3,7 +3,7 @@
 With `KEEL_ENCRYPT=1` every payload the client or worker sends to Temporal (workflow and activity inputs and
 results, signals, queries, updates, failure messages) is ciphertext in Temporal's history; only holders of
 the keys (workers, the `keel` CLI, `keel codec-server` for the UI) can read it. Search attributes are not
-payloads and stay plaintext: Keel's hold the customer id, task type, feature and status, never ticket text.
+payloads and stay plaintext: Keel's hold the tenant, task type, feature and status, never an input.
 
 Wire format (that of Temporal's samples, so their codec servers can read it too): the encoded payload has
 metadata `encoding: binary/encrypted` and `encryption-key-id: <id>`, and data = 12-byte random nonce +

@@ -69,7 +69,7 @@ class KeelSettings(BaseSettings):
     phoenix_port: int = 6006
     """Port of Arize Phoenix when `keel up --traces phoenix` starts it."""
     trace_content: bool = False
-    """Record prompt and completion text on spans (they hold customer data)."""
+    """Record prompt and completion text on spans (they may hold personal data)."""
     breaker_admit_cache_s: float = 2.0
     """A worker reuses its cost circuit breaker's "closed" answer this long (0: ask for every task).
     A tripped breaker stops new tasks on every worker within this time."""

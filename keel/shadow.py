@@ -162,19 +162,19 @@ class ShadowConfig(BaseModel):
     started_at: datetime | None = None
 
 
-def shadow_point(ticket_id: str) -> int:
+def shadow_point(key: str) -> int:
     """Where a task falls in [0, 2^64): the first 8 bytes of sha256 of its id. Stable across runs,
     processes and machines (Python's hash() is salted per process)."""
-    return int.from_bytes(hashlib.sha256(ticket_id.encode("utf-8")).digest()[:8], "big")
+    return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big")
 
 
-def is_shadowed(ticket_id: str, fraction: float) -> bool:
+def is_shadowed(key: str, fraction: float) -> bool:
     """Whether this task is in the shadowed `fraction` (0: none, 1: all). Deterministic per task key."""
     if not 0 <= fraction <= 1:
         raise ValueError(f"fraction {fraction!r} must be between 0 and 1")
     if fraction >= 1:
         return True
-    return shadow_point(ticket_id) < int(fraction * 2**64)
+    return shadow_point(key) < int(fraction * 2**64)
 
 
 def candidate_workflow_id(primary_workflow_id: str) -> str:
@@ -213,8 +213,8 @@ class ShadowComparison(BaseModel):
     shadow_workflow_id: str
     primary_workflow_id: str
     candidate_workflow_id: str
-    ticket_id: str = ""
-    customer_id: str = ""
+    task_key: str = ""
+    tenant: str = ""
     candidate: str
     """The candidate's label (CandidateSpec.label)."""
     primary_status: str
@@ -292,15 +292,15 @@ def compare_agent(
     candidate_spent: TaskUsage | None = None,
     primary_error: str = "",
 ) -> ShadowComparison:
-    """The comparison row of one shadowed agent task, in the ticket's columns: `ticket_id` is the task's
-    key (or its workflow id), `customer_id` its tenant, the route `reply`/`human` as the agent's outcome
+    """The comparison row of one shadowed agent task: `task_key` is the task's key (or its workflow
+    id), `tenant` its tenant, the route `reply`/`human` as the agent's outcome
     row, and the `category` columns hold what each acted on (agent_actions), so `classification_agrees`
     reads "same actions". The answers are compared too (`answer_agrees`, in the result only).
     `primary_error`: the primary failed (`primary` is then failed_agent_primary's stand-in)."""
     c = ShadowComparison(
         shadow_workflow_id=shadow_workflow_id, primary_workflow_id=primary.workflow_id,
-        candidate_workflow_id=candidate_workflow_id, ticket_id=primary_input.key or primary.workflow_id,
-        customer_id=primary_input.tenant, candidate=candidate_label, primary_status=primary.status,
+        candidate_workflow_id=candidate_workflow_id, task_key=primary_input.key or primary.workflow_id,
+        tenant=primary_input.tenant, candidate=candidate_label, primary_status=primary.status,
         primary_route=agent_route(primary.status), primary_category=agent_actions(primary),
         primary_cost_usd=primary.cost_usd, primary_steps=primary.steps, primary_tokens=primary.tokens,
         primary_answer=primary.output,

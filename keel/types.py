@@ -176,14 +176,15 @@ class TaskContext(BaseModel):
     """Tags carried by every call of a task: chargeback, tracing and idempotency keys."""
 
     workflow_id: str
-    customer: str
-    ticket_id: str = ""
+    tenant: str
+    """Who the task is done for (chargeback): the ledger's `tenant` column."""
+    key: str = ""
     """The business key of the task; the sim model seeds on it so a task replays the same path."""
-    feature: str = "support"
-    task_type: str = "support_ticket"
+    feature: str = "default"
+    task_type: str = "default"
     prompt_version: str = "v1"
     input_hash: str = ""
-    """sha256 of the customer id and ticket text, 16 hex (keel.metrics.input_hash): groups repeated
+    """sha256 of the tenant and the input, 16 hex (keel.metrics.input_hash): groups repeated
     submissions of the same input (outcome consistency). Empty in histories recorded before it existed."""
     parent_workflow_id: str = ""
     """The parent pattern's workflow (orchestrator, supervisor, swarm, shadow) of a child task, else
@@ -287,7 +288,7 @@ class ToolResult(BaseModel):
     ok: bool
     content: dict[str, Any] = Field(default_factory=dict)
     error: str | None = None
-    """A business-level failure the agent should see (e.g. "customer not found")."""
+    """A business-level failure the agent should see (e.g. "no such record")."""
     latency_ms: float = 0.0
 
 
@@ -400,7 +401,7 @@ class Progress(BaseModel):
     pending_action: PendingAction | None = None
     """The write waiting for a human's approval (status awaiting_approval)."""
     acknowledgement: str | None = None
-    """Set after the first step (the small tier's classification): what the customer can be told now."""
+    """Set after the first step (the small tier's classification): what the requester can be told now."""
     triage: dict[str, Any] | None = None
     """An agent task's triage (its `keel.Triage.output_type`), once it succeeded."""
 
@@ -489,7 +490,7 @@ class AgentInput(BaseModel):
     key: str = ""
     """The task's business key (the sim seeds on it; tools see it in ToolContext)."""
     tenant: str = "default"
-    """Chargeback tag: who the task is done for (the ledger's customer column)."""
+    """Chargeback tag: who the task is done for (the ledger's tenant column)."""
     feature: str = ""
     """Chargeback tag; default the agent's `feature` (its name)."""
     prompt_version: str | None = None

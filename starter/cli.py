@@ -203,8 +203,8 @@ def result(workflow_id: str, as_json: Annotated[bool, typer.Option("--json")] = 
 
 @app.command()
 def costs(
-    by: Annotated[str, typer.Option("--by", help="Comma-separated: customer, feature, task_type, model, "
-                                                   "provider, tier, step_kind, prompt_version")] = "customer",
+    by: Annotated[str, typer.Option("--by", help="Comma-separated: tenant, feature, task_type, model, "
+                                                   "provider, tier, step_kind, prompt_version")] = "tenant",
     fmt: Annotated[str, typer.Option("--format", help="table | csv | json")] = "table",
     since: Annotated[str | None, typer.Option(help="Only calls since: 24h, 7d, 30m, or an ISO date/time (UTC)")] = None,
 ) -> None:

@@ -37,7 +37,7 @@ def new_id(prefix: str) -> str:
 
 async def start_pattern(
     client: Client, settings: KeelSettings, workflow: str, inp: BaseModel, workflow_id: str, *,
-    summary: str, task_type: str, feature: str, customer: str = "internal", result_type: type[Any] | None = None,
+    summary: str, task_type: str, feature: str, tenant: str = "internal", result_type: type[Any] | None = None,
 ) -> WorkflowHandle[Any, Any]:
     """Start a pattern's parent workflow with the search attributes a user filters on."""
     return await client.start_workflow(
@@ -48,7 +48,7 @@ async def start_pattern(
         result_type=result_type,
         static_summary=summary,
         search_attributes=TypedSearchAttributes([
-            SearchAttributePair(SA_CUSTOMER, customer),
+            SearchAttributePair(SA_CUSTOMER, tenant),
             SearchAttributePair(SA_TASK_TYPE, task_type),
             SearchAttributePair(SA_FEATURE, feature),
             SearchAttributePair(SA_STATUS, "running"),

@@ -68,10 +68,10 @@ def test_up_submit_costs_down(stack_env: dict[str, str], tmp_path: Path) -> None
     assert doc["triage"]["category"] == "billing_question" and doc["workflow_id"].startswith("support_desk-TK-")
     assert doc["tokens"] > 0 and doc["cost_usd"] > 0
 
-    costs = keel(stack_env, "costs", "--by", "customer,task_type", "--format", "json")
+    costs = keel(stack_env, "costs", "--by", "tenant,task_type", "--format", "json")
     assert costs.returncode == 0, costs.stderr
     rows = json.loads(costs.stdout)
-    assert rows[0]["customer"] == "C-1001" and rows[0]["task_type"] == "support_desk"
+    assert rows[0]["tenant"] == "C-1001" and rows[0]["task_type"] == "support_desk"
     assert rows[0]["cost_usd"] == pytest.approx(doc["cost_usd"])
 
     res = keel(stack_env, "result", doc["workflow_id"], "--json")

@@ -108,7 +108,7 @@ def test_the_ticket_verb_refuses_an_unknown_prompt_version(tmp_path: Path) -> No
 
 async def test_the_llm_activity_refuses_a_missing_prompt_version(db_engine: Engine) -> None:
     acts = LlmActivities({"sim": SimProvider()}, Ledger(db_engine))
-    req = LlmRequest(task=TaskContext(workflow_id=f"wf-{uuid.uuid4().hex[:6]}", customer="C-1001",
+    req = LlmRequest(task=TaskContext(workflow_id=f"wf-{uuid.uuid4().hex[:6]}", tenant="C-1001",
                                       prompt_version="v9"),
                      step=1, kind="reason", prompt="support_desk", agent="support_desk",
                      messages=[Message(role="user", content="Customer: C-1001\n\nhello")])
@@ -119,7 +119,7 @@ async def test_the_llm_activity_refuses_a_missing_prompt_version(db_engine: Engi
 
 async def test_a_model_call_without_an_agent_is_refused(db_engine: Engine) -> None:
     acts = LlmActivities({"sim": SimProvider()}, Ledger(db_engine))
-    req = LlmRequest(task=TaskContext(workflow_id=f"wf-{uuid.uuid4().hex[:6]}", customer="C-1001"),
+    req = LlmRequest(task=TaskContext(workflow_id=f"wf-{uuid.uuid4().hex[:6]}", tenant="C-1001"),
                      step=1, kind="reason", prompt="support_desk",
                      messages=[Message(role="user", content="hello")])
     with pytest.raises(ApplicationError) as e:

@@ -29,7 +29,7 @@ def engine(tmp_path: Path) -> Engine:
 def llm(wf: str, step: int, tokens: tuple[int, int] = (100, 10), cost: float = 0.001, *,
         customer: str = "C-1001", feature: str = "support", model: str = "sim-large",
         version: str = "v1") -> tuple[LlmRequest, LlmResponse]:
-    task = TaskContext(workflow_id=wf, customer=customer, feature=feature, prompt_version=version)
+    task = TaskContext(workflow_id=wf, tenant=customer, feature=feature, prompt_version=version)
     req = LlmRequest(task=task, step=step, kind="reason", prompt="support/reason",
                      messages=[Message(role="user", content="hi")])
     resp = LlmResponse(usage=Usage(input_tokens=tokens[0], output_tokens=tokens[1]), cost_usd=cost,
@@ -70,7 +70,7 @@ def test_costs_group_sums_equal_raw_totals(engine: Engine) -> None:
         calls, tin, tout, cost = s.execute(select(
             func.count(), func.sum(LedgerRow.input_tokens), func.sum(LedgerRow.output_tokens),
             func.sum(LedgerRow.cost_usd)).where(LedgerRow.kind == "llm")).one()
-    for group_by in [[], ["customer"], ["feature", "model"], ["prompt_version", "provider", "task_type"],
+    for group_by in [[], ["tenant"], ["feature", "model"], ["prompt_version", "provider", "task_type"],
                      list(GROUP_COLUMNS)]:
         rows = ledger.costs(group_by)
         assert sum(r["calls"] for r in rows) == calls == 32
@@ -78,23 +78,23 @@ def test_costs_group_sums_equal_raw_totals(engine: Engine) -> None:
         assert sum(r["output_tokens"] for r in rows) == tout
         assert sum(r["cost_usd"] for r in rows) == pytest.approx(cost)
         assert all(set(group_by) <= r.keys() for r in rows)
-    by_customer = ledger.costs(["customer"])
-    assert {r["customer"] for r in by_customer} == {"C-1001", "C-1002"}
+    by_customer = ledger.costs(["tenant"])
+    assert {r["tenant"] for r in by_customer} == {"C-1001", "C-1002"}
     assert by_customer[0]["cost_usd"] >= by_customer[1]["cost_usd"]
-    assert ledger.costs(["customer"], since=datetime.now(UTC) + timedelta(hours=1)) == []
-    assert len(ledger.costs(["customer"], since=datetime.now(UTC) - timedelta(hours=1))) == 2
+    assert ledger.costs(["tenant"], since=datetime.now(UTC) + timedelta(hours=1)) == []
+    assert len(ledger.costs(["tenant"], since=datetime.now(UTC) - timedelta(hours=1))) == 2
 
 
 def test_costs_rejects_unknown_groups(engine: Engine) -> None:
-    with pytest.raises(ValueError, match="valid names are customer, feature") as exc:
-        Ledger(engine).costs(["customer", "colour"])
+    with pytest.raises(ValueError, match="valid names are tenant, feature") as exc:
+        Ledger(engine).costs(["tenant", "colour"])
     assert "'colour'" in str(exc.value)
 
 
 def test_costs_ignore_tool_and_outcome_rows(engine: Engine) -> None:
     ledger = Ledger(engine)
     ledger.record_llm(*llm("wf-1", 1, (100, 10), 0.01), attempt=1)
-    task = TaskContext(workflow_id="wf-1", customer="C-1001")
+    task = TaskContext(workflow_id="wf-1", tenant="C-1001")
     ledger.record_outcome(task, TaskOutcome(status="escalated", route="human", reason="fraud", cost_usd=0.01,
                                             input_tokens=100, output_tokens=10))
     ledger.record_outcome(task, TaskOutcome(status="resolved", route="reply", cost_usd=0.01))
@@ -140,7 +140,7 @@ def test_single_row_fast_path_writes_what_sqlalchemy_writes(engine: Engine, tmp_
     SQLAlchemy inside the tool's transaction. Both must store the same values, read back the same."""
     req, resp = llm("wf-fast", 1, (120, 30), 0.0042)
     Ledger(engine).record_llm(req, resp, attempt=2)  # the driver path (no session)
-    task = TaskContext(workflow_id="wf-fast", customer="C-1001")
+    task = TaskContext(workflow_id="wf-fast", tenant="C-1001")
     outcome = TaskOutcome(status="resolved", route="reply", cost_usd=0.0042, input_tokens=120, output_tokens=30)
     Ledger(engine).record_outcome(task, outcome)  # few columns: the others take their defaults
     other = make_engine(f"sqlite:///{tmp_path}/other.db")
@@ -183,3 +183,31 @@ def test_single_rows_after_a_failed_one(engine: Engine) -> None:
     ledger.record_llm(*llm("wf-held", 2), attempt=1)
     ledger.record_llm(*llm("wf-held", 3), attempt=1)
     assert sorted(r.step for r in llm_rows(engine)) == [1, 2, 3]
+
+
+def test_init_db_renames_the_columns_an_older_keel_named_after_tickets(tmp_path: Path) -> None:
+    """A ledger file from before the platform knew no domain: `customer`/`ticket_id` (and the human queue's
+    and shadow rows' `customer_id`) become `tenant`/`task_key`, rows kept, once even if run again."""
+    import sqlalchemy as sa
+    from sqlmodel import SQLModel
+
+    from activities.db import RENAMED_COLUMNS
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'old.db'}")
+    with engine.begin() as conn:
+        SQLModel.metadata.create_all(conn)
+        for (table, old), new in RENAMED_COLUMNS.items():
+            conn.execute(sa.text(f'ALTER TABLE "{table}" RENAME COLUMN "{new}" TO "{old}"'))
+        conn.execute(sa.text(
+            "INSERT INTO ledger (key, workflow_id, ticket_id, step, kind, customer, feature, task_type, input_tokens, "
+            "output_tokens, cached_input_tokens, reasoning_tokens, cost_usd, latency_ms, ok, attempt, created_at) "
+            "VALUES ('k', 'wf', 'TK-1', 1, 'llm', 'C-1001', 'f', 't', 1, 1, 0, 0, 0.1, 1.0, 1, 1, "
+            "'2026-01-01 00:00:00')"))
+    init_db(engine)
+    init_db(engine)
+    columns = {t: {c["name"] for c in sa.inspect(engine).get_columns(t)} for t in ("ledger", "human_queue",
+                                                                                  "shadow_comparisons")}
+    for (table, old), new in RENAMED_COLUMNS.items():
+        assert new in columns[table] and old not in columns[table], (table, columns[table])
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT tenant, task_key FROM ledger WHERE key = 'k'")).one() == ("C-1001", "TK-1")

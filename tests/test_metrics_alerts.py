@@ -193,7 +193,7 @@ def test_init_db_adds_the_new_columns_to_an_older_ledger_once_even_concurrently(
     assert set(NEW_COLUMNS) <= {c["name"] for c in inspect(engine).get_columns("ledger")}
     assert inspect(engine).has_table("alerts")
     init_db(engine)  # and again: nothing to do
-    task = TaskContext(workflow_id="wf-old", customer="C-1001", input_hash="abc")
+    task = TaskContext(workflow_id="wf-old", tenant="C-1001", input_hash="abc")
     Ledger(engine).record_outcome(task, TaskOutcome(status="resolved", route="reply", steps=7, tools=["send_reply"]))
     (row,) = Ledger(engine).outcomes()
     assert row["steps"] == 7 and row["tools"] == ["send_reply"] and row["input_hash"] == "abc"
@@ -230,7 +230,7 @@ def test_the_observer_never_fails_a_task(tmp_path: Path, caplog: pytest.LogCaptu
             raise ValueError("bad instrument")
 
     engine = make_engine(f"sqlite:///{tmp_path / 'o.db'}")
-    task, outcome = TaskContext(workflow_id="wf-x", customer="C-1001"), TaskOutcome(status="resolved", route="reply")
+    task, outcome = TaskContext(workflow_id="wf-x", tenant="C-1001"), TaskOutcome(status="resolved", route="reply")
     with caplog.at_level(logging.ERROR, logger="keel.alerts"):
         observer = TaskObserver(None, Broken(engine))
         observer.task_finished(task, outcome)

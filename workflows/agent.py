@@ -158,7 +158,7 @@ class AgentWorkflow:
         replay): its task tags, models and tiers, budget, guardrails and action validators."""
         version = inp.prompt_version or agent.prompt_version
         task = TaskContext(
-            workflow_id=workflow_id, customer=inp.tenant, ticket_id=inp.key,
+            workflow_id=workflow_id, tenant=inp.tenant, key=inp.key,
             feature=inp.feature or agent.task_feature, task_type=agent.name, prompt_version=version,
             input_hash=input_hash(inp.tenant, inp.input), parent_workflow_id=parent_workflow_id,
         )

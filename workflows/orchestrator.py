@@ -62,7 +62,7 @@ class OrchestratorWorkflow(PatternParent):
     async def run(self, inp: OrchestratorInput) -> OrchestratorResult:
         wid = workflow.info().workflow_id
         runner = parent_runner(inp.name, inp.feature or inp.name, inp.budget, ModelSpec(), inp.sim,
-                               customer=inp.tenant, key=inp.key)
+                               tenant=inp.tenant, key=inp.key)
         self._children = children = Children(runner, inp.max_child_attempts)
         result = OrchestratorResult(workflow_id=wid, status="completed")
         known = {a.name for a in registry.registered()}
@@ -197,7 +197,7 @@ class SwarmAgentsWorkflow(PatternParent):
     async def run(self, inp: SwarmInput) -> SwarmResult:
         wid = workflow.info().workflow_id
         runner = parent_runner(inp.name, inp.feature or inp.name, inp.budget, ModelSpec(), inp.sim,
-                               customer=inp.tenant, key=inp.key)
+                               tenant=inp.tenant, key=inp.key)
         self._children = children = Children(runner, 1)
         result = SwarmResult(workflow_id=wid, status="completed")
         agent = registry.find(inp.agent)

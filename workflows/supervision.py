@@ -48,7 +48,7 @@ class SupervisorWorkflow(PatternParent):
     async def run(self, inp: SupervisorInput) -> SupervisorResult:
         wid = workflow.info().workflow_id
         runner = parent_runner(inp.name, inp.feature or inp.name, inp.budget, ModelSpec(), inp.sim,
-                               customer=inp.tenant, key=inp.key)
+                               tenant=inp.tenant, key=inp.key)
         self._children = children = Children(runner, inp.max_child_attempts)
         result = SupervisorResult(workflow_id=wid, status="completed")
 

@@ -117,7 +117,7 @@ def spiral_call(turn: SimTurn, offered: dict[str, ToolSpec], traits: TaskTraits,
 
 
 # --- failure modes -------------------------------------------------------------------------
-HALLUCINATED_TOOLS = ["search_web", "get_credit_score", "close_account", "transfer_funds", "lookup_customer_by_email"]
+HALLUCINATED_TOOLS = ["search_web", "get_credit_score", "close_account", "transfer_funds", "lookup_user_by_email"]
 
 
 def _corrupt_schema_args(rng: random.Random, schema: dict[str, Any], args: dict[str, Any]) -> dict[str, Any]:
@@ -167,7 +167,7 @@ class SimProvider:
     label = SIM_LABEL
 
     async def complete(self, req: LlmRequest, system: str) -> ProviderResult:
-        key = req.task.ticket_id or req.task.workflow_id
+        key = req.task.key or req.task.workflow_id
         if req.task.prompt_version != "v1":
             key = f"{key}@{req.task.prompt_version}"
         rng = random.Random(f"{req.model.sim.seed}:{key}:{req.step}:{req.kind}")

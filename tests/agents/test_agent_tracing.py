@@ -81,7 +81,7 @@ async def test_an_agent_task_is_one_trace_with_genai_spans_and_its_decisions(
         assert ancestors(c)[:2] == ["RunActivity:llm_call", "StartActivity:llm_call"]
         assert ancestors(c)[-1] == "StartWorkflow:KeelAgent"
         assert a["gen_ai.provider.name"] == "sim" and a["keel.model.simulated"] is True
-        assert a["keel.task_type"] == "support_desk" and a["keel.customer"] == "C-1003"
+        assert a["keel.task_type"] == "support_desk" and a["keel.tenant"] == "C-1003"
         assert "gen_ai.input.messages" not in a
     assert sum(c["attrs"]["gen_ai.usage.input_tokens"] + c["attrs"]["gen_ai.usage.output_tokens"]
                for c in chats) == res.tokens

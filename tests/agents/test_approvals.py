@@ -185,7 +185,7 @@ class KeyedModel:
         if req.kind == "classify":
             return ProviderResult(text=json.dumps({"category": "refund_request", "urgency": "normal",
                                                    "confidence": 0.9}), usage=usage, model="scripted")
-        script = self.scripts[req.task.ticket_id]
+        script = self.scripts[req.task.key]
         turn = sum(m.role == "assistant" and bool(m.tool_calls) for m in req.messages)
         if turn >= len(script.turns) or not req.tools:
             return ProviderResult(text=script.final, usage=usage, model="scripted")

@@ -56,7 +56,7 @@ async def keel_cli(env: dict[str, str], *args: str) -> Any:
 def ledger(env: AgentEnvironment, workflow_id: str) -> list[dict[str, Any]]:
     with env.engine.connect() as conn:
         rows = conn.execute(text("SELECT step, kind, tool, status, "
-                                 "input_tokens + output_tokens AS total_tokens, ok, customer, task_type, feature "
+                                 "input_tokens + output_tokens AS total_tokens, ok, tenant, task_type, feature "
                                  "FROM ledger WHERE workflow_id = :w ORDER BY step, kind"), {"w": workflow_id})
         return [dict(r._mapping) for r in rows]
 
@@ -70,7 +70,7 @@ async def test_a_healthy_service_is_read_and_reported(client: Client, status: St
     assert "api is healthy" in result.output and "2.14.1" in result.output
     rows = ledger(env, result.workflow_id)
     assert [r["kind"] for r in rows] == ["outcome", "llm", "tool", "llm"]
-    assert {r["task_type"] for r in rows} == {"oncall"} and {r["customer"] for r in rows} == {"team-web"}
+    assert {r["task_type"] for r in rows} == {"oncall"} and {r["tenant"] for r in rows} == {"team-web"}
     assert rows[0]["status"] == "resolved"
     assert sum(r["total_tokens"] or 0 for r in rows if r["kind"] == "llm") == result.tokens
     assert status.restarts == {}

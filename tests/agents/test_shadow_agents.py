@@ -136,7 +136,7 @@ async def test_oncall_v2_candidate_shadows_production_and_never_restarts(
         assert comparison.classification_agrees is True  # the same actions: status read, restart
         assert comparison.primary_category == comparison.candidate_category == "restart_service,service_status"
         assert [b.tool for b in comparison.proposed_writes] == ["restart_service"]
-        assert comparison.ticket_id == inp.key and comparison.customer_id == "team-pay"
+        assert comparison.task_key == inp.key and comparison.tenant == "team-pay"
         assert comparison.candidate_tokens == cand.tokens and comparison.primary_tokens == result.tokens
         assert comparison.answer_agrees is False and "Restart" in (comparison.primary_answer or "")
         with Session(env.engine) as s:
@@ -206,7 +206,7 @@ def test_agent_comparison_failures_and_summary() -> None:
     same = compare_agent(prim, cand, primary_input=inp, shadow_workflow_id="s1", candidate_workflow_id="p.shadow",
                          candidate_label=LABEL)
     assert same.same_outcome and same.classification_agrees and same.answer_agrees
-    assert same.token_delta == -20 and same.ticket_id == "p" and same.customer_id == "t"
+    assert same.token_delta == -20 and same.task_key == "p" and same.tenant == "t"
     failed = compare_agent(prim, None, primary_input=inp, shadow_workflow_id="s2", candidate_workflow_id="c",
                            candidate_label=LABEL, candidate_error="boom")
     assert failed.candidate_failed and failed.answer_agrees is None

@@ -65,7 +65,7 @@ def rows(engine: Engine, sql: str, **params: Any) -> list[dict[str, Any]]:
 
 
 def ledger(env: AgentEnvironment, workflow_id: str) -> list[dict[str, Any]]:
-    return rows(env.engine, "SELECT step, kind, tool, status, reason, attempt, customer, task_type FROM ledger "
+    return rows(env.engine, "SELECT step, kind, tool, status, reason, attempt, tenant, task_type FROM ledger "
                             "WHERE workflow_id = :w ORDER BY step, kind, key", w=workflow_id)
 
 
@@ -127,7 +127,7 @@ async def test_a_balance_question_is_answered_from_the_account(client: Client, d
     assert result.tools_executed == ["get_account"]
     assert f"{ACCOUNT['balance']:.2f} EUR" in result.output and "Hello Ana Silva" in result.output
     assert [r["kind"] for r in lines] == ["outcome", "llm", "llm", "tool", "llm"]  # triage, then the desk
-    assert {r["customer"] for r in lines} == {CUSTOMER} and {r["task_type"] for r in lines} == {"support_desk"}
+    assert {r["tenant"] for r in lines} == {CUSTOMER} and {r["task_type"] for r in lines} == {"support_desk"}
     assert lines[0]["status"] == "resolved" and lines[3]["tool"] == "get_account"
     assert result.triage == {"category": "general_inquiry", "urgency": "low", "confidence": 0.86}
 

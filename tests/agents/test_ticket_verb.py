@@ -57,7 +57,7 @@ async def keel_cli(env: dict[str, str], *args: str) -> Any:
 def ledger(env: AgentEnvironment, workflow_id: str) -> list[dict[str, Any]]:
     with env.engine.connect() as conn:
         return [dict(r._mapping) for r in conn.execute(text(
-            "SELECT kind, tool, customer, task_type FROM ledger WHERE workflow_id = :w ORDER BY step, kind, key"),
+            "SELECT kind, tool, tenant, task_type FROM ledger WHERE workflow_id = :w ORDER BY step, kind, key"),
             {"w": workflow_id})]
 
 
@@ -80,7 +80,7 @@ async def test_submit_one_ticket_answers_it_on_the_support_desk_agent(
     assert "sim: simulated tokens and costs" in shown.output
     # The generic agent workflow, for this customer: the legacy SupportTicket workflow runs no more.
     assert desc.workflow_type == names.AGENT_WORKFLOW
-    assert {r["customer"] for r in rows} == {"C-1001"} and {r["task_type"] for r in rows} == {"support_desk"}
+    assert {r["tenant"] for r in rows} == {"C-1001"} and {r["task_type"] for r in rows} == {"support_desk"}
 
     assert as_json.exit_code == 0, as_json.output
     res = keel.AgentResult.model_validate_json(as_json.stdout)

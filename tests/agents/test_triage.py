@@ -85,7 +85,7 @@ async def test_peers_agree_on_a_clear_message(client: Client, tmp_path: Path) ->
         started = (await child.fetch_history()).events[0].workflow_execution_started_event_attributes
         peer_input = json.loads(started.input.payloads[0].data)
         with env.engine.connect() as conn:
-            rows = conn.execute(text("SELECT workflow_id, model, customer, parent_workflow_id FROM ledger "
+            rows = conn.execute(text("SELECT workflow_id, model, tenant, parent_workflow_id FROM ledger "
                                      "WHERE kind = 'llm' AND parent_workflow_id = :w ORDER BY workflow_id"),
                                 {"w": res.workflow_id}).all()
         human = queued(env, res.workflow_id)
@@ -102,7 +102,7 @@ async def test_peers_agree_on_a_clear_message(client: Client, tmp_path: Path) ->
     assert desc.parent_id == res.workflow_id  # real child workflows: the UI shows them under the parent
     assert peer_input["dry_run"] is True and peer_input["approval_mode"] == "escalate"  # peers cannot act
     # Each peer's one call ran on its own model, tagged with its tenant and its parent.
-    assert [(r.model, r.customer) for r in rows] == [(a.model, "C-1001") for a in res.answers]
+    assert [(r.model, r.tenant) for r in rows] == [(a.model, "C-1001") for a in res.answers]
     assert human == []
 
 

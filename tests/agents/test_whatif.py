@@ -94,7 +94,7 @@ def http_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
 
 def ledger(env: AgentEnvironment, workflow_id: str) -> list[dict[str, Any]]:
     with env.engine.connect() as conn:
-        rows = conn.execute(text("SELECT step, kind, tool, feature, task_type, customer, prompt_version, prompt_hash "
+        rows = conn.execute(text("SELECT step, kind, tool, feature, task_type, tenant, prompt_version, prompt_hash "
                                  "FROM ledger WHERE workflow_id = :w ORDER BY step, kind"), {"w": workflow_id})
         return [dict(r._mapping) for r in rows]
 
@@ -153,7 +153,7 @@ async def test_a_what_if_on_the_same_version_reproduces_an_approved_restart_and_
     assert report.whatif_workflow_id.startswith(f"whatif-{res.workflow_id}-")
     whatif_rows = ledger(env, report.whatif_workflow_id)
     assert [r["kind"] for r in whatif_rows] == ["llm"] * res.llm_calls
-    assert {(r["feature"], r["task_type"], r["customer"], r["prompt_version"]) for r in whatif_rows} == {
+    assert {(r["feature"], r["task_type"], r["tenant"], r["prompt_version"]) for r in whatif_rows} == {
         (WHAT_IF_FEATURE, "oncall", "team-pay", "v1")}
 
 

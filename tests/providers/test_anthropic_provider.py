@@ -35,7 +35,7 @@ ASK = [Message(role="user", content="Where is my order?")]
 
 def make_req(messages: list[Message], *, model: str = "claude-haiku-4-5", **kw: object) -> LlmRequest:
     return LlmRequest(
-        task=TaskContext(workflow_id="wf-1", customer="acme"),
+        task=TaskContext(workflow_id="wf-1", tenant="acme"),
         step=1,
         kind="reason",
         prompt="support/reason",

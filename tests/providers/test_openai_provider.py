@@ -25,7 +25,7 @@ LOOKUP = ToolSpec(
 
 def make_req(messages: list[Message], *, model: str = "gpt-4o-mini", **kw: object) -> LlmRequest:
     return LlmRequest(
-        task=TaskContext(workflow_id="wf-1", customer="acme"),
+        task=TaskContext(workflow_id="wf-1", tenant="acme"),
         step=1,
         kind="reason",
         prompt="support/reason",
