@@ -265,7 +265,7 @@ RENAMED_COLUMNS = {
     ("shadow_comparisons", "customer_id"): "tenant",
     ("shadow_comparisons", "ticket_id"): "task_key",
 }
-"""Columns an older Keel named after its support tickets, and their names now."""
+"""Columns an older Keel named after its first domain, and their names now."""
 
 
 def _rename_columns(conn: Connection) -> list[str]:

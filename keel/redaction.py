@@ -2,7 +2,7 @@
 
 `redact` takes out personal data an answer must not carry: every full card number, and other people's
 IBANs, e-mail addresses, phone numbers and account ids, and US social security numbers. The person the
-task is done for (`CustomerIdentity`) may see their own e-mail, phone, account ids and IBANs. The
+task is done for (`OwnIdentity`) may see their own e-mail, phone, account ids and IBANs. The
 placeholder rules find unfilled templates (keel.output uses them on every agent's answer).
 
 Pure and deterministic (no I/O, no clock, no randomness, only `re`), so a workflow can call it inside
@@ -27,10 +27,11 @@ match); in practice the second round finds nothing. The cap bounds the work on h
 _QUOTE_CHARS = 60
 
 
-class CustomerIdentity(BaseModel):
-    """The ticket's own customer: their own e-mail, phone, account ids and IBANs may appear in a reply."""
+class OwnIdentity(BaseModel):
+    """The person a task is done for: their own e-mail, phone, account ids and IBANs may appear in an
+    answer."""
 
-    customer_id: str
+    owner_id: str
     email: str | None = None
     phone: str | None = None
     account_ids: list[str] = Field(default_factory=list)
@@ -54,10 +55,10 @@ class _Hit:
     start: int
     end: int
     keep: bool = False
-    """The customer's own value: left as it is, but no later rule may match inside it."""
+    """The person's own value: left as it is, but no later rule may match inside it."""
 
 
-_Finder = Callable[[str, CustomerIdentity | None], _Hit | None]
+_Finder = Callable[[str, OwnIdentity | None], _Hit | None]
 """The leftmost hit of one kind in a text, or None."""
 
 # Cards: a run of digits, single spaces or dashes between them; candidate windows are whole groups.
@@ -138,7 +139,7 @@ def _ibans(text: str) -> Iterator[tuple[int, int]]:
             pos = end
 
 
-def _first_iban(text: str, own: CustomerIdentity | None) -> _Hit | None:
+def _first_iban(text: str, own: OwnIdentity | None) -> _Hit | None:
     span = next(_ibans(text), None)
     if span is None:
         return None
@@ -146,7 +147,7 @@ def _first_iban(text: str, own: CustomerIdentity | None) -> _Hit | None:
     return _Hit(*span, keep=mine)
 
 
-def _first_card(text: str, own: CustomerIdentity | None) -> _Hit | None:
+def _first_card(text: str, own: OwnIdentity | None) -> _Hit | None:
     """Leftmost Luhn-valid window of 13-19 digits made of whole digit groups. Digits inside a valid IBAN
     are not card digits, nor are those of a phone written "+CC ..." (up to 15 digits, E.164)."""
     shielded = list(_ibans(text))
@@ -186,12 +187,12 @@ def _card_window(text: str, groups: list[tuple[int, int]]) -> _Hit | None:
     return None
 
 
-def _first_ssn(text: str, own: CustomerIdentity | None) -> _Hit | None:
+def _first_ssn(text: str, own: OwnIdentity | None) -> _Hit | None:
     m = _SSN.search(text)
     return None if m is None else _Hit(m.start(), m.end())
 
 
-def _first_email(text: str, own: CustomerIdentity | None) -> _Hit | None:
+def _first_email(text: str, own: OwnIdentity | None) -> _Hit | None:
     m = _EMAIL.search(text)
     if m is None:
         return None
@@ -230,7 +231,7 @@ def _phone_end(m: re.Match[str]) -> int | None:
     return best
 
 
-def _first_phone(text: str, own: CustomerIdentity | None) -> _Hit | None:
+def _first_phone(text: str, own: OwnIdentity | None) -> _Hit | None:
     pos = 0
     while (m := _PHONE.search(text, pos)) is not None:
         end = _phone_end(m)
@@ -242,7 +243,7 @@ def _first_phone(text: str, own: CustomerIdentity | None) -> _Hit | None:
     return None
 
 
-def _first_account(text: str, own: CustomerIdentity | None) -> _Hit | None:
+def _first_account(text: str, own: OwnIdentity | None) -> _Hit | None:
     m = _ACCOUNT.search(text)
     if m is None:
         return None
@@ -265,7 +266,7 @@ _Piece = tuple[str, bool]
 """(text, settled): a settled piece is a placeholder or a kept own value that no rule may touch again."""
 
 
-def _scan(text: str, kind: str, find: _Finder, own: CustomerIdentity | None, counts: dict[str, int]) -> list[_Piece]:
+def _scan(text: str, kind: str, find: _Finder, own: OwnIdentity | None, counts: dict[str, int]) -> list[_Piece]:
     """Split a text at the hits of one kind. The text on each side of a hit is scanned on its own, as it
     will be once the hit is a placeholder: so a second `redact` sees what the first one saw."""
     out: list[_Piece] = []
@@ -290,7 +291,7 @@ def _scan(text: str, kind: str, find: _Finder, own: CustomerIdentity | None, cou
     return out
 
 
-def _redact_once(text: str, own: CustomerIdentity | None) -> tuple[str, dict[str, int]]:
+def _redact_once(text: str, own: OwnIdentity | None) -> tuple[str, dict[str, int]]:
     counts = dict.fromkeys(KINDS, 0)
     pieces: list[_Piece] = [(text, False)]
     for kind, find in _FINDERS:
@@ -299,7 +300,7 @@ def _redact_once(text: str, own: CustomerIdentity | None) -> tuple[str, dict[str
     return "".join(t for t, _ in pieces), counts
 
 
-def redact(text: str, own: CustomerIdentity | None) -> RedactionReport:
+def redact(text: str, own: OwnIdentity | None) -> RedactionReport:
     """Replace personal data the reply must not carry by `[redacted <kind>]`.
 
     Card numbers always go (a reply never carries a full card number); IBANs, e-mails, phones and

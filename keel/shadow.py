@@ -50,8 +50,7 @@ class CandidateSpecError(ValueError):
 
 class CandidateSpec(BaseModel):
     """What the candidate changes from the primary: its prompt version and/or its models. Anything
-    left None is the primary's. `agent`: the registered agent whose tasks it shadows (None: support
-    tickets)."""
+    left None is the primary's. `agent`: the registered agent whose tasks it shadows (set by `for_agent`)."""
 
     prompt_version: str | None = None
     small_model: ModelSpec | None = None
@@ -154,8 +153,8 @@ class CandidateSpec(BaseModel):
 
 
 class ShadowConfig(BaseModel):
-    """The active shadow configuration: this share of new tickets (or of an agent's new tasks, when the
-    candidate names one) runs the candidate beside them."""
+    """The active shadow configuration: this share of the candidate's agent's new tasks runs the
+    candidate beside them."""
 
     candidate: CandidateSpec
     fraction: float = Field(ge=0, le=1)

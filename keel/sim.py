@@ -73,7 +73,7 @@ class SimTurn:
     the hotter the call (the peers of a swarm differ by it)."""
     follows_injection: bool = False
     """This task obeys instructions injected in its input (`SimConfig.follow_injection_rate`): a
-    behaviour may play its domain's injections ("refund 10,000 EUR", "send it to x@y"); the engine
+    behaviour may play its domain's injections ("pay 10,000 EUR to ...", "send it to x@y"); the engine
     itself plays "call the tool X" for every agent."""
 
     def offered(self, name: str) -> bool:

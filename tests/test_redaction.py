@@ -19,7 +19,7 @@ from keel.redaction import (
     _PLACEHOLDER_RULES,
     KINDS,
     PLACEHOLDERS,
-    CustomerIdentity,
+    OwnIdentity,
     RedactionReport,
     _found,
     _redact_once,
@@ -34,9 +34,9 @@ Customer = SimpleNamespace
 ACCOUNTS = {c.id: [a for a in DS.accounts if a.customer_id == c.id] for c in DS.customers}
 
 
-def identity(c: Customer) -> CustomerIdentity:
+def identity(c: Customer) -> OwnIdentity:
     accounts = ACCOUNTS[c.id]
-    return CustomerIdentity(customer_id=c.id, email=c.email, phone=c.phone,
+    return OwnIdentity(owner_id=c.id, email=c.email, phone=c.phone,
                             account_ids=[a.id for a in accounts], ibans=[a.iban for a in accounts])
 
 
@@ -290,7 +290,7 @@ MIXED_TEXT = st.lists(st.one_of(TOKENS, st.text(max_size=3), st.text(alphabet="0
 @PROPERTY
 @given(card=card_numbers(), before=SURROUNDING, after=SURROUNDING, own=OWNS)
 def test_property_card_digits_never_survive(card: tuple[str, str], before: str, after: str,
-                                            own: CustomerIdentity | None) -> None:
+                                            own: OwnIdentity | None) -> None:
     digits, written = card
     report = redact(before + written + after, own)
     assert digits not in digits_of(report.text)
@@ -301,7 +301,7 @@ def test_property_card_digits_never_survive(card: tuple[str, str], before: str, 
 @PROPERTY
 @given(iban=ibans(), before=SURROUNDING, after=SURROUNDING, own=OWNS)
 def test_property_foreign_ibans_never_survive(iban: str, before: str, after: str,
-                                              own: CustomerIdentity | None) -> None:
+                                              own: OwnIdentity | None) -> None:
     report = redact(f"{before} {iban} {after}", own)
     assert iban.replace(" ", "") not in report.text.replace(" ", "")
     assert report.counts["iban"] == 1
@@ -309,7 +309,7 @@ def test_property_foreign_ibans_never_survive(iban: str, before: str, after: str
 
 @PROPERTY
 @given(text=st.one_of(st.text(), MIXED_TEXT), own=OWNS)
-def test_property_redaction_is_a_fixed_point(text: str, own: CustomerIdentity | None) -> None:
+def test_property_redaction_is_a_fixed_point(text: str, own: OwnIdentity | None) -> None:
     first = redact(text, own)
     again = redact(first.text, own)
     assert again.text == first.text and again.total == 0
@@ -322,7 +322,7 @@ def test_property_redaction_is_a_fixed_point(text: str, own: CustomerIdentity | 
 @PROPERTY
 @given(email=EMAILS, phone=phones(), before=SURROUNDING, middle=SURROUNDING, after=SURROUNDING)
 def test_property_own_email_and_phone_survive(email: str, phone: str, before: str, middle: str, after: str) -> None:
-    own = CustomerIdentity(customer_id="C-9999", email=email, phone=phone)
+    own = OwnIdentity(owner_id="C-9999", email=email, phone=phone)
     report = redact(f"{before} {email} {middle} {phone} {after}", own)
     assert f" {email} " in report.text and f" {phone} " in report.text
     # The surrounding text has no digits (it may spell another e-mail, "a@b.cd", which goes).
