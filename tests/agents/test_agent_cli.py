@@ -14,10 +14,12 @@ from typing import Any
 
 import pytest
 from sqlalchemy.engine import Engine
-from temporalio.client import Client
-from temporalio.worker import Worker
+from temporalio.client import Client, WorkflowHistory
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.worker import Replayer, Worker
 
 import keel
+from agents.oncall import oncall
 from agents.oncall.status_service import StatusService
 from agents.triage import triage
 from keel import registry
@@ -28,6 +30,7 @@ from starter.approvals_cli import pending_action
 from tests.agents.test_oncall import cli_env, env_for, keel_cli
 from tests.agents.test_triage import CLEAR, swarm_of
 from tests.conftest import assert_eventually
+from workflows.registry import WORKFLOWS
 
 
 @pytest.fixture
@@ -162,6 +165,16 @@ async def test_replay_of_an_agent_task_loads_its_agent_with_agents_or_keel_agent
 
     bad = await keel_cli(cli, "replay", res.workflow_id, "--agents", "no_such_module_xyz")
     assert bad.exit_code == 2 and "cannot import agent module 'no_such_module_xyz'" in bad.output
+
+    # `keel history export` writes what tests/histories/ holds: the Replayer accepts the file.
+    out_file = tmp_path / f"{res.workflow_id}.json"
+    exported = await keel_cli(cli, "history", "export", res.workflow_id, "--out", str(out_file))
+    assert exported.exit_code == 0 and out_file.is_file(), exported.output
+    registry.register(oncall)
+    history = WorkflowHistory.from_json(res.workflow_id, out_file.read_text())
+    await Replayer(workflows=WORKFLOWS, data_converter=pydantic_data_converter).replay_workflow(history)
+    missing_task = await keel_cli(cli, "history", "export", "no-such-task", "--out", str(tmp_path / "x.json"))
+    assert missing_task.exit_code != 0 and not (tmp_path / "x.json").exists()
 
     # The what-if of an agent task (--prompt-version, --model): tests/agents/test_whatif.py.
 
