@@ -24,6 +24,12 @@ and, with a worker serving agents.support_desk on a database of its own:
 - agent_support_desk_v1_refund: a duplicate charge: triage, reads, a refund waits for a listed
   approver, an unlisted one's signal is ignored, alice approves by update, the refund runs once (completed).
 
+and, with a worker serving agents.research on a database of its own:
+
+- orchestrator_research_v1 (and its planner and retrieval children, orchestrator_research_v1__planner,
+  orchestrator_research_v1__retrieval): `keel research`'s orchestration of the question of the tests:
+  the planner's plan, retrieval and analysis in parallel, the writer's cited report (completed).
+
 The workflow ids are the file names: test_replay replays every file there against today's code, with
 the on-call agent registered (the workflow looks its agent up in keel.registry at run time).
 """
@@ -42,14 +48,18 @@ from agents.dr_plan import AGENTS as DR_PLAN_AGENTS
 from agents.dr_plan import supervision
 from agents.oncall import oncall
 from agents.oncall.status_service import StatusService
+from agents.research import AGENTS as RESEARCH_AGENTS
+from agents.research import orchestration as research_orchestration
+from agents.research import store as research_store
 from agents.support_desk import support_desk
 from agents.support_desk.data import build_seed
 from keel.names import APPROVAL_SIGNAL
+from keel.orchestration import OrchestratorResult
 from keel.settings import KeelSettings
 from keel.supervision import SupervisorResult
 from keel.testing import agent_environment
 from keel.types import AgentInput, AgentResult, ApprovalDecision
-from starter.agents import start_agent, start_supervision
+from starter.agents import start_agent, start_orchestration, start_supervision
 from starter.approvals_cli import decide, pending_action
 
 OUT = Path(__file__).parent / "histories"
@@ -58,6 +68,8 @@ APPROVAL = "agent_oncall_v1_approval"
 DR_PLAN = "supervisor_dr_plan_v1"
 DESK = "agent_support_desk_v1"
 DESK_REFUND = "agent_support_desk_v1_refund"
+RESEARCH = "orchestrator_research_v1"
+QUESTION = "Why did refunds rise in Q3 2024, and what did the duplicate charges cost us?"
 
 
 async def record_healthy(client: Client, settings: KeelSettings) -> AgentResult:
@@ -122,6 +134,17 @@ async def record_desk_refund(client: Client, settings: KeelSettings) -> AgentRes
     return res
 
 
+async def record_research(client: Client, settings: KeelSettings) -> None:
+    inp = research_orchestration(QUESTION, key="recorded")
+    res: OrchestratorResult = await (await start_orchestration(client, settings, inp, workflow_id=RESEARCH)).result()
+    assert res.status == "completed", res
+    for wid in (RESEARCH, f"{RESEARCH}/planner", f"{RESEARCH}/retrieval"):
+        history = await client.get_workflow_handle(wid).fetch_history()
+        out = OUT / f"{wid.replace('/', '__')}.json"
+        out.write_text(history.to_json())
+        print(f"wrote {out} ({len(history.events)} events)")
+
+
 async def save(client: Client, workflow_id: str, res: AgentResult) -> None:
     history = await client.get_workflow_handle(workflow_id).fetch_history()
     out = OUT / f"{workflow_id}.json"
@@ -149,6 +172,12 @@ async def main(only: list[str]) -> None:
                     await save(env.client, DESK, await record_desk(env.client, env.settings))
                 if not only or DESK_REFUND in only:
                     await save(env.client, DESK_REFUND, await record_desk_refund(env.client, env.settings))
+    if not only or RESEARCH in only:
+        with tempfile.TemporaryDirectory() as tmp:
+            os.environ["KEEL_DATABASE_URL"] = url = f"sqlite:///{tmp}/keel.db"
+            research_store.reset()
+            async with agent_environment(*RESEARCH_AGENTS, db_url=url) as env:
+                await record_research(env.client, env.settings)
 
 
 if __name__ == "__main__":

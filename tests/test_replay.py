@@ -22,6 +22,7 @@ from temporalio.workflow import NondeterminismError
 import keel
 from agents.dr_plan import AGENTS as DR_PLAN_AGENTS
 from agents.oncall import oncall, service_status
+from agents.research import AGENTS as RESEARCH_AGENTS
 from agents.support_desk import store as desk_store
 from agents.support_desk import support_desk
 from agents.triage import triage
@@ -33,9 +34,10 @@ from workflows.registry import WORKFLOWS
 HISTORIES = sorted((Path(__file__).parent / "histories").glob("*.json"))
 TAMPERED_HISTORY = Path(__file__).parent / "histories" / "agent_support_desk_v1.json"
 """The history the tampering test changes (recorded under its file name as the workflow id)."""
-REPLAYED_AGENTS = [oncall, triage, support_desk, *DR_PLAN_AGENTS]
+REPLAYED_AGENTS = [oncall, triage, support_desk, *DR_PLAN_AGENTS, *RESEARCH_AGENTS]
 """The agents whose histories are recorded here (agent_<name>_*.json; triage: pattern_swarm_triage_*.json;
-supervisor_dr_plan_*.json: `keel plan`'s supervision, whose rules run the planner's checks in the workflow)."""
+supervisor_dr_plan_*.json: `keel plan`'s supervision, whose rules run the planner's checks in the workflow;
+orchestrator_research_*.json: `keel research`'s orchestration and two of its children)."""
 ONCALL_HEALTHY = Path(__file__).parent / "histories" / "agent_oncall_v1.json"
 """The on-call agent on a healthy service: the status is read (oncall.service_status), then the answer."""
 ONCALL_APPROVAL = Path(__file__).parent / "histories" / "agent_oncall_v1_approval.json"
@@ -61,6 +63,7 @@ def test_there_are_recorded_histories() -> None:
     assert ONCALL_HEALTHY in HISTORIES and ONCALL_APPROVAL in HISTORIES, "the on-call agent's histories"
     assert any(p.stem == "supervisor_dr_plan_v1" for p in HISTORIES), "keel plan's supervision"
     assert {"agent_support_desk_v1", "agent_support_desk_v1_refund"} <= {p.stem for p in HISTORIES}, "the desk"
+    assert any(p.stem == "orchestrator_research_v1" for p in HISTORIES), "keel research's orchestration"
 
 
 @pytest.mark.parametrize("runner", [STRICT_SANDBOX, SANDBOX], ids=["strict", "shared"])
