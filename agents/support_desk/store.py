@@ -20,6 +20,7 @@ The platform's tables are never read or written by it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sqlite3
 import threading
@@ -128,11 +129,13 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 
 def database_url() -> str:
     """`KEEL_DATABASE_URL`, else Keel's default: SQLite `keel.db` under `KEEL_HOME` (default `.keel`)."""
-    url = os.environ.get("KEEL_DATABASE_URL")
-    if url:
-        return url
-    home = Path(os.environ.get("KEEL_HOME") or ".keel")
-    return f"sqlite:///{(home / 'keel.db').resolve()}"
+    return _database_url(os.environ.get("KEEL_DATABASE_URL"), os.environ.get("KEEL_HOME"), os.getcwd())
+
+
+@functools.lru_cache(maxsize=16)
+def _database_url(url: str | None, home: str | None, cwd: str) -> str:
+    # Every tool call asks; resolving the path is a few system calls, so it is done once per setting.
+    return url or f"sqlite:///{(Path(cwd) / (home or '.keel') / 'keel.db').resolve()}"
 
 
 def make_engine(url: str) -> Engine:
