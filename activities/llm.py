@@ -46,16 +46,16 @@ class LlmActivities:
             raise ApplicationError(
                 f"provider {req.model.provider!r} is not configured on this worker "
                 f"(configured: {sorted(self._providers)})",
-                type="ProviderBadRequest",
+                type=errors.PROVIDER_BAD_REQUEST,
                 non_retryable=True,
             )
         problem = _options_problem(req.model)
         if problem:
-            raise ApplicationError(problem, type="ProviderBadRequest", non_retryable=True)
+            raise ApplicationError(problem, type=errors.PROVIDER_BAD_REQUEST, non_retryable=True)
         try:
             price_for(req.model.provider, req.model.model)
         except UnpricedModelError as e:
-            raise ApplicationError(str(e), type="UnpricedModel", non_retryable=True) from e
+            raise ApplicationError(str(e), type=errors.UNPRICED_MODEL, non_retryable=True) from e
         agent = registry.find(req.agent) if req.agent else None
         if agent is None:
             raise ApplicationError(f"agent {req.agent!r} is not registered on this worker" if req.agent
@@ -78,7 +78,7 @@ class LlmActivities:
             if est > req.max_input_tokens:
                 raise ApplicationError(
                     f"the prompt is about {est:,} tokens; the task's budget leaves {req.max_input_tokens:,}",
-                    type="BudgetWouldExceed",
+                    type=errors.BUDGET_WOULD_EXCEED,
                     non_retryable=True,
                 )
         started = time.perf_counter()

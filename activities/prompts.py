@@ -10,6 +10,8 @@ from pathlib import Path
 
 from temporalio.exceptions import ApplicationError
 
+from keel import errors
+
 
 @dataclass(frozen=True)
 class Prompt:
@@ -31,7 +33,7 @@ def load_prompt_at(directory: Path, name: str, version: str) -> Prompt:
         known = sorted(p.name for p in path.parent.glob("*.md")) if path.parent.is_dir() else []
         raise ApplicationError(
             f"prompt {name!r} version {version!r} not found at {path}; known: {known}",
-            type="PromptNotFound",
+            type=errors.PROMPT_NOT_FOUND,
             non_retryable=True,
         )
     text = path.read_text(encoding="utf-8").strip()

@@ -43,6 +43,7 @@ PROMPT_NOT_FOUND = "PromptNotFound"
 BREAKER_OPEN = "BreakerOpen"
 AGENT_NOT_REGISTERED = "AgentNotRegistered"
 AGENT_CONFIG_ERROR = "AgentConfigError"
+SHADOW_INPUT_ERROR = "ShadowInputError"
 """A task whose configuration cannot run (an override naming an unknown tool, an invalid model...)."""
 SCRIPT_EXHAUSTED = "ScriptExhausted"
 

@@ -19,6 +19,7 @@ from temporalio.exceptions import ActivityError, ApplicationError, TimeoutError
 with workflow.unsafe.imports_passed_through():
     from pydantic import BaseModel, ValidationError
 
+    from keel import errors
     from keel.agent import Agent
     from keel.breaker import AdmitDecision, AdmitRequest
     from keel.errors import KeelError
@@ -310,7 +311,7 @@ class AgentRunner:
                 except UnpricedModelError as e:
                     # Raised in workflow code it would fail the workflow task, retried forever: fail the
                     # task instead, with the reason (a model nobody priced is never counted as $0).
-                    raise ApplicationError(str(e), type="UnpricedModel", non_retryable=True) from e
+                    raise ApplicationError(str(e), type=errors.UNPRICED_MODEL, non_retryable=True) from e
                 max_out, max_in = allowance.max_output_tokens, allowance.max_input_tokens
             step = self._next_step(f"{kind} ({model.label})")
             req = LlmRequest(

@@ -22,7 +22,7 @@ from temporalio.common import RetryPolicy, SearchAttributeKey, SearchAttributePa
 from temporalio.exceptions import ApplicationError, ChildWorkflowError, FailureError
 
 with workflow.unsafe.imports_passed_through():
-    from keel import names
+    from keel import errors, names
     from keel.shadow import (
         SHADOW_RECORD_ACTIVITY,
         ShadowComparison,
@@ -101,7 +101,7 @@ class ShadowWorkflow:
     async def run(self, inp: ShadowInput) -> ShadowComparison:
         if inp.agent is None:
             raise ApplicationError("a shadow needs a primary: an agent task (agent)",
-                                   type="ShadowInputError", non_retryable=True)
+                                   type=errors.SHADOW_INPUT_ERROR, non_retryable=True)
         return await self._run_agent(inp, inp.agent)
 
     async def _run_agent(self, inp: ShadowInput, primary_inp: AgentInput) -> ShadowComparison:

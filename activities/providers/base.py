@@ -8,6 +8,7 @@ from typing import Protocol
 
 from temporalio.exceptions import ApplicationError
 
+from keel import errors
 from keel.types import LlmRequest, ProviderResult
 
 __all__ = ["Provider", "ProviderResult", "error_body_message", "provider_error", "retry_after_seconds"]
@@ -36,14 +37,14 @@ def provider_error(
         return ApplicationError(
             f"{provider}: authentication failed ({status}): {message}. "
             f"Check the API key ({provider.upper()}_API_KEY) and that it may use this model.",
-            type="ProviderAuthError",
+            type=errors.PROVIDER_AUTH_ERROR,
             non_retryable=True,
         )
     if status is not None and 400 <= status < 500 and status not in (408, 409, 429):
         return ApplicationError(
             f"{provider}: request rejected ({status}): {message}. "
             f"Check the model name and the request; retrying will not help.",
-            type="ProviderBadRequest",
+            type=errors.PROVIDER_BAD_REQUEST,
             non_retryable=True,
         )
     kind = "ProviderRateLimited" if status == 429 else "ProviderUnavailable"
