@@ -18,6 +18,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
 from temporalio.client import Client, WorkflowHandle
 from temporalio.common import SearchAttributeKey, SearchAttributePair, TypedSearchAttributes
 from temporalio.service import RPCError, RPCStatusCode
@@ -118,11 +119,17 @@ def agent_shadow_config(settings: KeelSettings, agent: str) -> ShadowConfig | No
             from activities.db import make_engine
             from activities.shadow import active_agent_shadows
 
-            engine = make_engine(url)
             try:
-                configs = active_agent_shadows(engine)
-            finally:
-                engine.dispose()
+                engine = make_engine(url)
+                try:
+                    configs = active_agent_shadows(engine)
+                finally:
+                    engine.dispose()
+            except (SQLAlchemyError, ImportError) as e:
+                # A starter needs no database to start a task: shadowing is what is skipped, and said.
+                err.print(f"[yellow]shadow configuration not read ({type(e).__name__}: {str(e)[:200]}); "
+                          "starting without a shadow[/yellow]")
+                configs = {}
         hit = _agent_configs[url] = (now, configs)
     return hit[1].get(agent)
 

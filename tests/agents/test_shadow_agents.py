@@ -252,3 +252,20 @@ def test_configs_per_target_and_rows_keep_their_columns(tmp_path: Path) -> None:
         assert record_comparison(engine, c) and not record_comparison(engine, c)
     finally:
         engine.dispose()
+
+
+def test_a_starter_needs_no_database_to_start_a_task(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The ledger is where a shadow is configured; a starter that cannot read it still starts tasks,
+    without a shadow, and says why (no ledger file: nothing to say, and no file is made)."""
+    from keel.settings import KeelSettings
+    from starter.shadow_cli import agent_shadow_config
+
+    forget_shadow_configs()
+    none = tmp_path / "none.db"
+    assert agent_shadow_config(KeelSettings(database_url=f"sqlite:///{none}"), "oncall") is None
+    assert not none.exists()
+    broken = tmp_path / "broken.db"
+    broken.write_bytes(b"this is not a database" * 100)
+    assert agent_shadow_config(KeelSettings(database_url=f"sqlite:///{broken}"), "oncall") is None
+    assert "shadow configuration not read" in capsys.readouterr().err
+    forget_shadow_configs()
