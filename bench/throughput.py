@@ -77,7 +77,8 @@ SQLite pages, the server's first tasks on a new queue."""
 DEFAULT_CHUNKS = 4
 """Keel and bare alternate this many times per round (see `run`)."""
 SPIRAL_RATE = 0.15
-TARGET_THROUGHPUT_RATIO = 0.8
+TARGET_THROUGHPUT_RATIO = 0.85
+"""The platform issue's bar: the agent path at 0.85x bare Temporal or better (median of the rounds)."""
 TARGET_CPU_MS_OVER_BARE = 2.0
 READY_TIMEOUT_S = 60.0
 NOISY_FOREIGN_CPU_PCT = 10.0
