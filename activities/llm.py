@@ -18,6 +18,7 @@ from keel import errors, registry
 from keel.names import LLM_ACTIVITY
 from keel.pricing import UnpricedModelError, cost_usd, price_for
 from keel.tokens import estimate_input_tokens
+from keel.toolcalls import read_text_tool_calls
 from keel.types import LlmRequest, LlmResponse, ModelSpec
 
 BREAKER_OPEN = "BreakerOpen"
@@ -84,13 +85,21 @@ class LlmActivities:
         started = time.perf_counter()
         result = await provider.complete(req, prompt.text)
         latency_ms = (time.perf_counter() - started) * 1000
+        tool_calls, repaired, finish = result.tool_calls, "", result.finish_reason
+        if req.tools and not tool_calls and result.text:
+            # Tool calls written as text (common with small and self-hosted models): read back, the raw
+            # text kept, and the repair recorded; never taken for the final answer.
+            tool_calls, form = read_text_tool_calls(result.text, frozenset(t.name for t in req.tools))
+            if tool_calls:
+                repaired, finish = f"{len(tool_calls)} tool call(s) written as text ({form})", "tool_calls"
         resp = LlmResponse(
             text=result.text,
-            tool_calls=result.tool_calls,
+            tool_calls=tool_calls,
+            repaired=repaired,
             usage=result.usage,
             cost_usd=cost_usd(req.model.provider, req.model.model, result.usage),
             latency_ms=round(latency_ms, 3),
-            finish_reason=result.finish_reason,
+            finish_reason=finish,
             provider=req.model.provider,
             model=result.model or req.model.model,
             prompt_version=prompt.version,

@@ -202,7 +202,7 @@ class LlmRequest(BaseModel):
     messages: list[Message]
     tools: list[ToolSpec] = Field(default_factory=list)
     tool_names: list[str] = Field(default_factory=list)
-    """Tools registered in keel.tools, by name: the activity expands them to specs, so the
+    """The agent's tools, by name: the activity expands them to specs, so the
     2-3 KB of schemas is not carried in every request of the history."""
     max_output_tokens: int = 1024
     max_input_tokens: int | None = None
@@ -216,8 +216,11 @@ class LlmRequest(BaseModel):
     """On a task's first model call: ask the task type's cost circuit breaker first (see
     activities.llm). Refused: the call fails with BreakerOpen before any model is called."""
     agent: str = ""
-    """A registered agent's name (keel.Agent): `prompt` and `tool_names` are that agent's, and the sim
-    plays that agent. Empty: the built-in pipelines' prompts under prompts/ and tools of keel.tools."""
+    """The registered agent's name (keel.Agent): `prompt` and `tool_names` are that agent's, and the sim
+    plays that agent. A call without one is refused."""
+    require_tool: bool = False
+    """The step must call a tool: providers send `tool_choice` "required" (OpenAI) / "any" (Anthropic)
+    instead of "auto" whenever tools are offered."""
     output_schema: dict[str, Any] | None = None
     """The JSON schema the answer must follow (an agent's `output_type`), when the step asks for one."""
 
@@ -246,6 +249,9 @@ class LlmResponse(BaseModel):
     prompt_hash: str = ""
     admission: AdmitDecision | None = None
     """The breaker's answer when the request carried `admit`."""
+    repaired: str = ""
+    """How the model's output was repaired, when it was (e.g. "2 tool calls written as text (hermes)"):
+    `text` then keeps the raw output, and `tool_calls` hold what was read from it."""
 
 
 class ToolRequest(BaseModel):

@@ -336,14 +336,14 @@ class AgentRunner:
                 resp = await self.calls.llm(req)
             except (ActivityError, ApplicationError) as e:
                 cause = e.cause if isinstance(e, ActivityError) else e
-                if isinstance(cause, ApplicationError) and cause.type == "BudgetWouldExceed":
+                if isinstance(cause, ApplicationError) and cause.type == errors.BUDGET_WOULD_EXCEED:
                     raise self.budget.stop("tokens", cause.message) from e
-                if isinstance(cause, ApplicationError) and cause.type == "BreakerOpen":
+                if isinstance(cause, ApplicationError) and cause.type == errors.BREAKER_OPEN:
                     self.admit = None
                     raise BreakerRefused(cause.message) from e
                 retryable = isinstance(cause, TimeoutError) or (
                     isinstance(cause, ApplicationError) and not cause.non_retryable
-                    and cause.type in ("ProviderRateLimited", "ProviderUnavailable")
+                    and cause.type in (errors.PROVIDER_RATE_LIMITED, errors.PROVIDER_UNAVAILABLE)
                 )
                 if not retryable or i + 1 == len(chain):
                     raise
@@ -355,6 +355,8 @@ class AgentRunner:
                 if resp.admission is not None and resp.admission.admitted and not resp.admission.probe:
                     self.report_to = self.breaker_id
             self._account(model, resp)
+            if resp.repaired:
+                self.decide("repaired_output", resp.repaired)
             if kind == "draft":
                 self.answer_tokens = resp.usage.output_tokens
             return resp

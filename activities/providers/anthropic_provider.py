@@ -71,6 +71,7 @@ class AnthropicProvider:
             params["system"] = system
         if req.tools:
             params["tools"] = [to_anthropic_tool(t) for t in req.tools]
+            params["tool_choice"] = {"type": "any" if req.require_tool else "auto"}
         try:
             message = await client.messages.create(**params)
         except anthropic.APIError as e:

@@ -73,6 +73,9 @@ class OpenAIProvider:
             params["temperature"] = req.temperature
         if req.tools:
             params["tools"] = [to_openai_tool(t) for t in req.tools]
+            # Sent every time: some OpenAI-compatible servers (llama.cpp's) leave the tools out of the
+            # prompt without a word when it is missing.
+            params["tool_choice"] = "required" if req.require_tool else "auto"
         if req.json_output:
             params["response_format"] = {"type": "json_object"}
         try:

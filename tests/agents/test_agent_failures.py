@@ -91,3 +91,27 @@ async def test_an_unpriced_model_fails_the_task_saying_what_to_do(client: Client
             await asyncio.wait_for(handle.result(), 60)
     message = str(failed.value.cause)
     assert "no price for openai:gpt-9-unpriced" in message and "PRICES" in message, message
+
+
+async def test_tool_calls_written_as_text_run_and_an_empty_answer_is_never_final(client: Client, db_url: str) -> None:
+    """A self-hosted model's habits: the call spelled out in the text (read back, run, recorded as a
+    repair), and an empty answer (sent back to the model and counted, never the task's answer)."""
+    from keel.testing import SCRIPTED, ScriptedModel, answer
+
+    model = ScriptedModel([
+        answer('{"category": "billing_question", "urgency": "normal", "confidence": 0.9}'),  # the triage
+        answer('<tool_call>{"name": "get_account", "arguments": {"customer_id": "C-1003"}}</tool_call>'),
+        answer('functions.lookup_policy: {"topic": "fees"}'),
+        answer(""),
+        answer("Your account is active; the fee is the monthly card fee of our fees policy."),
+    ])
+    async with agent_environment(support_desk, client=client, db_url=db_url, model=model) as env:
+        res = await env.run("support_desk", FEE, tenant="C-1003", models={"small": SCRIPTED, "large": SCRIPTED})
+        ran = tool_rows(env, res.workflow_id)
+    model.assert_all_used()
+    assert res.status == "completed", res.reason
+    assert res.tools_executed == ["get_account", "lookup_policy"] and [r["tool"] for r in ran] == res.tools_executed
+    repairs = [d.reason for d in res.decisions if d.kind == "repaired_output"]
+    assert repairs == ["1 tool call(s) written as text (hermes)", "1 tool call(s) written as text (functions)"]
+    assert res.invalid_outputs == 1 and "the monthly card fee" in res.output
+    assert any(d.kind == "invalid_output" and "empty" in d.reason for d in res.decisions), res.decisions

@@ -95,6 +95,7 @@ async def test_tool_call_round_trip(server: FakeServer, provider: AnthropicProvi
     assert sent.body["tools"] == [
         {"name": "lookup_customer", "description": LOOKUP.description, "input_schema": LOOKUP.parameters}
     ]
+    assert sent.body["tool_choice"] == {"type": "auto"}
 
     convo = [
         *ASK,
@@ -277,3 +278,11 @@ async def test_missing_key_is_a_non_retryable_auth_error(monkeypatch: pytest.Mon
     assert info.value.type == "ProviderAuthError"
     assert info.value.non_retryable is True
     assert "ANTHROPIC_API_KEY" in info.value.message
+
+
+async def test_a_step_that_must_call_a_tool_sends_tool_choice_any(server: FakeServer,
+                                                                   provider: AnthropicProvider) -> None:
+    server.script(Reply(body=anthropic_message(tool_use_block("toolu_1", "lookup_customer", {}),
+                                               stop_reason="tool_use")))
+    await provider.complete(make_req(ASK, tools=[LOOKUP]).model_copy(update={"require_tool": True}), SYSTEM)
+    assert server.last.body["tool_choice"] == {"type": "any"}

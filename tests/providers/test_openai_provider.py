@@ -73,6 +73,7 @@ async def test_tool_call_round_trip(server: FakeServer, provider: OpenAIProvider
         {"role": "system", "content": SYSTEM},
         {"role": "user", "content": "Where is my order?"},
     ]
+    assert sent.body["tool_choice"] == "auto"  # always sent with tools: llama.cpp's server drops them without it
     assert sent.body["tools"] == [
         {
             "type": "function",
@@ -254,3 +255,11 @@ async def test_missing_key_is_a_non_retryable_auth_error(monkeypatch: pytest.Mon
     assert info.value.type == "ProviderAuthError"
     assert info.value.non_retryable is True
     assert "OPENAI_API_KEY" in info.value.message
+
+
+async def test_a_step_that_must_call_a_tool_sends_tool_choice_required(server: FakeServer,
+                                                                        provider: OpenAIProvider) -> None:
+    server.script(Reply(body=openai_completion(tool_calls=[("c1", "lookup_customer", "{}")],
+                                               finish_reason="tool_calls")))
+    await provider.complete(make_req(ASK, tools=[LOOKUP]).model_copy(update={"require_tool": True}), SYSTEM)
+    assert server.last.body["tool_choice"] == "required"

@@ -1,0 +1,72 @@
+"""Tool calls a model wrote as text instead of calling the tool, read back into tool calls.
+
+Small and self-hosted models often answer a step that offers tools with the call spelled out in the
+text, in one of a few common forms, and a server that does not parse them passes the text on as the
+model's answer. Taken as the final answer, the task would end without the tool ever running. The LLM
+activity reads these forms back (`read_text_tool_calls`) and records the output as repaired:
+
+- Hermes/Qwen: `<tool_call>{"name": "get_account", "arguments": {...}}</tool_call>` (one or more);
+- OpenAI-style text: `functions.get_account: {...}` or `functions.get_account({...})`, one per line;
+- a bare JSON object (alone, or in a markdown fence) `{"name": "get_account", "arguments": {...}}`
+  (also `"parameters"`), read only when its name is an offered tool: an agent's structured answer is
+  never taken for a call.
+
+A call in one of the explicit forms whose arguments cannot be read is kept with its raw arguments, so the
+agent loop refuses it as invalid JSON: the model is told, and it counts toward escalation, never a final
+answer. Pure functions: no I/O.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from keel.types import ToolCall
+
+_HERMES = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S)
+_FUNCTIONS = re.compile(r"(?m)^\s*functions\.([A-Za-z_][\w.-]*)\s*(?::|\()\s*(.*?)\)?\s*$")
+_FENCE = re.compile(r"```(?:json|JSON)?\s*\n?(.*?)```", re.S)
+
+
+def _loads(raw: str) -> Any:
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return None
+
+
+def _from_object(obj: Any) -> tuple[str, str] | None:
+    """(name, arguments JSON) of `{"name": ..., "arguments"|"parameters": {...} or "..."}`."""
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+        return None
+    args = obj.get("arguments", obj.get("parameters", {}))
+    if isinstance(args, str):  # some models double-encode the arguments
+        return obj["name"], args
+    return obj["name"], json.dumps(args if args is not None else {})
+
+
+def read_text_tool_calls(text: str, offered: set[str] | frozenset[str]) -> tuple[list[ToolCall], str]:
+    """The tool calls written in `text`, and the form they were written in ("" when none)."""
+    calls: list[tuple[str, str]] = []
+    form = ""
+    if "<tool_call>" in text:
+        form = "hermes"
+        for raw in _HERMES.findall(text):
+            found = _from_object(_loads(raw))
+            calls.append(found if found is not None else ("<unreadable tool_call>", raw))
+    elif _FUNCTIONS.search(text):
+        form = "functions"
+        for name, raw in _FUNCTIONS.findall(text):
+            calls.append((name, raw.strip() or "{}"))
+    else:
+        stripped = text.strip()
+        fenced = _FENCE.fullmatch(stripped)
+        obj = _loads(fenced.group(1).strip() if fenced else stripped)
+        items = obj if isinstance(obj, list) else [obj]
+        found_all = [_from_object(o) for o in items]
+        if items and all(f is not None and f[0] in offered for f in found_all):
+            form = "json"
+            calls = [f for f in found_all if f is not None]
+    tool_calls = [ToolCall(id=f"text_call_{i}", name=name, arguments_json=args) for i, (name, args) in enumerate(calls)]
+    return tool_calls, form if tool_calls else ""

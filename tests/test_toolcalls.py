@@ -1,0 +1,68 @@
+"""Tool calls written as text (keel.toolcalls): the forms small and self-hosted models use, read back
+into tool calls; an agent's structured answer never taken for a call; unreadable calls kept so the loop
+refuses them as invalid output."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from keel.toolcalls import read_text_tool_calls
+
+OFFERED = frozenset({"get_account", "issue_refund"})
+
+
+def calls(text: str) -> tuple[list[tuple[str, Any]], str]:
+    found, form = read_text_tool_calls(text, OFFERED)
+    return [(c.name, json.loads(c.arguments_json)) for c in found], form
+
+
+def test_hermes_calls_one_or_more() -> None:
+    text = ('I will look.\n<tool_call>\n{"name": "get_account", "arguments": {"customer_id": "C-1001"}}\n</tool_call>'
+            '<tool_call>{"name": "issue_refund", "arguments": {"amount": 5}}</tool_call>')
+    assert calls(text) == ([("get_account", {"customer_id": "C-1001"}), ("issue_refund", {"amount": 5})], "hermes")
+
+
+def test_functions_form_with_a_colon_or_parentheses() -> None:
+    assert calls('functions.issue_refund: {"amount": 5000, "transaction_id": "T-1"}') == (
+        [("issue_refund", {"amount": 5000, "transaction_id": "T-1"})], "functions")
+    assert calls('functions.get_account({"customer_id": "C-1"})') == ([("get_account", {"customer_id": "C-1"})],
+                                                                      "functions")
+
+
+def test_a_bare_json_call_only_when_its_name_is_offered() -> None:
+    assert calls('{"name": "get_account", "parameters": {"customer_id": "C-1"}}') == (
+        [("get_account", {"customer_id": "C-1"})], "json")
+    assert calls('```json\n{"name": "get_account", "arguments": "{\\"customer_id\\": \\"C-1\\"}"}\n```') == (
+        [("get_account", {"customer_id": "C-1"})], "json")
+    # A structured answer that happens to have a name is an answer, not a call.
+    assert calls('{"name": "Ana Silva", "arguments": ["a", "b"]}') == ([], "")
+    assert calls('{"category": "card_issue", "confidence": 0.9}') == ([], "")
+    assert calls("Your balance is 1,200 EUR.") == ([], "")
+
+
+def test_an_unreadable_call_is_kept_for_the_loop_to_refuse() -> None:
+    found, form = read_text_tool_calls('<tool_call>{"name": "get_account", "arguments": {"customer_id": </tool_call>',
+                                       OFFERED)
+    assert form == "hermes" and len(found) == 1
+    assert found[0].name == "<unreadable tool_call>"  # an unknown tool: refused, counted, the model told
+    found, _ = read_text_tool_calls("functions.issue_refund: {amount: five}", OFFERED)
+    assert found[0].name == "issue_refund" and found[0].arguments_json == "{amount: five}"  # invalid JSON
+
+
+ARGS = st.dictionaries(st.text(st.characters(codec="ascii", categories=["L"]), min_size=1, max_size=8),
+                       st.one_of(st.integers(), st.text(max_size=10), st.booleans()), max_size=4)
+
+
+@settings(max_examples=200, deadline=None)
+@given(name=st.sampled_from(sorted(OFFERED)), args=ARGS, form=st.sampled_from(["hermes", "functions", "json"]),
+       before=st.sampled_from(["", "Let me check. ", "Sure!\n"]))
+def test_property_every_form_round_trips(name: str, args: dict[str, Any], form: str, before: str) -> None:
+    payload = json.dumps({"name": name, "arguments": args})
+    text = {"hermes": f"{before}<tool_call>{payload}</tool_call>",
+            "functions": f"{before}\nfunctions.{name}: {json.dumps(args)}",
+            "json": payload}[form]
+    assert calls(text) == ([(name, args)], form)
