@@ -119,6 +119,9 @@ class LedgerRow(SQLModel, table=True):
     plus the rows whose parent it is."""
     dry_run: bool | None = None
     """Tool rows of a shadow run's writes: validated and recorded, never executed."""
+    repaired: str | None = None
+    """Model rows whose output was repaired (tool calls written as text): how; `raw_output` is the text."""
+    raw_output: str | None = None
 
 
 class AlertRow(SQLModel, table=True):

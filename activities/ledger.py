@@ -23,6 +23,8 @@ from activities.db import LedgerRow, utcnow
 from keel.shadow import SHADOW_FEATURE
 from keel.types import LlmRequest, LlmResponse, TaskContext, TaskOutcome, ToolRequest, ToolResult
 
+RAW_OUTPUT_CHARS = 8_000
+"""A repaired model output's raw text is kept up to this many characters."""
 OUTCOME_STEP = -1
 """The step of a task's outcome row."""
 
@@ -188,6 +190,9 @@ class Ledger:
             "cost_usd": resp.cost_usd,
             "latency_ms": resp.latency_ms,
             "ok": True,
+            # The raw text of a repaired output (e.g. tool calls the model wrote as text), as it came.
+            "repaired": resp.repaired or None,
+            "raw_output": resp.text[:RAW_OUTPUT_CHARS] if resp.repaired else None,
         }
         self._upsert(values, conn)
 

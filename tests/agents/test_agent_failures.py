@@ -108,7 +108,12 @@ async def test_tool_calls_written_as_text_run_and_an_empty_answer_is_never_final
     async with agent_environment(support_desk, client=client, db_url=db_url, model=model) as env:
         res = await env.run("support_desk", FEE, tenant="C-1003", models={"small": SCRIPTED, "large": SCRIPTED})
         ran = tool_rows(env, res.workflow_id)
+        raw = rows(env, "SELECT step, repaired, raw_output FROM ledger WHERE workflow_id = :w AND kind = 'llm' "
+                        "AND repaired IS NOT NULL ORDER BY step", w=res.workflow_id)
     model.assert_all_used()
+    assert [r["repaired"] for r in raw] == ["1 tool call(s) written as text (hermes)",
+                                            "1 tool call(s) written as text (functions)"]
+    assert raw[0]["raw_output"].startswith("<tool_call>") and raw[1]["raw_output"].startswith("functions.")
     assert res.status == "completed", res.reason
     assert res.tools_executed == ["get_account", "lookup_policy"] and [r["tool"] for r in ran] == res.tools_executed
     repairs = [d.reason for d in res.decisions if d.kind == "repaired_output"]
