@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 from pydantic import ValidationError
 from temporalio import activity
@@ -23,6 +25,9 @@ from keel.types import LlmRequest, LlmResponse, ModelSpec
 
 BREAKER_OPEN = "BreakerOpen"
 """Non-retryable: the task's cost circuit breaker refused it; the details carry its AdmitDecision."""
+
+
+T = TypeVar("T")
 
 
 class LlmActivities:
@@ -83,7 +88,7 @@ class LlmActivities:
                     non_retryable=True,
                 )
         started = time.perf_counter()
-        result = await provider.complete(req, prompt.text)
+        result = await _with_heartbeats(provider.complete(req, prompt.text))
         latency_ms = (time.perf_counter() - started) * 1000
         tool_calls, repaired, finish = result.tool_calls, "", result.finish_reason
         if req.tools and not tool_calls and result.text:
@@ -113,6 +118,30 @@ class LlmActivities:
         else:
             await asyncio.to_thread(self._ledger.record_llm, req, resp, activity.info().attempt)
         return resp
+
+
+HEARTBEAT_EVERY_S = 5.0
+"""A model call in flight heartbeats this often (names.LLM_HEARTBEAT_TIMEOUT is the server's patience)."""
+
+
+async def _with_heartbeats(call: Coroutine[Any, Any, T]) -> T:
+    """Await a provider call, heartbeating while it runs: a worker that dies mid-call is noticed within
+    the heartbeat timeout and the call retried elsewhere, instead of waiting out the call's whole limit.
+    The call's own limit is the provider's timeout (KEEL_LLM_TIMEOUT_S). A timer, not a task: a call that
+    answers at once costs one scheduled callback, cancelled."""
+    loop = asyncio.get_running_loop()
+    handle: asyncio.TimerHandle | None = None
+
+    def beat() -> None:  # runs in the activity's context (call_later copies it)
+        nonlocal handle
+        activity.heartbeat()
+        handle = loop.call_later(HEARTBEAT_EVERY_S, beat)
+
+    handle = loop.call_later(HEARTBEAT_EVERY_S, beat)
+    try:
+        return await call
+    finally:
+        handle.cancel()
 
 
 def _options_problem(spec: ModelSpec) -> str | None:

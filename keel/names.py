@@ -52,7 +52,10 @@ SEARCH_ATTRIBUTES: dict[str, str] = {
 }
 
 # Timeouts for activities, in one place.
-LLM_START_TO_CLOSE = timedelta(seconds=120)
+LLM_START_TO_CLOSE = timedelta(hours=1)
+"""A backstop: a model call's own limit is the provider's timeout (KEEL_LLM_TIMEOUT_S, the worker's)."""
+LLM_HEARTBEAT_TIMEOUT = timedelta(seconds=20)
+"""A model call heartbeats every 5 s (activities.llm): a dead worker's call is retried after this."""
 TOOL_START_TO_CLOSE = timedelta(seconds=30)
 
 # Error types that Temporal must never retry (declared, not discovered).

@@ -125,3 +125,34 @@ async def test_a_model_call_without_an_agent_is_refused(db_engine: Engine) -> No
     with pytest.raises(ApplicationError) as e:
         await ActivityEnvironment().run(acts.llm_call, req)
     assert e.value.non_retryable and "must name its agent" in e.value.message
+
+
+async def test_a_model_call_in_flight_heartbeats(db_engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A slow provider call heartbeats while it runs (a dead worker's call is retried after the heartbeat
+    timeout, not its whole limit); a fast one does not need to."""
+    import asyncio
+
+    import activities.llm as llm_module
+    from activities.providers.base import ProviderResult
+    from keel.types import ModelSpec, Usage
+
+    class Slow:
+        name = "sim"
+
+        async def complete(self, req: LlmRequest, system: str) -> ProviderResult:
+            await asyncio.sleep(0.35)
+            return ProviderResult(text="done", usage=Usage(input_tokens=10, output_tokens=2), model="sim-large")
+
+    monkeypatch.setattr(llm_module, "HEARTBEAT_EVERY_S", 0.05)
+    beats: list[object] = []
+    env = ActivityEnvironment()
+    env.on_heartbeat = lambda *details: beats.append(details)
+    req = LlmRequest(task=TaskContext(workflow_id=f"wf-{uuid.uuid4().hex[:6]}", tenant="t"), step=1, kind="reason",
+                     prompt="support_desk", agent="support_desk", model=ModelSpec(provider="sim", model="sim-large"),
+                     messages=[Message(role="user", content="Customer: C-1001\n\nhello")])
+    resp = await env.run(LlmActivities({"sim": Slow()}, Ledger(db_engine)).llm_call, req)
+    assert resp.text == "done" and len(beats) >= 4, beats
+    beats.clear()
+    await env.run(LlmActivities({"sim": SimProvider()}, Ledger(db_engine)).llm_call,
+                  req.model_copy(update={"step": 2}))
+    assert beats == []

@@ -26,6 +26,7 @@ with workflow.unsafe.imports_passed_through():
     from keel.guardrails import arguments_digest
     from keel.names import (
         LLM_ACTIVITY,
+        LLM_HEARTBEAT_TIMEOUT,
         LLM_START_TO_CLOSE,
         NON_RETRYABLE_ERRORS,
         TOOL_START_TO_CLOSE,
@@ -147,6 +148,7 @@ class TemporalCalls:
             req,
             result_type=LlmResponse,
             start_to_close_timeout=LLM_START_TO_CLOSE,
+            heartbeat_timeout=LLM_HEARTBEAT_TIMEOUT,
             retry_policy=LLM_RETRY,
         )
         return resp
