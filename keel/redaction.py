@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, Field
 
-KINDS = ("card", "iban", "ssn", "email", "phone", "account")
+KINDS = ("card", "card_code", "card_expiry", "iban", "ssn", "email", "phone", "account")
 """Redaction kinds, in the order they are applied: a card number is also a digit run that a phone
 rule could match, so the most specific (and checksum-validated) kinds go first."""
 PLACEHOLDERS = {kind: f"[redacted {kind}]" for kind in KINDS}
@@ -243,6 +243,25 @@ def _first_phone(text: str, own: OwnIdentity | None) -> _Hit | None:
     return None
 
 
+# A card's security code and expiry date are secrets beside its number (which always goes): named by their
+# usual labels, since three digits or a month/year alone are ordinary text.
+_CARD_CODE = re.compile(r"\b(?:cvv2?|cvc2?|cvn|cid|csc|security code|card verification (?:code|value))\b"
+                        r"(?:\s*(?:is|was|:|#|=|-))*\s*([0-9]{3,4})(?![0-9])", re.I)
+_CARD_EXPIRY = re.compile(r"\b(?:exp(?:\.|iry|iration)?(?: date)?|expires?|expiring|valid (?:thru|through|until)"
+                          r"|good thru)(?:\s*(?:is|on|:|=|-))*\s*((?:0?[1-9]|1[0-2])\s?[/-]\s?(?:[0-9]{4}|[0-9]{2}))"
+                          r"(?![0-9/])", re.I)
+
+
+def _first_card_code(text: str, own: OwnIdentity | None) -> _Hit | None:
+    m = _CARD_CODE.search(text)
+    return None if m is None else _Hit(m.start(1), m.end(1))
+
+
+def _first_card_expiry(text: str, own: OwnIdentity | None) -> _Hit | None:
+    m = _CARD_EXPIRY.search(text)
+    return None if m is None else _Hit(m.start(1), m.end(1))
+
+
 def _first_account(text: str, own: OwnIdentity | None) -> _Hit | None:
     m = _ACCOUNT.search(text)
     if m is None:
@@ -253,6 +272,8 @@ def _first_account(text: str, own: OwnIdentity | None) -> _Hit | None:
 
 _FINDERS: list[tuple[str, _Finder]] = [
     ("card", _first_card),
+    ("card_code", _first_card_code),
+    ("card_expiry", _first_card_expiry),
     ("iban", _first_iban),
     ("ssn", _first_ssn),
     ("email", _first_email),

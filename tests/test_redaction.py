@@ -119,10 +119,12 @@ def test_each_kind_is_redacted_and_counted(kind: str, fragment: str) -> None:
 
 
 def test_placeholders_and_counts() -> None:
-    assert PLACEHOLDERS == {k: f"[redacted {k}]" for k in ("card", "iban", "ssn", "email", "phone", "account")}
+    assert PLACEHOLDERS == {k: f"[redacted {k}]" for k in ("card", "card_code", "card_expiry", "iban", "ssn", "email",
+                                                           "phone", "account")}
     text = f"{VISA} {AMEX} {IBAN} 123-45-6789 bob@example.org +49 30 1234567 A-5002 A-5003"
     report = redact(text, None)
-    assert report.counts == {"card": 2, "iban": 1, "ssn": 1, "email": 1, "phone": 1, "account": 2}
+    assert report.counts == {"card": 2, "card_code": 0, "card_expiry": 0, "iban": 1, "ssn": 1, "email": 1, "phone": 1,
+                             "account": 2}
     assert report.total == 8
     assert report.text == ("[redacted card] [redacted card] [redacted iban] [redacted ssn] [redacted email] "
                            "[redacted phone] [redacted account] [redacted account]")
@@ -342,3 +344,23 @@ def test_not_placeholders() -> None:
     for text in ["Your card [redacted card] is frozen; write to [redacted email].", "Use the app (Profile > Address).",
                  "A set like {1, 2} or the sign <3 is fine.", "Press [Freeze] in the app.", "See A-5001 [1]."]:
         assert _found(_PLACEHOLDER_RULES, text) == [], text
+
+
+
+@pytest.mark.parametrize(("text", "redacted"), [
+    ("Card 4111 1111 1111 1111, CVV 123, exp 12/27.",
+     "Card [redacted card], CVV [redacted card_code], exp [redacted card_expiry]."),
+    ("The security code: 9876; it expires 03/2029.", "The security code: [redacted card_code]; it expires "
+                                                      "[redacted card_expiry]."),
+    ("Your card ending 1111 is valid thru 1/26.", "Your card ending 1111 is valid thru [redacted card_expiry]."),
+    ("CVC2=456 and expiry date: 12/2027", "CVC2=[redacted card_code] and expiry date: [redacted card_expiry]"),
+])
+def test_a_cards_security_code_and_expiry_never_leave(text: str, redacted: str) -> None:
+    """Both passed beside a redacted card number before; they are named by their labels."""
+    assert redact(text, OWN).text == redacted
+
+
+def test_three_digits_or_a_date_alone_are_ordinary_text() -> None:
+    for text in ["We charged 123 EUR on 12/27 at 10:30.", "The CVC is 42x.", "Code 123 is your order.",
+                 "Your statement of 03/2029 is ready."]:
+        assert redact(text, None).text == text, text
