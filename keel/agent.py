@@ -193,12 +193,18 @@ class FinalOutput:
     executed: tuple[ToolOutcome, ...]
     context: tuple[str, ...] = ()
     """The task's context, as ProposedAction.context."""
+    triage: BaseModel | None = None
+    """The agent's triage of the task (`Agent.triage`'s output_type), when it has one."""
 
 
 ActionValidator = Callable[[ProposedAction], str | None]
 """Returns why the call must not run, or None. Runs in workflow code: pure and deterministic."""
 OutputCheck = Callable[[FinalOutput], str | Sequence[str] | None]
 """Returns the problems that keep the answer from leaving (the task goes to a human), or None."""
+EvidenceCheck = Callable[[FinalOutput], str | None]
+"""Returns what the answer states without the evidence it needs (e.g. "the account was not read"), or
+None. The model is told and may call its tools again; an answer still without it ends the task
+escalated (human queue) with the reason. Runs in workflow code: pure and deterministic."""
 
 
 # --- the agent -----------------------------------------------------------------------------------
@@ -291,6 +297,9 @@ class Agent:
     approval_timeout_s: float = 86_400
     validators: Sequence[ActionValidator] = ()
     output_checks: Sequence[OutputCheck] = ()
+    evidence: Sequence[EvidenceCheck] = ()
+    """What an answer must rest on (see `EvidenceCheck`): checked on every valid answer, before the output
+    checks."""
     checks: Mapping[str, OutputCheck] = field(default_factory=dict)
     """Named deterministic checks of this agent's answer that a supervision's rules run by name
     (`keel.Rule(op="check", value=NAME)`): an answer with a problem goes back to the agent with it.
@@ -355,7 +364,7 @@ class Agent:
                 raise AgentDefinitionError(f"{where}: approvers of {tool_name!r} must be a list of names")
         if self.max_steps < 1 or self.max_output_tokens < 16 or self.max_invalid_outputs < 0:
             raise AgentDefinitionError(f"{where}: max_steps >= 1, max_output_tokens >= 16, max_invalid_outputs >= 0")
-        for hook in (*self.validators, *self.output_checks):
+        for hook in (*self.validators, *self.output_checks, *self.evidence):
             if not callable(hook):
                 raise AgentDefinitionError(f"{where}: guardrail hook {hook!r} is not callable")
         for check_name, check in self.checks.items():

@@ -22,7 +22,7 @@ from temporalio.exceptions import ApplicationError
 
 with workflow.unsafe.imports_passed_through():
     from keel import errors, names, registry
-    from keel.agent import Agent, ProposedAction, ToolOutcome
+    from keel.agent import Agent, FinalOutput, ProposedAction, ToolOutcome
     from keel.breaker import BREAKER_RECORD_SIGNAL, AdmitRequest, BreakerConfig, UsageReport, breaker_workflow_id
     from keel.metrics import input_hash
     from keel.output import OutputReport, check_output, parse_structured
@@ -54,6 +54,9 @@ from workflows.agent_loop import (
 )
 from workflows.approval import ApprovalGate
 from workflows.budget import BudgetExceeded
+
+EVIDENCE_STEPS = 3
+"""Model calls an agent gets to gather the evidence its answer lacked (then it must answer)."""
 
 SA_STATUS = SearchAttributeKey.for_keyword(names.SA_STATUS)
 SA_TOKENS = SearchAttributeKey.for_int(names.SA_TOKENS)
@@ -192,6 +195,7 @@ class AgentWorkflow:
         loop = LoopResult()
         structured: Any = None
         problem: str | None = None
+        missing = False
         try:
             if agent.triage is not None:
                 verdict, why = await cls._triage(agent, runner, messages, result)
@@ -201,20 +205,24 @@ class AgentWorkflow:
             loop = await run_agent_loop(runner, agent.prompt_name, messages, list(agent.tool_map.values()), max_steps,
                                         agent.max_invalid_outputs, kind=agent.step_kind)
             structured, problem = cls._answer_problem(agent, loop)
+            problem, missing = cls._evidence(agent, inp, runner, loop, structured, result, problem)
             while problem is not None and not loop.escalation:
                 # Not a final answer: the model is told what is wrong and tries again (it counts).
                 loop.invalid_outputs += 1
-                runner.observe(f"invalid answer: {problem}")
-                runner.decide("invalid_output", problem)
+                runner.observe(f"{'answer without evidence' if missing else 'invalid answer'}: {problem}")
+                runner.decide("missing_evidence" if missing else "invalid_output", problem)
                 if loop.invalid_outputs > agent.max_invalid_outputs:
                     break
-                messages.append(Message(role="user", content=f"Your answer was not accepted: {problem}. "
-                                                             "Answer again."))
+                told = (f"Your answer was not accepted: {problem}. Call the tools you need, then answer again."
+                        if missing else f"Your answer was not accepted: {problem}. Answer again.")
+                messages.append(Message(role="user", content=told))
+                # Evidence is gathered with tools: a few steps for that; a malformed answer needs one.
                 again = await run_agent_loop(runner, agent.prompt_name, messages, [] if runner.no_tools else
-                                             list(agent.tool_map.values()), 1, agent.max_invalid_outputs,
-                                             kind=agent.step_kind)
+                                             list(agent.tool_map.values()), EVIDENCE_STEPS if missing else 1,
+                                             agent.max_invalid_outputs, kind=agent.step_kind)
                 loop = _merge(loop, again)
                 structured, problem = cls._answer_problem(agent, loop)
+                problem, missing = cls._evidence(agent, inp, runner, loop, structured, result, problem)
         except BreakerRefused as e:
             runner.budget.limit_hit, runner.budget.detail = "breaker", str(e)
             runner.decide("breaker", str(e))
@@ -232,7 +240,9 @@ class AgentWorkflow:
         reasons: list[str] = []
         if loop.escalation:
             reasons.append(loop.escalation)
-        if problem is not None:
+        if problem is not None and missing:
+            reasons.append(f"the answer lacks its evidence after {loop.invalid_outputs} attempt(s): {problem}")
+        elif problem is not None:
             reasons.append(f"no valid answer after {loop.invalid_outputs} invalid outputs: {problem}")
         elif loop.invalid_outputs > agent.max_invalid_outputs:
             reasons.append(f"the model produced {loop.invalid_outputs} invalid outputs")
@@ -312,6 +322,32 @@ class AgentWorkflow:
         if agent.output_type is None:
             return None, None
         return parse_structured(loop.answer, agent.output_type)
+
+    @staticmethod
+    def _evidence(agent: Agent, inp: AgentInput, runner: AgentRunner, loop: LoopResult, structured: Any,
+                  result: AgentResult, problem: str | None) -> tuple[str | None, bool]:
+        """(problem, whether it is missing evidence): a valid answer is checked against the agent's
+        evidence hooks; the first thing it lacks is the problem."""
+        if problem is not None or not agent.evidence or not loop.answered or loop.escalation:
+            return problem, False
+        triage = None
+        if agent.triage is not None and result.triage is not None:
+            triage = agent.triage.output_type.model_validate(result.triage)
+        final = FinalOutput(text=loop.answer, structured=structured, input=inp.input, tenant=inp.tenant,
+                            executed=tuple(_executed(runner)), context=tuple(inp.context), triage=triage)
+        for check in agent.evidence:
+            try:
+                lacking = check(final)
+            except Exception as e:
+                hook = getattr(check, "__qualname__", None) or repr(check)
+                raise config_error(f"agent {agent.name!r}: evidence check {hook} raised {type(e).__name__}: {e}") from e
+            if lacking is not None and not isinstance(lacking, str):
+                hook = getattr(check, "__qualname__", None) or repr(check)
+                raise config_error(f"agent {agent.name!r}: evidence check {hook} returned {type(lacking).__name__}, "
+                                   "not what is missing (str) or None")
+            if lacking:
+                return f"missing evidence: {lacking}", True
+        return None, False
 
     @staticmethod
     def _validator(agent: Agent, inp: AgentInput, runner: AgentRunner) -> Any:

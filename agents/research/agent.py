@@ -20,9 +20,12 @@ from pydantic import BaseModel, Field
 
 import keel
 from agents.research.guardrails import (
+    analysis_used_data,
     publish_cites_its_context,
     report_cites_its_context,
+    report_figures_found,
     retrieval_cites_what_it_read,
+    retrieval_found_documents,
 )
 from agents.research.sim import analysis_sim, planner_sim, retrieval_sim, writer_sim
 from agents.research.tools import publish_report, read_document, search_documents, transaction_stats
@@ -67,6 +70,7 @@ research_retrieval = keel.Agent(
     budget=keel.Budget(max_tokens=12_000, max_usd=0.01),
     max_steps=6,
     max_output_tokens=700,
+    evidence=[retrieval_found_documents],
     output_checks=[retrieval_cites_what_it_read],
     sim=retrieval_sim,
 )
@@ -76,6 +80,7 @@ research_analysis = keel.Agent(
     description="Computes aggregate figures over the transaction extract (no customer data).",
     prompt="prompts/research_analysis.v1.md",
     tools=[transaction_stats],
+    evidence=[analysis_used_data],
     models=MODELS,
     budget=keel.Budget(max_tokens=10_000, max_usd=0.05),
     max_steps=5,
@@ -94,6 +99,7 @@ research_writer = keel.Agent(
     max_steps=3,
     max_output_tokens=1_500,
     validators=[publish_cites_its_context],
+    evidence=[report_figures_found],
     output_checks=[report_cites_its_context],
     output_type=Report,
     sim=writer_sim,

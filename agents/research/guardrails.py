@@ -52,7 +52,11 @@ def publish_cites_its_context(action: keel.ProposedAction) -> str | None:
     """A report is published only if every document it cites came from the workers."""
     if action.tool != "publish_report":
         return None
-    problems = _uncited(cited(str(action.arguments.get("body", ""))), _context_ids(action.context), "the report")
+    body = str(action.arguments.get("body", ""))
+    problems = _uncited(cited(body), _context_ids(action.context), "the report")
+    invented = sorted(figures(body) - figures(action.input) - {f for c in action.context for f in figures(c)})
+    if invented:
+        problems.append(f"the report states figures no worker found: {', '.join(invented[:8])}")
     return "; ".join(problems) or None
 
 
@@ -61,3 +65,47 @@ def report_cites_its_context(out: keel.FinalOutput) -> list[str]:
     allowed = _context_ids(out.context)
     sources = getattr(out.structured, "sources", None) or []
     return _uncited([*cited(out.text), *sources], allowed, "the report")
+
+
+# --- evidence (keel.Agent(evidence=...)): what an answer must rest on -----------------------------
+_FIGURE = re.compile(r"(?<![\w.-])\d[\d,]*(?:\.\d+)?")
+
+
+def figures(text: str) -> set[str]:
+    """The figures a text states (1,234.50 -> 1234.50), citation ids and single digits left out."""
+    found = set()
+    for m in _FIGURE.finditer(CITATION.sub(" ", text)):
+        value = m.group().rstrip(",.").replace(",", "")
+        if value and not (value.isdigit() and len(value) == 1):
+            found.add(value)
+    return found
+
+
+def retrieval_found_documents(out: keel.FinalOutput) -> str | None:
+    """A retrieval answer rests on documents this task read, and cites at least one of them."""
+    seen = {str(o.content.get("doc_id", "")) for o in out.executed if o.tool == "read_document"}
+    seen |= {str(r.get("doc_id", "")) for o in out.executed if o.tool == "search_documents"
+             for r in o.content.get("results", []) if isinstance(r, dict)}
+    seen.discard("")
+    if not seen:
+        return "no document was retrieved: search the documents and read the relevant ones first"
+    if not set(cited(out.text)) & seen:
+        return "the findings cite no document: cite the id of each document a finding comes from, e.g. [D-002]"
+    return None
+
+
+def analysis_used_data(out: keel.FinalOutput) -> str | None:
+    """An analysis answer rests on a data result this task obtained."""
+    if not any(o.tool == "transaction_stats" and o.content.get("totals") for o in out.executed):
+        return "no figures were computed: call transaction_stats and report only what it returned"
+    return None
+
+
+def report_figures_found(out: keel.FinalOutput) -> str | None:
+    """Every figure of the report comes from the workers' answers (or the question): none invented."""
+    body = "\n".join([out.text, str(getattr(out.structured, "report", "") or "")])
+    allowed = figures(out.input) | {f for c in out.context for f in figures(c)}
+    invented = sorted(figures(body) - allowed)
+    if invented:
+        return f"the report states figures no worker found: {', '.join(invented[:8])}"
+    return None

@@ -15,7 +15,7 @@ guardrails hold every call to):
 from __future__ import annotations
 
 import keel
-from agents.support_desk.guardrails import OUTPUT_CHECKS, VALIDATORS
+from agents.support_desk.guardrails import EVIDENCE, OUTPUT_CHECKS, VALIDATORS
 from agents.support_desk.sim import support_desk_sim
 from agents.support_desk.tools import escalate_to_human, get_account, get_transactions, issue_refund, lookup_policy
 from agents.support_desk.triage import TicketTriage, acknowledge, route, triage_sim
@@ -34,6 +34,7 @@ support_desk = keel.Agent(
     expected_tokens=5_000,
     approvers={"issue_refund": ["alice", "bob", "support-lead"]},
     validators=VALIDATORS,
+    evidence=EVIDENCE,
     output_checks=OUTPUT_CHECKS,
     sim=support_desk_sim,
 )

@@ -196,3 +196,26 @@ def no_tool_names(out: keel.FinalOutput) -> str | None:
 
 OUTPUT_CHECKS = [no_card_number, no_iban, no_unexecuted_refund, no_tool_names]
 
+
+
+# --- evidence (keel.Agent(evidence=...)) -------------------------------------------------------------
+ABOUT_THE_ACCOUNT = ("refund_request", "billing_question", "account_access", "card_issue")
+"""Triage categories whose answer rests on the customer's own account or transactions."""
+
+
+def account_was_read(out: keel.FinalOutput) -> str | None:
+    """A ticket about the account or its transactions is answered only once they were read."""
+    category = getattr(out.triage, "category", None)
+    if category not in ABOUT_THE_ACCOUNT:
+        return None
+    customer = task_customer(out.tenant, out.input)
+    for o in out.executed:
+        if o.tool in ("get_account", "get_transactions") and (customer is None
+                                                               or o.arguments.get("customer_id") == customer):
+            return None
+    whose = f"customer {customer}" if customer else "the customer"
+    return (f"the request is a {category.replace('_', ' ')}, but the account and transactions of {whose} were "
+            "not read: read them, then answer from what they show")
+
+
+EVIDENCE = [account_was_read]

@@ -29,9 +29,13 @@ import keel
 from agents.research import AGENTS, BUDGET, NAME, orchestration, store
 from agents.research.corpus import CORPUS, search_terms
 from agents.research.guardrails import (
+    analysis_used_data,
+    figures,
     publish_cites_its_context,
     report_cites_its_context,
+    report_figures_found,
     retrieval_cites_what_it_read,
+    retrieval_found_documents,
 )
 from agents.research.sim import plan
 from agents.research.tools import (
@@ -46,7 +50,7 @@ from agents.research.tools import (
 )
 from agents.support_desk.data import build_seed
 from keel.orchestration import OrchestratorResult
-from keel.testing import AgentEnvironment, agent_environment
+from keel.testing import SCRIPTED, AgentEnvironment, ScriptedModel, agent_environment, answer, call
 from starter.agents import start_orchestration
 from starter.cli import app
 
@@ -328,3 +332,42 @@ def test_publish_is_idempotent_and_the_tables_are_seeded_once(db_url: str) -> No
     assert len(rows(engine, "SELECT id FROM research_reports")) == 1
     assert store.setup(engine) is False  # a second worker finds the seed there
     assert len(rows(engine, "SELECT id FROM research_documents")) == len(CORPUS)
+
+
+# --- evidence: a finding rests on what the task retrieved -------------------------------------------
+def _final(text: str, executed: tuple[keel.ToolOutcome, ...] = (), context: tuple[str, ...] = (),
+           structured: Any = None) -> keel.FinalOutput:
+    return keel.FinalOutput(text=text, structured=structured, input="How did duplicate charges change in Q3?",
+                            tenant="internal", executed=executed, context=context)
+
+
+def test_figures_are_read_as_values() -> None:
+    assert figures("1,234 charges (12.5%) in 90 days, see [D-002], 3 of them") == {"1234", "12.5", "90"}
+
+
+def test_evidence_of_each_research_agent() -> None:
+    read = keel.ToolOutcome(tool="read_document", arguments={"doc_id": "D-002"}, content={"doc_id": "D-002"})
+    assert "no document was retrieved" in (retrieval_found_documents(_final("Refunds rose.")) or "")
+    assert "cite no document" in (retrieval_found_documents(_final("Refunds rose.", (read,))) or "")
+    assert retrieval_found_documents(_final("- [D-002] Refunds rose.", (read,))) is None
+    assert "no figures were computed" in (analysis_used_data(_final("1,200 disputes.")) or "")
+    stats = keel.ToolOutcome(tool="transaction_stats", arguments={}, content={"totals": {"count": 1200}})
+    assert analysis_used_data(_final("1,200 disputes.", (stats,))) is None
+    context = ("analysis (research_analysis): Figures:\n- Transactions: 1,200 totalling 45,000.50 EUR.",)
+    assert report_figures_found(_final("1,200 transactions, 45,000.50 EUR.", context=context)) is None
+    invented = report_figures_found(_final("1,200 transactions; refunds up 37% to 5,000 EUR.", context=context))
+    assert invented is not None and "37" in invented and "5000" in invented
+
+
+async def test_a_retrieval_that_found_nothing_is_not_an_answer(client: Client, db_url: str) -> None:
+    # What a small real model did: "completed" with findings it never read. Sent back with the reason;
+    # still nothing read: the task goes to a human (an orchestration leaves it in `missing`: partial).
+    invented = "Findings:\n- Duplicate charges rose 40% in Q3 [D-999]."
+    model = ScriptedModel([answer(invented), answer(invented), call("search_documents", query="duplicate charges"),
+                           answer(invented), answer(invented)])
+    async with agent_environment(*AGENTS, model=model, client=client, db_url=db_url) as env:
+        r = await env.run("research_retrieval", "How did duplicate charges change in Q3?",
+                          models={"small": SCRIPTED, "large": SCRIPTED},
+                          budget=keel.Budget(max_tokens=50_000, max_usd=1.0))
+    assert r.status == "escalated" and "lacks its evidence" in r.reason, r.reason
+    assert [d.kind for d in r.decisions].count("missing_evidence") == 4 and r.output == ""

@@ -236,12 +236,49 @@ async def test_a_refund_of_a_transaction_not_read_is_refused(client: Client, db_
     model = ScriptedModel([
         triaged("refund_request"),
         call("issue_refund", customer_id=CUSTOMER, transaction_id=DUPLICATE["id"], amount=1.0, reason="dup"),
+        call("get_account", customer_id=CUSTOMER),
         answer("We are looking into the charge."),
     ])
     async with desk(client, db_url, model) as env:
         result = await env.run("support_desk", ask("refund it"), tenant=CUSTOMER, models=SCRIPT_MODELS)
         made = refunds(env.engine)
     assert made == [] and "not among the customer's transactions retrieved" in result.tools_blocked[0].reason
+
+
+async def test_an_answer_about_the_account_without_reading_it_is_sent_back(client: Client, db_url: str) -> None:
+    # A real small model answers a refund request at once, from nothing: the desk's evidence hook
+    # (keel.Agent(evidence=...)) sends it back; it reads the account, then its answer goes out.
+    model = ScriptedModel([
+        triaged("refund_request"),
+        answer("Your refund is being handled."),
+        call("get_account", customer_id=CUSTOMER),
+        answer("I have looked at your account; a support lead will review the charge."),
+    ])
+    async with desk(client, db_url, model) as env:
+        result = await env.run("support_desk", ask("Refund my duplicate charge"), tenant=CUSTOMER,
+                               models=SCRIPT_MODELS)
+    assert result.status == "completed", result.reason
+    assert [d.kind for d in result.decisions].count("missing_evidence") == 1
+    assert result.output.startswith("I have looked at your account") and result.invalid_outputs == 1
+
+
+async def test_an_answer_that_never_rests_on_the_account_goes_to_a_human(client: Client, db_url: str) -> None:
+    model = ScriptedModel([triaged("billing_question"), answer("All fine."), answer("All fine, really."),
+                           answer("Fine."), answer("Still fine.")])
+    async with desk(client, db_url, model) as env:
+        result = await env.run("support_desk", ask("Why was I charged 30 EUR?"), tenant=CUSTOMER,
+                               models=SCRIPT_MODELS)
+    assert result.status == "escalated" and "lacks its evidence" in result.reason, result.reason
+    assert "were not read" in result.reason and result.output == ""
+    assert result.partial_output and "Still fine" in result.partial_output
+
+
+async def test_a_general_question_needs_no_account(client: Client, db_url: str) -> None:
+    model = ScriptedModel([triaged("general_inquiry"), call("lookup_policy", topic="fees"),
+                           answer("Our fees are listed in the policy.")])
+    async with desk(client, db_url, model) as env:
+        result = await env.run("support_desk", ask("What are your fees?"), tenant=CUSTOMER, models=SCRIPT_MODELS)
+    assert result.status == "completed" and "missing_evidence" not in [d.kind for d in result.decisions]
 
 
 @pytest.mark.parametrize(("said", "problem"), [
