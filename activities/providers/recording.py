@@ -16,6 +16,11 @@ adds only what it lacks.
 In a replay, a request whose key the recording lacks fails the model call, not retried
 (`errors.RECORDING_MISSING`), with its key, provider:model, path, the file, the last message and how the
 closest recorded request differs.
+
+To record: `KEEL_RECORD=tests/recordings/NAME.jsonl` in the worker's environment (`keel up`, `keel worker`,
+`python -m workers`), or `keel.testing.agent_environment(..., record=PATH)`; run keyed tasks (`--key`, ticket
+ids) on a fresh database, so that what tools return does not depend on earlier runs. To replay:
+`KEEL_REPLAY=PATH`, or `agent_environment(..., replay=PATH)`, with the same tasks (inputs, models, prompts).
 """
 
 from __future__ import annotations
@@ -414,7 +419,11 @@ class Traffic:
     @classmethod
     def from_settings(cls, record: Path | None, replay: Path | None) -> Traffic | None:
         if replay is not None:
-            return cls(recording=Recording.load(replay))
+            traffic = cls(recording=Recording.load(replay))
+            log.info("replaying openai/anthropic traffic from %s (%d exchanges): no network", replay.resolve(),
+                     len(traffic.recording.exchanges) if traffic.recording else 0)
+            return traffic
         if record is not None:
+            log.info("recording openai/anthropic traffic to %s", record.resolve())
             return cls(recorder=Recorder(record))
         return None

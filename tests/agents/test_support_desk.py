@@ -196,6 +196,8 @@ def test_the_refund_is_idempotent_on_the_call_key(db_url: str) -> None:
     first = issue_refund.fn(ctx, args)
     again = issue_refund.fn(dataclasses.replace(ctx, attempt=2), args)
     assert first == again and first["status"] == "executed"
+    # Its id is the call's, whatever the database held before (a replayed task sends the same id back).
+    assert first["refund_id"] == reference("RF", "wf-1/4") and first["refund_id"] != reference("RF", "wf-1/5")
     assert len(refunds(engine)) == 1 and balance(engine, ACCOUNT["id"]) == pytest.approx(before + DUPLICATE["amount"])
     # Another call (another key) of the same refund finds nothing left to refund: the tool refuses it too.
     with pytest.raises(keel.ToolError, match="exceeds the refundable amount"):
