@@ -46,6 +46,8 @@ AGENT_CONFIG_ERROR = "AgentConfigError"
 SHADOW_INPUT_ERROR = "ShadowInputError"
 """A task whose configuration cannot run (an override naming an unknown tool, an invalid model...)."""
 SCRIPT_EXHAUSTED = "ScriptExhausted"
+RECORDING_MISSING = "RecordingMissing"
+"""A replayed provider request (KEEL_REPLAY) that the recording has no answer for."""
 
 NON_RETRYABLE = [
     PROVIDER_AUTH_ERROR,
@@ -58,5 +60,6 @@ NON_RETRYABLE = [
     AGENT_NOT_REGISTERED,
     AGENT_CONFIG_ERROR,
     SCRIPT_EXHAUSTED,
+    RECORDING_MISSING,
 ]
 """Error types Temporal must never retry (declared, not discovered)."""

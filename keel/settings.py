@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from keel.types import ModelSpec
@@ -85,6 +85,12 @@ class KeelSettings(BaseSettings):
     """Evaluate behavioral alerts (keel.alerts) in the worker after every task."""
     alert_webhook_url: str | None = None
     """Where the worker POSTs each new alert as JSON (besides the log)."""
+    record: Path | None = None
+    """KEEL_RECORD=FILE: the worker records every openai/anthropic HTTP exchange to this JSON Lines file
+    (activities/providers/recording.py); an existing file gets only the exchanges it lacks."""
+    replay: Path | None = None
+    """KEEL_REPLAY=FILE: the worker answers openai/anthropic calls from this recording, offline (no API key
+    needed); a request the recording lacks fails the call, naming it."""
 
     @field_validator("model_small", "model_large")
     @classmethod
@@ -97,6 +103,16 @@ class KeelSettings(BaseSettings):
     def _tracing_words(cls, v: object) -> object:
         words = {"true": "on", "1": "on", "yes": "on", "false": "off", "0": "off", "no": "off"}
         return words.get(str(v).strip().lower(), str(v).strip().lower()) if isinstance(v, str | bool) else v
+
+    @field_validator("replay")
+    @classmethod
+    def _record_or_replay(cls, v: Path | None, info: ValidationInfo) -> Path | None:
+        if v is not None and info.data.get("record") is not None:
+            raise ValueError(f"KEEL_RECORD ({info.data['record']}) and KEEL_REPLAY ({v}) are both set: a worker "
+                             "records a run or replays one, not both")
+        if v is not None and not v.is_file():
+            raise ValueError(f"KEEL_REPLAY={v}: no such recording (make one with KEEL_RECORD)")
+        return v
 
     @property
     def tracing_enabled(self) -> bool:

@@ -173,13 +173,16 @@ class AgentEnvironment:
 async def agent_environment(
     *agents: Agent, model: ScriptedModel | None = None, client: Any = None, db_url: str | None = None,
     providers: dict[str, Any] | None = None, home: Path | None = None, tracing: Any = None, observer: Any = None,
+    record: Path | str | None = None, replay: Path | str | None = None,
 ) -> AsyncIterator[AgentEnvironment]:
     """A worker serving `agents` on a fresh task queue, with the scripted model (when given) as the
     `scripted` provider beside the sim. Without `client`, a dev server of its own for the block.
     The ledger is a SQLite file under `home` (kept), or under a temporary directory removed at the end.
     `tracing`: the worker's spans (an `activities.tracing.Tracing`; default off); pass a `client` with
     Temporal's TracingInterceptor for the workflow spans. `observer`: the worker's metrics and alerts at
-    the end of each task (an `activities.alerts.TaskObserver`; default from the settings)."""
+    the end of each task (an `activities.alerts.TaskObserver`; default from the settings).
+    `record` / `replay`: a recording file of the openai/anthropic traffic, as KEEL_RECORD / KEEL_REPLAY do
+    for a worker: `replay=` runs the tasks on recorded real model traffic, offline."""
     from temporalio.common import SearchAttributeKey
     from temporalio.contrib.pydantic import pydantic_data_converter
     from temporalio.testing import WorkflowEnvironment
@@ -202,8 +205,9 @@ async def agent_environment(
         try:
             engine = make_engine(db_url or f"sqlite:///{Path(tmp) / 'keel.db'}")
             init_db(engine)
+            traffic: dict[str, Any] = {k: Path(v) for k, v in (("record", record), ("replay", replay)) if v}
             settings = KeelSettings(home=Path(tmp) / ".keel", task_queue=f"test-{uuid.uuid4().hex[:12]}",
-                                    workflow_sandbox="strict")
+                                    workflow_sandbox="strict", **traffic)
             all_providers = {**default_providers(settings), **(providers or {})}
             if model is not None:
                 all_providers["scripted"] = model

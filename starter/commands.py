@@ -46,7 +46,7 @@ from starter.agents import (
     supervision_id,
     swarm_id,
 )
-from starter.console import client_or_exit, console, err, load_settings, run_task
+from starter.console import client_or_exit, console, err, failure_text, load_settings, run_task
 
 _OWN = {"as_json", "watch"}
 _OWN_BATCH = {"as_json", "concurrency"}
@@ -189,7 +189,7 @@ async def run_batch(client: Client, settings: KeelSettings, inputs: list[Startab
             try:
                 return await settle(client, handle, inp, existing)
             except Exception as e:
-                return BatchItem(inp, wid, error=str(getattr(e, "cause", None) or e), existing=existing)
+                return BatchItem(inp, wid, error=failure_text(e), existing=existing)
 
     return list(await asyncio.gather(*(one(inp, wid) for inp, wid in zip(inputs, ids, strict=True))))
 

@@ -10,8 +10,10 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from sqlalchemy.engine import Engine
 from temporalio.client import Client, WorkflowFailureError
+from temporalio.exceptions import ActivityError, ChildWorkflowError
 from temporalio.service import RPCError
 
 from keel.codec import EncryptionConfigError
@@ -40,7 +42,7 @@ def run_task(main: Callable[[], Coroutine[Any, Any, None]], what: str = "task") 
     try:
         asyncio.run(main())
     except WorkflowFailureError as e:
-        err.print(f"[red]{what} failed:[/red] {e.cause or e}")
+        err.print(f"[red]{what} failed:[/red] {escape(failure_text(e))}")
         raise typer.Exit(1) from e
     except RPCError as e:
         err.print(f"[red]Temporal: {e.message}[/red]")
@@ -48,6 +50,15 @@ def run_task(main: Callable[[], Coroutine[Any, Any, None]], what: str = "task") 
     except TimeoutError as e:  # e.g. a shadowed task's primary that no worker started in time
         err.print(f"[red]{what}: {e}[/red]")
         raise typer.Exit(1) from e
+
+
+def failure_text(e: BaseException) -> str:
+    """Why a task failed: the innermost error's own message (a model call's, a child's), not its wrappers'
+    ("Activity task failed")."""
+    cause = getattr(e, "cause", None) or e
+    while isinstance(cause, ActivityError | ChildWorkflowError) and cause.cause is not None:
+        cause = cause.cause
+    return str(cause)
 
 
 def ledger_engine() -> Engine:

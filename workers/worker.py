@@ -22,6 +22,7 @@ from activities.patterns import PatternActivities
 from activities.providers.anthropic_provider import AnthropicProvider
 from activities.providers.base import Provider
 from activities.providers.openai_provider import OpenAIProvider
+from activities.providers.recording import Traffic
 from activities.providers.sim import SimProvider
 from activities.shadow import ShadowActivities
 from activities.tracing import Tracing
@@ -62,10 +63,11 @@ def tune_gc(settings: KeelSettings) -> None:
 def default_providers(settings: KeelSettings) -> dict[str, Provider]:
     # The real providers read their keys lazily, at their first call: a worker for the sim model
     # needs no key, and a missing key surfaces as a clear, non-retryable auth error.
+    traffic = Traffic.from_settings(settings.record, settings.replay)  # KEEL_RECORD / KEEL_REPLAY (not the sim)
     return {
         "sim": SimProvider(),
-        "openai": OpenAIProvider(timeout_s=settings.llm_timeout_s),
-        "anthropic": AnthropicProvider(timeout_s=settings.llm_timeout_s),
+        "openai": OpenAIProvider(timeout_s=settings.llm_timeout_s, traffic=traffic),
+        "anthropic": AnthropicProvider(timeout_s=settings.llm_timeout_s, traffic=traffic),
     }
 
 

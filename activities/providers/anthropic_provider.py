@@ -12,11 +12,13 @@ from anthropic.types import Message as AnthropicMessage
 from anthropic.types import TextBlock, ToolUseBlock
 from temporalio.exceptions import ApplicationError
 
+from activities.providers import recording
 from activities.providers.base import ProviderResult, error_body_message, provider_error, retry_after_seconds
 from keel.types import LlmRequest, Message, ToolCall, ToolSpec, Usage
 
 NAME = "anthropic"
 API_KEY_ENV = "ANTHROPIC_API_KEY"
+DEFAULT_BASE_URL = "https://api.anthropic.com"
 BASE_URL_ENV = "ANTHROPIC_BASE_URL"
 
 # The Messages API has no JSON mode.
@@ -27,29 +29,41 @@ SYSTEM_NOTICE_PREFIX = "[system notice] "
 class AnthropicProvider:
     name = NAME
 
-    def __init__(self, api_key: str | None = None, base_url: str | None = None, timeout_s: float = 60.0) -> None:
+    def __init__(self, api_key: str | None = None, base_url: str | None = None, timeout_s: float = 60.0,
+                 traffic: recording.Traffic | None = None) -> None:
         # Environment is read at the first call, not here: a worker that only runs the sim model
         # must start without any key.
         self._api_key = api_key
         self._base_url = base_url
         self._timeout_s = timeout_s
+        self._traffic = traffic
+        """KEEL_RECORD / KEEL_REPLAY: the SDK's HTTP under a recording or replaying transport."""
         self._client: AsyncAnthropic | None = None
 
     def _get_client(self) -> AsyncAnthropic:
         if self._client is None:
             # Checked here rather than left to the SDK's own credential discovery (profiles, token
             # files): the failure then names the one variable this project documents.
-            api_key = self._api_key or os.environ.get(API_KEY_ENV)
+            api_key = self._api_key or os.environ.get(API_KEY_ENV) or (self._traffic.api_key if self._traffic else None)
             if not api_key:
                 raise provider_error(NAME, status=401, message=f"no API key: set {API_KEY_ENV}")
             self._client = AsyncAnthropic(
                 api_key=api_key,
-                base_url=self._base_url or os.environ.get(BASE_URL_ENV) or None,
+                **{"base_url": self._base_url or os.environ.get(BASE_URL_ENV) or None, **self._traffic_options()},
                 timeout=self._timeout_s,
                 # Temporal's retry policy owns retries; SDK retries would hide attempts and stack delays.
                 max_retries=0,
             )
         return self._client
+
+    def _traffic_options(self) -> dict[str, Any]:
+        """Recording or replaying (KEEL_RECORD / KEEL_REPLAY): the SDK's HTTP client on the transport that
+        does it, and, for a replay, the base URL the requests were recorded against."""
+        if self._traffic is None:
+            return {}
+        base_url = self._traffic.base_url(NAME, self._base_url or os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL)
+        http_client = self._traffic.http_client(NAME, base_url, anthropic.DefaultAsyncHttpxClient)
+        return {"base_url": base_url, "http_client": http_client}
 
     async def aclose(self) -> None:
         if self._client is not None:
@@ -74,8 +88,10 @@ class AnthropicProvider:
             params["tool_choice"] = {"type": "any" if req.require_tool else "auto"}
         try:
             message = await client.messages.create(**params)
+        except recording.RecordingMissing as e:  # KEEL_REPLAY: the recording has no answer to this request
+            raise e.application_error() from None
         except anthropic.APIError as e:
-            raise classify_anthropic_error(e) from e
+            raise recording.missing_error(e) or classify_anthropic_error(e) from e
         return from_anthropic_message(message, req.model.model)
 
 

@@ -8,6 +8,7 @@ failure (no match, an unknown id) is a `keel.ToolError` the model sees and can a
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections import Counter
@@ -153,7 +154,10 @@ def publish_report(ctx: keel.ToolContext, args: PublishArgs) -> dict[str, Any]:
             conn.execute(store.reports.insert(), row)
     except IntegrityError:
         pass  # this call ran before (a retry): its report stands
-    with store.reading(engine) as conn:
-        found = conn.execute(select(store.reports.c.id).where(
+    with store.reading(engine) as conn:  # published: by this attempt or an earlier one
+        conn.execute(select(store.reports.c.id).where(
             store.reports.c.idempotency_key == ctx.idempotency_key)).scalar_one()
-    return {"report_id": f"RE-{found:05d}", "title": args.title, "sources": sources, "status": "published"}
+    # Its id from the call's key, not the row's number: the same however many runs publish at once or did before
+    # (a keyed run's recorded traffic replays).
+    report_id = f"RE-{hashlib.sha256(ctx.idempotency_key.encode()).hexdigest()[:8].upper()}"
+    return {"report_id": report_id, "title": args.title, "sources": sources, "status": "published"}

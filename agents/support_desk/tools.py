@@ -11,6 +11,7 @@ the call, one refund row is written and the balance is credited once.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -117,9 +118,15 @@ def _write_once(write: Callable[[Connection], dict[str, Any]]) -> dict[str, Any]
             return write(conn)
 
 
+def reference(prefix: str, idempotency_key: str) -> str:
+    """The id a customer and the model see for a write: from the call's idempotency key, not the row's number,
+    so it is the same however many tasks run at once or ran before (a keyed task's recorded traffic replays)."""
+    return f"{prefix}-{hashlib.sha256(idempotency_key.encode()).hexdigest()[:8].upper()}"
+
+
 def _refund_content(r: RowMapping) -> dict[str, Any]:
-    return {"refund_id": f"RF-{r['id']}", "transaction_id": r["transaction_id"], "amount": r["amount"],
-            "status": r["status"]}
+    return {"refund_id": reference("RF", r["idempotency_key"]), "transaction_id": r["transaction_id"],
+            "amount": r["amount"], "status": r["status"]}
 
 
 def _refund_once(conn: Connection, ctx: keel.ToolContext, args: RefundArgs) -> dict[str, Any]:
@@ -182,7 +189,8 @@ def _case_once(conn: Connection, ctx: keel.ToolContext, args: HandOffArgs) -> di
             idempotency_key=ctx.idempotency_key, workflow_id=ctx.workflow_id, customer_id=args.customer_id,
             reason=args.reason, priority=args.priority, created_at=datetime.now(UTC),
         ).returning(*c.c)).mappings().one()
-    return {"case_id": f"CASE-{done['id']}", "reason": done["reason"], "priority": done["priority"]}
+    return {"case_id": reference("CASE", done["idempotency_key"]), "reason": done["reason"],
+            "priority": done["priority"]}
 
 
 @keel.tool(permission="autonomous", hands_off=True)

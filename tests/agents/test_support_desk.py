@@ -23,7 +23,7 @@ import keel
 from activities.db import init_db, make_engine
 from agents.support_desk import AGENTS, issue_refund, store, support_desk
 from agents.support_desk.data import build_seed
-from agents.support_desk.tools import RefundArgs
+from agents.support_desk.tools import RefundArgs, reference
 from keel import registry
 from keel.testing import SCRIPTED, AgentEnvironment, ScriptedModel, agent_environment, answer, call
 from starter.approvals_cli import pending_action
@@ -183,7 +183,7 @@ async def test_a_refund_waits_for_a_support_lead_and_runs_once_although_retried(
     assert made[0]["idempotency_key"].startswith(result.workflow_id)
     assert tool_rows and tool_rows[0]["attempt"] == 2  # the call was retried, and refunded once
     assert after == pytest.approx(before + DUPLICATE["amount"])
-    assert f"Refund RF-{made[0]['id']}" in result.output and "is complete" in result.output
+    assert f"Refund {reference('RF', made[0]['idempotency_key'])}" in result.output and "is complete" in result.output
 
 
 def test_the_refund_is_idempotent_on_the_call_key(db_url: str) -> None:
@@ -196,6 +196,8 @@ def test_the_refund_is_idempotent_on_the_call_key(db_url: str) -> None:
     first = issue_refund.fn(ctx, args)
     again = issue_refund.fn(dataclasses.replace(ctx, attempt=2), args)
     assert first == again and first["status"] == "executed"
+    # Its id is the call's, whatever the database held before (a replayed task sends the same id back).
+    assert first["refund_id"] == reference("RF", "wf-1/4") and first["refund_id"] != reference("RF", "wf-1/5")
     assert len(refunds(engine)) == 1 and balance(engine, ACCOUNT["id"]) == pytest.approx(before + DUPLICATE["amount"])
     # Another call (another key) of the same refund finds nothing left to refund: the tool refuses it too.
     with pytest.raises(keel.ToolError, match="exceeds the refundable amount"):
