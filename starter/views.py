@@ -111,6 +111,13 @@ def parse_since(text: str, now: datetime | None = None) -> datetime:
     return t if t.tzinfo else t.replace(tzinfo=UTC)
 
 
+def self_hosted_note(model_names: list[str]) -> str:
+    """The self-hosted note for costs beside these model names (no provider: a swarm's peers), else ""."""
+    mine = {k.split(":", 1)[1] for k, p in user_prices().items() if p.self_hosted}
+    named = {n.strip() for names in model_names for n in names.split(" / ")}
+    return _sim_note([f"[{SELF_HOSTED_LABEL}]"]) if named & mine else ""
+
+
 def label_self_hosted(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Cost rows with a self-hosted model's name marked `[self-hosted]` (its costs are the user's estimate)."""
     mine = {k.split(":", 1)[1] for k, p in user_prices().items() if p.self_hosted}

@@ -315,3 +315,20 @@ async def test_a_what_if_runs_on_the_model_settings_unless_its_flags_say_otherwi
                                                   "sim-house-large [sim (offline simulator)]")}
     assert {(r["tier"], r["model"]) for r in configured_rows} == {("small", "sim-small"), ("large", "sim-house-large")}
     assert "large_model" not in flagged.changes and "small_model" in flagged.changes  # --model: every tier
+
+
+def test_the_pattern_commands_label_self_hosted_costs_as_they_label_the_sims() -> None:
+    from agents.dr_plan.cli import models_line as plan_models
+    from agents.research.cli import models_line as research_models
+    from starter.views import self_hosted_note
+
+    pricing.use_prices(parse_prices('{"openai:qwen-local": {"self_hosted": true}}'))
+    hosted = {"writer": keel.AgentResult(workflow_id="w", agent="a", status="completed",
+                                         models=["openai:qwen-local [self-hosted]"])}
+    simulated = {"writer": keel.AgentResult(workflow_id="w", agent="a", status="completed",
+                                            models=["sim-large [sim (offline simulator)]"])}
+    for line in (research_models, plan_models):
+        assert "self-hosted: costs are your declared estimate (KEEL_PRICES)" in line(hosted)
+        assert "sim: simulated tokens and costs" in line(simulated) and "self-hosted:" not in line(simulated)
+    assert "self-hosted" in self_hosted_note(["qwen-local", "qwen-local"])  # a swarm's peers, by model name
+    assert self_hosted_note(["gpt-4o-mini", ""]) == ""
