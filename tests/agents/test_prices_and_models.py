@@ -15,6 +15,7 @@ import pytest
 from rich.console import Console
 from sqlalchemy import text
 from temporalio.client import Client
+from temporalio.worker import Replayer
 from typer.testing import CliRunner
 
 import keel
@@ -31,6 +32,8 @@ from keel.types import ModelSpec
 from starter.agents import as_configured, command_models
 from starter.views import agent_result_view, label_self_hosted
 from tests.providers.fake_servers import FakeServer, Reply, openai_completion
+from workers.worker import STRICT_SANDBOX
+from workflows.registry import WORKFLOWS
 
 FEE = "Customer: C-1003\n\nWhy was I charged a fee on my statement?"
 PROMPT = Path(__file__).parent / "prompts" / "labeler.v1.md"
@@ -260,6 +263,14 @@ async def test_model_settings_apply_to_a_task_and_to_every_pattern_child(
         child_rows, peer_rows = llm_rows(env, orchestrated.workflow_id), llm_rows(env, voted.workflow_id)
     assert task.status == "completed", task.reason
     assert {(r["tier"], r["model"]) for r in task_rows} == {("small", "sim-house-small"), ("large", "sim-house-large")}
+    # The task carries the prices it started with: it replays the same with no user prices in this
+    # process (unpinned, its budget checks would now find its models unpriced and take another path).
+    pricing.use_prices({})
+    with pytest.raises(UnpricedModelError):
+        price_for("sim", "sim-house-large")
+    history = await client.get_workflow_handle(task.workflow_id).fetch_history()
+    await Replayer(workflows=WORKFLOWS, workflow_runner=STRICT_SANDBOX,
+                   data_converter=client.data_converter).replay_workflow(history)
     declared = sum((r["input_tokens"] * HOUSE[f"sim:{r['model']}"]["input"]
                     + r["output_tokens"] * HOUSE[f"sim:{r['model']}"]["output"]) / 1e6 for r in task_rows)
     assert task.cost_usd == pytest.approx(declared)
