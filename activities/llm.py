@@ -58,8 +58,10 @@ class LlmActivities:
         problem = _options_problem(req.model)
         if problem:
             raise ApplicationError(problem, type=errors.PROVIDER_BAD_REQUEST, non_retryable=True)
+        # The price pinned in the task's input (KEEL_PRICES at its start) first, then this worker's.
+        pinned = {f"{req.model.provider}:{req.model.model}": req.price} if req.price is not None else None
         try:
-            price_for(req.model.provider, req.model.model)
+            price_for(req.model.provider, req.model.model, pinned=pinned)
         except UnpricedModelError as e:
             raise ApplicationError(str(e), type=errors.UNPRICED_MODEL, non_retryable=True) from e
         agent = registry.find(req.agent) if req.agent else None
@@ -102,7 +104,7 @@ class LlmActivities:
             tool_calls=tool_calls,
             repaired=repaired,
             usage=result.usage,
-            cost_usd=cost_usd(req.model.provider, req.model.model, result.usage),
+            cost_usd=cost_usd(req.model.provider, req.model.model, result.usage, pinned=pinned),
             latency_ms=round(latency_ms, 3),
             finish_reason=finish,
             provider=req.model.provider,

@@ -24,8 +24,10 @@ from keel.types import (
     ChildRecord,
     Decision,
     ModelSpec,
+    Price,
     SimConfig,
     TaskUsage,
+    Tier,
 )
 
 TASK_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,47}$")
@@ -126,6 +128,10 @@ class OrchestratorInput(BaseModel):
     max_child_attempts: int = Field(2, ge=1, le=5)
     """A child that fails (its workflow errors) is retried alone, as a new workflow, up to this often."""
     sim: SimConfig = Field(default_factory=SimConfig)
+    models: dict[Tier, ModelSpec] | None = None
+    """Models by tier for every child agent, over each agent's own (KEEL_MODEL_SMALL/LARGE at its start)."""
+    prices: dict[str, Price] = Field(default_factory=dict)
+    """The user's prices pinned by the starter, passed to every child (AgentInput.prices)."""
 
     @model_validator(mode="after")
     def _has_a_plan(self) -> OrchestratorInput:
@@ -197,6 +203,10 @@ class SwarmInput(BaseModel):
     tenant: str = "default"
     feature: str = ""
     sim: SimConfig = Field(default_factory=SimConfig)
+    tier_models: dict[Tier, ModelSpec] | None = None
+    """Every peer's models by tier when `models` is empty, over the agent's own (KEEL_MODEL_SMALL/LARGE)."""
+    prices: dict[str, Price] = Field(default_factory=dict)
+    """The user's prices pinned by the starter, passed to every peer (AgentInput.prices)."""
 
     @field_validator("input")
     @classmethod

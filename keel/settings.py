@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import AliasChoices, Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from keel.pricing import UnpricedModelError, parse_prices, price_for
 from keel.types import ModelSpec
 
 
@@ -35,10 +36,15 @@ class KeelSettings(BaseSettings):
     a module's `AGENTS` list, or every keel.Agent at its top level."""
     database_url: str | None = None
     """SQLAlchemy URL of the ledger and tool database; default sqlite under `home`."""
+    prices: str | None = None
+    """Prices of models outside Keel's table (keel/pricing.py): the path of a .json or .toml file, or inline
+    JSON, mapping "provider:model" to {"input": USD per 1M tokens, "output": ..., "cached_input": ...} or
+    to {"self_hosted": true} (optionally with input/output: an estimate of the hardware's cost)."""
     model_small: str = "sim:sim-small"
-    """provider:model for the small tier (classify, route, extract)."""
+    """provider:model for the small tier (classify, route, extract) of every task a command starts, every
+    pattern's children included, when set (a command's --model wins); unset: each agent's own."""
     model_large: str = "sim:sim-large"
-    """provider:model for the large tier (plan, reason, draft, synthesize)."""
+    """provider:model for the large tier (plan, reason, draft, synthesize), as `model_small`."""
     sim_seed: int = 0
     sim_spiral_rate: float = 0.15
     llm_timeout_s: float = 60.0
@@ -94,8 +100,18 @@ class KeelSettings(BaseSettings):
 
     @field_validator("model_small", "model_large")
     @classmethod
-    def _valid_model(cls, v: str) -> str:
-        ModelSpec.parse(v)
+    def _valid_model(cls, v: str, info: ValidationInfo) -> str:
+        m = ModelSpec.parse(v)
+        try:  # set by the user (a default is not validated): it must be priced, here or in KEEL_PRICES
+            price_for(m.provider, m.model, pinned=parse_prices(info.data.get("prices")))
+        except UnpricedModelError as e:
+            raise ValueError(f"KEEL_{str(info.field_name).upper()}={v}: {e}") from None
+        return v
+
+    @field_validator("prices")
+    @classmethod
+    def _valid_prices(cls, v: str | None) -> str | None:
+        parse_prices(v)
         return v
 
     @field_validator("tracing", mode="before")

@@ -27,8 +27,11 @@ from keel.types import (
     BudgetReport,
     ChildRecord,
     Decision,
+    ModelSpec,
+    Price,
     SimConfig,
     TaskUsage,
+    Tier,
 )
 
 RuleOp = Literal["max", "min", "equals", "not_equals", "one_of", "matches", "not_matches", "check"]
@@ -232,6 +235,10 @@ class SupervisorInput(BaseModel):
     max_child_attempts: int = Field(2, ge=1, le=5)
     """A child whose workflow fails is retried alone, as a new workflow, up to this often."""
     sim: SimConfig = Field(default_factory=SimConfig)
+    models: dict[Tier, ModelSpec] | None = None
+    """Models by tier for every child agent, over each agent's own (KEEL_MODEL_SMALL/LARGE at its start)."""
+    prices: dict[str, Price] = Field(default_factory=dict)
+    """The user's prices pinned by the starter, passed to every child (AgentInput.prices)."""
 
     @model_validator(mode="after")
     def _supervises_something(self) -> SupervisorInput:

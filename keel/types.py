@@ -6,7 +6,7 @@ always with a default.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -61,6 +61,26 @@ class Usage(BaseModel):
     @property
     def total_tokens(self) -> int:
         return self.input_tokens + self.output_tokens
+
+
+class Price(BaseModel):
+    """Prices per million tokens of one model (keel.pricing: the built-in table and KEEL_PRICES)."""
+
+    input: float
+    """USD per million input tokens (not served from cache)."""
+    output: float
+    """USD per million output tokens (reasoning tokens included unless `reasoning` is set)."""
+    cached_input: float | None = None
+    """USD per million cached input tokens; None means the input price."""
+    reasoning: float | None = None
+    """USD per million reasoning tokens; None means the output price."""
+    long_prompt_threshold: int | None = None
+    """A request whose input exceeds this many tokens is priced with `long_prompt` instead."""
+    long_prompt: Price | None = None
+    effective_from: date = date(2024, 1, 1)
+    self_hosted: bool = False
+    """A model the user serves: its figures are the user's estimate of the hardware's cost (default 0),
+    and its costs are labelled self-hosted wherever they are shown."""
 
 
 class SimConfig(BaseModel):
@@ -223,6 +243,9 @@ class LlmRequest(BaseModel):
     instead of "auto" whenever tools are offered."""
     output_schema: dict[str, Any] | None = None
     """The JSON schema the answer must follow (an agent's `output_type`), when the step asks for one."""
+    price: Price | None = None
+    """The model's price pinned in the task's input (KEEL_PRICES at its start), when it has one: the
+    activity prices the call with it."""
 
 
 class ProviderResult(BaseModel):
@@ -515,6 +538,9 @@ class AgentInput(BaseModel):
     """Every write is recorded, never executed (shadow runs)."""
     temperature: float = Field(0.0, ge=0, le=2)
     sim: SimConfig = Field(default_factory=SimConfig)
+    prices: dict[str, Price] = Field(default_factory=dict)
+    """The user's prices (KEEL_PRICES), by "provider:model", pinned by the task's starter: the task prices
+    its models with them first (keel.pricing), so a replay sees the prices the task ran with."""
 
 
 AgentStatus = Literal["completed", "escalated", "budget_exceeded", "rejected"]

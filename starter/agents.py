@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import re
 import uuid
-from typing import Any
+from typing import Any, TypeVar
 
 from temporalio.client import Client, WorkflowHandle
 from temporalio.common import SearchAttributeKey, SearchAttributePair, TypedSearchAttributes
 
 from keel import names
 from keel.orchestration import OrchestratorInput, OrchestratorResult, SwarmInput, SwarmResult
+from keel.pricing import price_for, user_prices
 from keel.settings import KeelSettings
 from keel.supervision import SupervisorInput, SupervisorResult
-from keel.types import AgentInput, AgentResult, Progress
+from keel.types import AgentInput, AgentResult, ModelSpec, Progress, Tier
 
 SA_CUSTOMER = SearchAttributeKey.for_keyword(names.SA_CUSTOMER)
 SA_TASK_TYPE = SearchAttributeKey.for_keyword(names.SA_TASK_TYPE)
@@ -26,6 +27,40 @@ SA_STATUS = SearchAttributeKey.for_keyword(names.SA_STATUS)
 SA_AWAITING = SearchAttributeKey.for_bool(names.SA_AWAITING_APPROVAL)
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.:-]+")
+
+
+def command_models(settings: KeelSettings, model: str | None = None) -> dict[Tier, ModelSpec] | None:
+    """The one place a command's models come from: its `--model` (every tier), else KEEL_MODEL_SMALL /
+    KEEL_MODEL_LARGE, only those the user set (their defaults force nothing), else None: every agent runs
+    on its own models. An unpriced model is refused here (UnpricedModelError), before any task starts."""
+    if model:
+        spec = ModelSpec.parse(model)
+        price_for(spec.provider, spec.model)
+        return {"small": spec, "large": spec}
+    chosen: dict[Tier, ModelSpec] = {}
+    if "model_small" in settings.model_fields_set:
+        chosen["small"] = ModelSpec.parse(settings.model_small)
+    if "model_large" in settings.model_fields_set:
+        chosen["large"] = ModelSpec.parse(settings.model_large)
+    for spec in chosen.values():
+        price_for(spec.provider, spec.model)
+    return chosen or None
+
+
+Startable = TypeVar("Startable", AgentInput, OrchestratorInput, SupervisorInput, SwarmInput)
+
+
+def as_configured(settings: KeelSettings, inp: Startable) -> Startable:
+    """A task as this process starts it (every start_* below): the models of KEEL_MODEL_SMALL/LARGE for
+    the tiers the input does not set itself (a pattern: for every child), and the user's prices
+    (KEEL_PRICES) pinned in it, so its workflow (and its replay) prices with what it started with."""
+    tiers = command_models(settings) or {}
+    pinned = {**user_prices(), **inp.prices}
+    if isinstance(inp, SwarmInput):  # `models`: one model per peer for every tier, when given
+        models = {**tiers, **(inp.tier_models or {})} or None
+        return inp.model_copy(update={"tier_models": models, "prices": pinned})
+    models = {**tiers, **(inp.models or {})} or None
+    return inp.model_copy(update={"models": models, "prices": pinned})
 
 
 def agent_workflow_id(inp: AgentInput) -> str:
@@ -39,6 +74,7 @@ async def start_agent(client: Client, settings: KeelSettings, inp: AgentInput,
     """Start a task of a registered agent. When the agent has an active shadow (`keel shadow start
     --agent NAME`) and this task falls in its fraction, it starts shadowed: the handle is still the
     production task's."""
+    inp = as_configured(settings, inp)
     if shadow:
         from starter.shadow_cli import shadow_agent_task  # shadow_cli imports this module
 
@@ -76,6 +112,7 @@ def orchestration_id(inp: OrchestratorInput) -> str:
 async def start_orchestration(client: Client, settings: KeelSettings, inp: OrchestratorInput,
                               workflow_id: str | None = None) -> WorkflowHandle[Any, OrchestratorResult]:
     """Start the orchestrator pattern over registered agents (`keel orchestrate`)."""
+    inp = as_configured(settings, inp)
     plan = f"planner {inp.planner}" if inp.planner else ", ".join(dict.fromkeys(t.agent for t in inp.tasks))
     return await client.start_workflow(
         names.ORCHESTRATOR_WORKFLOW,
@@ -101,6 +138,7 @@ def swarm_id(inp: SwarmInput) -> str:
 async def start_swarm(client: Client, settings: KeelSettings, inp: SwarmInput,
                       workflow_id: str | None = None) -> WorkflowHandle[Any, SwarmResult]:
     """Start the swarm pattern: `inp.peers` copies of one agent and a vote on a field (`keel vote`)."""
+    inp = as_configured(settings, inp)
     return await client.start_workflow(
         names.SWARM_AGENTS_WORKFLOW,
         inp,
@@ -125,6 +163,7 @@ def supervision_id(inp: SupervisorInput) -> str:
 async def start_supervision(client: Client, settings: KeelSettings, inp: SupervisorInput,
                             workflow_id: str | None = None) -> WorkflowHandle[Any, SupervisorResult]:
     """Start the supervisor pattern: a worker agent's answer checked by rules and a reviewer agent."""
+    inp = as_configured(settings, inp)
     checks = f"{len(inp.rules)} rules" + (f" + reviewer {inp.reviewer}" if inp.reviewer else "")
     return await client.start_workflow(
         names.SUPERVISOR_WORKFLOW,

@@ -223,7 +223,8 @@ def costs(
     except ValueError as e:
         err.print(f"[red]{e}[/red]")
         raise typer.Exit(2) from e
-    views.print_rows(console, rows, group, fmt, title=f"LLM costs by {', '.join(group)}")
+    views.print_rows(console, views.label_self_hosted(rows) if fmt == "table" else rows, group, fmt,
+                     title=f"LLM costs by {', '.join(group)}")
 
 
 def _run(fn: Callable[[], Coroutine[Any, Any, None]]) -> None:

@@ -9,6 +9,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 from sqlalchemy.engine import Engine
@@ -17,6 +18,7 @@ from temporalio.exceptions import ActivityError, ChildWorkflowError
 from temporalio.service import RPCError
 
 from keel.codec import EncryptionConfigError
+from keel.pricing import load_prices
 from keel.settings import KeelSettings
 from starter.client import connect
 from starter.stack import apply_traces_endpoint
@@ -27,11 +29,21 @@ console = Console(width=_WIDTH)
 err = Console(stderr=True, width=_WIDTH)
 
 
+def settings_problems(e: ValueError) -> str:
+    """A settings error as lines `field: what is wrong` (not pydantic's dump)."""
+    if not isinstance(e, ValidationError):
+        return str(e)
+    return "\n".join(f"{'.'.join(str(p) for p in x['loc']) or 'settings'}: {x['msg'].removeprefix('Value error, ')}"
+                     for x in e.errors())
+
+
 def load_settings() -> KeelSettings:
+    """The settings, and the user's prices (KEEL_PRICES) made this process's; bad ones exit 2, saying why."""
     try:
         settings = KeelSettings()
+        load_prices(settings.prices)
     except ValueError as e:
-        err.print(f"[red]invalid settings:[/red] {e}")
+        err.print(f"[red]invalid settings:[/red] {escape(settings_problems(e))}")
         raise typer.Exit(2) from e
     apply_traces_endpoint(settings)
     return settings

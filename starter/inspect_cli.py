@@ -56,7 +56,7 @@ from temporalio.workflow import NondeterminismError
 from keel import names, registry
 from keel.agent import Agent
 from keel.errors import AgentDefinitionError
-from keel.pricing import UnpricedModelError, price_for
+from keel.pricing import UnpricedModelError, price_for, user_prices
 from keel.settings import KeelSettings
 from keel.types import (
     AgentInput,
@@ -604,8 +604,15 @@ async def what_if(
 ) -> WhatIfReport:
     """Run the task of `workflow_id` again, in this process, with the prompt version and/or models
     replaced: a KeelAgent task of an agent registered in this process (`load_agents`).
-    `model` replaces every tier; `small_model`/`large_model` one each (they win over `model`).
+    `model` replaces every tier; `small_model`/`large_model` one each (they win over `model`); with none
+    of them, the tiers KEEL_MODEL_SMALL / KEEL_MODEL_LARGE set (as every command's tasks).
     `engine`: the ledger's database (default: the settings'); `providers`: default the worker's."""
+    from starter.agents import command_models
+
+    if model is None and small_model is None and large_model is None:
+        tiers = command_models(settings) or {}
+        small_model, large_model = (f"{tiers[t].provider}:{tiers[t].model}" if t in tiers else None
+                                    for t in ("small", "large"))
     rec = await read_recording(await fetch_history(client, workflow_id), client.data_converter)
     llm = partial(_llm_activities, settings, engine, providers)
     return await _agent_what_if(rec, rec.input, llm, prompt_version, model, small_model, large_model)
@@ -647,7 +654,7 @@ async def _agent_what_if(rec: Recording, old: AgentInput, llm: LlmFactory, promp
         "prompt_version": version, "models": after, "feature": WHAT_IF_FEATURE,
         # The sim seeds on the task's key, else its workflow id: the original's, so the same version and
         # models take the same path. No breaker: a what-if is not admitted as a task of the agent.
-        "key": old.key or rec.workflow_id, "breaker": False,
+        "key": old.key or rec.workflow_id, "breaker": False, "prices": {**old.prices, **user_prices()},
         "sim": old.sim.model_copy(update={"latency_ms_min": 0, "latency_ms_max": 0}),
     })
     whatif_id, notes = _whatif_id(rec.workflow_id)

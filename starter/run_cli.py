@@ -11,9 +11,9 @@ from rich.live import Live
 from temporalio.client import Client
 
 from keel.settings import KeelSettings
-from keel.types import AgentInput, AgentResult, ApprovalMode, Budget, ModelSpec, SimConfig
+from keel.types import AgentInput, AgentResult, ApprovalMode, Budget, SimConfig
 from starter import views
-from starter.agents import WAITING_FOR_PEOPLE, agent_progress, start_agent
+from starter.agents import WAITING_FOR_PEOPLE, agent_progress, command_models, start_agent
 from starter.console import client_or_exit, console, err, load_settings, run_task
 
 
@@ -89,8 +89,8 @@ def run_cmd(
     if approval_mode not in ("wait", "escalate"):
         err.print(f"[red]--approval-mode must be wait or escalate, not {approval_mode!r}[/red]")
         raise typer.Exit(2)
-    try:
-        models = {"small": ModelSpec.parse(model), "large": ModelSpec.parse(model)} if model else None
+    try:  # --model, else KEEL_MODEL_SMALL/LARGE as set (start_agent adds them too), else the agent's own
+        models = command_models(settings, model)
     except ValueError as e:
         err.print(f"[red]{e}[/red]")
         raise typer.Exit(2) from e

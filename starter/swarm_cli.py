@@ -81,7 +81,8 @@ def print_result(r: SwarmResult, as_json: bool = False) -> None:
     else:
         console.print(f"[yellow]{r.status}: a human decides[/yellow] (the human queue has it): {escape(r.reason)}")
     console.print(f"usage: {r.usage.llm_calls} LLM calls, {r.usage.tokens:,} tokens, ${r.usage.cost_usd:.5f} "
-                  f"(all peers; budget {views.budget_text(r.budget)})")
+                  f"(all peers; budget {views.budget_text(r.budget)})"
+                  + views.self_hosted_note([a.model for a in r.answers]))
 
 
 def _vote_label(v: str) -> str:

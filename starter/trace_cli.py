@@ -25,6 +25,7 @@ from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 
 from keel.names import FINISH_ACTIVITY, LLM_ACTIVITY
+from keel.pricing import SELF_HOSTED_LABEL, is_self_hosted
 from keel.types import (
     Decision,
     FinishRequest,
@@ -192,7 +193,12 @@ async def _completed(client: Client, name: str, req: Any, payloads: Sequence[Pay
             resp = await _decode(client, payloads, LlmResponse)
         except Exception:
             resp = None
-        label = ModelSpec.model_validate({"provider": resp.provider, "model": resp.model}).label if resp else None
+        label = None
+        if resp is not None:  # marked self-hosted as the sim's label marks a simulator (the task's pinned price first)
+            spec = ModelSpec.model_validate({"provider": resp.provider, "model": resp.model})
+            pinned = getattr(req, "price", None)
+            hosted = pinned.self_hosted if pinned is not None else is_self_hosted(spec.provider, spec.model)
+            label = f"{spec.label} [{SELF_HOSTED_LABEL}]" if hosted else spec.label
         asked = ", ".join(c.name for c in resp.tool_calls) if resp and resp.tool_calls else ""
         detail = f"{req.kind} ({req.tier}), prompt {req.prompt}@{resp.prompt_version}" if req and resp else ""
         if asked:

@@ -15,6 +15,7 @@ from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
+from keel.pricing import SELF_HOSTED_LABEL, is_self_hosted, user_prices
 from keel.settings import KeelSettings
 from keel.types import SIM_LABEL, AgentResult, BudgetReport, Progress
 
@@ -24,7 +25,11 @@ def workflow_url(settings: KeelSettings, workflow_id: str) -> str:
 
 
 def _sim_note(models: list[str]) -> str:
-    return f"  [dim]({SIM_LABEL}: simulated tokens and costs)[/dim]" if any(SIM_LABEL in m for m in models) else ""
+    """What the costs beside these models are: simulated (the sim), a declared estimate (self-hosted)."""
+    notes = [f"{SIM_LABEL}: simulated tokens and costs"] if any(SIM_LABEL in m for m in models) else []
+    if any(f"[{SELF_HOSTED_LABEL}]" in m for m in models):
+        notes.append(f"{SELF_HOSTED_LABEL}: costs are your declared estimate (KEEL_PRICES), not a bill")
+    return f"  [dim]({'; '.join(notes)})[/dim]" if notes else ""
 
 
 def agent_result_view(r: AgentResult) -> Group:
@@ -104,6 +109,23 @@ def parse_since(text: str, now: datetime | None = None) -> datetime:
     except ValueError as e:
         raise ValueError(f"--since {text!r}: use 24h, 7d, 30m or an ISO date such as 2026-11-01") from e
     return t if t.tzinfo else t.replace(tzinfo=UTC)
+
+
+def self_hosted_note(model_names: list[str]) -> str:
+    """The self-hosted note for costs beside these model names (no provider: a swarm's peers), else ""."""
+    mine = {k.split(":", 1)[1] for k, p in user_prices().items() if p.self_hosted}
+    named = {n.strip() for names in model_names for n in names.split(" / ")}
+    return _sim_note([f"[{SELF_HOSTED_LABEL}]"]) if named & mine else ""
+
+
+def label_self_hosted(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Cost rows with a self-hosted model's name marked `[self-hosted]` (its costs are the user's estimate)."""
+    mine = {k.split(":", 1)[1] for k, p in user_prices().items() if p.self_hosted}
+
+    def hosted(r: dict[str, Any]) -> bool:
+        return is_self_hosted(str(r["provider"]), str(r["model"])) if "provider" in r else str(r["model"]) in mine
+
+    return [{**r, "model": f"{r['model']} [{SELF_HOSTED_LABEL}]"} if "model" in r and hosted(r) else r for r in rows]
 
 
 def print_rows(console: Console, rows: list[dict[str, Any]], keys: list[str], fmt: str, title: str) -> None:

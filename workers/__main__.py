@@ -15,12 +15,17 @@ from activities.tracing import Tracing
 from activities.tracing import shutdown as shutdown_tracing
 from keel.settings import KeelSettings
 from starter.client import connect
+from starter.console import settings_problems
 from workers.worker import build_worker, tune_gc
 
 
 async def main() -> None:
-    settings = KeelSettings()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = KeelSettings()
+    except ValueError as e:  # a bad setting (KEEL_PRICES, KEEL_MODEL_*...): said plainly, no traceback
+        logging.error("invalid settings: %s", settings_problems(e))
+        raise SystemExit(2) from None
     # Temporal's SDK metrics on KEEL_SDK_METRICS_PORT (the client's runtime), Keel's on KEEL_METRICS_PORT.
     client = await connect(settings, runtime=sdk_runtime(settings))
     reporter = UsageReporter(client, settings.breaker_report_flush_s)

@@ -28,6 +28,7 @@ from activities.shadow import ShadowActivities
 from activities.tracing import Tracing
 from keel import registry
 from keel.agent import Agent
+from keel.pricing import load_prices
 from keel.settings import KeelSettings
 from workflows.registry import WORKFLOWS
 
@@ -115,6 +116,7 @@ def build_worker(
     `tracing`: the activities' spans (the workflow spans come from the client's TracingInterceptor).
     `observer`: metrics and behavioral alerts at the end of each task; default: from settings, recording
     into the process's metrics (served by `python -m workers`)."""
+    load_prices(settings.prices)  # the user's prices (KEEL_PRICES), read here, before any workflow runs
     if engine is None:
         engine = make_engine(settings.db_url)
         init_db(engine)

@@ -176,6 +176,7 @@ class AgentWorkflow:
         runner.agent = agent
         runner.temperature = inp.temperature
         runner.dry_run = inp.dry_run
+        runner.prices = dict(inp.prices)
         runner.guardrails = True
         runner.output_schema = agent.output_type.model_json_schema() if agent.output_type is not None else None
         runner.validate_action = cls._validator(agent, inp, runner)

@@ -31,7 +31,7 @@ with workflow.unsafe.imports_passed_through():
         NON_RETRYABLE_ERRORS,
         TOOL_START_TO_CLOSE,
     )
-    from keel.pricing import UnpricedModelError
+    from keel.pricing import UnpricedModelError, model_label
     from keel.tokens import estimate_input_tokens
     from keel.types import (
         ApprovalDecision,
@@ -46,6 +46,7 @@ with workflow.unsafe.imports_passed_through():
         ModelSpec,
         PendingAction,
         Permission,
+        Price,
         Progress,
         SimConfig,
         StepKind,
@@ -238,6 +239,8 @@ class AgentRunner:
         """Shadow mode: every write tool is recorded, never executed (ToolRequest.dry_run), and a
         `confirm` write is recorded as a proposal without asking anyone."""
         self.dry_run_actions: list[BlockedAction] = []
+        self.prices: dict[str, Price] = {}
+        """The task's pinned prices (AgentInput.prices), by "provider:model": over the process's table."""
         self.agent: Agent | None = None
         """A registered agent (the generic workflow): its tools run as `<agent>.<tool>` activities, its
         prompt and tool specs are looked up by the LLM activity, and no built-in tool is special."""
@@ -309,7 +312,7 @@ class AgentRunner:
             if self.controls:
                 try:
                     allowance = self.budget.allow_call(model, estimate_input_tokens(messages, specs),
-                                                       self.max_output_tokens)
+                                                       self.max_output_tokens, self.prices)
                 except UnpricedModelError as e:
                     # Raised in workflow code it would fail the workflow task, retried forever: fail the
                     # task instead, with the reason (a model nobody priced is never counted as $0).
@@ -333,6 +336,7 @@ class AgentRunner:
                 temperature=self.temperature,
                 # Only the chain's first model: a fallback's activity would take another probe slot.
                 admit=self.admit if i == 0 else None,
+                price=self.prices.get(f"{model.provider}:{model.model}"),
             )
             try:
                 resp = await self.calls.llm(req)
@@ -369,8 +373,9 @@ class AgentRunner:
         self.input_tokens += resp.usage.input_tokens
         self.output_tokens += resp.usage.output_tokens
         self.cost_usd += resp.cost_usd
-        if model.label not in self.models_used:
-            self.models_used.append(model.label)
+        label = model_label(model, self.prices)  # marked self-hosted when it is, as the sim's marks it a simulator
+        if label not in self.models_used:
+            self.models_used.append(label)
         self.progress.tokens = self.input_tokens + self.output_tokens
         self.progress.cost_usd = round(self.cost_usd, 8)
         self.progress.llm_calls = self.llm_calls

@@ -10,13 +10,14 @@ the parent before they start, so parallel children cannot race past the parent's
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
     from keel.pricing import cost_usd
-    from keel.types import Budget, BudgetReport, LimitKind, ModelSpec, Usage
+    from keel.types import Budget, BudgetReport, LimitKind, ModelSpec, Price, Usage
 
 MIN_OUTPUT_TOKENS = 64
 """A call that could only answer with fewer tokens than this is not worth making."""
@@ -101,18 +102,20 @@ class BudgetGuard:
         )
 
     # -- before and after a call -----------------------------------------------------------
-    def allow_call(self, model: ModelSpec, est_input_tokens: int, max_output_tokens: int) -> CallAllowance:
-        """How large a call may be, or BudgetExceeded if no useful call fits."""
+    def allow_call(self, model: ModelSpec, est_input_tokens: int, max_output_tokens: int,
+                   prices: Mapping[str, Price] | None = None) -> CallAllowance:
+        """How large a call may be, or BudgetExceeded if no useful call fits. `prices`: the task's pinned
+        prices (its input's), over the process's table."""
         out = max_output_tokens
         left_t = self._left_tokens()
         if left_t is not None:
             out = min(out, left_t - est_input_tokens)
         left_u = self._left_usd()
         if left_u is not None:
-            in_cost = cost_usd(model.provider, model.model, Usage(input_tokens=est_input_tokens))
+            in_cost = cost_usd(model.provider, model.model, Usage(input_tokens=est_input_tokens), pinned=prices)
             # Output priced in the band this prompt falls in (long prompts cost more per output token).
             with_out = cost_usd(model.provider, model.model, Usage(input_tokens=est_input_tokens,
-                                                                   output_tokens=1_000_000))
+                                                                   output_tokens=1_000_000), pinned=prices)
             per_out = (with_out - in_cost) / 1_000_000
             if per_out > 0:
                 out = min(out, int((left_u - in_cost) / per_out))

@@ -151,7 +151,8 @@ class OrchestratorWorkflow(PatternParent):
         if fitted != wanted:
             children.runner.decide("shrink_child", f"{name}: caps {_caps(wanted)} do not fit; given {_caps(fitted)}")
         child = AgentInput(agent=agent, input=text, context=context, key=inp.key, tenant=inp.tenant,
-                           feature=inp.feature or inp.name, budget=fitted, approval_mode=inp.approval_mode, sim=inp.sim)
+                           feature=inp.feature or inp.name, budget=fitted, approval_mode=inp.approval_mode, sim=inp.sim,
+                           models=inp.models, prices=inp.prices)
         return await children.run_agent(name, role, child)
 
     @staticmethod
@@ -210,7 +211,8 @@ class SwarmAgentsWorkflow(PatternParent):
         caps = stage_caps(children, [agent.budget] * inp.peers)
         names_ = [f"peer-{i + 1}" for i in range(inp.peers)]
         temperatures = [inp.temperatures[i % len(inp.temperatures)] for i in range(inp.peers)]
-        models = [inp.models[i % len(inp.models)].model if inp.models else "" for i in range(inp.peers)]
+        tiers = " / ".join(dict.fromkeys(m.model for m in (inp.tier_models or {}).values()))  # KEEL_MODEL_*
+        models = [inp.models[i % len(inp.models)].model if inp.models else tiers for i in range(inp.peers)]
 
         async def peer(i: int) -> AgentResult | None:
             wanted, fitted, why = caps[i]
@@ -226,7 +228,8 @@ class SwarmAgentsWorkflow(PatternParent):
             child = AgentInput(agent=inp.agent, input=inp.input, key=f"{inp.key or wid}-peer-{i + 1}",
                                tenant=inp.tenant, feature=inp.feature or inp.name, budget=fitted, dry_run=True,
                                approval_mode="escalate", sim=inp.sim, temperature=temperatures[i],
-                               models={"small": model, "large": model} if model is not None else None)
+                               models={"small": model, "large": model} if model is not None else inp.tier_models,
+                               prices=inp.prices)
             return await children.run_agent(names_[i], "peer", child)
 
         ran = await asyncio.gather(*(peer(i) for i in range(inp.peers)))

@@ -167,7 +167,8 @@ class SupervisorWorkflow(PatternParent):
             children.runner.decide("shrink_child", f"{name}: its agent's caps do not fit what is left; given "
                                                    f"{fitted.max_tokens} tokens, ${fitted.max_usd}")
         child = AgentInput(agent=agent, input=text, context=context, key=inp.key, tenant=inp.tenant,
-                           feature=inp.feature or inp.name, budget=fitted, approval_mode=inp.approval_mode, sim=inp.sim)
+                           feature=inp.feature or inp.name, budget=fitted, approval_mode=inp.approval_mode, sim=inp.sim,
+                           models=inp.models, prices=inp.prices)
         return await children.run_agent(name, role, child)
 
     @staticmethod

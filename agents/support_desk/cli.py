@@ -199,7 +199,11 @@ STATUS = {"completed": "resolved"}
 
 
 def _sim_note(models: list[str]) -> str:
-    return "  [dim](sim: simulated tokens and costs)[/dim]" if any("[sim" in m for m in models) else ""
+    """What the costs are: simulated (the sim), the declared estimate of a self-hosted model."""
+    notes = ["sim: simulated tokens and costs"] if any("[sim" in m for m in models) else []
+    if any("[self-hosted]" in m for m in models):
+        notes.append("self-hosted: costs are your declared estimate (KEEL_PRICES)")
+    return f"  [dim]({'; '.join(notes)})[/dim]" if notes else ""
 
 
 def _triage(item: keel.BatchItem) -> dict[str, Any]:
