@@ -273,7 +273,16 @@ async def test_status_and_result_of_an_orchestration_of_agents(
         now = await keel_cli(cli, "status", res.workflow_id)
         shown = await keel_cli(cli, "result", res.workflow_id, "--json")
         child = await keel_cli(cli, "result", res.children[0].workflow_id, "--json")
+        traced = await keel_cli(cli, "trace", res.workflow_id, "--content", "--json")
+        untraced = await keel_cli(cli, "trace", res.workflow_id, "--json")
     assert res.status == "completed", res.reason
+    # The trace draws each child nested; --content shows what the child's model said, too.
+    assert traced.exit_code == untraced.exit_code == 0, traced.output
+    [nested] = [n["child"] for n in json.loads(traced.stdout)["nodes"] if n["kind"] == "child"]
+    said = [n["content"] for n in nested["nodes"] if n["kind"] == "llm"]
+    assert said and said[-1]["text"] == res.results["api"].output, said
+    [bare] = [n["child"] for n in json.loads(untraced.stdout)["nodes"] if n["kind"] == "child"]
+    assert bare["nodes"] and all("content" not in n for n in bare["nodes"])
     assert now.exit_code == 0 and "phase" in now.output and "api" in now.output, now.output
     assert shown.exit_code == 0, shown.output
     assert keel.OrchestratorResult.model_validate_json(shown.stdout.strip()).workflow_id == res.workflow_id
