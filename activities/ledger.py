@@ -203,7 +203,7 @@ class Ledger:
             "latency_ms": resp.latency_ms,
             "ok": True,
             # The raw text of a repaired output (e.g. tool calls the model wrote as text) or of one the
-            # workflow will refuse, as it came; no other output's text is kept here (customer data).
+            # workflow will refuse, as it came; no other output's text is kept here (personal data).
             "repaired": resp.repaired or None,
             "raw_output": raw_output(resp)[:RAW_OUTPUT_CHARS] if resp.repaired or invalid else None,
             "error": f"invalid output: {invalid}" if invalid else None,

@@ -17,7 +17,7 @@
   the approval decision recorded for it, and a call that was never recorded is answered "not
   executed": a what-if never runs a tool, read or write. The report sets the old and new runs side by
   side (path, status, tools, tokens and cost, the answer) and lists the calls not executed; with
-  `--content`, what the model said at each call of both runs, side by side (off by default: customer data).
+  `--content`, what the model said at each call of both runs, side by side (off by default: personal data).
 - Prompts: the loaded agents' prompt versions with their content hashes (the ones stamped on every
   ledger row), and a unified diff between two of them.
 
@@ -796,7 +796,7 @@ def replay_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
     content: Annotated[bool, typer.Option(
         "--content", help="What-if: what the model said at each call of both runs, side by side (its text and "
-                          "tool calls). Off by default: it may hold customer data.")] = False,
+                          "tool calls). Off by default: it may hold personal data.")] = False,
     agents: Annotated[str, typer.Option(
         "--agents", help="Comma-separated modules whose agents to load first (and KEEL_AGENTS), as for "
                          "`keel worker`: a KeelAgent task's history replays (and a what-if re-runs) with its "

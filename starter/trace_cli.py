@@ -6,7 +6,7 @@ latency), the waits for a human (approval timers, signals, updates) and the work
 their reasons (from the result, once the task is done) are drawn in order. Payloads are decoded with
 the client's data converter, so an encrypted history reads the same with the keys at hand.
 
-`--content` adds what each model call said (off by default: it may hold customer data): its text as it
+`--content` adds what each model call said (off by default: it may hold personal data): its text as it
 came (the raw text, when its tool calls were read from it: the repair is named), its tool calls with
 their arguments as written, and why the workflow refused it when it did (an invalid output, a blocked
 call, an answer held back); `--full` does not cut long texts and adds the messages each call answered.
@@ -396,7 +396,7 @@ def trace_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print the tree as JSON.")] = False,
     content: Annotated[bool, typer.Option(
         "--content", help="Show what each model call said: its text (raw, as it came) and tool calls, and why "
-                          "a refused one was refused. Off by default: it may hold customer data.")] = False,
+                          "a refused one was refused. Off by default: it may hold personal data.")] = False,
     full: Annotated[bool, typer.Option(
         "--full", help=f"With --content: texts not cut (at {TEXT_SHOWN:,} characters), and the messages each "
                        "call answered.")] = False,
