@@ -122,6 +122,8 @@ class LedgerRow(SQLModel, table=True):
     repaired: str | None = None
     """Model rows whose output was repaired (tool calls written as text): how; `raw_output` is the text."""
     raw_output: str | None = None
+    """Model rows: the output as it came, when it was repaired or will be refused as invalid (`error`
+    then says why: "invalid output: ..."); NULL for every other output (its text stays in the history)."""
 
 
 class AlertRow(SQLModel, table=True):

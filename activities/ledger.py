@@ -24,13 +24,22 @@ from keel.shadow import SHADOW_FEATURE
 from keel.types import LlmRequest, LlmResponse, TaskContext, TaskOutcome, ToolRequest, ToolResult
 
 RAW_OUTPUT_CHARS = 8_000
-"""A repaired model output's raw text is kept up to this many characters."""
+"""A repaired or refused model output's raw text is kept up to this many characters."""
 OUTCOME_STEP = -1
 """The step of a task's outcome row."""
 
 GROUP_COLUMNS = ("tenant", "feature", "task_type", "model", "provider", "tier", "step_kind", "prompt_version",
                  "parent_workflow_id")
 """What `Ledger.costs` can group by."""
+
+
+def raw_output(resp: LlmResponse) -> str:
+    """A model output as it came: its text, then (when the provider returned tool calls, not read from
+    the text) each call as `NAME ARGUMENTS`, its arguments as sent (unreadable ones included)."""
+    if resp.repaired or not resp.tool_calls:
+        return resp.text
+    calls = "\n".join(f"{c.name} {c.arguments_json}" for c in resp.tool_calls)
+    return f"{resp.text}\n{calls}" if resp.text else calls
 
 
 def ledger_key(workflow_id: str, step: int, kind: str) -> str:
@@ -174,7 +183,10 @@ class Ledger:
             held.invalidate()  # closed; a fresh connection for the next row
             raise
 
-    def record_llm(self, req: LlmRequest, resp: LlmResponse, attempt: int, conn: Connection | None = None) -> None:
+    def record_llm(self, req: LlmRequest, resp: LlmResponse, attempt: int, conn: Connection | None = None,
+                   invalid: str | None = None) -> None:
+        """`invalid`: why the workflow will refuse this output (keel.output.output_problem); the row then
+        keeps its raw text and the reason."""
         values = _tags(req.task, req.step, "llm", attempt) | {
             "provider": resp.provider,
             "model": resp.model,
@@ -190,9 +202,11 @@ class Ledger:
             "cost_usd": resp.cost_usd,
             "latency_ms": resp.latency_ms,
             "ok": True,
-            # The raw text of a repaired output (e.g. tool calls the model wrote as text), as it came.
+            # The raw text of a repaired output (e.g. tool calls the model wrote as text) or of one the
+            # workflow will refuse, as it came; no other output's text is kept here (personal data).
             "repaired": resp.repaired or None,
-            "raw_output": resp.text[:RAW_OUTPUT_CHARS] if resp.repaired else None,
+            "raw_output": raw_output(resp)[:RAW_OUTPUT_CHARS] if resp.repaired or invalid else None,
+            "error": f"invalid output: {invalid}" if invalid else None,
         }
         self._upsert(values, conn)
 

@@ -18,6 +18,7 @@ from activities.providers.base import Provider
 from activities.tracing import Tracing
 from keel import errors, registry
 from keel.names import LLM_ACTIVITY
+from keel.output import output_problem
 from keel.pricing import UnpricedModelError, cost_usd, price_for
 from keel.tokens import estimate_input_tokens
 from keel.toolcalls import read_text_tool_calls
@@ -114,11 +115,13 @@ class LlmActivities:
             admission=admission,
         )
         # Written in this activity, not a separate one: one round trip per step. The upsert on
-        # (workflow id, step) keeps a retried call to one row.
+        # (workflow id, step) keeps a retried call to one row. An output the workflow will refuse keeps
+        # its raw text in the row, with why.
+        invalid = output_problem(agent, req.kind, resp.text, resp.tool_calls, (t.name for t in req.tools))
         if self._ledger.engine.dialect.name == "sqlite":
-            self._ledger.record_llm(req, resp, activity.info().attempt)  # sub-millisecond: no thread hand-off
+            self._ledger.record_llm(req, resp, activity.info().attempt, invalid=invalid)  # sub-millisecond
         else:
-            await asyncio.to_thread(self._ledger.record_llm, req, resp, activity.info().attempt)
+            await asyncio.to_thread(self._ledger.record_llm, req, resp, activity.info().attempt, invalid=invalid)
         return resp
 
 

@@ -17,6 +17,7 @@ from temporalio.exceptions import ApplicationError
 from keel.agent import Agent, FinalOutput, ToolOutcome
 from keel.errors import AGENT_CONFIG_ERROR
 from keel.redaction import _PLACEHOLDER_RULES, _found, _quote, redact
+from keel.types import ToolCall
 
 
 @dataclass
@@ -103,3 +104,29 @@ def parse_structured(text: str, model: type[BaseModel]) -> tuple[BaseModel | Non
             problem = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'answer'}: {err['msg']}" for err in e.errors())
             return None, f"the answer does not match the required schema: {problem}"
     return None, problem
+
+
+def output_problem(agent: Agent, kind: str, text: str, tool_calls: Sequence[ToolCall],
+                   offered: Iterable[str]) -> str | None:
+    """Why the agent workflow will refuse this model output as invalid, or None: a tool call it cannot
+    read (an unknown tool, arguments that are not a JSON object), or, for an answer (no tool call, on
+    the agent's step or its triage), an empty one or a structured one that does not parse. The LLM
+    activity reads each output this way to keep the raw text of a refused one in its ledger row; the
+    workflow's own checks (agent_loop, AgentWorkflow) go further (argument schemas, policies)."""
+    names = set(offered)
+    for c in tool_calls:
+        if c.name not in names:
+            return f"unknown tool {c.name!r}"
+        try:
+            args = json.loads(c.arguments_json or "{}")
+        except json.JSONDecodeError as e:
+            return f"{c.name}: arguments are not valid JSON ({e.msg} at position {e.pos})"
+        if not isinstance(args, dict):
+            return f"{c.name}: arguments must be a JSON object"
+    triage = agent.triage if kind == "classify" else None
+    if tool_calls or (triage is None and kind != agent.step_kind):
+        return None
+    if not text.strip():
+        return "the answer is empty"
+    output_type = triage.output_type if triage is not None else agent.output_type
+    return parse_structured(text, output_type)[1] if output_type is not None else None

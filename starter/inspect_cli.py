@@ -16,7 +16,8 @@
   from the results recorded in the original history (same tool, same arguments), a `confirm` call gets
   the approval decision recorded for it, and a call that was never recorded is answered "not
   executed": a what-if never runs a tool, read or write. The report sets the old and new runs side by
-  side (path, status, tools, tokens and cost, the answer) and lists the calls not executed.
+  side (path, status, tools, tokens and cost, the answer) and lists the calls not executed; with
+  `--content`, what the model said at each call of both runs, side by side (off by default: personal data).
 - Prompts: the loaded agents' prompt versions with their content hashes (the ones stamped on every
   ledger row), and a unified diff between two of them.
 
@@ -43,6 +44,7 @@ import typer
 from pydantic import BaseModel, Field
 from rich import box
 from rich.markup import escape
+from rich.panel import Panel
 from rich.table import Table
 from temporalio.api.common.v1 import Payload
 from temporalio.api.enums.v1 import EventType
@@ -73,6 +75,7 @@ from keel.types import (
     ToolResult,
 )
 from starter.console import client_or_exit, console, err, load_settings
+from starter.trace_cli import CallContent, attach_refusals, call_content, content_lines
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
@@ -286,6 +289,8 @@ class PathStep(BaseModel):
     """The tools the model asked for."""
     ok: bool = True
     note: str = ""
+    content: CallContent | None = Field(default=None, exclude=True)
+    """A model call's: what the model said (shown with --content only)."""
 
     @property
     def label(self) -> str:
@@ -340,8 +345,15 @@ class WhatIfReport(BaseModel):
                 return i
         return None
 
-    def to_json(self) -> dict[str, Any]:
-        return {**self.model_dump(mode="json"), "same_path": self.same_path}
+    def to_json(self, content: bool = False) -> dict[str, Any]:
+        """`content`: each model call's step with what the model said (`content`), as `keel trace --content`."""
+        out = {**self.model_dump(mode="json"), "same_path": self.same_path}
+        if content:
+            for run, summary in (("old", self.old), ("new", self.new)):
+                for step, s in zip(out[run]["steps"], summary.steps, strict=True):
+                    if s.content is not None:
+                        step["content"] = s.content.model_dump(mode="json")
+        return out
 
 
 def tool_key(name: str, arguments: dict[str, Any]) -> str:
@@ -428,6 +440,7 @@ async def read_recording(history: WorkflowHistory, dc: DataConverter) -> Recordi
                 resp = await _decode(dc, c.result.payloads, LlmResponse)
                 step.tokens = resp.usage.total_tokens
                 step.tool_calls = [tc.name for tc in resp.tool_calls]
+                step.content = call_content(req, resp)
             else:
                 res = await _decode(dc, c.result.payloads, ToolResult)
                 rec.tools.append((tool_key(name, req.arguments), res))
@@ -458,6 +471,8 @@ async def read_recording(history: WorkflowHistory, dc: DataConverter) -> Recordi
                    EventType.EVENT_TYPE_WORKFLOW_EXECUTION_TIMED_OUT, EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CANCELED):
             rec.close_status = _event_type(e).removeprefix("WorkflowExecution")
     rec.steps = sorted(steps.values(), key=lambda s: s.step)
+    if rec.result is not None:
+        attach_refusals(((s.step, s.content) for s in rec.steps if s.content is not None), rec.result.decisions)
     return rec
 
 
@@ -524,7 +539,7 @@ class WhatIfCalls:
         resp: LlmResponse = await ActivityEnvironment().run(self._llm.llm_call, req)
         self.steps.append(PathStep(step=req.step, kind=req.kind, name=req.kind,
                                    model=f"{req.model.provider}:{req.model.model}", tokens=resp.usage.total_tokens,
-                                   tool_calls=[tc.name for tc in resp.tool_calls]))
+                                   tool_calls=[tc.name for tc in resp.tool_calls], content=call_content(req, resp)))
         return resp
 
     async def tool(self, name: str, req: ToolRequest) -> ToolResult:
@@ -672,6 +687,7 @@ async def _agent_what_if(rec: Recording, old: AgentInput, llm: LlmFactory, promp
             result = await AgentWorkflow.run_task(agent, inp, runner, finish)
         except ApplicationError as e:
             raise InspectError(f"the what-if run failed at step {runner.progress.step}: {e.type}: {e.message}") from e
+    attach_refusals(((s.step, s.content) for s in calls.steps if s.content is not None), result.decisions)
     return WhatIfReport(
         workflow_id=rec.workflow_id,
         whatif_workflow_id=whatif_id,
@@ -785,6 +801,9 @@ def replay_cmd(
     large_model: Annotated[str | None, typer.Option("--large-model", help="What-if: provider:model, large tier")
                            ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
+    content: Annotated[bool, typer.Option(
+        "--content", help="What-if: what the model said at each call of both runs, side by side (its text and "
+                          "tool calls). Off by default: it may hold personal data.")] = False,
     agents: Annotated[str, typer.Option(
         "--agents", help="Comma-separated modules whose agents to load first (and KEEL_AGENTS), as for "
                          "`keel worker`: a KeelAgent task's history replays (and a what-if re-runs) with its "
@@ -799,6 +818,8 @@ def replay_cmd(
         load_agents(settings, agents)
     except InspectError as e:
         raise _fail(str(e), 2) from e
+    if content and not whatif:
+        raise _fail("--content shows what the model said in a what-if: use it with --prompt-version or --model", 2)
 
     async def run() -> int:
         client = await client_or_exit(settings)
@@ -806,9 +827,9 @@ def replay_cmd(
             report = await what_if(client, settings, workflow_id, prompt_version=prompt_version, model=model,
                                    small_model=small_model, large_model=large_model)
             if as_json:
-                print(json.dumps(report.to_json(), indent=2))
+                print(json.dumps(report.to_json(content), indent=2))
             else:
-                print_what_if(report)
+                print_what_if(report, content)
             return 0
         rep = await replay_workflow(client, workflow_id)
         if as_json:
@@ -827,7 +848,46 @@ def replay_cmd(
         raise typer.Exit(1)
 
 
-def print_what_if(r: WhatIfReport) -> None:
+SIDE_BY_SIDE_WIDTH = 100
+"""Narrower consoles show the old and new calls' content one after the other instead of in two columns."""
+
+
+def _said(s: PathStep | None) -> str:
+    if s is None:
+        return "[dim](no such call)[/dim]"
+    head = f"[bold]step {s.step}[/bold] {escape(s.label)}  [dim]{escape(s.model)}[/dim]"
+    return "\n".join([head, *content_lines(s.content)]) if s.content is not None else head
+
+
+def _same_said(a: PathStep | None, b: PathStep | None) -> bool:
+    if a is None or b is None or a.content is None or b.content is None:
+        return False
+    return (a.content.text, a.content.tool_calls) == (b.content.text, b.content.tool_calls)
+
+
+def print_contents(r: WhatIfReport) -> None:
+    """What the model said at each call of the old and new runs, call by call: a table of two columns,
+    or (a narrow console) one panel after the other."""
+    pairs = list(zip_longest([s for s in r.old.steps if s.kind != "tool"],
+                             [s for s in r.new.steps if s.kind != "tool"]))
+    if console.width >= SIDE_BY_SIDE_WIDTH:
+        t = Table(box=box.SIMPLE_HEAD, title="what the model said: old  |  new", show_lines=True)
+        t.add_column("#", justify="right")
+        t.add_column(f"old: {escape(r.old.workflow_id)}", ratio=1)
+        t.add_column("", justify="center")
+        t.add_column(f"new: {escape(r.new.workflow_id)}", ratio=1)
+        for i, (a, b) in enumerate(pairs):
+            t.add_row(str(i + 1), _said(a), "=" if _same_said(a, b) else "≠", _said(b))
+        console.print(t)
+        return
+    console.print("[bold]what the model said[/bold] (old, then new, call by call)")
+    for i, (a, b) in enumerate(pairs):
+        mark = "same" if _same_said(a, b) else "changed"
+        console.print(Panel(_said(a), title=f"call {i + 1}: old", title_align="left"))
+        console.print(Panel(_said(b), title=f"call {i + 1}: new ({mark})", title_align="left"))
+
+
+def print_what_if(r: WhatIfReport, content: bool = False) -> None:
     changed = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in r.changes.items()) or "nothing (the same prompts and models)"
     console.print(f"What-if of [bold]{escape(r.workflow_id)}[/bold]: {escape(changed)}")
     t = Table(box=box.SIMPLE_HEAD, title="old path  |  new path")
@@ -848,6 +908,8 @@ def print_what_if(r: WhatIfReport) -> None:
         style = "bold" if first is not None and i == first else None
         t.add_row(str(i + 1), *cells[:3], mark, *cells[3:], style=style)
     console.print(t)
+    if content:
+        print_contents(r)
     s = Table(box=box.SIMPLE_HEAD, title="outcome")
     for col in ("", "old", "new"):
         s.add_column(col)

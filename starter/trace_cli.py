@@ -5,6 +5,12 @@ kind, model, tokens, cost, latency, the tools it asked for), every tool call (ok
 latency), the waits for a human (approval timers, signals, updates) and the workflow's decisions with
 their reasons (from the result, once the task is done) are drawn in order. Payloads are decoded with
 the client's data converter, so an encrypted history reads the same with the keys at hand.
+
+`--content` adds what each model call said (off by default: it may hold personal data): its text as it
+came (the raw text, when its tool calls were read from it: the repair is named), its tool calls with
+their arguments as written, and why the workflow refused it when it did (an invalid output, a blocked
+call, an answer held back); `--full` does not cut long texts and adds the messages each call answered.
+Child tasks (the patterns' agents) are drawn nested, their calls' content too.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Annotated, Any
 
 import typer
@@ -24,6 +30,7 @@ from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 
+from keel.codec import ENCODING, ENV_ENCRYPT, ENV_KEYS
 from keel.names import FINISH_ACTIVITY, LLM_ACTIVITY
 from keel.pricing import SELF_HOSTED_LABEL, is_self_hosted
 from keel.types import (
@@ -36,6 +43,83 @@ from keel.types import (
     ToolResult,
 )
 from starter.console import client_or_exit, console, err, load_settings
+
+TEXT_SHOWN = 1_500
+"""A model call's text (and each message it answered) is cut at this many characters, unless --full."""
+REFUSALS = ("invalid_output", "block")
+"""Decisions that refuse a model output: shown under the call they refused (with --content)."""
+NO_KEYS = (f"content encrypted ({ENV_ENCRYPT}) and this process has no keys: set {ENV_ENCRYPT}=1 and "
+           f"{ENV_KEYS} to the keys the workers write with to read it")
+
+
+def cut(text: str, limit: int | None) -> str:
+    """`text`, or its first `limit` characters with a visible marker giving the full length."""
+    if limit is None or len(text) <= limit:
+        return text
+    return f"{text[:limit]}… [cut: {limit:,} of {len(text):,} characters]"
+
+
+class ShownCall(BaseModel):
+    name: str
+    arguments: str
+    """As the model wrote them (cut at ARGS_SHOWN unless --full; invalid JSON shown as it came)."""
+
+
+class ShownMessage(BaseModel):
+    role: str
+    text: str
+    """The message's content (cut at TEXT_SHOWN unless --full); a tool result's JSON."""
+    chars: int
+
+
+class CallContent(BaseModel):
+    """What one model call said, from the history (`keel trace --content`, `keel replay --content`)."""
+
+    text: str = ""
+    """The text as it came (cut at TEXT_SHOWN unless --full): the raw text, repaired or not."""
+    chars: int = 0
+    """The text's full length."""
+    tool_calls: list[ShownCall] = Field(default_factory=list)
+    repaired: str = ""
+    """How the output was repaired (LlmResponse.repaired): its tool calls were read from the text."""
+    refused: list[str] = Field(default_factory=list)
+    """The workflow's decisions refusing this output ("invalid_output: the answer is empty", "block: ...")."""
+    sent: list[ShownMessage] | None = None
+    """--full: the messages the call answered (those after the model's previous turn)."""
+    unreadable: str = ""
+    """Why the content cannot be shown (encrypted history and no keys, ...)."""
+
+
+def call_content(req: LlmRequest | None, resp: LlmResponse, full: bool = False) -> CallContent:
+    limit = None if full else TEXT_SHOWN
+    args_limit = None if full else ARGS_SHOWN
+    content = CallContent(text=cut(resp.text, limit), chars=len(resp.text), repaired=resp.repaired,
+                          tool_calls=[ShownCall(name=c.name, arguments=cut(c.arguments_json, args_limit))
+                                      for c in resp.tool_calls])
+    if full and req is not None:
+        turn = max((i for i, m in enumerate(req.messages) if m.role == "assistant"), default=-1)
+        content.sent = [ShownMessage(role=m.role, text=m.content, chars=len(m.content))
+                        for m in req.messages[turn + 1:]]
+    return content
+
+
+def attach_refusals(calls: Iterable[tuple[int | None, CallContent]], decisions: Iterable[Decision]) -> None:
+    """Each refusing decision under the last model call at or before its step (a refused tool call or
+    answer is decided at its model call's step, or after the calls of the same answer that ran)."""
+    ordered = sorted(((s, c) for s, c in calls if s is not None), key=lambda sc: sc[0])
+    for d in decisions:
+        if d.kind not in REFUSALS:
+            continue
+        at = [c for s, c in ordered if s <= d.step]
+        if at:
+            at[-1].refused.append(f"{d.kind}: {d.reason}")
+
+
+def _unreadable(client: Client, payloads: Sequence[Payload], error: Exception) -> str:
+    if client.data_converter.payload_codec is None and any(
+            p.metadata.get("encoding") == ENCODING for p in payloads):
+        return NO_KEYS
+    return f"content unreadable: {error}"
 
 
 class TraceNode(BaseModel):
@@ -51,6 +135,8 @@ class TraceNode(BaseModel):
     model: str | None = None
     child: TaskTrace | None = None
     """kind "child": the child workflow's own trace (a multi-agent pattern's agents)."""
+    content: CallContent | None = Field(default=None, exclude_if=lambda v: v is None)
+    """kind "llm", with --content: what the model said (absent otherwise, in the JSON too)."""
 
 
 class TaskTrace(BaseModel):
@@ -93,7 +179,9 @@ def _summary(result: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-async def task_trace(client: Client, workflow_id: str, depth: int = 0) -> TaskTrace:
+async def task_trace(client: Client, workflow_id: str, depth: int = 0, *, content: bool = False,
+                     full: bool = False) -> TaskTrace:
+    """`content`: each model call's text and tool calls (CallContent); `full`: uncut, with the messages sent."""
     handle = client.get_workflow_handle(workflow_id)
     try:
         desc = await handle.describe()
@@ -121,7 +209,7 @@ async def task_trace(client: Client, workflow_id: str, depth: int = 0) -> TaskTr
         elif t == EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED:
             a2 = ev.activity_task_completed_event_attributes
             name, req = scheduled.get(a2.scheduled_event_id, ("?", None))
-            trace.nodes.append(await _completed(client, name, req, a2.result.payloads))
+            trace.nodes.append(await _completed(client, name, req, a2.result.payloads, content, full))
         elif t in (EventType.EVENT_TYPE_ACTIVITY_TASK_FAILED, EventType.EVENT_TYPE_ACTIVITY_TASK_TIMED_OUT):
             attrs = (ev.activity_task_failed_event_attributes if t == EventType.EVENT_TYPE_ACTIVITY_TASK_FAILED
                      else ev.activity_task_timed_out_event_attributes)
@@ -171,14 +259,17 @@ async def task_trace(client: Client, workflow_id: str, depth: int = 0) -> TaskTr
     if depth < CHILD_DEPTH:
         for node in children.values():
             with contextlib.suppress(TraceError, RPCError):
-                node.child = await task_trace(client, node.detail.split(" -> ")[0], depth + 1)
+                node.child = await task_trace(client, node.detail.split(" -> ")[0], depth + 1, content=content,
+                                              full=full)
     if trace.summary is not None:
         decisions = [Decision.model_validate(d) for d in trace.summary.get("decisions", [])]
+        attach_refusals(((n.step, n.content) for n in trace.nodes if n.content is not None), decisions)
         trace.nodes = _with_decisions(trace.nodes, decisions)
     return trace
 
 
-async def _completed(client: Client, name: str, req: Any, payloads: Sequence[Payload]) -> TraceNode:
+async def _completed(client: Client, name: str, req: Any, payloads: Sequence[Payload], content: bool = False,
+                     full: bool = False) -> TraceNode:
     if name == FINISH_ACTIVITY:
         # A KeelAgent task's last step: its outcome row (and human-queue item) written to the ledger.
         detail = ""
@@ -189,10 +280,14 @@ async def _completed(client: Client, name: str, req: Any, payloads: Sequence[Pay
         return TraceNode(kind="finish", step=getattr(req, "step", None), name="finish", detail=detail)
     if name == LLM_ACTIVITY:
         resp: LlmResponse | None = None
+        said: CallContent | None = None
         try:
             resp = await _decode(client, payloads, LlmResponse)
-        except Exception:
+        except Exception as e:
             resp = None
+            said = CallContent(unreadable=_unreadable(client, payloads, e))
+        if content and resp is not None:
+            said = call_content(req if isinstance(req, LlmRequest) else None, resp, full)
         label = None
         if resp is not None:  # marked self-hosted as the sim's label marks a simulator (the task's pinned price first)
             spec = ModelSpec.model_validate({"provider": resp.provider, "model": resp.model})
@@ -205,7 +300,8 @@ async def _completed(client: Client, name: str, req: Any, payloads: Sequence[Pay
             detail += f" -> asks for {asked}"
         return TraceNode(kind="llm", step=getattr(req, "step", None), name=getattr(req, "kind", "llm"),
                          detail=detail, model=label, tokens=resp.usage.total_tokens if resp else 0,
-                         cost_usd=resp.cost_usd if resp else 0.0, latency_ms=resp.latency_ms if resp else None)
+                         cost_usd=resp.cost_usd if resp else 0.0, latency_ms=resp.latency_ms if resp else None,
+                         content=said if content else None)
     result: ToolResult | None = None
     try:
         result = await _decode(client, payloads, ToolResult)
@@ -256,6 +352,9 @@ def render(t: TaskTrace, tree: Tree | None = None) -> Tree:
         if n.kind == "llm":
             line = (f"{step}[cyan]llm[/cyan] {escape(n.name)}  {escape(n.model or '')}  {n.tokens:,} tokens"
                     f"  ${n.cost_usd:.5f}{lat}  [dim]{escape(n.detail)}[/dim]")
+            if n.content is not None:
+                render_content(n.content, tree.add(line))
+                continue
         elif n.kind == "tool":
             mark = "[green]ok[/green]" if n.ok else "[red]failed[/red]"
             line = f"{step}[magenta]tool[/magenta] {escape(n.name)} {mark}{lat}  [dim]{escape(n.detail)}[/dim]"
@@ -278,15 +377,44 @@ def render(t: TaskTrace, tree: Tree | None = None) -> Tree:
     return tree
 
 
+def content_lines(c: CallContent) -> list[str]:
+    """A model call's content as markup lines (the trace's sub-tree, a what-if table's cell)."""
+    if c.unreadable:
+        return [f"[yellow]{escape(c.unreadable)}[/yellow]"]
+    out = [f"[dim]sent ({escape(m.role)}, {m.chars:,} characters):[/dim] {escape(m.text)}" for m in c.sent or []]
+    if c.repaired:
+        out.append(f"[yellow]repaired:[/yellow] {escape(c.repaired)}; the raw text:")
+    if c.text or not c.tool_calls:
+        out.append(f"[green]said[/green] ({c.chars:,} characters): {escape(c.text)}" if c.text
+                   else "[green]said[/green] nothing (empty text)")
+    out += [f"[magenta]calls[/magenta] {escape(t.name)} {escape(t.arguments)}" for t in c.tool_calls]
+    out += [f"[red]refused[/red] {escape(r)}" for r in c.refused]
+    return out
+
+
+def render_content(c: CallContent, node: Tree) -> None:
+    for line in content_lines(c):
+        node.add(line)
+
+
 def trace_cmd(
     workflow_id: Annotated[str, typer.Argument(help="The task's workflow id.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the tree as JSON.")] = False,
+    content: Annotated[bool, typer.Option(
+        "--content", help="Show what each model call said: its text (raw, as it came) and tool calls, and why "
+                          "a refused one was refused. Off by default: it may hold personal data.")] = False,
+    full: Annotated[bool, typer.Option(
+        "--full", help=f"With --content: texts not cut (at {TEXT_SHOWN:,} characters), and the messages each "
+                       "call answered.")] = False,
 ) -> None:
     """Draw a task's execution tree: steps, model and tool calls, waits, decisions and their reasons."""
     settings = load_settings()
+    if full and not content:
+        err.print("[red]--full shows more of the content: use it with --content[/red]")
+        raise typer.Exit(2)
 
     async def run() -> TaskTrace:
-        return await task_trace(await client_or_exit(settings), workflow_id)
+        return await task_trace(await client_or_exit(settings), workflow_id, content=content, full=full)
 
     try:
         t = asyncio.run(run())

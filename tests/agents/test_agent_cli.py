@@ -25,6 +25,8 @@ from agents.triage import triage
 from keel import registry
 from keel.orchestration import ChildTask
 from keel.settings import KeelSettings
+from keel.testing import SCRIPTED, ScriptedModel, Step, answer
+from keel.types import ToolCall
 from starter.agents import start_swarm
 from starter.approvals_cli import pending_action
 from tests.agents.test_oncall import cli_env, env_for, keel_cli
@@ -90,6 +92,72 @@ async def test_status_result_watch_and_trace_of_a_finished_agent_task(
     nodes = json.loads(trace_json.stdout)["nodes"]
     assert [(n["kind"], n["step"]) for n in nodes] == [
         ("llm", 1), ("tool", 2), ("llm", 3), ("decision", 3), ("finish", 4)]
+
+
+LONG = "api is healthy (error rate 0.002). " + "The detail of every check follows. " * 60
+"""An answer longer than the trace shows without --full."""
+
+
+async def test_trace_content_shows_what_the_model_said_only_when_asked(
+        client: Client, status: StatusService, tmp_path: Path) -> None:
+    model = ScriptedModel([
+        Step(text="I will read the api's status first.",
+             tool_calls=[ToolCall(id="", name="service_status", arguments_json='{"service": "api"}')]),
+        answer('<tool_call>{"name": "service_status", "arguments": {"service": "search"}}</tool_call>'),
+        answer(LONG),
+    ])
+    async with env_for(client, model=model) as env:
+        res = await env.run("oncall", "Is the api service healthy?", models={"small": SCRIPTED, "large": SCRIPTED})
+        cli = cli_env(env, tmp_path)
+        plain = await keel_cli(cli, "trace", res.workflow_id)
+        plain_json = await keel_cli(cli, "trace", res.workflow_id, "--json")
+        shown = await keel_cli(cli, "trace", res.workflow_id, "--content")
+        shown_json = await keel_cli(cli, "trace", res.workflow_id, "--content", "--json")
+        full = await keel_cli(cli, "trace", res.workflow_id, "--content", "--full")
+        alone = await keel_cli(cli, "trace", res.workflow_id, "--full")
+    model.assert_all_used()
+    assert res.status == "completed" and res.tools_executed == ["service_status", "service_status"], res
+
+    # Off by default: not a word the model said, in the tree or its JSON.
+    assert plain.exit_code == plain_json.exit_code == 0, plain.output
+    for said in ("read the api's status", "<tool_call>", "The detail of every check"):
+        assert said not in plain.output and said not in plain_json.stdout
+    assert all("content" not in n for n in json.loads(plain_json.stdout)["nodes"])
+
+    assert shown.exit_code == 0, shown.output
+    out = shown.output
+    lines = out.splitlines()
+
+    def line(want: str, after: int = 0) -> int:
+        return next(i for i, text in enumerate(lines) if want in text and i >= after)
+
+    # Under each model call, in order: its text and its call; the text-written call with its raw text
+    # and the repair; the long answer cut, with its full length.
+    assert line("step  1  llm reason") < line("said (35 characters): I will read the api's status first.") < line(
+        'calls service_status {"service": "api"}') < line("step  2  tool oncall.service_status ok")
+    third = line("step  3  llm reason")
+    assert third < line("repaired: 1 tool call(s) written as text (hermes); the raw text:") < line(
+        "said (", third) < line('calls service_status {"service": "search"}') < line("step  4  tool")
+    assert '<tool_call>{"name": "service_status"' in out
+    flat = " ".join(out.replace("│", " ").split())  # the console wraps long lines (under the tree's guides)
+    assert f"[cut: 1,500 of {len(LONG):,} characters]" in flat and LONG[:1_500] in flat and LONG not in flat
+    assert "refused" not in out  # nothing was
+
+    nodes = json.loads(shown_json.stdout)["nodes"]
+    llm = [n for n in nodes if n["kind"] == "llm"]
+    assert [n["content"]["tool_calls"] for n in llm] == [
+        [{"name": "service_status", "arguments": '{"service": "api"}'}],
+        [{"name": "service_status", "arguments": '{"service": "search"}'}], []]
+    assert llm[1]["content"]["repaired"] == "1 tool call(s) written as text (hermes)"
+    assert llm[1]["content"]["text"].startswith("<tool_call>") and llm[2]["content"]["chars"] == len(LONG)
+    assert all("content" not in n for n in nodes if n["kind"] != "llm")
+
+    # --full: nothing cut, and what each call answered (the task's input, then the tool's result).
+    assert full.exit_code == 0, full.output
+    whole = " ".join(full.output.replace("│", " ").split())
+    assert LONG.strip() in whole and "[cut:" not in whole
+    assert "sent (user" in whole and "Is the api service healthy?" in whole and "sent (tool" in whole
+    assert alone.exit_code == 2 and "use it with --content" in alone.output
 
 
 async def test_a_waiting_agent_task_is_listed_shown_watched_then_approved(
@@ -205,7 +273,16 @@ async def test_status_and_result_of_an_orchestration_of_agents(
         now = await keel_cli(cli, "status", res.workflow_id)
         shown = await keel_cli(cli, "result", res.workflow_id, "--json")
         child = await keel_cli(cli, "result", res.children[0].workflow_id, "--json")
+        traced = await keel_cli(cli, "trace", res.workflow_id, "--content", "--json")
+        untraced = await keel_cli(cli, "trace", res.workflow_id, "--json")
     assert res.status == "completed", res.reason
+    # The trace draws each child nested; --content shows what the child's model said, too.
+    assert traced.exit_code == untraced.exit_code == 0, traced.output
+    [nested] = [n["child"] for n in json.loads(traced.stdout)["nodes"] if n["kind"] == "child"]
+    said = [n["content"] for n in nested["nodes"] if n["kind"] == "llm"]
+    assert said and said[-1]["text"] == res.results["api"].output, said
+    [bare] = [n["child"] for n in json.loads(untraced.stdout)["nodes"] if n["kind"] == "child"]
+    assert bare["nodes"] and all("content" not in n for n in bare["nodes"])
     assert now.exit_code == 0 and "phase" in now.output and "api" in now.output, now.output
     assert shown.exit_code == 0, shown.output
     assert keel.OrchestratorResult.model_validate_json(shown.stdout.strip()).workflow_id == res.workflow_id

@@ -21,6 +21,7 @@ from keel.codec import EncryptionCodec, data_converter
 from keel.settings import KeelSettings
 from keel.testing import agent_environment
 from starter.codec_server import CodecServer
+from starter.trace_cli import NO_KEYS, task_trace
 from tests.test_codec import _payload_data, _payloads, _temporal_show
 
 KEY = base64.b64encode(bytes(range(32))).decode()
@@ -60,6 +61,18 @@ async def test_an_agent_history_holds_no_plaintext(dev_env: WorkflowEnvironment,
     decoded = b"".join(p.data for p in await codec.decode(encrypted))
     for s in [CUSTOMER["email"], CUSTOMER["card_number"], CUSTOMER["name"], answer]:
         assert s.encode() in decoded, s
+
+    # `keel trace --content` reads what the model said with the keys; without them it says where they come from.
+    with_keys = await task_trace(enc, res.workflow_id, content=True)
+    said = [n.content for n in with_keys.nodes if n.kind == "llm" and n.content is not None]
+    assert said and not any(c.unreadable for c in said)
+    closing = said[-1].text.strip().splitlines()[-1]  # the answer's last line, as the model wrote it
+    assert closing and closing in res.output
+    without = await task_trace(plain, res.workflow_id, content=True)
+    locked = [n.content for n in without.nodes if n.kind == "llm"]
+    assert locked and all(c is not None and c.unreadable == NO_KEYS for c in locked)
+    assert "KEEL_ENCRYPT=1" in NO_KEYS and "KEEL_ENCRYPTION_KEYS" in NO_KEYS
+    assert not any(closing in (c.text if c else "") for c in locked)
 
     again = await enc.get_workflow_handle(res.workflow_id, result_type=keel.AgentResult).result()
     assert again == res

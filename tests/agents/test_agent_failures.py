@@ -120,3 +120,59 @@ async def test_tool_calls_written_as_text_run_and_an_empty_answer_is_never_final
     assert repairs == ["1 tool call(s) written as text (hermes)", "1 tool call(s) written as text (functions)"]
     assert res.invalid_outputs == 1 and "the monthly card fee" in res.output
     assert any(d.kind == "invalid_output" and "empty" in d.reason for d in res.decisions), res.decisions
+
+
+async def test_a_refused_outputs_raw_text_is_in_its_ledger_row_and_the_trace(client: Client, db_url: str) -> None:
+    """Every output the workflow refuses as invalid (a triage that is not JSON, a tool call whose
+    arguments are not, an empty answer) keeps its raw text in its ledger row with why; `keel trace
+    --content` shows it under the call, with the workflow's reason. The outputs it took keep no text
+    in the ledger (they stay in the history)."""
+    from rich.console import Console
+
+    from keel.testing import SCRIPTED, ScriptedModel, answer, call, raw_call
+    from starter.trace_cli import render, task_trace
+
+    model = ScriptedModel([
+        answer("This looks like a billing question to me."),  # the triage, not JSON: sent back
+        answer('{"category": "billing_question", "urgency": "normal", "confidence": 0.9}'),
+        raw_call("get_account", '{"customer_id": "C-1003"'),  # unreadable: never reaches the tool
+        call("get_account", customer_id="C-1003"),
+        answer(""),
+        answer("Your account is active; the fee is the monthly card fee."),
+    ])
+    async with agent_environment(support_desk, client=client, db_url=db_url, model=model) as env:
+        res = await env.run("support_desk", FEE, tenant="C-1003", models={"small": SCRIPTED, "large": SCRIPTED})
+        llm_rows = rows(env, "SELECT step, step_kind, raw_output, error FROM ledger WHERE workflow_id = :w "
+                             "AND kind = 'llm' ORDER BY step", w=res.workflow_id)
+        trace = await task_trace(client, res.workflow_id, content=True)
+    model.assert_all_used()
+    assert res.status == "completed" and res.tools_executed == ["get_account"], res.reason
+
+    refused = [r for r in llm_rows if r["error"] is not None]
+    assert [(r["step_kind"], r["raw_output"], r["error"]) for r in refused] == [
+        ("classify", "This looks like a billing question to me.", "invalid output: the answer holds no JSON object"),
+        ("reason", 'get_account {"customer_id": "C-1003"',
+         "invalid output: get_account: arguments are not valid JSON (Expecting ',' delimiter at position 24)"),
+        ("reason", "", "invalid output: the answer is empty"),
+    ]
+    assert all(r["raw_output"] is None for r in llm_rows if r["error"] is None) and len(llm_rows) == 6
+
+    calls = {n.step: n.content for n in trace.nodes if n.kind == "llm"}
+    assert all(c is not None for c in calls.values())
+    by_text = {c.text: c for c in calls.values() if c is not None}
+    assert by_text["This looks like a billing question to me."].refused == [
+        "invalid_output: triage: the answer holds no JSON object"]
+    [bad_call] = [c for c in calls.values() if c is not None and c.tool_calls and c.refused]
+    assert bad_call.tool_calls[0].arguments == '{"customer_id": "C-1003"'
+    assert bad_call.refused == ["block: get_account: arguments are not valid JSON (Expecting ',' delimiter at "
+                                "position 24)"]
+    assert by_text[""].refused == ["invalid_output: the answer is empty"]
+    assert by_text["Your account is active; the fee is the monthly card fee."].refused == []
+
+    shown = Console(width=200, record=True)
+    shown.print(render(trace))
+    out = shown.export_text()
+    assert "said (41 characters): This looks like a billing question to me." in out
+    assert "refused invalid_output: triage: the answer holds no JSON object" in out
+    assert 'calls get_account {"customer_id": "C-1003"' in out and "refused block: get_account" in out
+    assert "said nothing (empty text)" in out and "refused invalid_output: the answer is empty" in out

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from rich.console import Console
 from sqlalchemy import text
 from temporalio.client import Client
 
@@ -25,8 +26,9 @@ from agents.support_desk.data import build_seed
 from keel import registry
 from keel.testing import SCRIPTED, AgentEnvironment, ScriptedModel, agent_environment, answer, call
 from keel.types import LlmRequest, ProviderResult
+from starter import inspect_cli
 from starter.approvals_cli import decide, pending_action
-from starter.inspect_cli import NOT_RECORDED, WHAT_IF_FEATURE, InspectError, what_if
+from starter.inspect_cli import NOT_RECORDED, WHAT_IF_FEATURE, InspectError, print_what_if, what_if
 from tests.agents.test_oncall import cli_env, env_for, keel_cli
 from tests.conftest import assert_eventually
 
@@ -158,7 +160,8 @@ async def test_a_what_if_on_the_same_version_reproduces_an_approved_restart_and_
 
 
 async def test_a_what_if_on_another_prompt_version_takes_another_path_and_executes_nothing_unrecorded(
-        client: Client, status: StatusService, http_calls: list[tuple[str, str]], tmp_path: Path) -> None:
+        client: Client, status: StatusService, http_calls: list[tuple[str, str]], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     v1 = ScriptedModel([
         call("service_status", service="payments"),
         call("restart_service", service="payments", reason="payments is down"),
@@ -208,6 +211,33 @@ async def test_a_what_if_on_another_prompt_version_takes_another_path_and_execut
     assert [r["kind"] for r in whatif_rows] == ["llm", "llm", "llm"]
     assert {(r["feature"], r["task_type"], r["prompt_version"], r["prompt_hash"]) for r in whatif_rows} == {
         (WHAT_IF_FEATURE, "sre", "v2", v2_hash)}
+
+    # What the model said at each call of both runs, side by side (what-if --content): the texts and
+    # calls of the original (from its history) beside the what-if's, the changed ones marked.
+    said = {run: [s.content for s in summary.steps if s.kind != "tool"]
+            for run, summary in (("old", report.old), ("new", report.new))}
+    assert [c.tool_calls[0].arguments if c and c.tool_calls else c and c.text for c in said["new"]] == [
+        '{"service": "payments"}', '{"service": "payments-db"}', report.new.answer]
+    assert said["old"][1] is not None and said["old"][1].tool_calls[0].name == "restart_service"
+    assert said["old"][2] is not None and said["old"][2].text == report.old.answer
+    wide = Console(width=200, record=True)
+    monkeypatch.setattr(inspect_cli, "console", wide)
+    print_what_if(report, content=True)
+    table = wide.export_text()
+    row = next(line for line in table.splitlines() if "payments was down" in line)
+    assert "payments is down (error rate 0.61)" in row  # one row, the two answers side by side
+    assert "≠" in next(line for line in table.splitlines() if "step 5 reason" in line)
+    assert 'calls service_status {"service": "payments"}' in table and "calls restart_service" in table
+    assert 'calls service_status {"service": "payments-db"}' in table
+    narrow = Console(width=70, record=True)
+    monkeypatch.setattr(inspect_cli, "console", narrow)
+    print_what_if(report, content=True)
+    panels = " ".join(narrow.export_text().replace("│", " ").split())
+    assert panels.index("call 3: old") < panels.index("payments was down") < panels.index("call 3: new (changed)") \
+        < panels.index("Not restarting")
+    doc = report.to_json(content=True)
+    assert doc["new"]["steps"][-1]["content"]["text"] == report.new.answer
+    assert all("content" not in step for run in ("old", "new") for step in report.to_json()[run]["steps"])
 
     # A version the agent does not have: refused before any model call.
     with pytest.raises(InspectError, match=r"agent 'sre' has no prompt version 'v9' .*its versions: v1, v2"):
@@ -265,6 +295,15 @@ async def test_keel_replay_what_if_of_an_agent_task(
     rows = ledger(env, doc["whatif_workflow_id"])
     assert rows and {(r["kind"], r["feature"], r["prompt_version"]) for r in rows} == {("llm", WHAT_IF_FEATURE, "v2")}
     assert status.restarts == restarts  # the approved restart was served from the history, not run again
+
+    said = await keel_cli(cli, "replay", res.workflow_id, "--prompt-version", "v2", "--agents", "agents.oncall",
+                          "--content")
+    assert said.exit_code == 0, said.output
+    assert "what the model said: old  |  new" in said.output and "calls service_status" in said.output
+    assert " ".join(res.output.split()[:4]) in said.output  # the original's answer, beside the what-if's
+    assert "what the model said" not in shown.output  # off by default
+    alone = await keel_cli(cli, "replay", res.workflow_id, "--content")
+    assert alone.exit_code == 2 and "use it with --prompt-version or --model" in " ".join(alone.output.split())
 
     bad = await keel_cli(cli, "replay", res.workflow_id, "--prompt-version", "v9", "--agents", "agents.oncall")
     said = " ".join(bad.output.split())
