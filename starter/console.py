@@ -6,6 +6,7 @@ import asyncio
 import os
 import sys
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any
 
 import typer
@@ -21,7 +22,7 @@ from keel.codec import EncryptionConfigError
 from keel.pricing import load_prices
 from keel.settings import KeelSettings
 from starter.client import connect
-from starter.stack import apply_traces_endpoint
+from starter.stack import apply_stack_model, apply_traces_endpoint
 
 # Piped output (make demo | tee, CI logs) gets a width that fits the batch table.
 _WIDTH = None if sys.stdout.isatty() or "COLUMNS" in os.environ else 120
@@ -39,6 +40,7 @@ def settings_problems(e: ValueError) -> str:
 
 def load_settings() -> KeelSettings:
     """The settings, and the user's prices (KEEL_PRICES) made this process's; bad ones exit 2, saying why."""
+    apply_stack_model(Path(os.environ.get("KEEL_HOME") or ".keel"))
     try:
         settings = KeelSettings()
         load_prices(settings.prices)

@@ -29,6 +29,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from keel import names
 from keel.settings import KeelSettings
+from starter import local_model
 from starter.client import connect
 
 _SA_TYPES = {
@@ -103,6 +104,10 @@ class StackState:
     phoenix_pid: int | None = None
     traces_endpoint: str | None = None
     """OTLP endpoint of the stack's trace UI (Phoenix): `keel` commands export their spans there too."""
+    model_pid: int | None = None
+    """The local model's server (`keel up --model local`), when the stack started it."""
+    model_env: dict[str, str] | None = None
+    """What the worker was given to use the local model; `keel` commands take it too (apply_stack_model)."""
 
     @staticmethod
     def path(settings: KeelSettings) -> Path:
@@ -245,10 +250,27 @@ def apply_traces_endpoint(settings: KeelSettings) -> None:
             os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = endpoint
 
 
-async def start_worker(settings: KeelSettings, say: Say, traces_endpoint: str | None = None) -> int:
+def apply_stack_model(home: Path) -> None:
+    """A `keel` command started while the stack serves the local model uses it too (its tiers, base URL
+    and timeout), unless the environment says otherwise."""
+    path = home / "stack.json"
+    if not path.is_file():
+        return
+    with contextlib.suppress(ValueError, TypeError, OSError):
+        state = json.loads(path.read_text())
+        if state.get("model_env") and alive(state.get("worker_pid")):
+            for name, value in state["model_env"].items():
+                os.environ.setdefault(name, value)
+
+
+async def start_worker(settings: KeelSettings, say: Say, traces_endpoint: str | None = None,
+                       model_env: dict[str, str] | None = None) -> int:
     log = settings.home / "worker.log"
     offset = log.stat().st_size if log.is_file() else 0
     env = dict(os.environ)
+    if model_env:
+        env.update({k: v for k, v in model_env.items() if k == "OPENAI_BASE_URL" or k.startswith("KEEL_MODEL_")
+                    or k not in os.environ})
     if traces_endpoint:
         env.update({"OTEL_EXPORTER_OTLP_ENDPOINT": traces_endpoint, "OTEL_SERVICE_NAME": "keel-worker"})
     proc = _spawn([sys.executable, "-m", "workers"], log, env=env)
@@ -266,9 +288,12 @@ async def start_worker(settings: KeelSettings, say: Say, traces_endpoint: str | 
     raise StackError(f"worker did not start within 60 s:\n{_tail(log)}")
 
 
-async def up(settings: KeelSettings, say: Say, traces: str | None = None) -> StackState:
-    """`traces="phoenix"`: also start Arize Phoenix and send the worker's spans to it."""
+async def up(settings: KeelSettings, say: Say, traces: str | None = None, model: str | None = None) -> StackState:
+    """`traces="phoenix"`: also start Arize Phoenix and send the worker's spans to it. `model="local"`:
+    also serve a real model on this machine (starter/local_model.py) and point every tier at it."""
     state = StackState.load(settings)
+    if not alive(state.model_pid):
+        state.model_pid = None
     if not alive(state.server_pid):
         state.server_pid = None
     if not alive(state.worker_pid):
@@ -282,11 +307,22 @@ async def up(settings: KeelSettings, say: Say, traces: str | None = None) -> Sta
     try:
         if traces == "phoenix" and state.phoenix_pid is None:
             state.phoenix_pid, state.traces_endpoint = await start_phoenix(settings, say)
+        if model == "local":
+            if state.worker_pid is not None and not state.model_env:
+                raise StackError("the stack's worker runs without the local model: `keel down`, then "
+                                 "`keel up --model local`")
+            if state.model_pid is None:
+                try:
+                    state.model_pid = await local_model.start(settings, say, _spawn, port_open)
+                except local_model.LocalModelError as e:
+                    raise StackError(f"local model: {e}") from e
+            state.model_env = local_model.model_env(settings)
         if state.worker_pid is None:
-            state.worker_pid = await start_worker(settings, say, state.traces_endpoint)
+            state.worker_pid = await start_worker(settings, say, state.traces_endpoint, state.model_env)
         else:
             say(f"worker already running (pid {state.worker_pid})")
     except BaseException:
+        stop_pid(state.model_pid)
         stop_pid(state.phoenix_pid)
         stop_pid(state.server_pid)
         raise
@@ -304,7 +340,9 @@ def down(settings: KeelSettings, say: Say) -> None:
         say(f"Temporal dev server stopped (pid {state.server_pid})")
     if stop_pid(state.phoenix_pid):
         say(f"Phoenix stopped (pid {state.phoenix_pid})")
-    if not state.worker_pid and not state.server_pid and not state.phoenix_pid:
+    if stop_pid(state.model_pid):
+        say(f"local model server stopped (pid {state.model_pid})")
+    if not state.worker_pid and not state.server_pid and not state.phoenix_pid and not state.model_pid:
         say("nothing to stop")
     with contextlib.suppress(FileNotFoundError):
         StackState.path(settings).unlink()
