@@ -8,8 +8,9 @@ activity reads these forms back (`read_text_tool_calls`) and records the output 
 - Hermes/Qwen: `<tool_call>{"name": "get_account", "arguments": {...}}</tool_call>` (one or more);
 - OpenAI-style text: `functions.get_account: {...}` or `functions.get_account({...})`, one per line;
 - a bare JSON object (alone, or in a markdown fence) `{"name": "get_account", "arguments": {...}}`
-  (also `"parameters"`), read only when its name is an offered tool: an agent's structured answer is
-  never taken for a call.
+  (also `"parameters"`), or several one after another (one per line), read only when every name is an
+  offered tool: an agent's structured answer is never taken for a call. Braces doubled as in a prompt
+  template (`{{"name": ..., "arguments": {...}}}}`, seen from Qwen2.5-Coder-1.5B) are read as single.
 
 A call in one of the explicit forms whose arguments cannot be read is kept with its raw arguments, so the
 agent loop refuses it as invalid JSON: the model is told, and it counts toward escalation, never a final
@@ -46,6 +47,34 @@ def _from_object(obj: Any) -> tuple[str, str] | None:
     return obj["name"], json.dumps(args if args is not None else {})
 
 
+def _objects(raw: str) -> list[Any] | None:
+    """One JSON value, or several written one after another; None if `raw` is not only JSON."""
+    one = _loads(raw)
+    if one is not None:
+        return one if isinstance(one, list) else [one]
+    decoder, out, at = json.JSONDecoder(), [], 0
+    while at < len(raw):
+        try:
+            value, at = decoder.raw_decode(raw, at)
+        except json.JSONDecodeError:
+            return None
+        out.append(value)
+        while at < len(raw) and raw[at] in " \t\r\n,":
+            at += 1
+    return out or None
+
+
+def _bare_calls(raw: str, offered: set[str] | frozenset[str]) -> list[tuple[str, str]]:
+    for candidate in (raw, raw.replace("{{", "{").replace("}}", "}") if raw.startswith("{{") else None):
+        items = _objects(candidate) if candidate else None
+        if not items:
+            continue
+        found = [_from_object(o) for o in items]
+        if all(f is not None and f[0] in offered for f in found):
+            return [f for f in found if f is not None]
+    return []
+
+
 def read_text_tool_calls(text: str, offered: set[str] | frozenset[str]) -> tuple[list[ToolCall], str]:
     """The tool calls written in `text`, and the form they were written in ("" when none)."""
     calls: list[tuple[str, str]] = []
@@ -62,11 +91,7 @@ def read_text_tool_calls(text: str, offered: set[str] | frozenset[str]) -> tuple
     else:
         stripped = text.strip()
         fenced = _FENCE.fullmatch(stripped)
-        obj = _loads(fenced.group(1).strip() if fenced else stripped)
-        items = obj if isinstance(obj, list) else [obj]
-        found_all = [_from_object(o) for o in items]
-        if items and all(f is not None and f[0] in offered for f in found_all):
-            form = "json"
-            calls = [f for f in found_all if f is not None]
+        calls = _bare_calls(fenced.group(1).strip() if fenced else stripped, offered)
+        form = "json" if calls else ""
     tool_calls = [ToolCall(id=f"text_call_{i}", name=name, arguments_json=args) for i, (name, args) in enumerate(calls)]
     return tool_calls, form if tool_calls else ""

@@ -66,3 +66,14 @@ def test_property_every_form_round_trips(name: str, args: dict[str, Any], form: 
             "functions": f"{before}\nfunctions.{name}: {json.dumps(args)}",
             "json": payload}[form]
     assert calls(text) == ([(name, args)], form)
+
+
+def test_several_bare_calls_with_doubled_braces_are_read() -> None:
+    # Qwen2.5-Coder-1.5B on llama.cpp's server, a billing question (recorded 2026-12-06).
+    text = ('{{"name": "get_account", "arguments": {"customer_id": "C-1011"}}}}\n'
+            '{{"name": "lookup_policy", "arguments": {"topic": "fees"}}}}')
+    calls, form = read_text_tool_calls(text, frozenset({"get_account", "lookup_policy"}))
+    assert form == "json" and [(c.name, json.loads(c.arguments_json)) for c in calls] == [
+        ("get_account", {"customer_id": "C-1011"}), ("lookup_policy", {"topic": "fees"})]
+    # One name not offered: none of it is a call (it stays the model's text, refused or answered as such).
+    assert read_text_tool_calls(text, frozenset({"get_account"})) == ([], "")
