@@ -7,7 +7,7 @@ activity reads these forms back (`read_text_tool_calls`) and records the output 
 
 - Hermes/Qwen: `<tool_call>{"name": "get_account", "arguments": {...}}</tool_call>` (one or more);
 - OpenAI-style text: `functions.get_account: {...}` or `functions.get_account({...})`, one per line;
-- a bare JSON object (alone, or in a markdown fence) `{"name": "get_account", "arguments": {...}}`
+- a bare JSON object (alone, or in markdown fences) `{"name": "get_account", "arguments": {...}}`
   (also `"parameters"`), or several one after another (one per line), read only when every name is an
   offered tool: an agent's structured answer is never taken for a call. Braces doubled as in a prompt
   template (`{{"name": ..., "arguments": {...}}}}`, seen from Qwen2.5-Coder-1.5B) are read as single.
@@ -90,8 +90,9 @@ def read_text_tool_calls(text: str, offered: set[str] | frozenset[str]) -> tuple
             calls.append((name, raw.strip() or "{}"))
     else:
         stripped = text.strip()
-        fenced = _FENCE.fullmatch(stripped)
-        calls = _bare_calls(fenced.group(1).strip() if fenced else stripped, offered)
+        blocks = _FENCE.findall(stripped)
+        only_fences = bool(blocks) and not _FENCE.sub("", stripped).strip()
+        calls = _bare_calls("\n".join(b.strip() for b in blocks) if only_fences else stripped, offered)
         form = "json" if calls else ""
     tool_calls = [ToolCall(id=f"text_call_{i}", name=name, arguments_json=args) for i, (name, args) in enumerate(calls)]
     return tool_calls, form if tool_calls else ""

@@ -77,3 +77,13 @@ def test_several_bare_calls_with_doubled_braces_are_read() -> None:
         ("get_account", {"customer_id": "C-1011"}), ("lookup_policy", {"topic": "fees"})]
     # One name not offered: none of it is a call (it stays the model's text, refused or answered as such).
     assert read_text_tool_calls(text, frozenset({"get_account"})) == ([], "")
+
+
+def test_calls_in_several_fences_are_read() -> None:
+    text = ('```json\n{"name": "get_transactions", "arguments": {"customer_id": "C-1028", "days": 30}}\n```\n'
+            '```json\n{"name": "lookup_policy", "arguments": {"topic": "refunds"}}\n```')
+    calls, form = read_text_tool_calls(text, frozenset({"get_transactions", "lookup_policy"}))
+    assert form == "json" and [c.name for c in calls] == ["get_transactions", "lookup_policy"]
+    # Prose around a fence: an answer that quotes JSON, not a call.
+    offered = frozenset({"get_transactions", "lookup_policy"})
+    assert read_text_tool_calls("Here is what I found:\n" + text, offered)[0] == []
