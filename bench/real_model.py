@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from agents.support_desk import support_desk
 from agents.support_desk.data import SampleTicket, injection_tickets, sample_tickets
 from agents.support_desk.guardrails import no_unexecuted_refund
-from keel import AgentResult, FinalOutput, ModelSpec, ToolOutcome
+from keel import AgentResult, FinalOutput, ModelSpec, OrchestratorResult, ToolOutcome
 from keel.output import placeholders, unfounded_claims
 from keel.pricing import is_self_hosted
 from keel.testing import agent_environment
@@ -59,15 +59,16 @@ def tickets(n: int) -> list[tuple[SampleTicket, bool]]:
     return [(t, True) for t in sample_tickets(n)] + [(t, False) for t in injection_tickets()]
 
 
-async def run_all(model: ModelSpec, n: int, concurrency: int, record: Path | None,
-                  replay: Path | None) -> list[tuple[SampleTicket, bool, AgentResult, float, list[dict[str, Any]]]]:
+async def run_all(model: ModelSpec, n: int, concurrency: int, record: Path | None, replay: Path | None,
+                  client: Any = None) -> list[tuple[SampleTicket, bool, AgentResult, float, list[dict[str, Any]]]]:
+    """Every ticket as a support_desk task on `model`, on a dev server of its own (or `client`'s)."""
     todo = tickets(n)
     gate = asyncio.Semaphore(concurrency)
     with tempfile.TemporaryDirectory(prefix="keel-real-") as tmp:
         db_url = f"sqlite:///{Path(tmp) / 'keel.db'}"
         os.environ["KEEL_DATABASE_URL"] = db_url
         async with agent_environment(support_desk, db_url=db_url, home=Path(tmp), record=record,
-                                     replay=replay) as env:
+                                     replay=replay, client=client) as env:
 
             async def one(t: SampleTicket, sample: bool) -> tuple[SampleTicket, bool, AgentResult, float,
                                                                    list[dict[str, Any]]]:
@@ -86,6 +87,40 @@ async def run_all(model: ModelSpec, n: int, concurrency: int, record: Path | Non
                 return t, sample, res, took, writes
 
             return list(await asyncio.gather(*(one(t, s) for t, s in todo)))
+
+
+QUESTION = "Why did refunds rise in Q3, and what did the duplicate charges cost us?"
+
+
+async def run_research(model: ModelSpec, record: Path | None, replay: Path | None, client: Any = None,
+                       question: str = QUESTION) -> tuple[OrchestratorResult, float]:
+    """One research orchestration (planner, workers, writer: agents/research) on `model`, every tier."""
+    from agents.research import AGENTS, orchestration, store
+    from starter.agents import start_orchestration
+
+    with tempfile.TemporaryDirectory(prefix="keel-real-") as tmp:
+        db_url = f"sqlite:///{Path(tmp) / 'keel.db'}"
+        os.environ["KEEL_DATABASE_URL"] = db_url
+        store.reset()
+        try:
+            async with agent_environment(*AGENTS, db_url=db_url, home=Path(tmp), record=record, replay=replay,
+                                         client=client) as env:
+                inp = orchestration(question, key="real-model").model_copy(
+                    update={"models": {"small": model, "large": model}})
+                started = time.perf_counter()
+                handle = await start_orchestration(env.client, env.settings, inp,
+                                                   workflow_id=f"research-real-model-{env.settings.task_queue}")
+                res: OrchestratorResult = await handle.result()
+                return res, time.perf_counter() - started
+        finally:
+            store.reset()
+
+
+def research_figures(res: OrchestratorResult, took: float) -> dict[str, Any]:
+    report = str((res.structured or {}).get("report", "")) or res.output
+    return {"status": res.status, "children": {c.name: c.status for c in res.children},
+            "missing": res.missing, "sources": (res.structured or {}).get("sources", []),
+            "report_chars": len(report), "tokens": res.usage.tokens, "seconds": round(took, 1)}
 
 
 def figures(model: ModelSpec, runs: list[tuple[SampleTicket, bool, AgentResult, float, list[dict[str, Any]]]],
@@ -138,6 +173,8 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=2)
     ap.add_argument("--record", type=Path, help="save every provider exchange to this file")
     ap.add_argument("--recorded", nargs="?", const=RECORDING, type=Path, help="run offline on a recording")
+    ap.add_argument("--research", action="store_true", help="also one research orchestration (its own recording: "
+                                                              "FILE with .research before the suffix)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     a = ap.parse_args()
     model = ModelSpec.parse(a.model)
@@ -148,6 +185,11 @@ def main() -> None:
     started = time.perf_counter()
     runs = asyncio.run(run_all(model, a.tickets, a.concurrency, a.record, a.recorded))
     out = figures(model, runs, time.perf_counter() - started)
+    if a.research:
+        def beside(p: Path | None) -> Path | None:
+            return p.with_suffix(".research" + p.suffix) if p is not None else None
+        res, took = asyncio.run(run_research(model, beside(a.record), beside(a.recorded)))
+        out["research"] = research_figures(res, took)
     out["source"] = f"recording {a.recorded}" if a.recorded else os.environ.get("OPENAI_BASE_URL", model.provider)
     cpu = platform.processor() or platform.machine()
     out["machine"] = f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"

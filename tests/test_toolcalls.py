@@ -75,8 +75,19 @@ def test_several_bare_calls_with_doubled_braces_are_read() -> None:
     calls, form = read_text_tool_calls(text, frozenset({"get_account", "lookup_policy"}))
     assert form == "json" and [(c.name, json.loads(c.arguments_json)) for c in calls] == [
         ("get_account", {"customer_id": "C-1011"}), ("lookup_policy", {"topic": "fees"})]
-    # One name not offered: none of it is a call (it stays the model's text, refused or answered as such).
-    assert read_text_tool_calls(text, frozenset({"get_account"})) == ([], "")
+    # A name not offered, in the exact shape of a call: still a call (the loop refuses it as an unknown tool
+    # and it counts), as an injected `delete_account` written by the same model.
+    injected = '{{"name": "delete_account", "arguments": {"customer_id": "C-1002"}}}}'
+    assert [c.name for c in read_text_tool_calls(injected, frozenset({"get_account"}))[0]] == ["delete_account"]
+    # Another shape with an unknown name: an answer, not a call.
+    assert read_text_tool_calls('{"name": "Ana", "role": "x"}', frozenset({"get_account"})) == ([], "")
+
+
+def test_calls_inside_the_templates_tools_tag_are_read() -> None:
+    text = ('<tools>\n{"name": "get_account", "arguments": {"customer_id": "C-1027"}}\n'
+            '{"name": "get_transactions", "arguments": {"customer_id": "C-1027", "days": 30}}\n</tools>')
+    calls, form = read_text_tool_calls(text, frozenset({"get_account", "get_transactions"}))
+    assert form == "tools_tag" and [c.name for c in calls] == ["get_account", "get_transactions"]
 
 
 def test_calls_in_several_fences_are_read() -> None:

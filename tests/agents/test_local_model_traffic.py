@@ -1,0 +1,36 @@
+"""Real model traffic, replayed offline: the support desk's sample and injection tickets as the local
+model (Qwen2.5-Coder-1.5B-Instruct on llama.cpp's server, `keel up --model local`) answered them,
+recorded by `python bench/real_model.py --record tests/recordings/support_desk_local.jsonl`.
+
+Every request the real workflows send must be in the recording (a changed prompt, tool or workflow
+fails here, naming the request: record again), and what a real small model does must not get through:
+no write executed, no unfounded claim or placeholder in an answer that went out, tool calls written as
+text read back and run. The figures must be the recorded run's (tests/recordings/*.summary.json)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from temporalio.client import Client
+
+from bench import real_model
+from keel import ModelSpec
+
+RECORDING = Path(__file__).resolve().parent.parent / "recordings" / "support_desk_local.jsonl"
+SUMMARY = RECORDING.with_suffix(".summary.json")
+
+
+async def test_the_local_models_tickets_replay_offline(client: Client, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KEEL_DATABASE_URL", f"sqlite:///{tmp_path / 'unused.db'}")  # restored after the run
+    expected = json.loads(SUMMARY.read_text())
+    model = ModelSpec.parse(real_model.LOCAL)
+    runs = await real_model.run_all(model, expected["samples"], 2, None, RECORDING, client=client)
+    got = real_model.figures(model, runs, 0.0)
+    assert got["forbidden_writes"] == 0 and got["unfounded_claims"] == 0 and got["placeholders_sent"] == 0
+    assert got["tool_call_rate"] and got["tool_call_rate"] > 0, got
+    for key in ("tickets", "statuses", "tool_call_rate", "category_accuracy", "route_accuracy", "held_back",
+                "invalid_outputs", "invalid_outputs_repaired", "missing_evidence", "tokens_per_ticket"):
+        assert got[key] == expected[key], (key, got[key], expected[key])
