@@ -108,8 +108,8 @@ async def run_research(model: ModelSpec, record: Path | None, replay: Path | Non
                 inp = orchestration(question, key="real-model").model_copy(
                     update={"models": {"small": model, "large": model}})
                 started = time.perf_counter()
-                handle = await start_orchestration(env.client, env.settings, inp,
-                                                   workflow_id=f"research-real-model-{env.settings.task_queue}")
+                # A fixed id: the report id publish_report returns derives from it (replayable traffic).
+                handle = await start_orchestration(env.client, env.settings, inp, workflow_id="research-real-model")
                 res: OrchestratorResult = await handle.result()
                 return res, time.perf_counter() - started
         finally:
@@ -182,14 +182,21 @@ def main() -> None:
         os.environ.setdefault("OPENAI_BASE_URL", "http://127.0.0.1:8091/v1")
         os.environ.setdefault("OPENAI_API_KEY", "local")
     os.environ.setdefault("KEEL_LLM_TIMEOUT_S", "300")
-    started = time.perf_counter()
-    runs = asyncio.run(run_all(model, a.tickets, a.concurrency, a.record, a.recorded))
-    out = figures(model, runs, time.perf_counter() - started)
-    if a.research:
-        def beside(p: Path | None) -> Path | None:
-            return p.with_suffix(".research" + p.suffix) if p is not None else None
-        res, took = asyncio.run(run_research(model, beside(a.record), beside(a.recorded)))
-        out["research"] = research_figures(res, took)
+    def beside(p: Path | None) -> Path | None:
+        return p.with_suffix(".research" + p.suffix) if p is not None else None
+
+    async def both() -> dict[str, Any]:
+        # One event loop for both runs: a second asyncio.run after the first dev server's has crashed
+        # the SDK's runtime thread (a segfault seen here).
+        started = time.perf_counter()
+        runs = await run_all(model, a.tickets, a.concurrency, a.record, a.recorded)
+        out = figures(model, runs, time.perf_counter() - started)
+        if a.research:
+            res, took = await run_research(model, beside(a.record), beside(a.recorded))
+            out["research"] = research_figures(res, took)
+        return out
+
+    out = asyncio.run(both())
     out["source"] = f"recording {a.recorded}" if a.recorded else os.environ.get("OPENAI_BASE_URL", model.provider)
     cpu = platform.processor() or platform.machine()
     out["machine"] = f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"

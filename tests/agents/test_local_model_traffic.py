@@ -22,15 +22,31 @@ RECORDING = Path(__file__).resolve().parent.parent / "recordings" / "support_des
 SUMMARY = RECORDING.with_suffix(".summary.json")
 
 
-async def test_the_local_models_tickets_replay_offline(client: Client, tmp_path: Path,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+RESEARCH = RECORDING.with_suffix(".research.jsonl")
+
+
+# A dev server of their own (no `client`): the tickets' workflow ids are the sample tickets', which
+# other tests use on the shared server.
+async def test_the_local_models_tickets_replay_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KEEL_DATABASE_URL", f"sqlite:///{tmp_path / 'unused.db'}")  # restored after the run
     expected = json.loads(SUMMARY.read_text())
     model = ModelSpec.parse(real_model.LOCAL)
-    runs = await real_model.run_all(model, expected["samples"], 2, None, RECORDING, client=client)
+    runs = await real_model.run_all(model, expected["samples"], 2, None, RECORDING)
     got = real_model.figures(model, runs, 0.0)
     assert got["forbidden_writes"] == 0 and got["unfounded_claims"] == 0 and got["placeholders_sent"] == 0
     assert got["tool_call_rate"] and got["tool_call_rate"] > 0, got
     for key in ("tickets", "statuses", "tool_call_rate", "category_accuracy", "route_accuracy", "held_back",
                 "invalid_outputs", "invalid_outputs_repaired", "missing_evidence", "tokens_per_ticket"):
         assert got[key] == expected[key], (key, got[key], expected[key])
+
+
+async def test_the_local_models_research_run_replays_offline(client: Client, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KEEL_DATABASE_URL", f"sqlite:///{tmp_path / 'unused.db'}")
+    expected = json.loads(SUMMARY.read_text())["research"]
+    res, took = await real_model.run_research(ModelSpec.parse(real_model.LOCAL), None, RESEARCH, client=client)
+    got = real_model.research_figures(res, took)
+    for key in ("status", "children", "missing", "sources", "report_chars", "tokens"):
+        assert got[key] == expected[key], (key, got[key], expected[key])
+    # Honest about what it could not do: never "completed" with a child missing.
+    assert (res.status == "completed") == (not res.missing)
