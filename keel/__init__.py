@@ -20,7 +20,7 @@ from keel.agent import (
     Triage,
     tool,
 )
-from keel.commands import BatchItem, Command, CommandGroup
+from keel.commands import BatchItem, Command, CommandGroup, models_line
 from keel.errors import AgentDefinitionError, AgentNotRegistered, KeelError, ScriptExhausted, ToolError
 from keel.orchestration import ChildTask, OrchestratorInput, OrchestratorResult, Plan, SwarmInput, SwarmResult
 from keel.sim import SimCall, SimReply, SimTurn
@@ -66,5 +66,6 @@ __all__ = [
     "ToolError",
     "ToolOutcome",
     "Triage",
+    "models_line",
     "tool",
 ]

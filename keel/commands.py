@@ -19,7 +19,7 @@ nothing: the command waits for and shows that run.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +27,7 @@ from keel.agent import NAME
 from keel.errors import AgentDefinitionError
 from keel.orchestration import OrchestratorInput, SwarmInput
 from keel.supervision import SupervisorInput
-from keel.types import AgentInput, PatternProgress, PendingAction, Progress
+from keel.types import AgentInput, AgentResult, PatternProgress, PendingAction, Progress
 
 Startable = AgentInput | SupervisorInput | OrchestratorInput | SwarmInput
 
@@ -121,3 +121,14 @@ class BatchItem:
                 "error": self.error or None,
                 "result": self.result.model_dump(mode="json") if self.result is not None else None,
                 "progress": self.progress.model_dump(mode="json") if self.progress is not None else None}
+
+
+def models_line(results: Mapping[str, AgentResult]) -> str:
+    """A pattern command's last line: its children's models, with what their costs are (simulated: the
+    sim; an estimate: self-hosted). Rich markup: the model labels' brackets are escaped."""
+    models = sorted({m for res in results.values() for m in res.models})
+    notes = ["sim: simulated tokens and costs"] if any("[sim" in m for m in models) else []
+    if any("[self-hosted]" in m for m in models):
+        notes.append("self-hosted: costs are your declared estimate (KEEL_PRICES)")
+    shown = ", ".join(models).replace("[", "\\[") or "-"
+    return f"models: {shown}" + (f"  [dim]({'; '.join(notes)})[/dim]" if notes else "")

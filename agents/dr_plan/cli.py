@@ -53,15 +53,6 @@ def _tokens(res: keel.SupervisorResult, name: str) -> int:
     return sum(c.usage.tokens for c in res.children if c.name == name)
 
 
-def models_line(results: dict[str, keel.AgentResult]) -> str:
-    """The children's models, with what their costs are (simulated: the sim; an estimate: self-hosted)."""
-    models = sorted({m for res in results.values() for m in res.models})
-    notes = ["sim: simulated tokens and costs"] if any("[sim" in m for m in models) else []
-    if any("[self-hosted]" in m for m in models):
-        notes.append("self-hosted: costs are your declared estimate (KEEL_PRICES)")
-    return f"models: {escape(', '.join(models) or '-')}" + (f"  [dim]({'; '.join(notes)})[/dim]" if notes else "")
-
-
 def show(res: keel.SupervisorResult) -> Iterator[Any]:
     """Every round (the planner's plan, the rule violations, the review), the plan, the verdict, the costs."""
     if res.status == "rejected":
@@ -96,7 +87,7 @@ def show(res: keel.SupervisorResult) -> Iterator[Any]:
     share = review / res.usage.tokens if res.usage.tokens else 0.0
     yield (f"tokens: planner {worker:,} + reviewer {review:,} = {res.usage.tokens:,} (${res.usage.cost_usd:.5f}, "
            f"{res.usage.llm_calls} calls); review overhead {share:.0%} of tokens")
-    yield models_line(res.results)
+    yield keel.models_line(res.results)
 
 
 COMMANDS = [keel.Command(name="plan", build=plan, show=show)]

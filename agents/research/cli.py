@@ -81,15 +81,6 @@ def costs_table(r: keel.OrchestratorResult) -> Table:
     return t
 
 
-def models_line(results: dict[str, keel.AgentResult]) -> str:
-    """The children's models, with what their costs are (simulated: the sim; an estimate: self-hosted)."""
-    models = sorted({m for res in results.values() for m in res.models})
-    notes = ["sim: simulated tokens and costs"] if any("[sim" in m for m in models) else []
-    if any("[self-hosted]" in m for m in models):
-        notes.append("self-hosted: costs are your declared estimate (KEEL_PRICES)")
-    return f"models: {escape(', '.join(models) or '-')}" + (f"  [dim]({'; '.join(notes)})[/dim]" if notes else "")
-
-
 def show(r: keel.OrchestratorResult) -> Iterator[Any]:
     """The report, the costs of every child, the status with the plan, the report id and the sources."""
     if r.status == "rejected":
@@ -100,7 +91,7 @@ def show(r: keel.OrchestratorResult) -> Iterator[Any]:
     yield Markdown(str(rep.get("report") or r.output or "(no report)"))
     yield ""
     yield costs_table(r)
-    yield models_line(r.results)
+    yield keel.models_line(r.results)
     colour = {"completed": "green", "partial": "yellow"}.get(r.status, "red")
     listed = rep.get("sources")
     sources = ", ".join(str(s) for s in listed) if isinstance(listed, list) and listed else "-"
