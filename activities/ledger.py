@@ -289,6 +289,23 @@ class Ledger:
                 rows = s.execute(stmt).mappings().all()
         return [dict(r) for r in rows if r["calls"]]
 
+    def task_costs(self, task_type: str | None = None, since: datetime | None = None) -> dict[str, float]:
+        """What each task cost (USD), by workflow id: its own model calls plus its children's (a pattern's
+        family is one task). `task_type`: only tasks of that agent or pattern (the parent's type)."""
+        root = func.coalesce(col(LedgerRow.parent_workflow_id), col(LedgerRow.workflow_id))
+        stmt = select(root.label("root"), func.sum(col(LedgerRow.cost_usd)).label("cost")).where(
+            col(LedgerRow.kind) == "llm").group_by(root)
+        if since is not None:
+            stmt = stmt.where(col(LedgerRow.created_at) >= _as_utc(since))
+        types = select(col(LedgerRow.workflow_id), col(LedgerRow.task_type)).where(
+            col(LedgerRow.parent_workflow_id).is_(None)).distinct()
+        with Session(self.engine) as s:
+            costs = {r.root: float(r.cost or 0.0) for r in s.execute(stmt)}
+            kinds = {r.workflow_id: r.task_type for r in s.execute(types)} if task_type else {}
+        if task_type:
+            costs = {w: c for w, c in costs.items() if kinds.get(w) == task_type}
+        return costs
+
     def task_totals(self, workflow_id: str) -> dict[str, Any]:
         """LLM calls, tokens and cost, and tool calls, of one task."""
         llm = col(LedgerRow.kind) == "llm"
