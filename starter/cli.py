@@ -33,6 +33,7 @@ from starter.run_cli import print_agent_result, run_cmd, watch_agent, worker_cmd
 from starter.shadow_cli import shadow_app
 from starter.swarm_cli import swarm_cmd
 from starter.trace_cli import trace_cmd
+from starter.vary_cli import vary_cmd
 
 
 def _json_result(res: Any) -> None:
@@ -58,6 +59,7 @@ app.add_typer(prompts_app, name="prompts")
 app.command("metrics")(metrics)
 app.command("alerts")(alerts)
 app.command("forecast")(forecast_command)
+app.command("vary")(vary_cmd)
 app.command("trace")(trace_cmd)
 add_commands(app)  # the agent packages' verbs (keel.Command): the built-in ones' and KEEL_COMMANDS'
 app.command("swarm")(swarm_cmd)
