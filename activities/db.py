@@ -186,6 +186,16 @@ class ShadowComparisonRow(SQLModel, table=True):
     created_at: datetime = _created_at()
 
 
+class EvalRunRow(SQLModel, table=True):
+    """One `keel eval run`: the suite's report (every case, every run's score) as JSON."""
+
+    __tablename__ = "eval_runs"
+    run_id: str = Field(primary_key=True)
+    suite: str = Field(index=True)
+    report: str
+    created_at: datetime = _created_at()
+
+
 class ShadowConfigRow(SQLModel, table=True):
     """Shadow mode's configuration (`keel shadow start/stop`): at most one row is active."""
 

@@ -25,6 +25,7 @@ from starter.breaker_cli import breaker_app
 from starter.codec_cli import codec_server
 from starter.commands import add_commands
 from starter.console import client_or_exit, console, err, load_settings, run_task
+from starter.eval_cli import eval_app
 from starter.forecast_cli import forecast_command
 from starter.inspect_cli import history_app, prompts_app, replay_cmd
 from starter.metrics_cli import alerts, metrics
@@ -60,6 +61,7 @@ app.command("metrics")(metrics)
 app.command("alerts")(alerts)
 app.command("forecast")(forecast_command)
 app.command("vary")(vary_cmd)
+app.add_typer(eval_app, name="eval")
 app.command("trace")(trace_cmd)
 add_commands(app)  # the agent packages' verbs (keel.Command): the built-in ones' and KEEL_COMMANDS'
 app.command("swarm")(swarm_cmd)
