@@ -73,6 +73,7 @@ def run_cmd(
     concurrency: Annotated[int, typer.Option("--concurrency", min=1, help="Runs at a time")] = 20,
     case_ids: Annotated[list[str] | None, typer.Option("--case", help="Only these cases (repeatable)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
+    out: Annotated[Path | None, typer.Option("--out", help="Also write the full report (every run) as JSON")] = None,
 ) -> None:
     """Run every case of a suite N times and give each a pass rate, its 95% Wilson interval and a verdict."""
     settings = load_settings()
@@ -128,7 +129,10 @@ def run_cmd(
         doc = {"suite": suite.suite, "run_id": run_id, "agent": suite.agent, "runs": n,
                "prompt_version": prompt_version, "model": model,
                "cases": [r.model_dump(exclude={"scores"}) for r in reports], "summary": summary}
-        save_eval(settings.db_url, run_id, suite.suite, {**doc, "cases": [r.model_dump() for r in reports]})
+        full = {**doc, "cases": [r.model_dump() for r in reports]}
+        save_eval(settings.db_url, run_id, suite.suite, full)
+        if out is not None:
+            out.write_text(json.dumps(full, indent=1))
         if as_json:
             print(json.dumps(doc))
         else:
@@ -170,3 +174,104 @@ def save_eval(db_url: str, run_id: str, suite: str, doc: dict[str, Any]) -> None
     with Session(engine) as s:
         s.add(EvalRunRow(run_id=run_id, suite=suite, report=json.dumps(doc)))
         s.commit()
+
+
+def load_eval(db_url: str, ref: str) -> dict[str, Any]:
+    """A stored eval run by its id (or a unique prefix, or `latest:SUITE` / `previous:SUITE`), or a JSON
+    file `keel eval run --json --out` wrote."""
+    from sqlmodel import Session, col, select
+
+    from activities.db import EvalRunRow, init_db, make_engine
+
+    if ref.endswith(".json") and Path(ref).is_file():
+        doc: dict[str, Any] = json.loads(Path(ref).read_text())
+        return doc
+    engine = make_engine(db_url)
+    init_db(engine)
+    with Session(engine) as s:
+        if ref.startswith(("latest:", "previous:")):
+            which, _, suite = ref.partition(":")
+            rows = s.exec(select(EvalRunRow).where(EvalRunRow.suite == suite)
+                          .order_by(col(EvalRunRow.created_at).desc())).all()
+            pick = 0 if which == "latest" else 1
+            if len(rows) <= pick:
+                raise SuiteError(f"no {which} eval run of suite {suite!r}")
+            return dict(json.loads(rows[pick].report))
+        found = s.exec(select(EvalRunRow).where(col(EvalRunRow.run_id).startswith(ref))).all()
+    if len(found) != 1:
+        raise SuiteError(f"eval run {ref!r}: {'no such run' if not found else f'{len(found)} runs match'} "
+                         "(`keel eval runs` lists them)")
+    return dict(json.loads(found[0].report))
+
+
+@eval_app.command("compare")
+def compare_cmd(
+    a: Annotated[str, typer.Argument(help="The baseline run: its id (or prefix), latest:SUITE, previous:SUITE")],
+    b: Annotated[str, typer.Argument(help="The candidate run, as A")],
+    gate: Annotated[bool, typer.Option("--gate", help="Exit 1 when the gate fails (for CI)")] = False,
+    max_drop: Annotated[float, typer.Option("--max-drop", min=0, max=1,
+                                            help="Gate: largest mean success drop per case")] = 0.05,
+    max_cost_increase: Annotated[float | None, typer.Option("--max-cost-increase", min=0,
+                                                            help="Gate: largest relative cost increase")] = None,
+    report: Annotated[Path | None, typer.Option("--report", help="Write the comparison as Markdown here")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
+) -> None:
+    """Two eval runs of a suite, case by case: success with intervals and a paired sign test, cost and
+    latency deltas with bootstrap intervals, regressions named; --gate for CI."""
+    from keel.compare import compare, markdown
+
+    settings = load_settings()
+    try:
+        c = compare(load_eval(settings.db_url, a), load_eval(settings.db_url, b), max_drop=max_drop,
+                    max_cost_increase=max_cost_increase)
+    except (ValueError, KeyError) as e:
+        err.print(f"[red]{escape(str(e))}[/red]")
+        raise typer.Exit(2) from e
+    text = markdown(c)
+    if report is not None:
+        report.write_text(text)
+    if as_json:
+        print(c.model_dump_json())
+    else:
+        t = Table(title=f"{c.suite}: {c.b} against {c.a}")
+        for col_name in ("case", "A", "B", "change (95% CI)", "verdicts", "cost A", "cost B"):
+            t.add_column(col_name, justify="left" if col_name in ("case", "verdicts") else "right")
+        style = {"regression": "bold red", "improvement": "green", "same": "dim"}
+        for d in c.cases:
+            t.add_row(d.id, f"{d.pass_rate_a:.0%}", f"{d.pass_rate_b:.0%}",
+                      f"[{style[d.change]}]{d.delta:+.0%} ({d.delta_low:+.2f}, {d.delta_high:+.2f})[/]",
+                      f"{d.verdict_a} > {d.verdict_b}", f"{d.cost_a:.5f}", f"{d.cost_b:.5f}")
+        console.print(t)
+        console.print(f"success per case {c.mean_delta:+.1%} (95% CI {c.mean_delta_low:+.1%} to "
+                      f"{c.mean_delta_high:+.1%}); "
+                      f"{c.better} better, {c.worse} worse, sign test p = {c.sign_test_p:.3f}; cost per run "
+                      f"{c.cost_change:+.1%} ({c.cost_change_low:+.1%} to {c.cost_change_high:+.1%}); regressions: "
+                      f"{', '.join(c.regressions) or 'none'}")
+        console.print("[red]gate failed:[/red] " + "; ".join(c.gate_failures) if c.gate_failures
+                      else "[green]gate passed[/green]")
+    if gate and c.gate_failures:
+        raise typer.Exit(1)
+
+
+@eval_app.command("runs")
+def runs_cmd(suite: Annotated[str | None, typer.Argument(help="Only this suite's runs")] = None) -> None:
+    """The stored eval runs, newest first."""
+    from sqlmodel import Session, col, select
+
+    from activities.db import EvalRunRow, init_db, make_engine
+
+    settings = load_settings()
+    engine = make_engine(settings.db_url)
+    init_db(engine)
+    with Session(engine) as s:
+        stmt = select(EvalRunRow).order_by(col(EvalRunRow.created_at).desc())
+        rows = s.exec(stmt.where(EvalRunRow.suite == suite) if suite else stmt).all()
+    t = Table(title="eval runs")
+    for c in ("run id", "suite", "when", "cases", "pass", "flaky", "fail", "runs"):
+        t.add_column(c)
+    for r in rows:
+        summary = json.loads(r.report).get("summary", {})
+        t.add_row(r.run_id, r.suite, f"{r.created_at:%Y-%m-%d %H:%M}", str(summary.get("cases", "")),
+                  str(summary.get("pass", "")), str(summary.get("flaky", "")), str(summary.get("fail", "")),
+                  str(summary.get("runs", "")))
+    console.print(t)

@@ -11,6 +11,7 @@ from sqlalchemy import text
 from temporalio.client import Client
 
 from agents.oncall.status_service import StatusService
+from keel.compare import compare, markdown, newcombe, sign_test
 from keel.evals import EvalCase, EvalSuite, score, verdict, wilson
 from keel.types import AgentResult, BlockedAction
 from starter.eval_cli import SuiteError, load_suite
@@ -84,3 +85,52 @@ async def test_keel_eval_run(client: Client, status: StatusService, tmp_path: Pa
     assert sorted(s for s, _ in stored) == ["oncall_core", "oncall_gate"]
     report = json.loads(next(r for s, r in stored if s == "oncall_gate"))
     assert len(report["cases"][0]["scores"]) == 3
+
+
+# --- keel eval compare -----------------------------------------------------------------------------------
+def _doc(run_id: str, cases: dict[str, list[tuple[bool, float]]]) -> dict[str, object]:
+    def case(cid: str, runs: list[tuple[bool, float]]) -> dict[str, object]:
+        ok = sum(p for p, _ in runs)
+        return {"id": cid, "verdict": verdict(ok, len(runs), 0.9), "scores": [
+            {"run": i + 1, "passed": p, "cost_usd": c, "latency_s": 1.0} for i, (p, c) in enumerate(runs)]}
+    return {"suite": "s", "run_id": run_id, "cases": [case(k, v) for k, v in cases.items()]}
+
+
+def test_newcombe_and_the_sign_test() -> None:
+    low, high = newcombe(3, 3, 0, 3)
+    assert low == -1.0 and high == pytest.approx(-0.21, abs=0.02)  # 3/3 to 0/3: a drop, even with 3 runs
+    low, high = newcombe(4, 5, 3, 5)
+    assert low < 0 < high  # 80% to 60% on 5 runs: it could be chance
+    assert sign_test(0, 6) == pytest.approx(0.03125) and sign_test(3, 3) == 1.0
+
+
+def test_compare_names_regressions_and_gates() -> None:
+    a = _doc("A", {"x": [(True, 0.01)] * 10, "y": [(True, 0.01)] * 10, "z": [(True, 0.01)] * 10})
+    b = _doc("B", {"x": [(False, 0.01)] * 10, "y": [(True, 0.03)] * 10, "z": [(True, 0.01)] * 9 + [(False, 0.01)],
+                   "new": [(True, 0.01)]})
+    c = compare(a, b, max_cost_increase=0.2)
+    assert c.regressions == ["x"] and c.improvements == [] and c.only_in_b == ["new"]
+    assert c.cost_change == pytest.approx((0.01 + 0.03 + 0.01) / 0.03 - 1, abs=1e-3)
+    assert any(g.startswith("x:") for g in c.gate_failures) and any("cost per run rose" in g for g in c.gate_failures)
+    assert "**regression**" in markdown(c) and "Gate: failed" in markdown(c)
+    same = compare(a, a)
+    assert same.gate_failures == [] and same.mean_delta == 0 and "Gate: passed" in markdown(same)
+
+
+async def test_keel_eval_compare_gates_a_regression(client: Client, status: StatusService, tmp_path: Path) -> None:
+    suite = ROOT / "evals" / "oncall.yaml"
+    async with env_for(client) as env:
+        cli = cli_env(env, tmp_path)
+        calm = await keel_cli(cli, "eval", "run", str(suite), "--runs", "3", "--case", "api-healthy",
+                              "--spiral-rate", "0", "--json")
+        spiral = await keel_cli(cli, "eval", "run", str(suite), "--runs", "3", "--case", "api-healthy",
+                                "--spiral-rate", "1", "--json")
+        compared = await keel_cli(cli, "eval", "compare", "previous:oncall_core", "latest:oncall_core", "--gate",
+                                  "--report", str(tmp_path / "report.md"))
+        listed = await keel_cli(cli, "eval", "runs", "oncall_core")
+    assert calm.exit_code == 0 and spiral.exit_code == 1, (calm.output, spiral.output)
+    assert compared.exit_code == 1, compared.output  # the gate: a regression
+    assert "api-healthy" in compared.output and "gate failed" in compared.output
+    report = (tmp_path / "report.md").read_text()
+    assert "**regression**" in report and "100% (3) | 0% (3)" in report
+    assert listed.exit_code == 0 and listed.output.count("oncall_core-") == 2
