@@ -32,6 +32,7 @@ from activities.tracing import Tracing
 from keel import errors
 from keel.agent import Agent, Tool, ToolContext
 from keel.breaker import UsageReport
+from keel.chaos import GARBAGE, hits
 from keel.errors import ToolError
 from keel.names import FINISH_ACTIVITY
 from keel.types import FinishRequest, ToolRequest, ToolResult
@@ -92,6 +93,20 @@ class AgentToolActivities:
                                 latency_ms=_ms_since(start))
             await self._record(req, t.name, result, attempt)
             return result
+        chaos = req.task.chaos
+        if chaos is not None:  # a chaos run (keel.chaos): faults injected before the tool runs
+            if chaos.tool_latency_ms:
+                await asyncio.sleep(chaos.tool_latency_ms / 1000)
+            for kind, what in (("tool_timeout", "timed out"), ("tool_error", "failed: backend error")):
+                if hits(chaos, kind, req.idempotency_key, attempt):
+                    failed = ToolResult(ok=False, error=f"{t.name} {what} (injected by chaos)",
+                                        latency_ms=_ms_since(start))
+                    await self._record(req, t.name, failed, attempt)
+                    raise ApplicationError(failed.error or "", type=errors.CHAOS_FAULT)
+            if hits(chaos, "tool_garbage", req.idempotency_key, attempt):
+                garbled = ToolResult(ok=True, content=dict(GARBAGE), latency_ms=_ms_since(start))
+                await self._record(req, t.name, garbled, attempt)
+                return garbled
         ctx = ToolContext(agent=agent.name, tool=t.name, workflow_id=req.task.workflow_id, step=req.step,
                           idempotency_key=req.idempotency_key, attempt=attempt, tenant=req.task.tenant,
                           key=req.task.key)

@@ -14,9 +14,10 @@ from temporalio.exceptions import ApplicationError
 from activities.breaker import BreakerActivities
 from activities.ledger import Ledger
 from activities.prompts import load_prompt_at
-from activities.providers.base import Provider
+from activities.providers.base import Provider, provider_error
 from activities.tracing import Tracing
 from keel import errors, registry
+from keel.chaos import hits
 from keel.names import LLM_ACTIVITY
 from keel.output import output_problem
 from keel.pricing import UnpricedModelError, cost_usd, price_for
@@ -90,6 +91,14 @@ class LlmActivities:
                     type=errors.BUDGET_WOULD_EXCEED,
                     non_retryable=True,
                 )
+        chaos = req.task.chaos
+        if chaos is not None:  # a chaos run (keel.chaos): a 429 or 500 storm, per attempt
+            key, attempt = f"{req.task.workflow_id}/{req.step}", activity.info().attempt
+            if hits(chaos, "provider_429", key, attempt):
+                raise provider_error(req.model.provider, status=429, message="rate limited (injected by chaos)",
+                                     retry_after_s=1.0)
+            if hits(chaos, "provider_500", key, attempt):
+                raise provider_error(req.model.provider, status=500, message="server error (injected by chaos)")
         started = time.perf_counter()
         result = await _with_heartbeats(provider.complete(req, prompt.text))
         latency_ms = (time.perf_counter() - started) * 1000

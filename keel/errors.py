@@ -47,6 +47,8 @@ SHADOW_INPUT_ERROR = "ShadowInputError"
 """A task whose configuration cannot run (an override naming an unknown tool, an invalid model...)."""
 SCRIPT_EXHAUSTED = "ScriptExhausted"
 RECORDING_MISSING = "RecordingMissing"
+CHAOS_FAULT = "ChaosFault"
+"""Retryable: a fault a chaos run injected into a tool call (keel.chaos)."""
 """A replayed provider request (KEEL_REPLAY) that the recording has no answer for."""
 
 NON_RETRYABLE = [

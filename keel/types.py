@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from keel.breaker import AdmitDecision, AdmitRequest
+from keel.chaos import Chaos
 
 Role = Literal["system", "user", "assistant", "tool"]
 Permission = Literal["read_only", "confirm", "autonomous"]
@@ -209,6 +210,8 @@ class TaskContext(BaseModel):
     parent_workflow_id: str = ""
     """The parent pattern's workflow (orchestrator, supervisor, swarm, shadow) of a child task, else
     empty: the ledger's `parent_workflow_id`, so a parent's spend is the sum of its children's rows."""
+    chaos: Chaos | None = None
+    """Faults the worker's activities inject into this task's calls (keel.chaos; chaos runs only)."""
 
 
 class LlmRequest(BaseModel):
@@ -541,6 +544,8 @@ class AgentInput(BaseModel):
     prices: dict[str, Price] = Field(default_factory=dict)
     """The user's prices (KEEL_PRICES), by "provider:model", pinned by the task's starter: the task prices
     its models with them first (keel.pricing), so a replay sees the prices the task ran with."""
+    chaos: Chaos | None = None
+    """Fault injection into this task's tool and model calls (`keel chaos run`); None: none."""
 
 
 AgentStatus = Literal["completed", "escalated", "budget_exceeded", "rejected"]

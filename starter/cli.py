@@ -22,6 +22,7 @@ from starter import orchestrate_cli, patterns, stack, swarm_cli, views
 from starter.agents import SA_TASK_TYPE, agent_progress
 from starter.approvals_cli import approvals, approve, reject
 from starter.breaker_cli import breaker_app
+from starter.chaos_cli import chaos_app
 from starter.codec_cli import codec_server
 from starter.commands import add_commands
 from starter.console import client_or_exit, console, err, load_settings, run_task
@@ -62,6 +63,7 @@ app.command("alerts")(alerts)
 app.command("forecast")(forecast_command)
 app.command("vary")(vary_cmd)
 app.add_typer(eval_app, name="eval")
+app.add_typer(chaos_app, name="chaos")
 app.command("trace")(trace_cmd)
 add_commands(app)  # the agent packages' verbs (keel.Command): the built-in ones' and KEEL_COMMANDS'
 app.command("swarm")(swarm_cmd)

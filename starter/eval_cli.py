@@ -20,6 +20,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from keel.chaos import Chaos
 from keel.evals import EvalCase, EvalSuite, RunScore, Scorer, case_report, forbidden_attempts, score
 from keel.types import AgentInput, AgentResult
 from starter.agents import command_models, start_agent
@@ -79,8 +80,8 @@ def run_cmd(
     settings = load_settings()
     try:
         suite = load_suite(suite_file)
-        scorers = [load_scorer(s) for s in suite.scorers]
-        per_case = {c.id: [load_scorer(s) for s in c.scorers] for c in suite.cases}
+        for spec in [*suite.scorers, *(x for c in suite.cases for x in c.scorers)]:
+            load_scorer(spec)  # a bad custom scorer is refused before anything runs
         models = command_models(settings, model)
     except ValueError as e:
         err.print(f"[red]{escape(str(e))}[/red]")
@@ -94,29 +95,9 @@ def run_cmd(
 
     async def main() -> None:
         client = await client_or_exit(settings)
-        gate = asyncio.Semaphore(concurrency)
-        scores: dict[str, list[RunScore]] = {c.id: [] for c in cases}
-
-        async def one(case: EvalCase, i: int, progress: Progress, task: Any) -> None:
-            async with gate:
-                inp = AgentInput(agent=case.agent or suite.agent, input=case.input, tenant=case.tenant,
-                                 key=f"eval-{run_id}-{case.id}-{i + 1}", models=models, prompt_version=prompt_version,
-                                 approval_mode="escalate", temperature=temperature,
-                                 sim=sim_config(settings, i, spiral_rate, None))
-                started = time.perf_counter()
-                res: AgentResult = await (await start_agent(client, settings, inp, shadow=False)).result()
-                latency = time.perf_counter() - started
-            problems = score(case, res, latency, [*scorers, *per_case[case.id]])
-            scores[case.id].append(RunScore(run=i + 1, workflow_id=res.workflow_id, status=res.status,
-                                            passed=not problems, problems=problems, cost_usd=res.cost_usd,
-                                            tokens=res.tokens, latency_s=round(latency, 3),
-                                            forbidden_attempts=forbidden_attempts(case, res)))
-            progress.advance(task)
-
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      console=console, transient=True, disable=as_json) as progress:
-            task = progress.add_task(f"{suite.suite}: {len(cases)} cases x {n} runs", total=len(cases) * n)
-            await asyncio.gather(*(one(c, i, progress, task) for c in cases for i in range(n)))
+        runner = SuiteRunner(client, settings, suite, models=models, prompt_version=prompt_version,
+                             temperature=temperature, spiral_rate=spiral_rate, concurrency=concurrency)
+        scores, _ = await runner.run(cases, n, f"eval-{run_id}", quiet=as_json)
         reports = [case_report(c, sorted(scores[c.id], key=lambda s: s.run), suite.pass_rate) for c in cases]
         verdicts = [r.verdict for r in reports]
         all_scores = [s for r in reports for s in r.scores]
@@ -141,6 +122,56 @@ def run_cmd(
             raise typer.Exit(1)
 
     run_task(main, f"eval {suite.suite}")
+
+
+class SuiteRunner:
+    """Runs a suite's cases through the real workflows (every run an agent task on the server)."""
+
+    def __init__(self, client: Any, settings: Any, suite: EvalSuite, *, models: Any, prompt_version: str | None,
+                 temperature: float, spiral_rate: float | None, concurrency: int) -> None:
+        self.client, self.settings, self.suite = client, settings, suite
+        self.models, self.prompt_version, self.temperature = models, prompt_version, temperature
+        self.spiral_rate, self.concurrency = spiral_rate, concurrency
+        self.scorers = [load_scorer(x) for x in suite.scorers]
+        self.per_case = {c.id: [load_scorer(x) for x in c.scorers] for c in suite.cases}
+
+    async def run(self, cases: list[EvalCase], n: int, prefix: str, quiet: bool = False,
+                  chaos: Chaos | None = None) -> tuple[dict[str, list[RunScore]], dict[str, list[AgentResult | str]]]:
+        """(scores by case, results by case: an AgentResult, or why the task was lost)."""
+        gate = asyncio.Semaphore(self.concurrency)
+        scores: dict[str, list[RunScore]] = {c.id: [] for c in cases}
+        results: dict[str, list[AgentResult | str]] = {c.id: [] for c in cases}
+
+        async def one(case: EvalCase, i: int, progress: Progress, task: Any) -> None:
+            async with gate:
+                inp = AgentInput(agent=case.agent or self.suite.agent, input=case.input, tenant=case.tenant,
+                                 key=f"{prefix}-{case.id}-{i + 1}", models=self.models,
+                                 prompt_version=self.prompt_version, approval_mode="escalate",
+                                 temperature=self.temperature, chaos=chaos,
+                                 sim=sim_config(self.settings, i, self.spiral_rate, None))
+                started = time.perf_counter()
+                try:
+                    res: AgentResult = await (await start_agent(self.client, self.settings, inp,
+                                                                shadow=False)).result()
+                except Exception as e:  # a task that failed instead of ending: lost
+                    results[case.id].append(f"{type(e).__name__}: {e}")
+                    progress.advance(task)
+                    return
+                latency = time.perf_counter() - started
+            results[case.id].append(res)
+            problems = score(case, res, latency, [*self.scorers, *self.per_case[case.id]])
+            scores[case.id].append(RunScore(run=i + 1, workflow_id=res.workflow_id, status=res.status,
+                                            passed=not problems, problems=problems, cost_usd=res.cost_usd,
+                                            tokens=res.tokens, latency_s=round(latency, 3),
+                                            forbidden_attempts=forbidden_attempts(case, res)))
+            progress.advance(task)
+
+        label = f"{self.suite.suite}{' (chaos)' if chaos else ''}: {len(cases)} cases x {n} runs"
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=console, transient=True, disable=quiet) as progress:
+            task = progress.add_task(label, total=len(cases) * n)
+            await asyncio.gather(*(one(c, i, progress, task) for c in cases for i in range(n)))
+        return scores, results
 
 
 def print_reports(suite: EvalSuite, reports: list[Any], summary: dict[str, Any], run_id: str) -> None:

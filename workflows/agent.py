@@ -164,6 +164,7 @@ class AgentWorkflow:
             workflow_id=workflow_id, tenant=inp.tenant, key=inp.key,
             feature=inp.feature or agent.task_feature, task_type=agent.name, prompt_version=version,
             input_hash=input_hash(inp.tenant, inp.input), parent_workflow_id=parent_workflow_id,
+            chaos=inp.chaos,
         )
         models = {**agent.model_specs, **(inp.models or {})}
         tiers = {agent.step_kind: agent.tier}
