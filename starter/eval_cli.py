@@ -73,6 +73,7 @@ def run_cmd(
     spiral_rate: Annotated[float | None, typer.Option("--spiral-rate", help="Sim: chance of a spiral")] = None,
     concurrency: Annotated[int, typer.Option("--concurrency", min=1, help="Runs at a time")] = 20,
     case_ids: Annotated[list[str] | None, typer.Option("--case", help="Only these cases (repeatable)")] = None,
+    tags: Annotated[list[str] | None, typer.Option("--tag", help="Only the cases with this tag (repeatable)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
     out: Annotated[Path | None, typer.Option("--out", help="Also write the full report (every run) as JSON")] = None,
 ) -> None:
@@ -86,9 +87,9 @@ def run_cmd(
     except ValueError as e:
         err.print(f"[red]{escape(str(e))}[/red]")
         raise typer.Exit(2) from e
-    cases = [c for c in suite.cases if not case_ids or c.id in case_ids]
+    cases = [c for c in suite.cases if (not case_ids or c.id in case_ids) and (not tags or set(tags) & set(c.tags))]
     if not cases:
-        err.print(f"[red]no case of {suite.suite} matches {case_ids}[/red]")
+        err.print(f"[red]no case of {suite.suite} matches {case_ids or ''} {tags or ''}[/red]")
         raise typer.Exit(2)
     n = runs or suite.runs
     run_id = f"{suite.suite}-{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
