@@ -329,8 +329,6 @@ async def test_a_what_if_runs_on_the_model_settings_unless_its_flags_say_otherwi
 
 
 def test_the_pattern_commands_label_self_hosted_costs_as_they_label_the_sims() -> None:
-    from agents.dr_plan.cli import models_line as plan_models
-    from agents.research.cli import models_line as research_models
     from starter.views import self_hosted_note
 
     pricing.use_prices(parse_prices('{"openai:qwen-local": {"self_hosted": true}}'))
@@ -338,7 +336,7 @@ def test_the_pattern_commands_label_self_hosted_costs_as_they_label_the_sims() -
                                          models=["openai:qwen-local [self-hosted]"])}
     simulated = {"writer": keel.AgentResult(workflow_id="w", agent="a", status="completed",
                                             models=["sim-large [sim (offline simulator)]"])}
-    for line in (research_models, plan_models):
+    for line in (keel.models_line,):  # the research and plan verbs' models line
         assert "self-hosted: costs are your declared estimate (KEEL_PRICES)" in line(hosted)
         assert "sim: simulated tokens and costs" in line(simulated) and "self-hosted:" not in line(simulated)
     assert "self-hosted" in self_hosted_note(["qwen-local", "qwen-local"])  # a swarm's peers, by model name
