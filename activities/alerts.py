@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, select, text
 from sqlmodel import Session, col
 
 from activities.db import AlertRow, LedgerRow, utcnow
@@ -35,6 +35,7 @@ from keel.shadow import SHADOW_FEATURE
 from keel.types import TaskContext, TaskOutcome
 
 log = logging.getLogger("keel.alerts")
+_ALERTS_LOCK_ID = 0x6B616C74  # "kalt": the PostgreSQL advisory lock of AlertStore.save
 
 
 def figures_of(task: TaskContext, outcome: TaskOutcome) -> TaskFigures:
@@ -76,8 +77,11 @@ class AlertStore:
         """Writes `alerts`; returns the new ones (not repeats), as documents."""
         now = now or utcnow()
         fresh: list[AlertRow] = []
-        # One transaction (on SQLite it holds the write lock): two workers cannot both raise one alert.
+        # One transaction holding the write lock (SQLite) or an advisory lock (PostgreSQL): two workers
+        # cannot both raise one alert.
         with Session(self.engine, expire_on_commit=False) as s:
+            if self.engine.dialect.name == "postgresql":
+                s.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _ALERTS_LOCK_ID})
             for a in alerts:
                 last = s.scalars(select(AlertRow).where(col(AlertRow.dedup_key) == a.dedup_key)
                                  .order_by(col(AlertRow.id).desc()).limit(1)).first()

@@ -7,13 +7,14 @@ All calls are synchronous: activities run them in worker threads.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, DateTime, Engine, Table, event, inspect, text
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.pool import StaticPool
 from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, SQLModel, create_engine
@@ -222,12 +223,26 @@ def read_only(engine: Engine) -> Iterator[Connection]:
         yield conn.execution_options(**{_READ_ONLY: True})
 
 
+def with_driver(url: str) -> URL:
+    """`url` as a URL, `postgresql://` meaning psycopg 3 (the driver `pip install -e '.[postgres]'`
+    installs) when it is installed, not SQLAlchemy's default psycopg2."""
+    u = make_url(url)
+    if u.drivername == "postgresql" and importlib.util.find_spec("psycopg") is not None:
+        return u.set(drivername="postgresql+psycopg")
+    return u
+
+
 def make_engine(url: str) -> Engine:
     """An engine for `url`. SQLite gets WAL, a busy timeout and BEGIN IMMEDIATE so that many
     activity threads (and processes) can write; other databases are used unchanged."""
-    u = make_url(url)
+    u = with_driver(url)
     if u.get_backend_name() != "sqlite":
-        return create_engine(url, pool_pre_ping=True)
+        try:
+            return create_engine(u, pool_pre_ping=True)
+        except ModuleNotFoundError as e:
+            hint = (" (pip install -e '.[postgres]' installs psycopg 3, the driver of postgresql:// and "
+                    "postgresql+psycopg:// URLs)" if u.get_backend_name() == "postgresql" else "")
+            raise RuntimeError(f"the database {u.render_as_string()} needs the driver {e.name!r}{hint}") from e
     memory = u.database in (None, "", ":memory:")
     if memory:
         # One shared connection, or every pooled connection would see its own empty database.

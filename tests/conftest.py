@@ -31,6 +31,7 @@ from starter.stack import ensure_search_attributes
 from workers.worker import build_worker
 
 T = TypeVar("T")
+pytest_plugins = ["tests.pg"]  # the PostgreSQL server fixtures: pg_server, pg_url, any_db_url
 BIN = Path(sys.executable).parent
 
 _SA_FACTORY = {

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
 import itertools
+import threading
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -17,10 +20,20 @@ from sqlmodel import Session
 from activities.db import LedgerRow, init_db, make_engine
 from activities.ledger import GROUP_COLUMNS, Ledger
 from keel.types import LlmRequest, LlmResponse, Message, TaskContext, TaskOutcome, Usage
+from tests.pg import DIALECTS
 
 
 @pytest.fixture
-def engine(tmp_path: Path) -> Engine:
+def engine(any_db_url: str) -> Iterator[Engine]:
+    """A fresh ledger on SQLite, then on PostgreSQL (tests/pg.py)."""
+    e = make_engine(any_db_url)
+    init_db(e)
+    yield e
+    e.dispose()
+
+
+@pytest.fixture
+def sqlite_engine(tmp_path: Path) -> Engine:
     e = make_engine(f"sqlite:///{tmp_path}/keel.db")
     init_db(e)
     return e
@@ -113,10 +126,25 @@ def memory_engine() -> Engine:
     return e
 
 
+@pytest.fixture(scope="module", params=DIALECTS)
+def shared_engine(request: pytest.FixtureRequest) -> Iterator[Engine]:
+    """One database per module for all hypothesis examples (SQLite in memory, then PostgreSQL)."""
+    if request.param == "sqlite":
+        yield memory_engine()
+        return
+    server = request.getfixturevalue("pg_server")
+    url = server.create_database()
+    e = make_engine(url)
+    init_db(e)
+    yield e
+    e.dispose()
+    server.drop_database(url)
+
+
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, 5), st.integers(0, 5000), st.integers(0, 500)), max_size=25))
-def test_total_is_the_last_attempt_of_each_step(records: list[tuple[int, int, int]]) -> None:
-    engine = memory_engine()
+@given(records=st.lists(st.tuples(st.integers(0, 5), st.integers(0, 5000), st.integers(0, 500)), max_size=25))
+def test_total_is_the_last_attempt_of_each_step(shared_engine: Engine, records: list[tuple[int, int, int]]) -> None:
+    engine = shared_engine
     ledger = Ledger(engine)
     wf = f"wf-{uuid.uuid4()}"
     attempts: dict[int, int] = {}
@@ -135,9 +163,10 @@ def test_total_is_the_last_attempt_of_each_step(records: list[tuple[int, int, in
     assert sorted((r.step, r.attempt) for r in rows) == sorted(attempts.items())
 
 
-def test_single_row_fast_path_writes_what_sqlalchemy_writes(engine: Engine, tmp_path: Path) -> None:
+def test_single_row_fast_path_writes_what_sqlalchemy_writes(sqlite_engine: Engine, tmp_path: Path) -> None:
     """A model call's row goes through SQLite's driver in one statement; a tool's rows go through
     SQLAlchemy inside the tool's transaction. Both must store the same values, read back the same."""
+    engine = sqlite_engine
     req, resp = llm("wf-fast", 1, (120, 30), 0.0042)
     Ledger(engine).record_llm(req, resp, attempt=2)  # the driver path (no session)
     task = TaskContext(workflow_id="wf-fast", tenant="C-1001")
@@ -166,9 +195,10 @@ def test_single_row_fast_path_writes_what_sqlalchemy_writes(engine: Engine, tmp_
     assert [(len(r[0]), *r[1:]) for r in raw] == [(len(r[0]), *r[1:]) for r in raw2]  # same storage format
 
 
-def test_single_rows_after_a_failed_one(engine: Engine) -> None:
+def test_single_rows_after_a_failed_one(sqlite_engine: Engine) -> None:
     """The rows written alone share a held connection per thread: each is committed when written
     (another connection sees it at once), and a failed statement leaves the next rows unharmed."""
+    engine = sqlite_engine
     ledger = Ledger(engine)
     ledger.record_llm(*llm("wf-held", 1), attempt=1)
     assert [r.step for r in llm_rows(engine)] == [1]
@@ -185,7 +215,7 @@ def test_single_rows_after_a_failed_one(engine: Engine) -> None:
     assert sorted(r.step for r in llm_rows(engine)) == [1, 2, 3]
 
 
-def test_init_db_renames_the_columns_an_older_keel_named_after_tickets(tmp_path: Path) -> None:
+def test_init_db_renames_the_columns_an_older_keel_named_after_tickets(any_db_url: str) -> None:
     """A ledger file from before the platform knew no domain: `customer`/`ticket_id` (and the human queue's
     and shadow rows' `customer_id`) become `tenant`/`task_key`, rows kept, once even if run again."""
     import sqlalchemy as sa
@@ -193,7 +223,7 @@ def test_init_db_renames_the_columns_an_older_keel_named_after_tickets(tmp_path:
 
     from activities.db import RENAMED_COLUMNS
 
-    engine = make_engine(f"sqlite:///{tmp_path / 'old.db'}")
+    engine = make_engine(any_db_url)
     with engine.begin() as conn:
         SQLModel.metadata.create_all(conn)
         for (table, old), new in RENAMED_COLUMNS.items():
@@ -201,7 +231,7 @@ def test_init_db_renames_the_columns_an_older_keel_named_after_tickets(tmp_path:
         conn.execute(sa.text(
             "INSERT INTO ledger (key, workflow_id, ticket_id, step, kind, customer, feature, task_type, input_tokens, "
             "output_tokens, cached_input_tokens, reasoning_tokens, cost_usd, latency_ms, ok, attempt, created_at) "
-            "VALUES ('k', 'wf', 'TK-1', 1, 'llm', 'C-1001', 'f', 't', 1, 1, 0, 0, 0.1, 1.0, 1, 1, "
+            "VALUES ('k', 'wf', 'TK-1', 1, 'llm', 'C-1001', 'f', 't', 1, 1, 0, 0, 0.1, 1.0, TRUE, 1, "
             "'2026-01-01 00:00:00')"))
     init_db(engine)
     init_db(engine)
@@ -211,3 +241,54 @@ def test_init_db_renames_the_columns_an_older_keel_named_after_tickets(tmp_path:
         assert new in columns[table] and old not in columns[table], (table, columns[table])
     with engine.connect() as conn:
         assert conn.execute(sa.text("SELECT tenant, task_key FROM ledger WHERE key = 'k'")).one() == ("C-1001", "TK-1")
+    engine.dispose()
+
+
+def test_concurrent_attempts_leave_one_whole_row_per_step(engine: Engine) -> None:
+    """Attempts of the same steps written at once from many threads (a retried activity racing its first
+    attempt, as after a worker crash): one row per step, each one attempt's figures, never a mix."""
+    ledger = Ledger(engine)
+    errors: list[BaseException] = []
+
+    def attempts(attempt: int) -> None:
+        try:
+            for step in range(1, 11):
+                figures = (attempt * 100 + step, attempt)
+                ledger.record_llm(*llm("wf-race", step, figures, attempt / 1000), attempt=attempt)
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=attempts, args=(a,)) for a in range(1, 7)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    rows = llm_rows(engine)
+    assert sorted(r.step for r in rows) == list(range(1, 11))
+    for r in rows:
+        assert (r.input_tokens, r.output_tokens, r.cost_usd) == (r.attempt * 100 + r.step, r.attempt, r.attempt / 1000)
+    totals = ledger.task_totals("wf-race")
+    assert totals["llm_calls"] == 10
+    assert totals["input_tokens"] == sum(r.input_tokens for r in rows)
+    assert totals["cost_usd"] == pytest.approx(sum(r.cost_usd for r in rows))
+
+
+def test_a_plain_postgresql_url_uses_the_driver_the_extra_ships(pg_url: str) -> None:
+    """`postgresql://` (SQLAlchemy's default driver is psycopg2, not shipped) means psycopg 3, for the platform's
+    tables and an agent's alike; a driver that is not installed is named, with what to install."""
+    from agents.support_desk import store
+
+    plain = pg_url.replace("postgresql+psycopg://", "postgresql://")
+    engine, desk = make_engine(plain), store.make_engine(plain)
+    assert engine.dialect.driver == desk.dialect.driver == "psycopg"
+    init_db(engine)
+    Ledger(engine).record_llm(*llm("wf-plain", 1, (7, 3)), attempt=1)
+    assert Ledger(engine).task_totals("wf-plain")["tokens"] == 10
+    assert store.setup(desk) is True
+    engine.dispose()
+    desk.dispose()
+    if importlib.util.find_spec("psycopg2") is None:  # not installed by the project
+        with pytest.raises(RuntimeError, match=r"needs the driver 'psycopg2' \(pip install -e '\.\[postgres\]'") as e:
+            make_engine("postgresql+psycopg2://keel:secret@127.0.0.1/keel")
+        assert "secret" not in str(e.value)

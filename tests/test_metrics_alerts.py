@@ -166,8 +166,8 @@ def test_input_hash_groups_the_same_request() -> None:
 NEW_COLUMNS = ("steps", "tools", "reasoning_loops", "repeated_calls", "answer_tokens", "input_hash", "limit_hit")
 
 
-def test_init_db_adds_the_new_columns_to_an_older_ledger_once_even_concurrently(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'old.db'}"
+def test_init_db_adds_the_new_columns_to_an_older_ledger_once_even_concurrently(any_db_url: str) -> None:
+    url = any_db_url
     engine = make_engine(url)
     init_db(engine)
     with engine.begin() as conn:  # back to the shape of a file made before the figures
@@ -204,8 +204,8 @@ def alert(wf: str, subject: str = "") -> Alert:
                  value=30, threshold=20, workflow_id=wf)
 
 
-def test_alert_store_counts_repeats_within_the_dedup_time(tmp_path: Path) -> None:
-    engine = make_engine(f"sqlite:///{tmp_path / 'a.db'}")
+def test_alert_store_counts_repeats_within_the_dedup_time(any_db_url: str) -> None:
+    engine = make_engine(any_db_url)
     init_db(engine)
     store = AlertStore(engine, dedup_s=3600)
     now = utcnow()
@@ -218,6 +218,28 @@ def test_alert_store_counts_repeats_within_the_dedup_time(tmp_path: Path) -> Non
     later = store.save([alert("wf-4")], now + timedelta(minutes=6) + timedelta(seconds=3601))
     assert [d["workflow_id"] for d in later] == ["wf-4"]  # quiet for longer than dedup_s: raised again
     assert len(list_alerts(engine, since=now + timedelta(hours=1))) == 1
+
+
+def test_alert_store_raises_one_alert_from_many_workers_at_once(any_db_url: str) -> None:
+    """The same alert from six tasks finishing at once on several workers: one row, counted six times."""
+    engine = make_engine(any_db_url)
+    init_db(engine)
+    now = utcnow()
+    go = threading.Barrier(6)
+    new: list[list[dict[str, Any]]] = []
+
+    def save(i: int) -> None:
+        store = AlertStore(make_engine(any_db_url), dedup_s=3600)
+        go.wait()
+        new.append(store.save([alert(f"wf-{i}")], now))
+    threads = [threading.Thread(target=save, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(len(n) for n in new) == 1 and len(new) == 6
+    (row,) = list_alerts(engine)
+    assert row["count"] == 6
 
 
 def test_the_observer_never_fails_a_task(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

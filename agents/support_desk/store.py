@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 import os
 import sqlite3
 import threading
@@ -142,8 +143,10 @@ def make_engine(url: str) -> Engine:
     """An engine for `url`. SQLite: WAL, a busy timeout and BEGIN IMMEDIATE for writes (the platform's
     worker writes its ledger to the same file from many threads), reads without a transaction."""
     u = make_url(url)
+    if u.drivername == "postgresql" and importlib.util.find_spec("psycopg") is not None:
+        u = u.set(drivername="postgresql+psycopg")  # as the platform's engine: the `postgres` extra's driver
     if u.get_backend_name() != "sqlite":
-        return create_engine(url, pool_pre_ping=True)
+        return create_engine(u, pool_pre_ping=True)
     memory = u.database in (None, "", ":memory:")
     if memory:
         engine = create_engine(url, connect_args={"check_same_thread": False}, poolclass=StaticPool)

@@ -131,12 +131,15 @@ def _refund_content(r: RowMapping) -> dict[str, Any]:
 
 def _refund_once(conn: Connection, ctx: keel.ToolContext, args: RefundArgs) -> dict[str, Any]:
     rf = store.refunds
+    tx = store.transactions
+    # The transaction's row locked first (PostgreSQL; SQLite holds the write lock already): refunds of one
+    # transaction run one at a time, each seeing what the one before it committed - a retry racing its first
+    # attempt finds that attempt's refund, and two calls cannot both refund what is left.
+    t = conn.execute(select(tx).where(tx.c.id == args.transaction_id).with_for_update()).mappings().first()
     done = conn.execute(select(rf).where(rf.c.idempotency_key == ctx.idempotency_key)).mappings().first()
     if done is not None:
         return _refund_content(done)  # a retry of a call that already refunded
     _customer(conn, args.customer_id)
-    tx = store.transactions
-    t = conn.execute(select(tx).where(tx.c.id == args.transaction_id)).mappings().first()
     if t is None:
         raise keel.ToolError(f"transaction {args.transaction_id!r} not found")
     if t["customer_id"] != args.customer_id:

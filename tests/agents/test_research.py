@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import re
+import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from hashlib import sha256
@@ -54,14 +56,16 @@ from keel.orchestration import OrchestratorResult
 from keel.testing import SCRIPTED, AgentEnvironment, ScriptedModel, agent_environment, answer, call
 from starter.agents import start_orchestration
 from starter.cli import app
+from tests.pg import database_url, on_both_databases
 
 QUESTION = "Why did refunds rise in Q3 2024, and how many duplicate charges and disputes do we see now?"
 
 
 @pytest.fixture
-def db_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """One database for the platform's ledger and the agents' tables, as in production."""
-    url = f"sqlite:///{tmp_path / 'keel.db'}"
+def db_url(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """One database for the platform's ledger and the agents' tables, as in production: SQLite, and
+    PostgreSQL too for a test marked `on_both_databases`."""
+    url = database_url(request, tmp_path)
     monkeypatch.setenv("KEEL_DATABASE_URL", url)
     store.reset()
     yield url
@@ -108,6 +112,7 @@ def assert_books(engine: Engine, r: OrchestratorResult) -> None:
 
 
 # --- on the dev server -----------------------------------------------------------------------------
+@on_both_databases
 async def test_report_end_to_end(client: Client, db_url: str) -> None:
     async with research_env(client, db_url) as env:
         r = await research(env)
@@ -295,6 +300,7 @@ def test_search_and_read_say_what_to_do_when_nothing_matches(db_url: str) -> Non
     assert len(CORPUS) >= 12 and len({d.id for d in CORPUS}) == len(CORPUS)
 
 
+@on_both_databases
 @pytest.mark.parametrize("group_by", ["kind", "merchant", "none"])
 def test_transaction_stats_are_aggregates_without_customer_data(db_url: str, group_by: str) -> None:
     seed = build_seed()
@@ -318,6 +324,7 @@ def test_transaction_stats_are_aggregates_without_customer_data(db_url: str, gro
                                                  "duplicate"}
 
 
+@on_both_databases
 def test_transaction_stats_of_one_kind(db_url: str) -> None:
     fees = transaction_stats.fn(_ctx("transaction_stats"), StatsArgs(days=365, kind="fee", group_by="none"))
     assert fees["totals"]["count"] > 0 and fees["totals"]["duplicates"] == 0
@@ -325,6 +332,7 @@ def test_transaction_stats_of_one_kind(db_url: str) -> None:
         transaction_stats.fn(_ctx("transaction_stats"), StatsArgs(days=365, kind="lottery"))
 
 
+@on_both_databases
 def test_publish_is_idempotent_and_the_tables_are_seeded_once(db_url: str) -> None:
     ctx = _ctx("publish_report")
     first = publish_report.fn(ctx, PublishArgs(title="T", body="# T\n\nAs [D-002] says."))
@@ -333,6 +341,41 @@ def test_publish_is_idempotent_and_the_tables_are_seeded_once(db_url: str) -> No
     engine = store.engine_for()
     assert len(rows(engine, "SELECT id FROM research_reports")) == 1
     assert store.setup(engine) is False  # a second worker finds the seed there
+    assert len(rows(engine, "SELECT id FROM research_documents")) == len(CORPUS)
+
+
+@on_both_databases
+def test_concurrent_first_uses_seed_once_and_racing_attempts_publish_once(db_url: str) -> None:
+    """Workers starting together seed the tables once; attempts of one publish call racing (a retry while
+    the first still runs) write one report and all answer alike."""
+    seeded: list[bool] = []
+    threads = [threading.Thread(target=lambda: seeded.append(store.setup(store.make_engine(db_url))))
+               for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(seeded) == [False, False, False, True]
+    ctx = _ctx("publish_report")
+    args = PublishArgs(title="T", body="# T\n\nAs [D-002] says.")
+    go = threading.Barrier(6)
+    out: list[Any] = []
+
+    def publish(attempt: int) -> None:
+        go.wait()
+        try:
+            out.append(publish_report.fn(dataclasses.replace(ctx, attempt=attempt), args))
+        except Exception as e:
+            out.append(e)
+    threads = [threading.Thread(target=publish, args=(a,)) for a in range(1, 7)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(out) == 6 and all(r == out[0] for r in out), out
+    assert out[0]["status"] == "published"
+    engine = store.engine_for()
+    assert len(rows(engine, "SELECT id FROM research_reports")) == 1
     assert len(rows(engine, "SELECT id FROM research_documents")) == len(CORPUS)
 
 

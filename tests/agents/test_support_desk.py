@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 
 import keel
 from activities.db import init_db, make_engine
+from activities.ledger import Ledger
 from agents.support_desk import AGENTS, issue_refund, store, support_desk
 from agents.support_desk.data import build_seed
 from agents.support_desk.tools import RefundArgs, reference
@@ -29,6 +30,7 @@ from keel.testing import SCRIPTED, AgentEnvironment, ScriptedModel, agent_enviro
 from starter.approvals_cli import pending_action
 from starter.cli import app
 from tests.conftest import assert_eventually
+from tests.pg import database_url, on_both_databases
 
 SEED = build_seed()
 CUSTOMER = "C-1001"
@@ -43,9 +45,10 @@ def ask(text: str, customer: str = CUSTOMER) -> str:
 
 
 @pytest.fixture
-def db_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """One database for the platform's ledger and the agent's tables, as in production."""
-    url = f"sqlite:///{tmp_path / 'keel.db'}"
+def db_url(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """One database for the platform's ledger and the agent's tables, as in production: SQLite, and
+    PostgreSQL too for a test marked `on_both_databases`."""
+    url = database_url(request, tmp_path)
     monkeypatch.setenv("KEEL_DATABASE_URL", url)
     store.reset()
     yield url
@@ -76,6 +79,19 @@ def refunds(engine: Engine) -> list[dict[str, Any]]:
 
 def balance(engine: Engine, account_id: str) -> float:
     return float(rows(engine, "SELECT balance FROM support_desk_accounts WHERE id = :a", a=account_id)[0]["balance"])
+
+
+def assert_ledger_equals_result(env: AgentEnvironment, result: keel.AgentResult) -> None:
+    """The task's ledger rows add up to what its result says: model calls, tokens, cost, tools executed."""
+    ledger = Ledger(env.engine)
+    totals = ledger.task_totals(result.workflow_id)
+    assert (totals["llm_calls"], totals["input_tokens"], totals["output_tokens"]) == (
+        result.llm_calls, result.input_tokens, result.output_tokens)
+    assert totals["cost_usd"] == pytest.approx(result.cost_usd)
+    (outcome,) = [o for o in ledger.outcomes() if o["workflow_id"] == result.workflow_id]
+    assert (outcome["input_tokens"], outcome["output_tokens"], outcome["tools"]) == (
+        result.input_tokens, result.output_tokens, result.tools_executed)
+    assert outcome["cost_usd"] == pytest.approx(result.cost_usd)
 
 
 def cli_env(env: AgentEnvironment, tmp_path: Path) -> dict[str, str]:
@@ -119,10 +135,12 @@ def test_the_definition_uses_the_public_api() -> None:
 
 
 # --- end to end on Temporal ------------------------------------------------------------------------------
+@on_both_databases
 async def test_a_balance_question_is_answered_from_the_account(client: Client, db_url: str) -> None:
     async with desk(client, db_url) as env:
         result = await env.run("support_desk", ask("What is the balance of my account?"), tenant=CUSTOMER)
         lines = ledger(env, result.workflow_id)
+        assert_ledger_equals_result(env, result)
     assert result.status == "completed", result.reason
     assert result.tools_executed == ["get_account"]
     assert f"{ACCOUNT['balance']:.2f} EUR" in result.output and "Hello Ana Silva" in result.output
@@ -152,6 +170,7 @@ async def test_the_sim_answers_each_kind_of_request_from_what_it_read(client: Cl
     assert proposed.tool == "issue_refund" and DUPLICATE["id"] in proposed.arguments_json
 
 
+@on_both_databases
 async def test_a_refund_waits_for_a_support_lead_and_runs_once_although_retried(
         client: Client, db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     agent = dataclasses.replace(support_desk, prompt=support_desk.prompt_path(),
@@ -176,6 +195,7 @@ async def test_a_refund_waits_for_a_support_lead_and_runs_once_although_retried(
         made = refunds(env.engine)
         tool_rows = [r for r in ledger(env, result.workflow_id) if r["tool"] == "issue_refund" and r["kind"] == "tool"]
         after = balance(env.engine, ACCOUNT["id"])
+        assert_ledger_equals_result(env, result)
     assert result.status == "completed", result.reason
     assert result.tools_executed == ["get_account", "get_transactions", "lookup_policy", "issue_refund"]
     assert [(a.approver, a.accepted) for a in result.approvals] == [("support-lead", True)]
@@ -186,6 +206,7 @@ async def test_a_refund_waits_for_a_support_lead_and_runs_once_although_retried(
     assert f"Refund {reference('RF', made[0]['idempotency_key'])}" in result.output and "is complete" in result.output
 
 
+@on_both_databases
 def test_the_refund_is_idempotent_on_the_call_key(db_url: str) -> None:
     ctx = keel.ToolContext(agent="support_desk", tool="issue_refund", workflow_id="wf-1", step=4,
                            idempotency_key="wf-1/4", attempt=1, tenant=CUSTOMER, key="")
@@ -298,6 +319,7 @@ async def test_output_checks_hold_an_answer_back(client: Client, db_url: str, sa
     assert CARD not in result.reason
 
 
+@on_both_databases
 async def test_the_seed_runs_once_for_two_environments_on_one_database(client: Client, db_url: str) -> None:
     for _ in range(2):
         store.reset()  # as a second worker process would: connect, create and check again
@@ -312,8 +334,8 @@ async def test_the_seed_runs_once_for_two_environments_on_one_database(client: C
     engine.dispose()
 
 
-def test_concurrent_first_uses_seed_once(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'race.db'}"
+def test_concurrent_first_uses_seed_once(any_db_url: str) -> None:
+    url = any_db_url
     seeded: list[bool] = []
     threads = [threading.Thread(target=lambda: seeded.append(store.setup(store.make_engine(url)))) for _ in range(4)]
     for t in threads:
@@ -323,6 +345,53 @@ def test_concurrent_first_uses_seed_once(tmp_path: Path) -> None:
     assert sorted(seeded) == [False, False, False, True]
     engine = create_engine(url)
     assert rows(engine, "SELECT count(*) AS n FROM support_desk_customers")[0]["n"] == len(SEED["customers"])
+    engine.dispose()
+
+
+@on_both_databases
+def test_concurrent_attempts_of_one_refund_refund_once(db_url: str) -> None:
+    """Attempts of one call racing (a retry while the first attempt still runs) make one refund, all answering
+    alike; calls of different keys racing to refund one transaction in full: one refund, the others refused."""
+    ctx = keel.ToolContext(agent="support_desk", tool="issue_refund", workflow_id="wf-r", step=4,
+                           idempotency_key="wf-r/4", attempt=1, tenant=CUSTOMER, key="")
+    args = RefundArgs(customer_id=CUSTOMER, transaction_id=DUPLICATE["id"], amount=DUPLICATE["amount"],
+                      reason="duplicate")
+    engine = store.engine_for()
+    before = balance(engine, ACCOUNT["id"])
+
+    def race(contexts: list[keel.ToolContext]) -> list[Any]:
+        out: list[Any] = [None] * len(contexts)
+        go = threading.Barrier(len(contexts))
+
+        def one(i: int) -> None:
+            go.wait()
+            try:
+                out[i] = issue_refund.fn(contexts[i], args)
+            except Exception as e:
+                out[i] = e
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(contexts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return out
+
+    same = race([dataclasses.replace(ctx, attempt=a) for a in range(1, 7)])
+    assert all(r == same[0] for r in same), same
+    assert same[0]["refund_id"] == reference("RF", "wf-r/4") and same[0]["status"] == "executed"
+    assert len(refunds(engine)) == 1
+    assert balance(engine, ACCOUNT["id"]) == pytest.approx(before + DUPLICATE["amount"])
+    store.reset()  # undo the refund on a fresh seed: drop the agent's tables
+    with engine.begin() as conn:
+        store.metadata.drop_all(conn)
+    engine = store.engine_for()
+    others = race([dataclasses.replace(ctx, idempotency_key=f"wf-{i}/4", workflow_id=f"wf-{i}") for i in range(6)])
+    done = [r for r in others if isinstance(r, dict)]
+    refused = [r for r in others if isinstance(r, keel.ToolError)]
+    assert len(done) == 1 and len(refused) == 5, others
+    assert all("exceeds the refundable amount" in str(e) for e in refused)
+    assert len(refunds(engine)) == 1
+    assert balance(engine, ACCOUNT["id"]) == pytest.approx(before + DUPLICATE["amount"])
 
 
 def _platform_state(engine: Engine) -> dict[str, tuple[list[str], int]]:
@@ -364,6 +433,7 @@ async def test_fraud_and_unclear_requests_go_to_a_person_before_any_tool(client:
     assert unclear.tools_executed == [] and unclear.llm_calls == 1
 
 
+@on_both_databases
 async def test_escalate_to_human_opens_one_case_and_ends_the_task(client: Client, db_url: str) -> None:
     model = ScriptedModel([
         triaged("billing_question"),
