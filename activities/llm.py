@@ -15,6 +15,7 @@ from activities.breaker import BreakerActivities
 from activities.ledger import Ledger
 from activities.prompts import load_prompt_at
 from activities.providers.base import Provider
+from activities.ratelimit import RateLimiter
 from activities.tracing import Tracing
 from keel import errors, registry
 from keel.names import LLM_ACTIVITY
@@ -33,8 +34,10 @@ T = TypeVar("T")
 
 class LlmActivities:
     def __init__(self, providers: dict[str, Provider], ledger: Ledger, breakers: BreakerActivities | None = None,
-                 tracing: Tracing | None = None) -> None:
+                 tracing: Tracing | None = None, limiter: RateLimiter | None = None) -> None:
         self._providers = providers
+        self._limiter = limiter
+        """KEEL_RATE_LIMITS: a limited model's call waits for its slot (activities.ratelimit)."""
         self._ledger = ledger
         self._tracing = tracing or Tracing.off()
         self._breakers = breakers
@@ -90,6 +93,9 @@ class LlmActivities:
                     type=errors.BUDGET_WOULD_EXCEED,
                     non_retryable=True,
                 )
+        if self._limiter is not None and self._limiter.limit_for(req.model.provider, req.model.model) is not None:
+            reserve = estimate_input_tokens(req.messages, req.tools, len(prompt.text)) + req.max_output_tokens
+            await _with_heartbeats(self._limiter.acquire(req.model.provider, req.model.model, reserve))
         started = time.perf_counter()
         result = await _with_heartbeats(provider.complete(req, prompt.text))
         latency_ms = (time.perf_counter() - started) * 1000
