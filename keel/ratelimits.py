@@ -100,6 +100,8 @@ class LimiterState(BaseModel):
     """Epoch seconds at which the reserved tokens have drained."""
     granted: int = 0
     refused: int = 0
+    tokens_reserved: int = 0
+    """Of the granted calls (estimated input + max output tokens)."""
     max_events_before_continue: int = 1000
 
 
@@ -115,4 +117,5 @@ def decide(state: LimiterState, req: AcquireRequest, now: float) -> Grant:
     if req.limit.tpm is not None:
         state.next_token_at = at + req.tokens * 60.0 / req.limit.tpm
     state.granted += 1
+    state.tokens_reserved += req.tokens
     return Grant(granted=True, wait_s=round(wait, 3))
