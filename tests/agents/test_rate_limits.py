@@ -22,6 +22,7 @@ from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client
 from temporalio.runtime import Runtime, TelemetryConfig
 from temporalio.service import RPCError
+from temporalio.worker import Replayer
 
 import keel
 from activities.providers.openai_provider import OpenAIProvider
@@ -38,8 +39,9 @@ from keel.ratelimits import (
 from keel.settings import KeelSettings
 from keel.testing import AgentEnvironment, agent_environment
 from tests.providers.fake_servers import FakeServer, Recorded, Reply, openai_completion, openai_error
-from workers.worker import build_worker
+from workers.worker import STRICT_SANDBOX, build_worker
 from workflows.agent_loop import LLM_RETRY
+from workflows.registry import WORKFLOWS
 
 PROMPT = Path(__file__).parent / "prompts" / "labeler.v1.md"
 MODEL = "openai:gpt-4o-mini"
@@ -207,9 +209,11 @@ async def test_a_call_whose_slot_is_beyond_the_horizon_waits_as_rate_limited(
         await warm_up(env, agent, server)
         results = await asyncio.gather(*(env.run(agent.name, f"Why was I charged twice? ({i})",
                                                  key=uuid.uuid4().hex) for i in range(tasks)))
-        state = await client.get_workflow_handle(limiter_workflow_id(MODEL, env.settings.task_queue)).query(
-            RATE_LIMIT_STATE_QUERY, result_type=LimiterState)
+        limiter = client.get_workflow_handle(limiter_workflow_id(MODEL, env.settings.task_queue))
+        state = await limiter.query(RATE_LIMIT_STATE_QUERY, result_type=LimiterState)
         await end_limiter(client, env.settings.task_queue)
+        await Replayer(workflows=WORKFLOWS, workflow_runner=STRICT_SANDBOX,
+                       data_converter=client.data_converter).replay_workflow(await limiter.fetch_history())
     assert [r.status for r in results] == ["completed"] * tasks, [r.reason for r in results]
     server.assert_script_done()
     assert state.granted == tasks + 1 and state.refused > 0
@@ -245,3 +249,6 @@ async def test_a_429_storm_slows_tasks_without_failing_them(
                 and kinds.count(EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED) > kinds.count(
                     EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED))
     assert any(rescheduled(h) for h in histories)
+    replayer = Replayer(workflows=WORKFLOWS, workflow_runner=STRICT_SANDBOX, data_converter=client.data_converter)
+    for history in histories:  # the patience is deterministic
+        await replayer.replay_workflow(history)
