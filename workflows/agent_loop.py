@@ -153,15 +153,7 @@ class TemporalCalls:
         first = workflow.now()
         while True:
             try:
-                resp: LlmResponse = await workflow.execute_activity(
-                    LLM_ACTIVITY,
-                    req,
-                    result_type=LlmResponse,
-                    start_to_close_timeout=LLM_START_TO_CLOSE,
-                    heartbeat_timeout=LLM_HEARTBEAT_TIMEOUT,
-                    retry_policy=LLM_RETRY,
-                )
-                return resp
+                return await self._llm_once(req)
             except ActivityError as e:
                 cause = e.cause
                 if not (isinstance(cause, ApplicationError) and cause.type == errors.PROVIDER_RATE_LIMITED
@@ -170,6 +162,17 @@ class TemporalCalls:
                 # Rate limited on every attempt: slowed down, not failed (a new activity, the same step).
                 await workflow.sleep(cause.next_retry_delay or LLM_RETRY.maximum_interval or timedelta(seconds=30),
                                      summary="rate limited")
+
+    async def _llm_once(self, req: LlmRequest) -> LlmResponse:
+        resp: LlmResponse = await workflow.execute_activity(
+            LLM_ACTIVITY,
+            req,
+            result_type=LlmResponse,
+            start_to_close_timeout=LLM_START_TO_CLOSE,
+            heartbeat_timeout=LLM_HEARTBEAT_TIMEOUT,
+            retry_policy=LLM_RETRY,
+        )
+        return resp
 
     async def tool(self, name: str, req: ToolRequest) -> ToolResult:
         result: ToolResult = await workflow.execute_activity(
