@@ -15,6 +15,7 @@ from activities.breaker import BreakerActivities
 from activities.ledger import Ledger
 from activities.prompts import load_prompt_at
 from activities.providers.base import Provider, provider_error
+from activities.ratelimit import RateLimiter
 from activities.tracing import Tracing
 from keel import errors, registry
 from keel.chaos import hits
@@ -34,8 +35,10 @@ T = TypeVar("T")
 
 class LlmActivities:
     def __init__(self, providers: dict[str, Provider], ledger: Ledger, breakers: BreakerActivities | None = None,
-                 tracing: Tracing | None = None) -> None:
+                 tracing: Tracing | None = None, limiter: RateLimiter | None = None) -> None:
         self._providers = providers
+        self._limiter = limiter
+        """KEEL_RATE_LIMITS: a limited model's call waits for its slot (activities.ratelimit)."""
         self._ledger = ledger
         self._tracing = tracing or Tracing.off()
         self._breakers = breakers
@@ -99,6 +102,9 @@ class LlmActivities:
                                      retry_after_s=1.0)
             if hits(chaos, "provider_500", key, attempt):
                 raise provider_error(req.model.provider, status=500, message="server error (injected by chaos)")
+        if self._limiter is not None and self._limiter.limit_for(req.model.provider, req.model.model) is not None:
+            reserve = estimate_input_tokens(req.messages, req.tools, len(prompt.text)) + req.max_output_tokens
+            await _with_heartbeats(self._limiter.acquire(req.model.provider, req.model.model, reserve))
         started = time.perf_counter()
         result = await _with_heartbeats(provider.complete(req, prompt.text))
         latency_ms = (time.perf_counter() - started) * 1000

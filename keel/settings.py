@@ -10,6 +10,7 @@ from pydantic import AliasChoices, Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from keel.pricing import UnpricedModelError, parse_prices, price_for
+from keel.ratelimits import RateLimit, parse_rate_limits
 from keel.types import ModelSpec
 
 
@@ -40,6 +41,9 @@ class KeelSettings(BaseSettings):
     """Prices of models outside Keel's table (keel/pricing.py): the path of a .json or .toml file, or inline
     JSON, mapping "provider:model" to {"input": USD per 1M tokens, "output": ..., "cached_input": ...} or
     to {"self_hosted": true} (optionally with input/output: an estimate of the hardware's cost)."""
+    rate_limits: str | None = None
+    """Provider rate limits shared by the workers of a task queue (keel/ratelimits.py), inline JSON mapping
+    "provider:model" to {"rpm": requests per minute, "tpm": tokens per minute} (either or both)."""
     model_small: str = "sim:sim-small"
     """provider:model for the small tier (classify, route, extract) of every task a command starts, every
     pattern's children included, when set (a command's --model wins); unset: each agent's own."""
@@ -115,6 +119,16 @@ class KeelSettings(BaseSettings):
     def _valid_prices(cls, v: str | None) -> str | None:
         parse_prices(v)
         return v
+
+    @field_validator("rate_limits")
+    @classmethod
+    def _valid_rate_limits(cls, v: str | None) -> str | None:
+        parse_rate_limits(v)
+        return v
+
+    @property
+    def rate_limit_table(self) -> dict[str, RateLimit]:
+        return parse_rate_limits(self.rate_limits)
 
     @field_validator("tracing", mode="before")
     @classmethod

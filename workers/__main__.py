@@ -42,6 +42,8 @@ async def main() -> None:
         loop.add_signal_handler(sig, stop.set)
     tune_gc(settings)
     logging.info("keel worker on task queue %r at %s", settings.task_queue, settings.temporal_address)
+    if settings.rate_limits:
+        logging.info("provider rate limits, shared by the workers of this task queue: %s", settings.rate_limit_table)
     async with worker:
         await stop.wait()
     await reporter.aclose()

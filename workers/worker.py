@@ -24,6 +24,7 @@ from activities.providers.base import Provider
 from activities.providers.openai_provider import OpenAIProvider
 from activities.providers.recording import Traffic
 from activities.providers.sim import SimProvider
+from activities.ratelimit import RateLimiter
 from activities.shadow import ShadowActivities
 from activities.tracing import Tracing
 from keel import registry
@@ -80,8 +81,9 @@ def activities_for(
     ledger = Ledger(engine)
     breakers = BreakerActivities(client, task_queue, admit_cache_s=settings.breaker_admit_cache_s)
     agent_tools = AgentToolActivities(ledger, tracing)
+    limiter = RateLimiter(client, task_queue, settings.rate_limit_table) if settings.rate_limits else None
     return [
-        LlmActivities(providers, ledger, breakers, tracing).llm_call,
+        LlmActivities(providers, ledger, breakers, tracing, limiter).llm_call,
         breakers.admit,
         *PatternActivities(engine).all(),
         *ShadowActivities(engine).all(),

@@ -83,6 +83,12 @@ LLM_RETRY = RetryPolicy(
     maximum_attempts=6,
     non_retryable_error_types=NON_RETRYABLE_ERRORS,
 )
+RATE_LIMIT_PATIENCE = timedelta(minutes=30)
+"""A model call still rate limited after LLM_RETRY's attempts (a provider's 429 storm, or KEEL_RATE_LIMITS
+with more calls waiting than the limit serves) is scheduled again after the delay it was told, for this
+long from its first attempt; only then does the task fall back to the next model, or fail."""
+RATE_LIMIT_PATCH = "keel-rate-limit-patience"
+"""Histories from before the patience (a rate limit after LLM_RETRY's attempts fell back at once) replay."""
 TOOL_RETRY = RetryPolicy(
     initial_interval=timedelta(milliseconds=500),
     backoff_coefficient=2.0,
@@ -144,6 +150,20 @@ class TemporalCalls:
     its current details (step, action, tokens), set below and in AgentRunner."""
 
     async def llm(self, req: LlmRequest) -> LlmResponse:
+        first = workflow.now()
+        while True:
+            try:
+                return await self._llm_once(req)
+            except ActivityError as e:
+                cause = e.cause
+                if not (isinstance(cause, ApplicationError) and cause.type == errors.PROVIDER_RATE_LIMITED
+                        and workflow.now() - first < RATE_LIMIT_PATIENCE and workflow.patched(RATE_LIMIT_PATCH)):
+                    raise
+                # Rate limited on every attempt: slowed down, not failed (a new activity, the same step).
+                await workflow.sleep(cause.next_retry_delay or LLM_RETRY.maximum_interval or timedelta(seconds=30),
+                                     summary="rate limited")
+
+    async def _llm_once(self, req: LlmRequest) -> LlmResponse:
         resp: LlmResponse = await workflow.execute_activity(
             LLM_ACTIVITY,
             req,

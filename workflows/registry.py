@@ -3,6 +3,7 @@
 from workflows.agent import AgentWorkflow
 from workflows.breaker import CostCircuitBreakerWorkflow
 from workflows.orchestrator import OrchestratorWorkflow, SwarmAgentsWorkflow
+from workflows.ratelimit import ProviderRateLimiterWorkflow
 from workflows.shadow import ShadowWorkflow
 from workflows.supervision import SupervisorWorkflow
 
@@ -13,6 +14,7 @@ WORKFLOWS = [
     SwarmAgentsWorkflow,
     CostCircuitBreakerWorkflow,
     ShadowWorkflow,
+    ProviderRateLimiterWorkflow,
 ]
 
 __all__ = [
@@ -20,6 +22,7 @@ __all__ = [
     "AgentWorkflow",
     "CostCircuitBreakerWorkflow",
     "OrchestratorWorkflow",
+    "ProviderRateLimiterWorkflow",
     "ShadowWorkflow",
     "SupervisorWorkflow",
     "SwarmAgentsWorkflow",
