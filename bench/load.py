@@ -23,7 +23,10 @@ Figures:
   no contention on this machine. ideal_ratio = wall / ideal;
 - the CPU that explains a ratio above 1: the worker's, the server's, this client's (utime + stime, from
   /proc/<pid>/stat and os.times), in seconds and as a share of the machine's cores over the wall time,
-  and the machine's busy share (other processes' included: the machine may be shared);
+  and the machine's busy share (other processes' included: the machine may be shared). cpu_floor_s is
+  the run's own CPU over the cores: the least wall time this machine needs for the run with nothing else
+  on it; cpu_floor_ratio = cpu_floor_s / ideal: how much of ideal_ratio the platform's own CPU explains
+  (the rest is the share of the machine other processes took);
 - peak RSS of the worker and the server (VmHWM of /proc/<pid>/status);
 - lost and duplicated writes (both must be 0). lost: tasks that did not settle (an error, or no result)
   plus settled tasks whose ledger outcome row is missing plus write tools a result lists as executed
@@ -361,6 +364,8 @@ async def run(n: int, concurrency: int, lo: int, hi: int, calibrate: int) -> dic
         "cpu_pct_of_machine": {k: round(100 * v / (wall * cores), 1) for k, v in (
             ("worker", worker_cpu), ("server", server_cpu), ("client", client_cpu), ("machine_busy", busy),
             ("others", busy - worker_cpu - server_cpu - client_cpu))},
+        "cpu_floor_s": round((worker_cpu + server_cpu + client_cpu) / cores, 2),
+        "cpu_floor_ratio": round((worker_cpu + server_cpu + client_cpu) / cores / ideal, 3) if ideal else float("nan"),
         "worker_cpu_ms_per_llm_call": round(1000 * worker_cpu / max(1, llm_calls), 2),
         "worker_peak_rss_mb": round(worker_rss, 1),
         "server_peak_rss_mb": round(server_rss, 1),
@@ -415,6 +420,10 @@ def report(r: dict[str, Any]) -> str:
         f"  CPU s (% of {m['cores']} cores over the wall time): worker {c['worker']:.1f} ({cp['worker']:.0f}%), "
         f"server {c['server']:.1f} ({cp['server']:.0f}%), client {c['client']:.1f} ({cp['client']:.0f}%), "
         f"others {cp['others']:.0f}%; machine busy {cp['machine_busy']:.0f}%",
+        f"  CPU floor             {r['cpu_floor_s']:.1f} s: the run's own CPU (worker + server + client) over the "
+        f"{m['cores']} cores, the least wall time this machine needs for it with nothing else running: "
+        f"{r['cpu_floor_ratio']:.2f}x the ideal; the rest of the ratio is the machine's other load",
+
         f"  worker CPU per model call {r['worker_cpu_ms_per_llm_call']:.1f} ms",
         f"  peak RSS              worker {r['worker_peak_rss_mb']:.0f} MB, server {r['server_peak_rss_mb']:.0f} MB",
         "",
