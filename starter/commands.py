@@ -47,9 +47,12 @@ from starter.agents import (
     swarm_id,
 )
 from starter.console import client_or_exit, console, err, failure_text, load_settings, run_task
+from starter.settling import Settler
 
 _OWN = {"as_json", "watch"}
 _OWN_BATCH = {"as_json", "concurrency"}
+SUBMIT_CONCURRENCY = 50
+"""A batch's start calls in flight at once, whatever its --concurrency (tasks in flight)."""
 
 def commands_of(module_name: str) -> list[Command | CommandGroup]:
     """A module's `COMMANDS` (verbs and verb groups); a module that cannot be imported or lists something
@@ -178,16 +181,19 @@ async def run_batch(client: Client, settings: KeelSettings, inputs: list[Startab
     """Start every input (at most `concurrency` in flight), each until it settles; the items in input
     order. A task that fails, or cannot start, is an item with its error: the others go on."""
     sem = asyncio.Semaphore(max(1, concurrency))
+    submit = asyncio.Semaphore(SUBMIT_CONCURRENCY)
+    settler = Settler()  # one visibility listing a round for every task, not a progress query per task
     ids = [workflow_id_of(inp) for inp in inputs]
 
     async def one(inp: Startable, wid: str) -> BatchItem:
         async with sem:
             try:
-                handle, existing = await start_task(client, settings, inp, idempotent, wid)
+                async with submit:
+                    handle, existing = await start_task(client, settings, inp, idempotent, wid)
             except Exception as e:  # reported in the batch's table, and the command exits 1
                 return BatchItem(inp, wid, error=f"not started: {e}")
             try:
-                return await settle(client, handle, inp, existing)
+                return await settler.settle(client, handle, inp, existing)
             except Exception as e:
                 return BatchItem(inp, wid, error=failure_text(e), existing=existing)
 
