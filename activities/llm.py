@@ -15,6 +15,7 @@ from activities.breaker import BreakerActivities
 from activities.ledger import Ledger
 from activities.prompts import load_prompt_at
 from activities.providers.base import Provider
+from activities.tenant_budgets import TenantLimiter
 from activities.tracing import Tracing
 from keel import errors, registry
 from keel.names import LLM_ACTIVITY
@@ -33,12 +34,14 @@ T = TypeVar("T")
 
 class LlmActivities:
     def __init__(self, providers: dict[str, Provider], ledger: Ledger, breakers: BreakerActivities | None = None,
-                 tracing: Tracing | None = None) -> None:
+                 tracing: Tracing | None = None, tenants: TenantLimiter | None = None) -> None:
         self._providers = providers
         self._ledger = ledger
         self._tracing = tracing or Tracing.off()
         self._breakers = breakers
         """Answers `LlmRequest.admit` (a task's first call): one activity instead of a separate admit."""
+        self._tenants = tenants
+        """The tenant budgets (KEEL_TENANT_BUDGETS): a hold on the call's worst case before it, settled after."""
 
     @activity.defn(name=LLM_ACTIVITY)
     async def llm_call(self, req: LlmRequest) -> LlmResponse:
@@ -90,8 +93,17 @@ class LlmActivities:
                     type=errors.BUDGET_WOULD_EXCEED,
                     non_retryable=True,
                 )
+        hold = None
+        if self._tenants is not None:  # refused: TenantBudgetExceeded, before any model is called
+            hold = await self._tenants.reserve(req, estimate_input_tokens(req.messages, req.tools, len(prompt.text)),
+                                               pinned)
         started = time.perf_counter()
-        result = await _with_heartbeats(provider.complete(req, prompt.text))
+        try:
+            result = await _with_heartbeats(provider.complete(req, prompt.text))
+        except BaseException:
+            if hold is not None and self._tenants is not None:
+                await self._tenants.release(hold)
+            raise
         latency_ms = (time.perf_counter() - started) * 1000
         tool_calls, repaired, finish = result.tool_calls, "", result.finish_reason
         if req.tools and not tool_calls and result.text:
@@ -114,6 +126,8 @@ class LlmActivities:
             prompt_hash=prompt.short_hash,
             admission=admission,
         )
+        if hold is not None and self._tenants is not None:  # the hold becomes the actual usage (the ledger row's)
+            await self._tenants.settle(hold, resp.usage.total_tokens, resp.cost_usd)
         # Written in this activity, not a separate one: one round trip per step. The upsert on
         # (workflow id, step) keeps a retried call to one row. An output the workflow will refuse keeps
         # its raw text in the row, with why.

@@ -25,11 +25,13 @@ from activities.providers.openai_provider import OpenAIProvider
 from activities.providers.recording import Traffic
 from activities.providers.sim import SimProvider
 from activities.shadow import ShadowActivities
+from activities.tenant_budgets import TenantLimiter
 from activities.tracing import Tracing
 from keel import registry
 from keel.agent import Agent
 from keel.pricing import load_prices
 from keel.settings import KeelSettings
+from keel.tenant_budgets import parse_tenant_budgets
 from workflows.registry import WORKFLOWS
 
 # `keel` and pydantic are pure: sharing them with the sandbox saves re-importing them per workflow run.
@@ -81,13 +83,22 @@ def activities_for(
     breakers = BreakerActivities(client, task_queue, admit_cache_s=settings.breaker_admit_cache_s)
     agent_tools = AgentToolActivities(ledger, tracing)
     return [
-        LlmActivities(providers, ledger, breakers, tracing).llm_call,
+        LlmActivities(providers, ledger, breakers, tracing, tenant_limiter(engine, settings)).llm_call,
         breakers.admit,
         *PatternActivities(engine).all(),
         *ShadowActivities(engine).all(),
         FinishActivities(engine, ledger, reporter, observer, tracing).finish,
         *(act for a in agents for act in agent_tools.for_agent(a)),
     ]
+
+
+def tenant_limiter(engine: Engine, settings: KeelSettings) -> TenantLimiter | None:
+    """The tenant budgets' limiter when KEEL_TENANT_BUDGETS sets any (else no model call pays for it)."""
+    budgets = parse_tenant_budgets(settings.tenant_budgets)
+    if not budgets:
+        return None
+    return TenantLimiter(engine, budgets, hold_s=settings.tenant_budget_hold_s,
+                         input_margin=settings.tenant_budget_input_margin)
 
 
 def agents_for(settings: KeelSettings, agents: Sequence[Agent] = ()) -> list[Agent]:
