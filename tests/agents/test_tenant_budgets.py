@@ -16,12 +16,14 @@ import pytest
 from sqlalchemy import text
 from temporalio.client import Client
 from temporalio.common import SearchAttributeKey
+from typer.testing import CliRunner
 
 import keel
 from activities import tenant_budgets
 from keel import names
 from keel.testing import agent_environment
 from keel.types import SimConfig
+from starter.cli import app
 
 LIMIT_USD = 0.02
 SIM = SimConfig(spiral_rate=0.0, latency_ms_min=20, latency_ms_max=120)
@@ -89,6 +91,16 @@ async def test_fifty_concurrent_tasks_of_one_tenant_stay_within_its_budget(
         assert desc.typed_search_attributes.get(SearchAttributeKey.for_keyword(names.SA_BUDGET)) == "limit:tenant"
         # another tenant is not touched by acme's limit
         assert all(r.status == "completed" and r.llm_calls >= 2 for r in others)
+
+        # `keel costs --by tenant --period day`: the day's spend beside each tenant's budget
+        res = CliRunner().invoke(app, ["costs", "--by", "tenant", "--period", "day", "--format", "json"],
+                                 env={"KEEL_DATABASE_URL": f"sqlite:///{tmp_path / 'keel.db'}"})
+        assert res.exit_code == 0, res.output
+        shown = {r["tenant"]: r for r in json.loads(res.output)}
+        assert shown["acme"]["cost_usd"] == pytest.approx(ledger) and shown["acme"]["budget"] == "$0.0200/day"
+        assert shown["acme"]["refused"] == len(refused) and shown["acme"]["held_usd"] == 0.0
+        assert shown["acme"]["used"] == f"{100 * ledger / LIMIT_USD:.0f}%"
+        assert shown["globex"]["budget"] == "$10.0000/day" and shown["globex"]["refused"] == 0
 
         # the next day acme's budget starts from zero
         monkeypatch.setattr(tenant_budgets, "_now", lambda: today + timedelta(days=1))
