@@ -94,14 +94,15 @@ def test_period_keys_are_utc_days_and_months() -> None:
 
 
 # --- the limiter ----------------------------------------------------------------------------------
-async def _calls(lim: TenantLimiter, n: int, est_in: int, out: int, actual: list[tuple[int, int]],
+async def _calls(lims: list[TenantLimiter], n: int, est_in: int, out: int, actual: list[tuple[int, int]],
                  tenant: str = "T-1") -> tuple[list[float], list[str]]:
-    """n calls at once: each holds, 'runs', then settles at its actual usage; returns the settled dollar
-    amounts and the refusals."""
+    """n calls at once, spread over the limiters (as over workers): each holds, 'runs', then settles at its
+    actual usage; returns the settled dollar amounts and the refusals."""
     settled: list[float] = []
     refusals: list[str] = []
 
     async def one(i: int) -> None:
+        lim = lims[i % len(lims)]
         req = request(f"w{i}", tenant=tenant, out=out)
         try:
             hold = await lim.reserve(req, est_in, None)
@@ -127,13 +128,15 @@ def test_concurrent_calls_never_pass_the_limit_and_end_within_one_hold_of_it(
         tmp_path_factory: pytest.TempPathFactory, limit: float, est_in: int, out: int, shares: list[float],
         seed: int) -> None:
     random.seed(seed)
-    eng = make_engine(f"sqlite:///{tmp_path_factory.mktemp('tb') / 'keel.db'}")
+    url = f"sqlite:///{tmp_path_factory.mktemp('tb') / 'keel.db'}"
+    eng, other = make_engine(url), make_engine(url)  # two workers' engines on one database
     init_db(eng)
-    lim = limiter(eng, f'{{"T-1": {{"period": "day", "max_usd": {limit}}}}}')
-    hold_usd = lim.worst_case(request("x", out=out), est_in, None)[1]
+    config = f'{{"T-1": {{"period": "day", "max_usd": {limit}}}}}'
+    lims = [limiter(eng, config), limiter(other, config)]
+    hold_usd = lims[0].worst_case(request("x", out=out), est_in, None)[1]
     # every call uses its whole input and a share of its output cap (a worst case is rarely spent)
     actual = [(est_in, max(1, int(out * s))) for s in shares]
-    settled, refusals = asyncio.run(_calls(lim, 30, est_in, out, actual))
+    settled, refusals = asyncio.run(_calls(lims, 30, est_in, out, actual))
     total, _, calls, refused = spent(eng)
     assert total == pytest.approx(sum(settled), abs=1e-12) and calls == len(settled) and refused == len(refusals)
     assert total <= limit + 1e-12
@@ -141,6 +144,7 @@ def test_concurrent_calls_never_pass_the_limit_and_end_within_one_hold_of_it(
         assert total > limit - hold_usd, (total, limit, hold_usd)
         assert all("tenant budget of tenant 'T-1' exceeded for the day 2026-12-06" in r for r in refusals)
     eng.dispose()
+    other.dispose()
 
 
 async def test_a_retried_call_counts_once_and_a_failed_one_not_at_all(engine: Engine) -> None:
