@@ -35,9 +35,20 @@ class Clock:
         return self.now
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh SQLite file, then a fresh PostgreSQL database (tests/pg.py's `pg_url`, when it is there)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'keel.db'}"
+    try:
+        return str(request.getfixturevalue("pg_url"))
+    except pytest.FixtureLookupError:
+        pytest.skip("no PostgreSQL fixture (tests/pg.py's pg_url) in this checkout")
+
+
 @pytest.fixture
-def engine(tmp_path: Path) -> Iterator[Engine]:
-    eng = make_engine(f"sqlite:///{tmp_path / 'keel.db'}")
+def engine(db_url: str) -> Iterator[Engine]:
+    eng = make_engine(db_url)
     init_db(eng)
     yield eng
     eng.dispose()
@@ -145,6 +156,20 @@ def test_concurrent_calls_never_pass_the_limit_and_end_within_one_hold_of_it(
         assert all("tenant budget of tenant 'T-1' exceeded for the day 2026-12-06" in r for r in refusals)
     eng.dispose()
     other.dispose()
+
+
+async def test_fifty_calls_over_two_workers_never_pass_the_limit(db_url: str, engine: Engine) -> None:
+    other = make_engine(db_url)  # a second worker's engine on the same database
+    config = '{"T-1": {"period": "day", "max_usd": 0.02}}'
+    lims = [limiter(engine, config), limiter(other, config)]
+    hold_usd = lims[0].worst_case(request("x", out=250), 300, None)[1]
+    rnd = random.Random(7)
+    settled, refusals = await _calls(lims, 50, 300, 250, [(300, rnd.randint(10, 250)) for _ in range(50)])
+    total, _, calls, refused = spent(engine)
+    other.dispose()
+    assert refusals and settled and calls == len(settled) and refused == len(refusals)
+    assert total == pytest.approx(sum(settled), abs=1e-12)
+    assert 0.02 - hold_usd < total <= 0.02
 
 
 async def test_a_retried_call_counts_once_and_a_failed_one_not_at_all(engine: Engine) -> None:
