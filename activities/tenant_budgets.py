@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -87,8 +88,10 @@ class TenantLimiter:
         more, so the hold reserves this multiple of the estimate."""
         self._clock = clock
         self._settles = 0
-        self._changed: asyncio.Event | None = None
-        """Set (and replaced) when a hold of this worker settles or is released: waiters re-check at once."""
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        """Calls of this worker waiting for holds to settle, oldest first. A settle or release here wakes the
+        first (not all: each re-check is a transaction); a waiter admitted or refused wakes the next. Holds
+        settled by other workers are seen by polling (every 20 ms, backing off to 1 s)."""
 
     def now(self) -> datetime:
         return self._clock() if self._clock is not None else _now()
@@ -113,6 +116,8 @@ class TenantLimiter:
             now = self.now()
             hold = Hold(call_key, [(s, s.period_key(now)) for s in scopes], tokens, usd)
             check = await asyncio.to_thread(self.try_reserve, hold, now)
+            if check.verdict != "wait":
+                self._wake()  # whatever room is left may fit the next waiter
             if check.verdict == "ok":
                 return hold
             if check.verdict == "refuse":
@@ -135,17 +140,21 @@ class TenantLimiter:
         self._wake()
 
     async def _wait(self, delay: float) -> None:
-        if self._changed is None:
-            self._changed = asyncio.Event()
+        if len(self._waiters) > 1024:  # timed-out waits are left behind: sweep them now and then
+            self._waiters = deque(f for f in self._waiters if not f.done())
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
         try:
-            await asyncio.wait_for(self._changed.wait(), timeout=delay)
+            await asyncio.wait_for(fut, timeout=delay)
         except TimeoutError:
             pass
 
     def _wake(self) -> None:
-        if self._changed is not None:
-            self._changed.set()
-            self._changed = None
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                return
 
     # -- the transactions (synchronous: run in a thread) ------------------------------------------
     def try_reserve(self, hold: Hold, now: datetime) -> _Check:

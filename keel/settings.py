@@ -131,6 +131,15 @@ class KeelSettings(BaseSettings):
         parse_tenant_budgets(v)
         return v
 
+    @field_validator("tenant_budget_hold_s")
+    @classmethod
+    def _hold_outlives_the_call(cls, v: float, info: ValidationInfo) -> float:
+        timeout = info.data.get("llm_timeout_s")
+        if timeout is not None and v <= timeout:
+            raise ValueError(f"KEEL_TENANT_BUDGET_HOLD_S={v:g} must exceed KEEL_LLM_TIMEOUT_S={timeout:g}: a call's "
+                             "hold on its tenant budget must outlive the call")
+        return v
+
     @field_validator("tracing", mode="before")
     @classmethod
     def _tracing_words(cls, v: object) -> object:

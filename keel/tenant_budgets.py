@@ -40,11 +40,6 @@ class Limit(BaseModel):
     def limited(self) -> bool:
         return self.max_usd is not None or self.max_tokens is not None
 
-    def describe(self) -> str:
-        parts = ([f"${self.max_usd:.4f}"] if self.max_usd is not None else []) + (
-            [f"{self.max_tokens:,} tokens"] if self.max_tokens is not None else [])
-        return " and ".join(parts) + f" a {self.period}"
-
 
 class FeatureLimit(Limit):
     @model_validator(mode="after")

@@ -97,6 +97,8 @@ def test_the_configuration_says_what_is_wrong(tmp_path: Path) -> None:
     assert parse_tenant_budgets(str(toml)).budgets["C-1"].max_usd == 3.5
     with pytest.raises(ValueError, match=r"KEEL_TENANT_BUDGETS file .*nope\.json: no such file"):
         KeelSettings(tenant_budgets=str(tmp_path / "nope.json"))
+    with pytest.raises(ValueError, match="KEEL_TENANT_BUDGET_HOLD_S=30 must exceed KEEL_LLM_TIMEOUT_S=60"):
+        KeelSettings(tenant_budget_hold_s=30, llm_timeout_s=60)
 
 
 def test_period_keys_are_utc_days_and_months() -> None:
