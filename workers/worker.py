@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import gc
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -97,6 +98,9 @@ def tenant_limiter(engine: Engine, settings: KeelSettings) -> TenantLimiter | No
     budgets = parse_tenant_budgets(settings.tenant_budgets)
     if not budgets:
         return None
+    logging.getLogger(__name__).info("tenant budgets (checked before every model call): %s", "; ".join(
+        f"{t}: " + ", ".join(f"{k}={v}" for k, v in b.model_dump(exclude_none=True).items() if v != {})
+        for t, b in budgets.budgets.items()))
     return TenantLimiter(engine, budgets, hold_s=settings.tenant_budget_hold_s,
                          input_margin=settings.tenant_budget_input_margin)
 
