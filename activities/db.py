@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, DateTime, Engine, Table, event, inspect, text
+from sqlalchemy import Connection, DateTime, Engine, Index, Table, event, inspect, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.pool import StaticPool
 from sqlalchemy.types import TypeDecorator
@@ -209,6 +209,53 @@ class ShadowConfigRow(SQLModel, table=True):
     active: bool = Field(default=True, index=True)
     started_at: datetime = Field(default_factory=utcnow, sa_type=UtcDateTime)
     stopped_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
+
+
+class TenantSpendRow(SQLModel, table=True):
+    """A tenant budget's counter for one period (activities.tenant_budgets): what its calls spent, settled
+    at their actual usage. Its row is the lock every reservation of the scope and period takes."""
+
+    __tablename__ = "tenant_spend"
+    tenant: str = Field(primary_key=True)
+    feature: str = Field(default="", primary_key=True)
+    """"": the tenant's calls of every feature; else that feature's."""
+    period_key: str = Field(primary_key=True)
+    """2026-12-06 (a day) or 2026-12 (a month), UTC."""
+    period: str = "day"
+    spent_usd: float = 0.0
+    spent_tokens: int = 0
+    calls: int = 0
+    refused: int = 0
+    max_usd: float | None = None
+    """The limits the last reservation was checked against (as the worker was configured)."""
+    max_tokens: int | None = None
+    updated_at: datetime = Field(default_factory=utcnow, sa_type=UtcDateTime)
+
+
+class TenantHoldRow(SQLModel, table=True):
+    """One model call's hold on one tenant budget: its worst case while it runs (`held`), its actual usage
+    once settled (`settled`; kept a while so a retried call replaces it instead of counting twice)."""
+
+    __tablename__ = "tenant_holds"
+    key: str = Field(primary_key=True)
+    """The call's ledger key and the scope."""
+    call_key: str = Field(index=True)
+    tenant: str
+    feature: str = ""
+    period_key: str
+    state: str = "held"
+    """held | settled"""
+    held_usd: float = 0.0
+    held_tokens: int = 0
+    settled_usd: float = 0.0
+    """What the call's last settled attempt spent (0 before any): counted in the counter's spent_*."""
+    settled_tokens: int = 0
+    expires_at: datetime = Field(sa_type=UtcDateTime)
+    """A hold nobody settled (its task was terminated mid-call) stops counting after this."""
+
+
+Index("ix_tenant_holds_scope", TenantHoldRow.tenant, TenantHoldRow.feature, TenantHoldRow.period_key,
+      TenantHoldRow.state)
 
 
 _READ_ONLY = "keel_read_only"

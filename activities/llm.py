@@ -16,6 +16,7 @@ from activities.ledger import Ledger
 from activities.prompts import load_prompt_at
 from activities.providers.base import Provider, provider_error
 from activities.ratelimit import RateLimiter
+from activities.tenant_budgets import TenantLimiter
 from activities.tracing import Tracing
 from keel import errors, registry
 from keel.chaos import hits
@@ -35,7 +36,8 @@ T = TypeVar("T")
 
 class LlmActivities:
     def __init__(self, providers: dict[str, Provider], ledger: Ledger, breakers: BreakerActivities | None = None,
-                 tracing: Tracing | None = None, limiter: RateLimiter | None = None) -> None:
+                 tracing: Tracing | None = None, limiter: RateLimiter | None = None,
+                 tenants: TenantLimiter | None = None) -> None:
         self._providers = providers
         self._limiter = limiter
         """KEEL_RATE_LIMITS: a limited model's call waits for its slot (activities.ratelimit)."""
@@ -43,6 +45,8 @@ class LlmActivities:
         self._tracing = tracing or Tracing.off()
         self._breakers = breakers
         """Answers `LlmRequest.admit` (a task's first call): one activity instead of a separate admit."""
+        self._tenants = tenants
+        """The tenant budgets (KEEL_TENANT_BUDGETS): a hold on the call's worst case before it, settled after."""
 
     @activity.defn(name=LLM_ACTIVITY)
     async def llm_call(self, req: LlmRequest) -> LlmResponse:
@@ -102,11 +106,20 @@ class LlmActivities:
                                      retry_after_s=1.0)
             if hits(chaos, "provider_500", key, attempt):
                 raise provider_error(req.model.provider, status=500, message="server error (injected by chaos)")
-        if self._limiter is not None and self._limiter.limit_for(req.model.provider, req.model.model) is not None:
-            reserve = estimate_input_tokens(req.messages, req.tools, len(prompt.text)) + req.max_output_tokens
-            await _with_heartbeats(self._limiter.acquire(req.model.provider, req.model.model, reserve))
-        started = time.perf_counter()
-        result = await _with_heartbeats(provider.complete(req, prompt.text))
+        hold = None
+        if self._tenants is not None:  # refused: TenantBudgetExceeded, before any model is called
+            hold = await self._tenants.reserve(req, estimate_input_tokens(req.messages, req.tools, len(prompt.text)),
+                                               pinned)
+        try:
+            if self._limiter is not None and self._limiter.limit_for(req.model.provider, req.model.model) is not None:
+                reserve = estimate_input_tokens(req.messages, req.tools, len(prompt.text)) + req.max_output_tokens
+                await _with_heartbeats(self._limiter.acquire(req.model.provider, req.model.model, reserve))
+            started = time.perf_counter()
+            result = await _with_heartbeats(provider.complete(req, prompt.text))
+        except BaseException:
+            if hold is not None and self._tenants is not None:
+                await self._tenants.release(hold)
+            raise
         latency_ms = (time.perf_counter() - started) * 1000
         tool_calls, repaired, finish = result.tool_calls, "", result.finish_reason
         if req.tools and not tool_calls and result.text:
@@ -129,6 +142,8 @@ class LlmActivities:
             prompt_hash=prompt.short_hash,
             admission=admission,
         )
+        if hold is not None and self._tenants is not None:  # the hold becomes the actual usage (the ledger row's)
+            await self._tenants.settle(hold, resp.usage.total_tokens, resp.cost_usd)
         # Written in this activity, not a separate one: one round trip per step. The upsert on
         # (workflow id, step) keeps a retried call to one row. An output the workflow will refuse keeps
         # its raw text in the row, with why.

@@ -50,10 +50,10 @@ def token_efficiency(answer_tokens: int | None, tokens: int) -> float | None:
 
 
 def is_abandoned(row: Mapping[str, Any]) -> bool:
-    """Stopped by the budget's kill switch, or refused by the task type's cost circuit breaker."""
+    """Stopped by the budget's kill switch, or refused by the task type's cost circuit breaker or a tenant budget."""
     if row.get("status") == "budget_exceeded":
         return True
-    if row.get("limit_hit") == "breaker":
+    if row.get("limit_hit") in ("breaker", "tenant"):  # refused by the breaker or a tenant budget
         return True
     # Rows written before limit_hit was recorded: the breaker's reason names it.
     return row.get("limit_hit") is None and str(row.get("reason") or "").startswith("cost circuit breaker")

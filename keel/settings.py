@@ -11,6 +11,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from keel.pricing import UnpricedModelError, parse_prices, price_for
 from keel.ratelimits import RateLimit, parse_rate_limits
+from keel.tenant_budgets import parse_tenant_budgets
 from keel.types import ModelSpec
 
 
@@ -86,6 +87,14 @@ class KeelSettings(BaseSettings):
     """A worker reuses its cost circuit breaker's "closed" answer this long (0: ask for every task).
     A tripped breaker stops new tasks on every worker within this time."""
     breaker_report_flush_s: float = 0.5
+    tenant_budgets: str | None = None
+    """Spend limits per tenant (and per feature) over a day or a month (keel/tenant_budgets.py): the path of
+    a .json or .toml file, or inline JSON, e.g. {"C-1001": {"period": "day", "max_usd": 1.0}, "*": {...}}."""
+    tenant_budget_hold_s: float = Field(600.0, gt=0)
+    """A model call's hold on its tenant budget stops counting after this long if never settled (its task
+    died mid-call); keep it above KEEL_LLM_TIMEOUT_S."""
+    tenant_budget_input_margin: float = Field(1.25, ge=1)
+    """A call's hold reserves this multiple of its estimated input tokens (4 characters a token)."""
     """A worker sends the usage of its finished tasks to their breaker, batched, this often."""
     metrics_port: int = Field(9464, ge=0, le=65535)
     """The worker's Prometheus endpoint for Keel's task metrics (keel_*); 0: off."""
@@ -129,6 +138,21 @@ class KeelSettings(BaseSettings):
     @property
     def rate_limit_table(self) -> dict[str, RateLimit]:
         return parse_rate_limits(self.rate_limits)
+
+    @field_validator("tenant_budgets")
+    @classmethod
+    def _valid_tenant_budgets(cls, v: str | None) -> str | None:
+        parse_tenant_budgets(v)
+        return v
+
+    @field_validator("tenant_budget_hold_s")
+    @classmethod
+    def _hold_outlives_the_call(cls, v: float, info: ValidationInfo) -> float:
+        timeout = info.data.get("llm_timeout_s")
+        if timeout is not None and v <= timeout:
+            raise ValueError(f"KEEL_TENANT_BUDGET_HOLD_S={v:g} must exceed KEEL_LLM_TIMEOUT_S={timeout:g}: a call's "
+                             "hold on its tenant budget must outlive the call")
+        return v
 
     @field_validator("tracing", mode="before")
     @classmethod

@@ -162,7 +162,7 @@ class Budget(BaseModel):
 
 
 BudgetState = Literal["ok", "soft", "hard", "killed"]
-LimitKind = Literal["tokens", "usd", "steps", "breaker"]
+LimitKind = Literal["tokens", "usd", "steps", "breaker", "tenant"]
 
 
 class BudgetReport(BaseModel):
@@ -187,7 +187,7 @@ class Decision(BaseModel):
 
     step: int
     kind: str
-    """route | escalate | block | repeat | wrap_up | answer_now | kill | fallback | breaker"""
+    """route | escalate | block | repeat | wrap_up | answer_now | kill | fallback | breaker | tenant_budget"""
     reason: str
     at: datetime | None = None
     """When (workflow time); absent in histories recorded before it was kept."""
@@ -352,7 +352,7 @@ class TaskOutcome(BaseModel):
     input_hash: str = ""
     """The task's TaskContext.input_hash."""
     limit_hit: str | None = None
-    """BudgetReport.limit_hit at the end (tokens, usd, steps, breaker)."""
+    """BudgetReport.limit_hit at the end (tokens, usd, steps, breaker, tenant)."""
 
 
 ApprovalMode = Literal["wait", "escalate"]

@@ -225,10 +225,13 @@ def costs(
                                                    "provider, tier, step_kind, prompt_version")] = "tenant",
     fmt: Annotated[str, typer.Option("--format", help="table | csv | json")] = "table",
     since: Annotated[str | None, typer.Option(help="Only calls since: 24h, 7d, 30m, or an ISO date/time (UTC)")] = None,
+    period: Annotated[str | None, typer.Option(help="day | month: the current UTC period only, with each tenant's "
+                                                    "budget of that period beside it (--by tenant[,feature])")] = None,
 ) -> None:
     """LLM spend from the ledger (chargeback), grouped by any tags."""
     from activities.db import make_engine
     from activities.ledger import Ledger
+    from starter import tenant_budgets_cli
 
     settings = load_settings()
     group = [g.strip() for g in by.split(",") if g.strip()]
@@ -237,7 +240,11 @@ def costs(
         raise typer.Exit(2)
     try:
         start = views.parse_since(since) if since else None
-        rows = Ledger(make_engine(settings.db_url)).costs(group, since=start)
+        per = tenant_budgets_cli.check_period(period, since)
+        start = tenant_budgets_cli.period_start(per) if per is not None else start
+        rows = Ledger(engine := make_engine(settings.db_url)).costs(group, since=start)
+        if per is not None:
+            rows = tenant_budgets_cli.with_budgets(rows, group, per, engine, settings.tenant_budgets)
     except ValueError as e:
         err.print(f"[red]{e}[/red]")
         raise typer.Exit(2) from e

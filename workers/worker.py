@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import gc
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -26,11 +27,13 @@ from activities.providers.recording import Traffic
 from activities.providers.sim import SimProvider
 from activities.ratelimit import RateLimiter
 from activities.shadow import ShadowActivities
+from activities.tenant_budgets import TenantLimiter
 from activities.tracing import Tracing
 from keel import registry
 from keel.agent import Agent
 from keel.pricing import load_prices
 from keel.settings import KeelSettings
+from keel.tenant_budgets import parse_tenant_budgets
 from workflows.registry import WORKFLOWS
 
 # `keel` and pydantic are pure: sharing them with the sandbox saves re-importing them per workflow run.
@@ -83,13 +86,25 @@ def activities_for(
     agent_tools = AgentToolActivities(ledger, tracing)
     limiter = RateLimiter(client, task_queue, settings.rate_limit_table) if settings.rate_limits else None
     return [
-        LlmActivities(providers, ledger, breakers, tracing, limiter).llm_call,
+        LlmActivities(providers, ledger, breakers, tracing, limiter, tenant_limiter(engine, settings)).llm_call,
         breakers.admit,
         *PatternActivities(engine).all(),
         *ShadowActivities(engine).all(),
         FinishActivities(engine, ledger, reporter, observer, tracing).finish,
         *(act for a in agents for act in agent_tools.for_agent(a)),
     ]
+
+
+def tenant_limiter(engine: Engine, settings: KeelSettings) -> TenantLimiter | None:
+    """The tenant budgets' limiter when KEEL_TENANT_BUDGETS sets any (else no model call pays for it)."""
+    budgets = parse_tenant_budgets(settings.tenant_budgets)
+    if not budgets:
+        return None
+    logging.getLogger(__name__).info("tenant budgets (checked before every model call): %s", "; ".join(
+        f"{t}: " + ", ".join(f"{k}={v}" for k, v in b.model_dump(exclude_none=True).items() if v != {})
+        for t, b in budgets.budgets.items()))
+    return TenantLimiter(engine, budgets, hold_s=settings.tenant_budget_hold_s,
+                         input_margin=settings.tenant_budget_input_margin)
 
 
 def agents_for(settings: KeelSettings, agents: Sequence[Agent] = ()) -> list[Agent]:

@@ -49,6 +49,7 @@ from workflows.agent_loop import (
     Calls,
     LoopResult,
     TemporalCalls,
+    TenantBudgetRefused,
     run_agent_loop,
     show_step,
 )
@@ -228,6 +229,10 @@ class AgentWorkflow:
         except BreakerRefused as e:
             runner.budget.limit_hit, runner.budget.detail = "breaker", str(e)
             runner.decide("breaker", str(e))
+            return await finish(runner, result, "escalated", str(e))
+        except TenantBudgetRefused as e:
+            runner.budget.limit_hit, runner.budget.detail = "tenant", str(e)
+            runner.decide("tenant_budget", str(e))
             return await finish(runner, result, "escalated", str(e))
         except BudgetExceeded as e:
             runner.decide("kill", str(e))

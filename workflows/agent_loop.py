@@ -116,6 +116,10 @@ class BreakerRefused(Exception):
     """The task's cost circuit breaker refused the task at its first model call (nothing was spent)."""
 
 
+class TenantBudgetRefused(Exception):
+    """A tenant budget (KEEL_TENANT_BUDGETS) refused a model call of the task: its period's limit is reached."""
+
+
 @dataclass
 class LoopResult:
     final_text: str = ""
@@ -367,6 +371,8 @@ class AgentRunner:
                 if isinstance(cause, ApplicationError) and cause.type == errors.BREAKER_OPEN:
                     self.admit = None
                     raise BreakerRefused(cause.message) from e
+                if isinstance(cause, ApplicationError) and cause.type == errors.TENANT_BUDGET_EXCEEDED:
+                    raise TenantBudgetRefused(cause.message) from e
                 retryable = isinstance(cause, TimeoutError) or (
                     isinstance(cause, ApplicationError) and not cause.non_retryable
                     and cause.type in (errors.PROVIDER_RATE_LIMITED, errors.PROVIDER_UNAVAILABLE)
