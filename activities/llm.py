@@ -126,7 +126,13 @@ class LlmActivities:
 
 
 HEARTBEAT_EVERY_S = 5.0
-"""A model call in flight heartbeats this often (names.LLM_HEARTBEAT_TIMEOUT is the server's patience)."""
+"""A model call in flight heartbeats this often, or a third of its heartbeat timeout when that is shorter
+(the task's KEEL_LLM_HEARTBEAT_TIMEOUT_S, default names.LLM_HEARTBEAT_TIMEOUT: the server's patience)."""
+
+
+def heartbeat_every_s() -> float:
+    timeout = activity.info().heartbeat_timeout
+    return min(HEARTBEAT_EVERY_S, timeout.total_seconds() / 3) if timeout else HEARTBEAT_EVERY_S
 
 
 async def _with_heartbeats(call: Coroutine[Any, Any, T]) -> T:
@@ -136,13 +142,14 @@ async def _with_heartbeats(call: Coroutine[Any, Any, T]) -> T:
     answers at once costs one scheduled callback, cancelled."""
     loop = asyncio.get_running_loop()
     handle: asyncio.TimerHandle | None = None
+    every = heartbeat_every_s()
 
     def beat() -> None:  # runs in the activity's context (call_later copies it)
         nonlocal handle
         activity.heartbeat()
-        handle = loop.call_later(HEARTBEAT_EVERY_S, beat)
+        handle = loop.call_later(every, beat)
 
-    handle = loop.call_later(HEARTBEAT_EVERY_S, beat)
+    handle = loop.call_later(every, beat)
     try:
         return await call
     finally:

@@ -141,7 +141,14 @@ class TemporalCalls:
     round trip into the workflow sandbox, and a summary is one more payload per call (measured with
     bench/throughput.py: 3 ms of worker CPU per task). The UI shows the activity type (`llm_call`,
     the tool's name), its input (step kind, model), the workflow's summary (its models, labelled) and
-    its current details (step, action, tokens), set below and in AgentRunner."""
+    its current details (step, action, tokens), set below and in AgentRunner.
+
+    `heartbeat_timeout_s`: the task's own (AgentInput.llm_heartbeat_timeout_s, pinned by its starter from
+    KEEL_LLM_HEARTBEAT_TIMEOUT_S), else names.LLM_HEARTBEAT_TIMEOUT."""
+
+    def __init__(self, heartbeat_timeout_s: float | None = None) -> None:
+        self.heartbeat_timeout = (timedelta(seconds=heartbeat_timeout_s) if heartbeat_timeout_s is not None
+                                  else LLM_HEARTBEAT_TIMEOUT)
 
     async def llm(self, req: LlmRequest) -> LlmResponse:
         resp: LlmResponse = await workflow.execute_activity(
@@ -149,7 +156,7 @@ class TemporalCalls:
             req,
             result_type=LlmResponse,
             start_to_close_timeout=LLM_START_TO_CLOSE,
-            heartbeat_timeout=LLM_HEARTBEAT_TIMEOUT,
+            heartbeat_timeout=self.heartbeat_timeout,
             retry_policy=LLM_RETRY,
         )
         return resp
