@@ -91,7 +91,7 @@ class LlmActivities:
                     non_retryable=True,
                 )
         started = time.perf_counter()
-        result = await _with_heartbeats(provider.complete(req, prompt.text))
+        result = await with_heartbeats(provider.complete(req, prompt.text))
         latency_ms = (time.perf_counter() - started) * 1000
         tool_calls, repaired, finish = result.tool_calls, "", result.finish_reason
         if req.tools and not tool_calls and result.text:
@@ -135,9 +135,10 @@ def heartbeat_every_s() -> float:
     return min(HEARTBEAT_EVERY_S, timeout.total_seconds() / 3) if timeout else HEARTBEAT_EVERY_S
 
 
-async def _with_heartbeats(call: Coroutine[Any, Any, T]) -> T:
-    """Await a provider call, heartbeating while it runs: a worker that dies mid-call is noticed within
-    the heartbeat timeout and the call retried elsewhere, instead of waiting out the call's whole limit.
+async def with_heartbeats(call: Coroutine[Any, Any, T]) -> T:
+    """Await a provider call (or a tool's, activities.agent_tools), heartbeating while it runs: a worker that
+    dies mid-call is noticed within the heartbeat timeout and the call retried elsewhere, instead of waiting
+    out the call's whole limit.
     The call's own limit is the provider's timeout (KEEL_LLM_TIMEOUT_S). A timer, not a task: a call that
     answers at once costs one scheduled callback, cancelled."""
     loop = asyncio.get_running_loop()

@@ -542,7 +542,7 @@ class AgentInput(BaseModel):
     """The user's prices (KEEL_PRICES), by "provider:model", pinned by the task's starter: the task prices
     its models with them first (keel.pricing), so a replay sees the prices the task ran with."""
     llm_heartbeat_timeout_s: float | None = Field(None, gt=0)
-    """How long the server waits for a heartbeat of this task's model calls before retrying them on another
+    """How long the server waits for a heartbeat of this task's model and tool calls before retrying them on another
     worker (KEEL_LLM_HEARTBEAT_TIMEOUT_S, pinned by the starter); None: names.LLM_HEARTBEAT_TIMEOUT."""
 
 

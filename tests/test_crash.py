@@ -397,8 +397,8 @@ async def test_a_retried_model_call_rewrites_its_ledger_row(crash_db_url: str) -
 
 
 async def test_the_heartbeat_timeout_is_pinned_in_the_task_and_scheduled_with_each_model_call(stack: Stack) -> None:
-    """KEEL_LLM_HEARTBEAT_TIMEOUT_S (the starter's) is in the task's input and on every model call's schedule;
-    a task started without it (an older starter) keeps names.LLM_HEARTBEAT_TIMEOUT."""
+    """KEEL_LLM_HEARTBEAT_TIMEOUT_S (the starter's) is in the task's input and on every model and tool call's
+    schedule; a task started without it (an older starter) keeps names.LLM_HEARTBEAT_TIMEOUT."""
     inp = ticket_input("C-1001", "What is my balance?", f"hb-{uuid.uuid4().hex[:6]}")
     pinned = await start_agent(stack.client, stack.settings, inp, shadow=False)
     bare = await stack.client.start_workflow(names.AGENT_WORKFLOW, inp.model_copy(update={"key": inp.key + "-bare"}),
@@ -406,11 +406,12 @@ async def test_the_heartbeat_timeout_is_pinned_in_the_task_and_scheduled_with_ea
                                              result_type=AgentResult)
     for handle, expected in ((pinned, HEARTBEAT_TIMEOUT_S), (bare, names.LLM_HEARTBEAT_TIMEOUT.total_seconds())):
         await handle.result()
-        timeouts = {e.activity_task_scheduled_event_attributes.heartbeat_timeout.ToTimedelta().total_seconds()
-                    async for e in handle.fetch_history_events()
-                    if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
-                    and e.activity_task_scheduled_event_attributes.activity_type.name == names.LLM_ACTIVITY}
-        assert timeouts == {expected}
+        scheduled = [e.activity_task_scheduled_event_attributes async for e in handle.fetch_history_events()
+                     if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED]
+        timeouts = {(a.activity_type.name == names.LLM_ACTIVITY, a.heartbeat_timeout.ToTimedelta().total_seconds())
+                    for a in scheduled if a.activity_type.name != names.FINISH_ACTIVITY}
+        # The model calls and the tool calls (get_account): both heartbeat, with the task's timeout.
+        assert timeouts == {(True, expected), (False, expected)}
 
 
 def test_a_bad_heartbeat_timeout_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:

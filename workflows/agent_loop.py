@@ -144,7 +144,8 @@ class TemporalCalls:
     its current details (step, action, tokens), set below and in AgentRunner.
 
     `heartbeat_timeout_s`: the task's own (AgentInput.llm_heartbeat_timeout_s, pinned by its starter from
-    KEEL_LLM_HEARTBEAT_TIMEOUT_S), else names.LLM_HEARTBEAT_TIMEOUT."""
+    KEEL_LLM_HEARTBEAT_TIMEOUT_S), else names.LLM_HEARTBEAT_TIMEOUT; tool calls heartbeat too (the executor,
+    activities.agent_tools), so a dead worker's tool call is retried after it, not after its 30 s limit."""
 
     def __init__(self, heartbeat_timeout_s: float | None = None) -> None:
         self.heartbeat_timeout = (timedelta(seconds=heartbeat_timeout_s) if heartbeat_timeout_s is not None
@@ -167,6 +168,7 @@ class TemporalCalls:
             req,
             result_type=ToolResult,
             start_to_close_timeout=TOOL_START_TO_CLOSE,
+            heartbeat_timeout=self.heartbeat_timeout,
             retry_policy=TOOL_RETRY,
         )
         return result
