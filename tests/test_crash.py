@@ -1,16 +1,18 @@
-"""Crash recovery with real processes (#16 items 3-4): a Temporal dev server on its SQLite file and a worker
-(`python -m workers`), both subprocesses on free ports, run a batch of support desk tickets with model latency
-(so model calls are in flight); refunds are approved as soon as they are proposed, so write tools run. Then:
+"""Crash recovery with real processes (#16 items 3-4): a Temporal dev server on its SQLite file and two workers
+(`python -m workers`, as a deployment runs several), all subprocesses on free ports, run 16 support desk tickets
+with 0.5-1.5 s model latency (so model calls are in flight); refunds are approved as soon as they are proposed,
+so write tools run. Then:
 
-- the worker is SIGKILLed while model calls are in flight, and a new one started;
-- the worker is SIGKILLed right after a write (a refund) committed;
-- the dev server is stopped (SIGTERM) and started again on the same file and port.
+- a worker is SIGKILLed while model calls are in flight (at least 3, seen on the server), and a replacement
+  started (the tasks go on on the other worker meanwhile);
+- every worker is SIGKILLed as soon as a refund row is seen committed (polled every 10 ms), and both restarted;
+- the dev server is stopped (SIGTERM) and started again on the same file and port while calls are in flight.
 
-Each time every task completes, each write happened once (one refund per approved proposal, each account's
+Each time every task completes, each write happened once (one refund per executed issue_refund, each account's
 balance credited once per refund, one human-queue item per task that went to a human) and the ledger equals
-every task's result (its model calls' rows sum to the result's calls, tokens and cost). The model calls'
-heartbeat timeout is 4 s here (KEEL_LLM_HEARTBEAT_TIMEOUT_S, pinned in each task's input), so the killed
-worker's calls are retried within seconds; the retried call's ledger row replaces the first.
+every task's result (its model calls' rows sum to the result's calls, tokens and cost). The heartbeat timeout
+is 4 s here (KEEL_LLM_HEARTBEAT_TIMEOUT_S, pinned in each task's input), so the killed worker's model and tool
+calls are retried within seconds; the retried call's ledger row replaces the first.
 
 The database is the `crash_db_url` fixture's: SQLite by default; a PostgreSQL variant is one more entry in its
 params naming a fixture that returns a PostgreSQL URL.
