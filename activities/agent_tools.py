@@ -28,6 +28,7 @@ from activities.alerts import TaskObserver
 from activities.breaker import UsageReporter
 from activities.db import HumanQueueRow, table_of, utcnow
 from activities.ledger import Ledger
+from activities.llm import with_heartbeats
 from activities.tracing import Tracing
 from keel import errors
 from keel.agent import Agent, Tool, ToolContext
@@ -68,7 +69,9 @@ class AgentToolActivities:
 
         async def run(req: ToolRequest) -> ToolResult:
             with self.tracing.tool_span(t.name, req) as span:
-                result = await self.execute(agent, t, req)
+                # Heartbeating (when the workflow gave the call a heartbeat timeout): a worker that dies
+                # mid-call, or right after a write, has the call retried within seconds, not 30 s.
+                result = await with_heartbeats(self.execute(agent, t, req))
                 self.tracing.tool_result(span, req, result)
             return result
 

@@ -113,9 +113,9 @@ class LlmActivities:
         try:
             if self._limiter is not None and self._limiter.limit_for(req.model.provider, req.model.model) is not None:
                 reserve = estimate_input_tokens(req.messages, req.tools, len(prompt.text)) + req.max_output_tokens
-                await _with_heartbeats(self._limiter.acquire(req.model.provider, req.model.model, reserve))
+                await with_heartbeats(self._limiter.acquire(req.model.provider, req.model.model, reserve))
             started = time.perf_counter()
-            result = await _with_heartbeats(provider.complete(req, prompt.text))
+            result = await with_heartbeats(provider.complete(req, prompt.text))
         except BaseException:
             if hold is not None and self._tenants is not None:
                 await self._tenants.release(hold)
@@ -156,23 +156,31 @@ class LlmActivities:
 
 
 HEARTBEAT_EVERY_S = 5.0
-"""A model call in flight heartbeats this often (names.LLM_HEARTBEAT_TIMEOUT is the server's patience)."""
+"""A model call in flight heartbeats this often, or a third of its heartbeat timeout when that is shorter
+(the task's KEEL_LLM_HEARTBEAT_TIMEOUT_S, default names.LLM_HEARTBEAT_TIMEOUT: the server's patience)."""
 
 
-async def _with_heartbeats(call: Coroutine[Any, Any, T]) -> T:
-    """Await a provider call, heartbeating while it runs: a worker that dies mid-call is noticed within
-    the heartbeat timeout and the call retried elsewhere, instead of waiting out the call's whole limit.
+def heartbeat_every_s() -> float:
+    timeout = activity.info().heartbeat_timeout
+    return min(HEARTBEAT_EVERY_S, timeout.total_seconds() / 3) if timeout else HEARTBEAT_EVERY_S
+
+
+async def with_heartbeats(call: Coroutine[Any, Any, T]) -> T:
+    """Await a provider call (or a tool's, activities.agent_tools), heartbeating while it runs: a worker that
+    dies mid-call is noticed within the heartbeat timeout and the call retried elsewhere, instead of waiting
+    out the call's whole limit.
     The call's own limit is the provider's timeout (KEEL_LLM_TIMEOUT_S). A timer, not a task: a call that
     answers at once costs one scheduled callback, cancelled."""
     loop = asyncio.get_running_loop()
     handle: asyncio.TimerHandle | None = None
+    every = heartbeat_every_s()
 
     def beat() -> None:  # runs in the activity's context (call_later copies it)
         nonlocal handle
         activity.heartbeat()
-        handle = loop.call_later(HEARTBEAT_EVERY_S, beat)
+        handle = loop.call_later(every, beat)
 
-    handle = loop.call_later(HEARTBEAT_EVERY_S, beat)
+    handle = loop.call_later(every, beat)
     try:
         return await call
     finally:

@@ -132,6 +132,8 @@ class OrchestratorInput(BaseModel):
     """Models by tier for every child agent, over each agent's own (KEEL_MODEL_SMALL/LARGE at its start)."""
     prices: dict[str, Price] = Field(default_factory=dict)
     """The user's prices pinned by the starter, passed to every child (AgentInput.prices)."""
+    llm_heartbeat_timeout_s: float | None = Field(None, gt=0)
+    """KEEL_LLM_HEARTBEAT_TIMEOUT_S pinned by the starter: the model calls' of this task and of every child."""
 
     @model_validator(mode="after")
     def _has_a_plan(self) -> OrchestratorInput:
@@ -207,6 +209,8 @@ class SwarmInput(BaseModel):
     """Every peer's models by tier when `models` is empty, over the agent's own (KEEL_MODEL_SMALL/LARGE)."""
     prices: dict[str, Price] = Field(default_factory=dict)
     """The user's prices pinned by the starter, passed to every peer (AgentInput.prices)."""
+    llm_heartbeat_timeout_s: float | None = Field(None, gt=0)
+    """KEEL_LLM_HEARTBEAT_TIMEOUT_S pinned by the starter: the model calls' of this task and of every child."""
 
     @field_validator("input")
     @classmethod

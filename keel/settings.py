@@ -53,6 +53,10 @@ class KeelSettings(BaseSettings):
     sim_seed: int = 0
     sim_spiral_rate: float = 0.15
     llm_timeout_s: float = 60.0
+    llm_heartbeat_timeout_s: float = Field(20.0, gt=0)
+    """How long the Temporal server waits for a heartbeat of a model or tool call (sent every 5 s, or a third
+    of this when shorter) before it gives the call up and retries it on another worker: a dead worker's calls
+    are retried after this. Pinned in each task's input by the process that starts it (like KEEL_PRICES)."""
     max_concurrent_activities: int = 200
     max_concurrent_workflow_tasks: int = 100
     workflow_sandbox: Literal["shared", "strict"] = "shared"

@@ -239,6 +239,8 @@ class SupervisorInput(BaseModel):
     """Models by tier for every child agent, over each agent's own (KEEL_MODEL_SMALL/LARGE at its start)."""
     prices: dict[str, Price] = Field(default_factory=dict)
     """The user's prices pinned by the starter, passed to every child (AgentInput.prices)."""
+    llm_heartbeat_timeout_s: float | None = Field(None, gt=0)
+    """KEEL_LLM_HEARTBEAT_TIMEOUT_S pinned by the starter: the model calls' of this task and of every child."""
 
     @model_validator(mode="after")
     def _supervises_something(self) -> SupervisorInput:

@@ -546,6 +546,9 @@ class AgentInput(BaseModel):
     its models with them first (keel.pricing), so a replay sees the prices the task ran with."""
     chaos: Chaos | None = None
     """Fault injection into this task's tool and model calls (`keel chaos run`); None: none."""
+    llm_heartbeat_timeout_s: float | None = Field(None, gt=0)
+    """How long the server waits for a heartbeat of this task's model and tool calls before retrying them on another
+    worker (KEEL_LLM_HEARTBEAT_TIMEOUT_S, pinned by the starter); None: names.LLM_HEARTBEAT_TIMEOUT."""
 
 
 AgentStatus = Literal["completed", "escalated", "budget_exceeded", "rejected"]

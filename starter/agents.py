@@ -53,14 +53,16 @@ Startable = TypeVar("Startable", AgentInput, OrchestratorInput, SupervisorInput,
 def as_configured(settings: KeelSettings, inp: Startable) -> Startable:
     """A task as this process starts it (every start_* below): the models of KEEL_MODEL_SMALL/LARGE for
     the tiers the input does not set itself (a pattern: for every child), and the user's prices
-    (KEEL_PRICES) pinned in it, so its workflow (and its replay) prices with what it started with."""
+    (KEEL_PRICES) pinned in it, so its workflow (and its replay) prices with what it started with, and its
+    model calls' heartbeat timeout (KEEL_LLM_HEARTBEAT_TIMEOUT_S) unless it sets one (a pattern: for every child)."""
     tiers = command_models(settings) or {}
     pinned = {**user_prices(), **inp.prices}
+    heartbeat = inp.llm_heartbeat_timeout_s or settings.llm_heartbeat_timeout_s  # KEEL_LLM_HEARTBEAT_TIMEOUT_S
     if isinstance(inp, SwarmInput):  # `models`: one model per peer for every tier, when given
         models = {**tiers, **(inp.tier_models or {})} or None
-        return inp.model_copy(update={"tier_models": models, "prices": pinned})
+        return inp.model_copy(update={"tier_models": models, "prices": pinned, "llm_heartbeat_timeout_s": heartbeat})
     models = {**tiers, **(inp.models or {})} or None
-    return inp.model_copy(update={"models": models, "prices": pinned})
+    return inp.model_copy(update={"models": models, "prices": pinned, "llm_heartbeat_timeout_s": heartbeat})
 
 
 def agent_workflow_id(inp: AgentInput) -> str:

@@ -139,7 +139,8 @@ class AgentWorkflow:
         agent = resolve_agent(inp.agent)
         info = workflow.info()
         runner = self.make_runner(agent, inp, info.workflow_id,
-                                  info.parent.workflow_id if info.parent is not None else "", TemporalCalls())
+                                  info.parent.workflow_id if info.parent is not None else "",
+                                  TemporalCalls(inp.llm_heartbeat_timeout_s))
         runner.clock = workflow.now
         runner.on_step = show_step
         runner.on_budget_state = _budget_upsert

@@ -151,7 +151,15 @@ class TemporalCalls:
     round trip into the workflow sandbox, and a summary is one more payload per call (measured with
     bench/throughput.py: 3 ms of worker CPU per task). The UI shows the activity type (`llm_call`,
     the tool's name), its input (step kind, model), the workflow's summary (its models, labelled) and
-    its current details (step, action, tokens), set below and in AgentRunner."""
+    its current details (step, action, tokens), set below and in AgentRunner.
+
+    `heartbeat_timeout_s`: the task's own (AgentInput.llm_heartbeat_timeout_s, pinned by its starter from
+    KEEL_LLM_HEARTBEAT_TIMEOUT_S), else names.LLM_HEARTBEAT_TIMEOUT; tool calls heartbeat too (the executor,
+    activities.agent_tools), so a dead worker's tool call is retried after it, not after its 30 s limit."""
+
+    def __init__(self, heartbeat_timeout_s: float | None = None) -> None:
+        self.heartbeat_timeout = (timedelta(seconds=heartbeat_timeout_s) if heartbeat_timeout_s is not None
+                                  else LLM_HEARTBEAT_TIMEOUT)
 
     async def llm(self, req: LlmRequest) -> LlmResponse:
         first = workflow.now()
@@ -173,7 +181,7 @@ class TemporalCalls:
             req,
             result_type=LlmResponse,
             start_to_close_timeout=LLM_START_TO_CLOSE,
-            heartbeat_timeout=LLM_HEARTBEAT_TIMEOUT,
+            heartbeat_timeout=self.heartbeat_timeout,
             retry_policy=LLM_RETRY,
         )
         return resp
@@ -184,6 +192,7 @@ class TemporalCalls:
             req,
             result_type=ToolResult,
             start_to_close_timeout=TOOL_START_TO_CLOSE,
+            heartbeat_timeout=self.heartbeat_timeout,
             retry_policy=TOOL_RETRY,
         )
         return result

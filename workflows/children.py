@@ -70,14 +70,15 @@ SA_BUDGET = SearchAttributeKey.for_keyword(names.SA_BUDGET)
 
 
 def parent_runner(task_type: str, feature: str, budget: Budget, model: ModelSpec, sim: SimConfig,
-                  tenant: str = "internal", key: str = "", prompt_version: str = "v1") -> AgentRunner:
+                  tenant: str = "internal", key: str = "", prompt_version: str = "v1",
+                  heartbeat_timeout_s: float | None = None) -> AgentRunner:
     """The runner of a pattern's parent workflow: its own model calls (plan, review, synthesize) and
     the budget its children's reservations are held against. Call inside the workflow."""
     info = workflow.info()
     task = TaskContext(workflow_id=info.workflow_id, tenant=tenant, key=key or info.workflow_id,
                        feature=feature, task_type=task_type, prompt_version=prompt_version)
-    runner = AgentRunner(TemporalCalls(), task, models={"small": model, "large": model}, tiers=dict(DEFAULT_TIERS),
-                         sim=sim, budget=budget)
+    runner = AgentRunner(TemporalCalls(heartbeat_timeout_s), task, models={"small": model, "large": model},
+                         tiers=dict(DEFAULT_TIERS), sim=sim, budget=budget)
     runner.clock = workflow.now
     return runner
 

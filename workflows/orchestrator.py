@@ -62,7 +62,7 @@ class OrchestratorWorkflow(PatternParent):
     async def run(self, inp: OrchestratorInput) -> OrchestratorResult:
         wid = workflow.info().workflow_id
         runner = parent_runner(inp.name, inp.feature or inp.name, inp.budget, ModelSpec(), inp.sim,
-                               tenant=inp.tenant, key=inp.key)
+                               tenant=inp.tenant, key=inp.key, heartbeat_timeout_s=inp.llm_heartbeat_timeout_s)
         self._children = children = Children(runner, inp.max_child_attempts)
         result = OrchestratorResult(workflow_id=wid, status="completed")
         known = {a.name for a in registry.registered()}
@@ -152,7 +152,8 @@ class OrchestratorWorkflow(PatternParent):
             children.runner.decide("shrink_child", f"{name}: caps {_caps(wanted)} do not fit; given {_caps(fitted)}")
         child = AgentInput(agent=agent, input=text, context=context, key=inp.key, tenant=inp.tenant,
                            feature=inp.feature or inp.name, budget=fitted, approval_mode=inp.approval_mode, sim=inp.sim,
-                           models=inp.models, prices=inp.prices)
+                           models=inp.models, prices=inp.prices,
+                           llm_heartbeat_timeout_s=inp.llm_heartbeat_timeout_s)
         return await children.run_agent(name, role, child)
 
     @staticmethod
@@ -198,7 +199,7 @@ class SwarmAgentsWorkflow(PatternParent):
     async def run(self, inp: SwarmInput) -> SwarmResult:
         wid = workflow.info().workflow_id
         runner = parent_runner(inp.name, inp.feature or inp.name, inp.budget, ModelSpec(), inp.sim,
-                               tenant=inp.tenant, key=inp.key)
+                               tenant=inp.tenant, key=inp.key, heartbeat_timeout_s=inp.llm_heartbeat_timeout_s)
         self._children = children = Children(runner, 1)
         result = SwarmResult(workflow_id=wid, status="completed")
         agent = registry.find(inp.agent)
@@ -229,7 +230,7 @@ class SwarmAgentsWorkflow(PatternParent):
                                tenant=inp.tenant, feature=inp.feature or inp.name, budget=fitted, dry_run=True,
                                approval_mode="escalate", sim=inp.sim, temperature=temperatures[i],
                                models={"small": model, "large": model} if model is not None else inp.tier_models,
-                               prices=inp.prices)
+                               prices=inp.prices, llm_heartbeat_timeout_s=inp.llm_heartbeat_timeout_s)
             return await children.run_agent(names_[i], "peer", child)
 
         ran = await asyncio.gather(*(peer(i) for i in range(inp.peers)))

@@ -48,7 +48,7 @@ class SupervisorWorkflow(PatternParent):
     async def run(self, inp: SupervisorInput) -> SupervisorResult:
         wid = workflow.info().workflow_id
         runner = parent_runner(inp.name, inp.feature or inp.name, inp.budget, ModelSpec(), inp.sim,
-                               tenant=inp.tenant, key=inp.key)
+                               tenant=inp.tenant, key=inp.key, heartbeat_timeout_s=inp.llm_heartbeat_timeout_s)
         self._children = children = Children(runner, inp.max_child_attempts)
         result = SupervisorResult(workflow_id=wid, status="completed")
 
@@ -168,7 +168,8 @@ class SupervisorWorkflow(PatternParent):
                                                    f"{fitted.max_tokens} tokens, ${fitted.max_usd}")
         child = AgentInput(agent=agent, input=text, context=context, key=inp.key, tenant=inp.tenant,
                            feature=inp.feature or inp.name, budget=fitted, approval_mode=inp.approval_mode, sim=inp.sim,
-                           models=inp.models, prices=inp.prices)
+                           models=inp.models, prices=inp.prices,
+                           llm_heartbeat_timeout_s=inp.llm_heartbeat_timeout_s)
         return await children.run_agent(name, role, child)
 
     @staticmethod

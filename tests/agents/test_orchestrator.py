@@ -218,3 +218,28 @@ async def test_an_unknown_synthesizer_is_refused_before_any_child(client: Client
     async with env_for(client, home=tmp_path) as env:
         res = await env.orchestrate("x", tasks=CHECKS[:1], synthesizer="writer", key=uuid.uuid4().hex)
     assert res.status == "rejected" and "no synthesizer agent 'writer'" in res.reason and res.children == []
+
+
+async def test_the_heartbeat_timeout_reaches_every_childs_model_calls(client: Client, status: StatusService,
+                                                                      tmp_path: Path) -> None:
+    """KEEL_LLM_HEARTBEAT_TIMEOUT_S, pinned in the orchestration's input by its starter, schedules every model
+    call of the family (its children's, passed down in their inputs)."""
+    from temporalio.api.enums.v1 import EventType
+
+    from keel import names
+
+    async with env_for(client, home=tmp_path) as env:
+        settings = env.settings.model_copy(update={"llm_heartbeat_timeout_s": 7.0})
+        handle = await start_orchestration(env.client, settings, OrchestratorInput(
+            input="Morning check", tasks=CHECKS[:2], budget=keel.Budget(max_tokens=9_000, max_usd=0.05),
+            key=uuid.uuid4().hex))
+        res = await handle.result()
+        assert res.status == "completed", res.reason
+        timeouts = set()
+        for c in res.children:
+            async for e in env.client.get_workflow_handle(c.workflow_id).fetch_history_events():
+                attrs = e.activity_task_scheduled_event_attributes
+                if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED and \
+                        attrs.activity_type.name == names.LLM_ACTIVITY:
+                    timeouts.add(attrs.heartbeat_timeout.ToTimedelta().total_seconds())
+    assert timeouts == {7.0}
