@@ -162,8 +162,8 @@ async def start_agent_shadowed(
     deadline, pause = time.monotonic() + timeout_s, 0.02
     while True:
         try:
-            await handle.describe()
-            return handle
+            desc = await handle.describe()  # the run's handle (starter.agents.is_existing: one it started)
+            return client.get_workflow_handle(primary_id, run_id=desc.run_id, result_type=AgentResult)
         except RPCError as e:
             if e.status != RPCStatusCode.NOT_FOUND:
                 raise

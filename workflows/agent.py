@@ -48,6 +48,7 @@ from workflows.agent_loop import (
     BreakerRefused,
     Calls,
     LoopResult,
+    ModelUnusable,
     TemporalCalls,
     run_agent_loop,
     show_step,
@@ -227,6 +228,9 @@ class AgentWorkflow:
         except BreakerRefused as e:
             runner.budget.limit_hit, runner.budget.detail = "breaker", str(e)
             runner.decide("breaker", str(e))
+            return await finish(runner, result, "escalated", str(e))
+        except ModelUnusable as e:
+            runner.decide("escalate", str(e))
             return await finish(runner, result, "escalated", str(e))
         except BudgetExceeded as e:
             runner.decide("kill", str(e))
