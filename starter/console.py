@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sys
 import time
@@ -17,6 +18,7 @@ from rich.markup import escape
 from sqlalchemy.engine import Engine
 from temporalio.client import Client, WorkflowFailureError
 from temporalio.exceptions import ActivityError, ChildWorkflowError
+from temporalio.runtime import LogForwardingConfig, LoggingConfig, Runtime, TelemetryConfig, TelemetryFilter
 from temporalio.service import RPCError
 
 from keel.codec import EncryptionConfigError
@@ -90,13 +92,28 @@ def ledger_engine() -> Engine:
     return engine
 
 
+_RUNTIME: Runtime | None = None
+
+
+def cli_runtime() -> Runtime:
+    """The command line's Temporal runtime: the SDK core's own errors go to Python's logging (stderr), and
+    its retry warnings not at all (they would land in stdout, in the middle of --json): a command says
+    itself when Temporal does not answer (starter.rpc)."""
+    global _RUNTIME
+    if _RUNTIME is None:
+        _RUNTIME = Runtime(telemetry=TelemetryConfig(logging=LoggingConfig(
+            filter=TelemetryFilter(core_level="ERROR", other_level="ERROR"),
+            forwarding=LogForwardingConfig(logger=logging.getLogger("temporalio.core")))))
+    return _RUNTIME
+
+
 async def client_or_exit(settings: KeelSettings) -> Client:
     """A client of Temporal; one that does not answer (a server restarting) is tried again with backoff for
     up to KEEL_TEMPORAL_WAIT_S, saying so, then a clear error (exit 1)."""
     start, delay, said = time.monotonic(), 0.5, False
     while True:
         try:
-            return await connect(settings)
+            return await connect(settings, runtime=cli_runtime())
         except EncryptionConfigError as e:
             err.print(f"[red]invalid encryption settings:[/red] {e}")
             raise typer.Exit(2) from e

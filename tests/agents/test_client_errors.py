@@ -6,6 +6,8 @@ are one-line settings errors."""
 
 from __future__ import annotations
 
+import re
+import socket
 import uuid
 from pathlib import Path
 from typing import Any
@@ -13,13 +15,16 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 from temporalio.client import Client
+from temporalio.service import RPCError, RPCStatusCode
 from typer.testing import CliRunner
 
 import keel
 from agents.oncall.status_service import StatusService
+from keel.settings import KeelSettings
 from keel.testing import SCRIPTED, ScriptedModel, Step, answer
 from keel.types import ToolCall
 from starter.cli import app
+from starter.rpc import Temporal, TemporalCallError
 from tests.agents.test_oncall import cli_env, env_for, keel_cli
 
 NO_KEY = keel.ModelSpec(provider="openai", model="gpt-4o-mini")
@@ -71,3 +76,48 @@ def test_bad_addresses_and_homes_are_one_line_errors(tmp_path: Path, env: dict[s
     assert res.exit_code == 2, res.output
     assert said in " ".join(res.output.split()) and "Traceback" not in res.output
     assert not isinstance(res.exception, IndexError | NotADirectoryError)
+
+
+def test_an_unreachable_temporal_is_waited_for_then_a_clear_error(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens once the socket is closed
+    res = CliRunner().invoke(app, ["ticket", "submit", "-c", "C-1001", "-t", "hello"],
+                             env={"TEMPORAL_ADDRESS": f"127.0.0.1:{port}", "KEEL_TEMPORAL_WAIT_S": "1.5",
+                                  "KEEL_HOME": str(tmp_path / "home")})
+    said = " ".join(res.output.split())
+    assert res.exit_code == 1, res.output
+    assert f"waiting for Temporal at 127.0.0.1:{port}" in said and "retrying for up to 1.5 s" in said, said
+    assert f"cannot reach Temporal at 127.0.0.1:{port} (tried for" in said and "KEEL_TEMPORAL_WAIT_S" in said, said
+
+
+async def test_a_call_that_times_out_is_named_and_a_transient_failure_is_retried() -> None:
+    settings = KeelSettings(temporal_address="10.0.0.1:7233", temporal_rpc_timeout_s=7, temporal_wait_s=0)
+    calls: list[str] = []
+
+    async def times_out() -> None:
+        calls.append("x")
+        raise RPCError("Timeout expired", RPCStatusCode.DEADLINE_EXCEEDED, b"")
+
+    with pytest.raises(TemporalCallError) as failed:
+        await Temporal(settings).call("start of support_desk-TK-1", times_out)
+    assert str(failed.value) == "Temporal: start of support_desk-TK-1 to 10.0.0.1:7233 timed out after 7 s"
+
+    said: list[str] = []
+    patient = Temporal(settings.model_copy(update={"temporal_wait_s": 60}), say=said.append)
+
+    async def flaky() -> str:
+        calls.append("y")
+        if calls.count("y") < 3:
+            raise RPCError("tcp connect error", RPCStatusCode.UNAVAILABLE, b"")
+        return "answered"
+
+    assert await patient.call("result of wf-1", flaky) == "answered"
+    assert patient.retries == 2 and len(said) == 1 and "not answering (result of wf-1: tcp connect error)" in said[0]
+
+    async def refused() -> None:
+        raise RPCError("namespace not found", RPCStatusCode.NOT_FOUND, b"")
+
+    refusal = re.escape("describe of wf-2 to 10.0.0.1:7233 failed: namespace not found")
+    with pytest.raises(TemporalCallError, match=refusal):
+        await patient.call("describe of wf-2", refused)  # not transient: not retried
