@@ -2,7 +2,10 @@
 command that builds what to start from its options, starts it, prints its id and UI link, waits, and
 prints the result with the command's `show` (or as JSON with --json). A batch command starts every input
 it builds, at most --concurrency at a time, and prints them all with its `show_batch`; a task that waits
-for a person (an approval) counts as settled. A keel.CommandGroup is a verb group (`keel GROUP VERB`).
+for a person (an approval) counts as settled. A command with idempotent=True starts each keyed input once
+(its workflow id from its key): run again, it finds the runs it has. Calls to Temporal ride out a server
+restart (starter.rpc); Ctrl-C or SIGTERM stops a batch printing what finished and what is pending (the same
+batch run again resumes it). A keel.CommandGroup is a verb group (`keel GROUP VERB`).
 
 The command line adds the verbs of every built-in agent package's `cli` module (`agents/<name>/cli.py`
 with a COMMANDS list; found without importing the agents) and of the modules named in KEEL_COMMANDS

@@ -2,10 +2,14 @@
 OPENAI_API_KEY) hands the task to a person with the reason (a human-queue row and an outcome row, the CLI
 saying why), not a failed workflow; a call the tool refused is not in `tools_executed` but in
 `tools_blocked` with the tool's reason; a TEMPORAL_ADDRESS without a port and a KEEL_HOME that is a file
-are one-line settings errors."""
+are one-line settings errors; an unreachable Temporal is waited for, saying so, then a clear error; a call
+that times out is named. Exactly once (#16 item 1): the write tools answer a call made again with its key
+as the first time; `keel run --key` runs once; a batch file's tickets without ids keep their ids."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import re
 import socket
 import uuid
@@ -20,6 +24,10 @@ from typer.testing import CliRunner
 
 import keel
 from agents.oncall.status_service import StatusService
+from agents.support_desk import store
+from agents.support_desk.cli import load_batch_file
+from agents.support_desk.data import build_seed
+from agents.support_desk.tools import HandOffArgs, RefundArgs, escalate_to_human, issue_refund
 from keel.settings import KeelSettings
 from keel.testing import SCRIPTED, ScriptedModel, Step, answer
 from keel.types import ToolCall
@@ -121,3 +129,53 @@ async def test_a_call_that_times_out_is_named_and_a_transient_failure_is_retried
     refusal = re.escape("describe of wf-2 to 10.0.0.1:7233 failed: namespace not found")
     with pytest.raises(TemporalCallError, match=refusal):
         await patient.call("describe of wf-2", refused)  # not transient: not retried
+
+
+def test_write_tools_are_idempotent_on_the_call_key_not_a_business_rule(db_url: str) -> None:
+    """A write made again with its call's key answers what it did the first time, even where a business
+    rule would now refuse it (the refund is fully refunded); another key is another write."""
+    seed = build_seed()
+    dup = next(t for t in seed["transactions"] if t["customer_id"] == "C-1001" and t["duplicate_of"])
+    ctx = keel.ToolContext(agent="support_desk", tool="issue_refund", workflow_id="support_desk-TK-1", step=4,
+                           idempotency_key="support_desk-TK-1/4", attempt=1, tenant="C-1001", key="TK-1")
+    refund = RefundArgs(customer_id="C-1001", transaction_id=dup["id"], amount=dup["amount"], reason="duplicate")
+    first = issue_refund.fn(ctx, refund)
+    again = issue_refund.fn(dataclasses.replace(ctx, attempt=3), refund)
+    assert first == again and first["status"] == "executed"
+    with pytest.raises(keel.ToolError, match="already refunded"):  # another call: the business rule answers
+        issue_refund.fn(dataclasses.replace(ctx, step=9, idempotency_key="support_desk-TK-1/9"), refund)
+
+    hand = HandOffArgs(customer_id="C-1001", reason="the customer disputes a card payment")
+    case_ctx = dataclasses.replace(ctx, tool="escalate_to_human", step=5, idempotency_key="support_desk-TK-1/5")
+    case = escalate_to_human.fn(case_ctx, hand)
+    assert escalate_to_human.fn(dataclasses.replace(case_ctx, attempt=2), hand) == case
+    other = escalate_to_human.fn(dataclasses.replace(case_ctx, step=6, idempotency_key="support_desk-TK-1/6"), hand)
+    assert other["case_id"] != case["case_id"]
+    made = rows(store.engine_for(), f"SELECT idempotency_key FROM {store.cases.name}")
+    refunds = rows(store.engine_for(), f"SELECT idempotency_key FROM {store.refunds.name}")
+    assert sorted(r["idempotency_key"] for r in made) == ["support_desk-TK-1/5", "support_desk-TK-1/6"]
+    assert [r["idempotency_key"] for r in refunds] == ["support_desk-TK-1/4"]
+
+
+async def test_keel_run_with_a_key_runs_once(client: Client, status: StatusService, tmp_path: Path) -> None:
+    key = f"once-{uuid.uuid4().hex[:8]}"
+    async with env_for(client) as env:
+        cli = cli_env(env, tmp_path)
+        first = await keel_cli(cli, "run", "oncall", "Is the api service healthy?", "--key", key, "--json")
+        again = await keel_cli(cli, "run", "oncall", "Is the search service healthy?", "--key", key, "--json")
+        runs = [w async for w in client.list_workflows(f"WorkflowId = 'oncall-{key}'")]
+    assert first.exit_code == 0 and again.exit_code == 0, (first.output, again.output)
+    assert json.loads(first.stdout) == json.loads(again.stdout)  # the first run's result, nothing run again
+    assert len(runs) == 1
+
+
+def test_a_batch_files_tickets_without_ids_are_keyed_on_their_content(tmp_path: Path) -> None:
+    path = tmp_path / "tickets.jsonl"
+    lines = [{"customer_id": "C-1001", "text": "Why was I charged a fee?"},
+             {"customer_id": "C-1002", "text": "Why was I charged a fee?"},
+             {"customer_id": "C-1001", "text": "Why was I charged a fee?"},  # the same ticket sent twice
+             {"customer_id": "C-1003", "text": "Card lost", "ticket_id": "TK-own"}]
+    path.write_text("\n".join(json.dumps(x) for x in lines))
+    keys = [t.key for t in load_batch_file(path)]
+    assert keys == [t.key for t in load_batch_file(path)]  # the same file: the same tasks
+    assert len(set(keys)) == 4 and keys[3] == "TK-own" and all(k.startswith("TK-") for k in keys)
