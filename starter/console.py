@@ -25,7 +25,7 @@ from keel.codec import EncryptionConfigError
 from keel.pricing import load_prices
 from keel.settings import KeelSettings
 from starter.client import connect
-from starter.rpc import TemporalCallError
+from starter.rpc import TemporalCallError, is_timeout
 from starter.stack import apply_stack_model, apply_traces_endpoint
 
 # Piped output (make demo | tee, CI logs) gets a width that fits the batch table.
@@ -65,8 +65,9 @@ def run_task(main: Callable[[], Coroutine[Any, Any, None]], what: str = "task") 
     except TemporalCallError as e:  # a call that failed for good, by name
         err.print(f"[red]{escape(str(e))}[/red]")
         raise typer.Exit(1) from e
-    except RPCError as e:
-        err.print(f"[red]Temporal: {escape(e.message)}[/red]")
+    except RPCError as e:  # a call not made through starter.rpc: at least the command and what happened
+        said = "timed out" if is_timeout(e) else f"failed: {e.message}"
+        err.print(f"[red]Temporal: a call of {escape(what)} {escape(said)}[/red]")
         raise typer.Exit(1) from e
     except TimeoutError as e:  # e.g. a shadowed task's primary that no worker started in time
         err.print(f"[red]{what}: {e}[/red]")

@@ -12,11 +12,14 @@ import dataclasses
 import json
 import re
 import socket
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Any
 
+import hypothesis
 import pytest
+from hypothesis import strategies as st
 from sqlalchemy import text
 from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
@@ -179,3 +182,18 @@ def test_a_batch_files_tickets_without_ids_are_keyed_on_their_content(tmp_path: 
     keys = [t.key for t in load_batch_file(path)]
     assert keys == [t.key for t in load_batch_file(path)]  # the same file: the same tasks
     assert len(set(keys)) == 4 and keys[3] == "TK-own" and all(k.startswith("TK-") for k in keys)
+
+
+@hypothesis.settings(max_examples=40, deadline=None)
+@hypothesis.given(st.lists(st.tuples(st.sampled_from(["C-1001", "C-1002"]),
+                                     st.text(alphabet="abc fee?", min_size=1, max_size=12).filter(str.strip)),
+                           min_size=1, max_size=12))
+def test_content_keys_are_stable_and_one_per_ticket(tickets: list[tuple[str, str]]) -> None:
+    """Whatever a file holds (the same ticket several times too): one task per line, the same ones on
+    every run of the file."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "t.jsonl"
+        path.write_text("\n".join(json.dumps({"customer_id": c, "text": t}) for c, t in tickets))
+        keys = [t.key for t in load_batch_file(path)]
+        assert keys == [t.key for t in load_batch_file(path)]
+    assert len(set(keys)) == len(tickets)

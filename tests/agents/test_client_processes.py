@@ -5,7 +5,7 @@ as a subprocess.
 - Killed mid-batch (SIGKILL) and run again, the batch answers every customer exactly once: one workflow run
   per ticket, one outcome row, at most one refund and one human-queue row or case each; the second run
   finds the first one's tasks by their ids.
-- Interrupted (SIGTERM), it prints what finished and what is pending, and exits 143.
+- Interrupted (SIGTERM, Ctrl-C), it prints what finished and what is pending, and exits 143 / 130.
 - The server restarted under a running batch: the batch waits for it, says so, finishes without error and
   prints every ticket's result."""
 
@@ -170,17 +170,19 @@ async def test_a_batch_killed_and_run_again_answers_every_customer_once(tmp_path
         assert len(ids) == len(set(ids)), table
 
 
-async def test_an_interrupted_batch_says_what_finished_and_what_is_pending(tmp_path: Path, db_url: str) -> None:
-    seed = 32
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+async def test_an_interrupted_batch_says_what_finished_and_what_is_pending(
+        tmp_path: Path, db_url: str, sig: signal.Signals, code: int) -> None:
+    seed = 32 if sig == signal.SIGTERM else 34
     async with stack(tmp_path, db_url) as (server, env):
         cli = cli_env(server, env, tmp_path)
         run = batch(cli, seed)
         # A 4th ticket answered was started after the client settled one of the first 3 (-k 3).
         await until(lambda: len(outcomes(env)) >= 4, "four tickets answered")
-        run.send_signal(signal.SIGTERM)
+        run.send_signal(sig)  # kill, or Ctrl-C
         out, said = await asyncio.to_thread(run.communicate, timeout=WAIT_S)
-    assert run.returncode == 143, said
-    assert "interrupted (SIGTERM)" in said and "pending support_desk-TK-32-" in said, said
+    assert run.returncode == code, said
+    assert f"interrupted ({sig.name})" in said and f"pending support_desk-TK-{seed}-" in said, said
     assert "run the same command again to resume" in said
     assert "support tickets" in out  # the table of those that finished
 
