@@ -30,6 +30,11 @@ class KeelSettings(BaseSettings):
         None, validation_alias=AliasChoices("TEMPORAL_API_KEY", "KEEL_TEMPORAL_API_KEY")
     )
     temporal_tls: bool = Field(False, validation_alias=AliasChoices("TEMPORAL_TLS", "KEEL_TEMPORAL_TLS"))
+    temporal_wait_s: float = Field(120.0, ge=0)
+    """KEEL_TEMPORAL_WAIT_S: how long a command rides out an unreachable Temporal (a server restarting),
+    retrying with backoff and saying so, before it gives up."""
+    temporal_rpc_timeout_s: float = Field(30.0, gt=0)
+    """KEEL_TEMPORAL_RPC_TIMEOUT_S: the deadline of one call a command makes to Temporal."""
     ui_port: int = 8233
     """Port of the Temporal web UI started by `keel up`."""
     task_queue: str = "keel"
@@ -116,6 +121,21 @@ class KeelSettings(BaseSettings):
     replay: Path | None = None
     """KEEL_REPLAY=FILE: the worker answers openai/anthropic calls from this recording, offline (no API key
     needed); a request the recording lacks fails the call, naming it."""
+
+    @field_validator("home")
+    @classmethod
+    def _home_is_a_directory(cls, v: Path) -> Path:
+        if v.exists() and not v.is_dir():
+            raise ValueError(f"KEEL_HOME={v} is a file, not a directory: point it at a directory (default .keel)")
+        return v
+
+    @field_validator("temporal_address")
+    @classmethod
+    def _host_and_port(cls, v: str) -> str:
+        host, _, port = v.strip().rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"TEMPORAL_ADDRESS={v!r}: give HOST:PORT, e.g. 127.0.0.1:7233")
+        return v.strip()
 
     @field_validator("model_small", "model_large")
     @classmethod

@@ -11,7 +11,14 @@ import uuid
 from typing import Any, TypeVar
 
 from temporalio.client import Client, WorkflowHandle
-from temporalio.common import SearchAttributeKey, SearchAttributePair, TypedSearchAttributes
+from temporalio.common import (
+    SearchAttributeKey,
+    SearchAttributePair,
+    TypedSearchAttributes,
+    WorkflowIDConflictPolicy,
+    WorkflowIDReusePolicy,
+)
+from temporalio.exceptions import WorkflowAlreadyStartedError
 
 from keel import names
 from keel.orchestration import OrchestratorInput, OrchestratorResult, SwarmInput, SwarmResult
@@ -65,6 +72,28 @@ def as_configured(settings: KeelSettings, inp: Startable) -> Startable:
     return inp.model_copy(update={"models": models, "prices": pinned, "llm_heartbeat_timeout_s": heartbeat})
 
 
+async def start_once(client: Client, workflow: str, arg: Any, *, key: str, id: str, result_type: type[Any],
+                     **options: Any) -> WorkflowHandle[Any, Any]:
+    """Start a workflow; with an idempotency key (`key`: a ticket id, `keel run --key`) exactly once: when a
+    run of that id exists, running (the id conflicts) or closed (REJECT_DUPLICATE: whatever its end, it is
+    not run again), nothing starts and the existing run's handle is returned (see `is_existing`), so a
+    re-submitted input never acts twice. (Not USE_EXISTING: its answer does not say whether it started.)"""
+    if not key:
+        return await client.start_workflow(workflow, arg, id=id, result_type=result_type, **options)
+    try:
+        return await client.start_workflow(workflow, arg, id=id, result_type=result_type,
+                                           id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
+                                           id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE, **options)
+    except WorkflowAlreadyStartedError:  # it runs or ran already: its result is the answer
+        return client.get_workflow_handle(id, result_type=result_type)
+
+
+def is_existing(handle: WorkflowHandle[Any, Any]) -> bool:
+    """Whether a start_* handle is of a run that existed (start_once found it) rather than one it started
+    (a started run's handle carries the run id of its result)."""
+    return handle.result_run_id is None
+
+
 def agent_workflow_id(inp: AgentInput) -> str:
     """`<agent>-<key>` when the task has a business key, else `<agent>-<random>`."""
     key = _UNSAFE.sub("-", inp.key).strip("-") if inp.key else uuid.uuid4().hex[:12]
@@ -84,9 +113,11 @@ async def start_agent(client: Client, settings: KeelSettings, inp: AgentInput,
         if shadowed is not None:
             return shadowed
     models = " / ".join(dict.fromkeys(m.label for m in (inp.models or {}).values())) or "its own models"
-    return await client.start_workflow(
+    return await start_once(
+        client,
         names.AGENT_WORKFLOW,
         inp,
+        key=inp.key,
         id=workflow_id or agent_workflow_id(inp),
         task_queue=settings.task_queue,
         result_type=AgentResult,
@@ -116,9 +147,11 @@ async def start_orchestration(client: Client, settings: KeelSettings, inp: Orche
     """Start the orchestrator pattern over registered agents (`keel orchestrate`)."""
     inp = as_configured(settings, inp)
     plan = f"planner {inp.planner}" if inp.planner else ", ".join(dict.fromkeys(t.agent for t in inp.tasks))
-    return await client.start_workflow(
+    return await start_once(
+        client,
         names.ORCHESTRATOR_WORKFLOW,
         inp,
+        key=inp.key,
         id=workflow_id or orchestration_id(inp),
         task_queue=settings.task_queue,
         result_type=OrchestratorResult,
@@ -141,9 +174,11 @@ async def start_swarm(client: Client, settings: KeelSettings, inp: SwarmInput,
                       workflow_id: str | None = None) -> WorkflowHandle[Any, SwarmResult]:
     """Start the swarm pattern: `inp.peers` copies of one agent and a vote on a field (`keel vote`)."""
     inp = as_configured(settings, inp)
-    return await client.start_workflow(
+    return await start_once(
+        client,
         names.SWARM_AGENTS_WORKFLOW,
         inp,
+        key=inp.key,
         id=workflow_id or swarm_id(inp),
         task_queue=settings.task_queue,
         result_type=SwarmResult,
@@ -167,9 +202,11 @@ async def start_supervision(client: Client, settings: KeelSettings, inp: Supervi
     """Start the supervisor pattern: a worker agent's answer checked by rules and a reviewer agent."""
     inp = as_configured(settings, inp)
     checks = f"{len(inp.rules)} rules" + (f" + reviewer {inp.reviewer}" if inp.reviewer else "")
-    return await client.start_workflow(
+    return await start_once(
+        client,
         names.SUPERVISOR_WORKFLOW,
         inp,
+        key=inp.key,
         id=workflow_id or supervision_id(inp),
         task_queue=settings.task_queue,
         result_type=SupervisorResult,

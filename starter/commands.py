@@ -2,7 +2,10 @@
 command that builds what to start from its options, starts it, prints its id and UI link, waits, and
 prints the result with the command's `show` (or as JSON with --json). A batch command starts every input
 it builds, at most --concurrency at a time, and prints them all with its `show_batch`; a task that waits
-for a person (an approval) counts as settled. A keel.CommandGroup is a verb group (`keel GROUP VERB`).
+for a person (an approval) counts as settled. A command with idempotent=True starts each keyed input once
+(its workflow id from its key): run again, it finds the runs it has. Calls to Temporal ride out a server
+restart (starter.rpc); Ctrl-C or SIGTERM stops a batch printing what finished and what is pending (the same
+batch run again resumes it). A keel.CommandGroup is a verb group (`keel GROUP VERB`).
 
 The command line adds the verbs of every built-in agent package's `cli` module (`agents/<name>/cli.py`
 with a COMMANDS list; found without importing the agents) and of the modules named in KEEL_COMMANDS
@@ -17,7 +20,9 @@ import inspect
 import json
 import os
 import pkgutil
+import signal
 from collections.abc import Callable, Iterable
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -38,6 +43,7 @@ from keel.types import AgentInput, AgentResult, PatternProgress, Progress
 from starter import views
 from starter.agents import (
     agent_workflow_id,
+    is_existing,
     orchestration_id,
     start_agent,
     start_orchestration,
@@ -47,6 +53,7 @@ from starter.agents import (
     swarm_id,
 )
 from starter.console import client_or_exit, console, err, failure_text, load_settings, run_task
+from starter.rpc import Temporal
 from starter.settling import Settler
 
 _OWN = {"as_json", "watch"}
@@ -135,40 +142,61 @@ async def _start(client: Client, settings: KeelSettings, inp: Startable, workflo
 
 
 async def start_task(client: Client, settings: KeelSettings, inp: Startable, idempotent: bool = False,
-                     workflow_id: str | None = None) -> tuple[WorkflowHandle[Any, Any], bool]:
+                     workflow_id: str | None = None, temporal: Temporal | None = None
+                     ) -> tuple[WorkflowHandle[Any, Any], bool]:
     """Start what a command built: (its handle, False). Idempotent with a key: when a workflow with its id
-    exists (running or closed), nothing is started: (that workflow's handle, True)."""
+    exists (running or closed), nothing is started: (that workflow's handle, True). The calls ride out a
+    restarting server (`temporal`, default from the settings) and a timeout names the call."""
+    temporal = temporal or Temporal(settings)
     wid = workflow_id or workflow_id_of(inp)
     existing = client.get_workflow_handle(wid, result_type=RESULT_TYPES[type(inp)])
     keyed = idempotent and bool(getattr(inp, "key", ""))
     if keyed:
-        try:
-            await existing.describe()
+        async def describe() -> bool:
+            try:
+                await existing.describe(rpc_timeout=timedelta(seconds=temporal.timeout_s))
+                return True
+            except RPCError as e:
+                if e.status != RPCStatusCode.NOT_FOUND:
+                    raise
+                return False
+
+        if await temporal.call(f"describe of {wid}", describe):
             return existing, True
-        except RPCError as e:
-            if e.status != RPCStatusCode.NOT_FOUND:
-                raise
     try:
-        return await _start(client, settings, inp, wid), False
+        # A key starts exactly once (starter.agents.start_once): a start made again after a lost answer
+        # finds the run the first one made.
+        handle = await temporal.call(f"start of {wid}", lambda: _start(client, settings, inp, wid))
+        return handle, keyed and is_existing(handle)
     except WorkflowAlreadyStartedError:
         if not keyed:
             raise
         return existing, True  # started meanwhile by another submission of the same key
 
 
+POLL_FIRST_S, POLL_MAX_S = 0.5, 5.0
+"""How often a settling task's progress is asked for: soon, then less and less often (a batch of any size
+makes at most concurrency / POLL_MAX_S queries a second once its tasks run a while)."""
+
+
 async def settle(client: Client, handle: WorkflowHandle[Any, Any], inp: Startable, existing: bool = False,
-                 poll_s: float = 0.25) -> BatchItem:
-    """Wait until the task ends (its result) or waits for a person (its progress then). A failed task
-    raises (WorkflowFailureError)."""
+                 poll_s: float = POLL_FIRST_S, temporal: Temporal | None = None,
+                 settings: KeelSettings | None = None) -> BatchItem:
+    """Wait until the task ends (its result) or waits for a person (its progress then), asking for its
+    progress less and less often. A failed task raises (WorkflowFailureError); a server that restarts
+    meanwhile is waited for (`temporal`)."""
+    temporal = temporal or Temporal(settings or KeelSettings())
     kind = Progress if isinstance(inp, AgentInput) else PatternProgress
-    result = asyncio.ensure_future(handle.result())
+    result = asyncio.ensure_future(temporal.call(f"result of {handle.id}", handle.result))
     try:
         while True:
             done, _ = await asyncio.wait({result}, timeout=poll_s)
             if done:
                 return BatchItem(inp, handle.id, result=result.result(), existing=existing)
+            poll_s = min(poll_s * 2, POLL_MAX_S)
             with contextlib.suppress(RPCError, WorkflowQueryFailedError):  # not answering yet: ask again
-                p = await handle.query(names.PROGRESS_QUERY, result_type=kind)
+                p = await handle.query(names.PROGRESS_QUERY, result_type=kind,
+                                       rpc_timeout=timedelta(seconds=temporal.timeout_s))
                 if p.status in WAITING_FOR_PEOPLE:
                     return BatchItem(inp, handle.id, progress=p, existing=existing)
     finally:
@@ -177,27 +205,36 @@ async def settle(client: Client, handle: WorkflowHandle[Any, Any], inp: Startabl
 
 
 async def run_batch(client: Client, settings: KeelSettings, inputs: list[Startable], concurrency: int,
-                    idempotent: bool = False) -> list[BatchItem]:
-    """Start every input (at most `concurrency` in flight), each until it settles; the items in input
-    order. A task that fails, or cannot start, is an item with its error: the others go on."""
+                    idempotent: bool = False, temporal: Temporal | None = None,
+                    settled: dict[int, BatchItem] | None = None, ids: list[str] | None = None) -> list[BatchItem]:
+    """Start every input (at most `concurrency` started and settling at once), each until it settles; the
+    items in input order. A task that fails, or cannot start, is an item with its error: the others go on.
+    `settled` (by input index) fills as items settle: what an interrupted batch reports as finished."""
+    temporal = temporal or Temporal(settings)
+    settled = {} if settled is None else settled
     sem = asyncio.Semaphore(max(1, concurrency))
     submit = asyncio.Semaphore(SUBMIT_CONCURRENCY)
     settler = Settler()  # one visibility listing a round for every task, not a progress query per task
-    ids = [workflow_id_of(inp) for inp in inputs]
+    ids = ids or [workflow_id_of(inp) for inp in inputs]
 
-    async def one(inp: Startable, wid: str) -> BatchItem:
+    async def one(i: int, inp: Startable, wid: str) -> BatchItem:
         async with sem:
-            try:
-                async with submit:
-                    handle, existing = await start_task(client, settings, inp, idempotent, wid)
-            except Exception as e:  # reported in the batch's table, and the command exits 1
-                return BatchItem(inp, wid, error=f"not started: {e}")
-            try:
-                return await settler.settle(client, handle, inp, existing)
-            except Exception as e:
-                return BatchItem(inp, wid, error=failure_text(e), existing=existing)
+            item = await attempt(inp, wid)
+        settled[i] = item
+        return item
 
-    return list(await asyncio.gather(*(one(inp, wid) for inp, wid in zip(inputs, ids, strict=True))))
+    async def attempt(inp: Startable, wid: str) -> BatchItem:
+        try:
+            async with submit:
+                handle, existing = await start_task(client, settings, inp, idempotent, wid, temporal)
+        except Exception as e:  # reported in the batch's table, and the command exits 1
+            return BatchItem(inp, wid, error=f"not started: {e}")
+        try:
+            return await settler.settle(client, handle, inp, existing)
+        except Exception as e:
+            return BatchItem(inp, wid, error=failure_text(e), existing=existing)
+
+    return list(await asyncio.gather(*(one(i, inp, wid) for i, (inp, wid) in enumerate(zip(inputs, ids, strict=True)))))
 
 
 def waiting_lines(item: BatchItem) -> list[str]:
@@ -234,7 +271,8 @@ def command_function(cmd: Command, label: str | None = None) -> Callable[..., No
 
         async def main() -> None:
             client = await client_or_exit(settings)
-            handle, existing = await start_task(client, settings, inp, cmd.idempotent)
+            temporal = Temporal(settings, say=lambda text: err.print(f"[yellow]{escape(text)}[/yellow]"))
+            handle, existing = await start_task(client, settings, inp, cmd.idempotent, temporal=temporal)
             if not as_json:
                 said = " (it exists already: nothing new was started)" if existing else ""
                 console.print(f"{'found' if existing else 'started'} [bold]{handle.id}[/bold]{said}")
@@ -247,7 +285,7 @@ def command_function(cmd: Command, label: str | None = None) -> Callable[..., No
                     if res is None:
                         return  # it waits for a person: watch_agent said how to decide
                 else:
-                    item = await settle(client, handle, inp, existing)
+                    item = await settle(client, handle, inp, existing, temporal=temporal)
                     if item.waiting:
                         if as_json:
                             print(json.dumps(item.to_json(), indent=2))
@@ -262,7 +300,8 @@ def command_function(cmd: Command, label: str | None = None) -> Callable[..., No
 
                 res = await patterns.watch(client, console, handle)
             else:
-                res = await handle.result()
+                ended: Any = await temporal.call(f"result of {handle.id}", lambda: handle.result())
+                res = ended
             if as_json or cmd.show is None:
                 print(json.dumps(res.model_dump(mode="json"), indent=2))
                 return
@@ -282,13 +321,43 @@ def command_function(cmd: Command, label: str | None = None) -> Callable[..., No
             err.print(f"[red]{escape(label)} refused:[/red] nothing to start")
             raise typer.Exit(2)
         items: list[BatchItem] = []
+        settled: dict[int, BatchItem] = {}
+        ids = [workflow_id_of(inp) for inp in inputs]
+        stopped: list[str] = []  # the signal that interrupted the batch
 
         async def main() -> None:
             client = await client_or_exit(settings)
+            temporal = Temporal(settings, say=lambda text: err.print(f"[yellow]{escape(text)}[/yellow]"))
             if not as_json:
                 console.print(f"starting {len(inputs)} tasks, at most {concurrency} at a time")
-            with contextlib.nullcontext() if as_json else console.status("working...", spinner="dots"):
-                items.extend(await run_batch(client, settings, inputs, concurrency, cmd.idempotent))
+            work = asyncio.ensure_future(run_batch(client, settings, inputs, concurrency, cmd.idempotent,
+                                                   temporal, settled, ids))
+            loop = asyncio.get_running_loop()
+            def interrupt(sig: signal.Signals) -> None:
+                stopped.append(sig.name)
+                work.cancel()
+
+            handled: list[signal.Signals] = []
+            for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C, kill: say what finished, then stop
+                with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):  # not the main thread
+                    loop.add_signal_handler(sig, interrupt, sig)
+                    handled.append(sig)
+            try:
+                with contextlib.nullcontext() if as_json else console.status("working...", spinner="dots") as st:
+                    while not work.done():
+                        await asyncio.wait({work}, timeout=1.0)
+                        if st is not None:
+                            st.update(f"working... {len(settled)} of {len(inputs)} settled")
+                    items.extend(work.result())
+            except asyncio.CancelledError:
+                if not stopped:
+                    raise
+            finally:
+                for sig in handled:
+                    loop.remove_signal_handler(sig)
+            if stopped:
+                report_interrupted(stopped[0])
+                return
             if as_json:
                 print(json.dumps([i.to_json() for i in items], indent=2))
                 return
@@ -296,7 +365,29 @@ def command_function(cmd: Command, label: str | None = None) -> Callable[..., No
             for shown in cmd.show_batch(items):
                 console.print(shown)
 
+        def report_interrupted(signame: str) -> None:
+            """What finished and what is still pending (its id: the same batch run again resumes it)."""
+            done = [settled[i] for i in sorted(settled)]
+            pending = [wid for i, wid in enumerate(ids) if i not in settled]
+            if as_json:
+                print(json.dumps({"interrupted": signame, "finished": [i.to_json() for i in done],
+                                  "pending": pending}, indent=2))
+            elif done:
+                assert cmd.show_batch is not None
+                for shown in cmd.show_batch(done):
+                    console.print(shown)
+            err.print(f"[yellow]interrupted ({signame}): {len(done)} of {len(inputs)} tasks finished, "
+                      f"{len(pending)} pending[/yellow]")
+            for wid in pending:
+                err.print(f"  pending {escape(wid)}")
+            if pending:
+                resume = ("run the same command again to resume: started tasks are found by their ids, not run "
+                          "twice" if cmd.idempotent else "tasks already started go on; see `keel status`")
+                err.print(escape(resume))
+
         run_task(main, label)
+        if stopped:
+            raise typer.Exit(130 if stopped[0] == "SIGINT" else 143)
         failed = [i for i in items if i.error]
         if failed:
             for i in failed:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sys
+import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -16,12 +18,14 @@ from rich.markup import escape
 from sqlalchemy.engine import Engine
 from temporalio.client import Client, WorkflowFailureError
 from temporalio.exceptions import ActivityError, ChildWorkflowError
+from temporalio.runtime import LogForwardingConfig, LoggingConfig, Runtime, TelemetryConfig, TelemetryFilter
 from temporalio.service import RPCError
 
 from keel.codec import EncryptionConfigError
 from keel.pricing import load_prices
 from keel.settings import KeelSettings
 from starter.client import connect
+from starter.rpc import TemporalCallError, is_timeout
 from starter.stack import apply_stack_model, apply_traces_endpoint
 
 # Piped output (make demo | tee, CI logs) gets a width that fits the batch table.
@@ -58,8 +62,12 @@ def run_task(main: Callable[[], Coroutine[Any, Any, None]], what: str = "task") 
     except WorkflowFailureError as e:
         err.print(f"[red]{what} failed:[/red] {escape(failure_text(e))}")
         raise typer.Exit(1) from e
-    except RPCError as e:
-        err.print(f"[red]Temporal: {e.message}[/red]")
+    except TemporalCallError as e:  # a call that failed for good, by name
+        err.print(f"[red]{escape(str(e))}[/red]")
+        raise typer.Exit(1) from e
+    except RPCError as e:  # a call not made through starter.rpc: at least the command and what happened
+        said = "timed out" if is_timeout(e) else f"failed: {e.message}"
+        err.print(f"[red]Temporal: a call of {escape(what)} {escape(said)}[/red]")
         raise typer.Exit(1) from e
     except TimeoutError as e:  # e.g. a shadowed task's primary that no worker started in time
         err.print(f"[red]{what}: {e}[/red]")
@@ -85,13 +93,43 @@ def ledger_engine() -> Engine:
     return engine
 
 
+_RUNTIME: Runtime | None = None
+
+
+def cli_runtime() -> Runtime:
+    """The command line's Temporal runtime: the SDK core's own errors go to Python's logging (stderr), and
+    its retry warnings not at all (they would land in stdout, in the middle of --json): a command says
+    itself when Temporal does not answer (starter.rpc)."""
+    global _RUNTIME
+    if _RUNTIME is None:
+        _RUNTIME = Runtime(telemetry=TelemetryConfig(logging=LoggingConfig(
+            filter=TelemetryFilter(core_level="ERROR", other_level="ERROR"),
+            forwarding=LogForwardingConfig(logger=logging.getLogger("temporalio.core")))))
+    return _RUNTIME
+
+
 async def client_or_exit(settings: KeelSettings) -> Client:
-    try:
-        return await connect(settings)
-    except EncryptionConfigError as e:
-        err.print(f"[red]invalid encryption settings:[/red] {e}")
-        raise typer.Exit(2) from e
-    except RuntimeError as e:
-        err.print(f"[red]cannot reach Temporal at {settings.temporal_address}[/red]: {e}\n"
-                  "Start the local stack with `keel up` (or `make up`), or set TEMPORAL_ADDRESS.")
-        raise typer.Exit(1) from e
+    """A client of Temporal; one that does not answer (a server restarting) is tried again with backoff for
+    up to KEEL_TEMPORAL_WAIT_S, saying so, then a clear error (exit 1)."""
+    start, delay, said = time.monotonic(), 0.5, False
+    while True:
+        try:
+            return await connect(settings, runtime=cli_runtime())
+        except EncryptionConfigError as e:
+            err.print(f"[red]invalid encryption settings:[/red] {e}")
+            raise typer.Exit(2) from e
+        except RuntimeError as e:
+            waited = time.monotonic() - start
+            if waited + delay > settings.temporal_wait_s:
+                err.print(f"[red]cannot reach Temporal at {settings.temporal_address}[/red]"
+                          + (f" (tried for {waited:.0f} s)" if said else "") + f": {escape(str(e))}\n"
+                          "Start the local stack with `keel up` (or `make up`), or set TEMPORAL_ADDRESS "
+                          "(KEEL_TEMPORAL_WAIT_S: how long to wait for it).")
+                raise typer.Exit(1) from e
+            if not said or int(waited) // 10 != int(waited + delay) // 10:
+                err.print(f"[yellow]waiting for Temporal at {settings.temporal_address} (not answering: "
+                          f"{escape(str(e).splitlines()[0][:160])}); retrying for up to "
+                          f"{settings.temporal_wait_s:g} s[/yellow]")
+                said = True
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 5.0)

@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 from rich.live import Live
+from rich.markup import escape
 from temporalio.client import Client
 
 from keel.settings import KeelSettings
@@ -15,6 +16,7 @@ from keel.types import AgentInput, AgentResult, ApprovalMode, Budget, SimConfig
 from starter import views
 from starter.agents import WAITING_FOR_PEOPLE, agent_progress, command_models, start_agent
 from starter.console import client_or_exit, console, err, load_settings, run_task
+from starter.rpc import Temporal
 
 
 def print_agent_result(res: AgentResult, as_json: bool) -> None:
@@ -101,7 +103,9 @@ def run_cmd(
 
     async def main() -> None:
         client = await client_or_exit(settings)
-        handle = await start_agent(client, settings, inp)
+        temporal = Temporal(settings, say=lambda text: err.print(f"[yellow]{escape(text)}[/yellow]"))
+        # With --key the task starts once: run again, it shows the run it has (starter.agents.start_once).
+        handle = await temporal.call(f"start of agent {agent}", lambda: start_agent(client, settings, inp))
         if not (wait or watch or as_json):
             console.print(f"started {handle.id}: `keel watch {handle.id}`, `keel result {handle.id}`")
             return
@@ -110,7 +114,7 @@ def run_cmd(
             if res is not None:
                 print_agent_result(res, as_json)
             return
-        print_agent_result(await handle.result(), as_json)
+        print_agent_result(await temporal.call(f"result of {handle.id}", lambda: handle.result()), as_json)
 
     run_task(main, f"agent {agent}")
 

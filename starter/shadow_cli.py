@@ -162,8 +162,8 @@ async def start_agent_shadowed(
     deadline, pause = time.monotonic() + timeout_s, 0.02
     while True:
         try:
-            await handle.describe()
-            return handle
+            desc = await handle.describe()  # the run's handle (starter.agents.is_existing: one it started)
+            return client.get_workflow_handle(primary_id, run_id=desc.run_id, result_type=AgentResult)
         except RPCError as e:
             if e.status != RPCStatusCode.NOT_FOUND:
                 raise
@@ -189,6 +189,14 @@ async def shadow_agent_task(
     wid = workflow_id or agent_workflow_id(inp)
     if not is_shadowed(inp.key or wid, config.fraction):
         return None
+    if inp.key:  # a keyed task that exists is not started again (starter.agents.start_once), shadowed or not
+        existing: WorkflowHandle[Any, AgentResult] = client.get_workflow_handle(wid, result_type=AgentResult)
+        try:
+            await existing.describe()
+            return existing
+        except RPCError as e:
+            if e.status != RPCStatusCode.NOT_FOUND:
+                raise
     return await start_agent_shadowed(client, settings, inp, config.candidate, workflow_id=wid)
 
 

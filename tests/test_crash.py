@@ -77,10 +77,10 @@ def temporal_binary() -> str:
     return str(beside) if beside.is_file() else "temporal"
 
 
-@pytest.fixture(params=["sqlite"])
+@pytest.fixture(params=["sqlite", "pg_url"])
 def crash_db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """The database of the ledger and the support desk's tables. Another backend: add the name of a fixture
-    returning its URL to `params` (e.g. "postgresql_url"), resolved here."""
+    """The database of the ledger and the support desk's tables: SQLite, and PostgreSQL (tests/pg.py's
+    throwaway server; skipped with the reason when its binaries or driver are missing)."""
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'keel.db'}"
     url: str = request.getfixturevalue(request.param)

@@ -48,6 +48,7 @@ from workflows.agent_loop import (
     BreakerRefused,
     Calls,
     LoopResult,
+    ModelUnusable,
     TemporalCalls,
     TenantBudgetRefused,
     run_agent_loop,
@@ -234,6 +235,9 @@ class AgentWorkflow:
         except TenantBudgetRefused as e:
             runner.budget.limit_hit, runner.budget.detail = "tenant", str(e)
             runner.decide("tenant_budget", str(e))
+            return await finish(runner, result, "escalated", str(e))
+        except ModelUnusable as e:
+            runner.decide("escalate", str(e))
             return await finish(runner, result, "escalated", str(e))
         except BudgetExceeded as e:
             runner.decide("kill", str(e))

@@ -76,6 +76,10 @@ class ToolLike(Protocol):
 
     def spec(self) -> ToolSpec: ...
 
+MODEL_UNUSABLE_PATCH = "model-unusable-escalates"
+"""Tasks started since: a model the worker cannot call (no API key) hands the task to a person, with the
+reason, instead of failing its workflow (histories recorded before replay as they ran)."""
+
 LLM_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1),
     backoff_coefficient=2.0,
@@ -118,6 +122,14 @@ class BreakerRefused(Exception):
 
 class TenantBudgetRefused(Exception):
     """A tenant budget (KEEL_TENANT_BUDGETS) refused a model call of the task: its period's limit is reached."""
+
+
+class ModelUnusable(Exception):
+    """A model call failed for good on the worker's configuration (no API key, a key the provider refuses):
+    no retry or other task can succeed until an operator fixes it, so a person takes the task, with why."""
+
+    def __init__(self, model: str, message: str) -> None:
+        super().__init__(f"the model {model} cannot be called: {message}")
 
 
 @dataclass
@@ -386,6 +398,9 @@ class AgentRunner:
                     isinstance(cause, ApplicationError) and not cause.non_retryable
                     and cause.type in (errors.PROVIDER_RATE_LIMITED, errors.PROVIDER_UNAVAILABLE)
                 )
+                if (isinstance(cause, ApplicationError) and cause.type == errors.PROVIDER_AUTH_ERROR
+                        and (not workflow.in_workflow() or workflow.patched(MODEL_UNUSABLE_PATCH))):
+                    raise ModelUnusable(model.label, cause.message) from e
                 if not retryable or i + 1 == len(chain):
                     raise
                 self.decide("fallback", f"{model.label} failed after retries ({cause}); trying {chain[i + 1].label}")
@@ -451,8 +466,9 @@ class AgentRunner:
         if dry:
             self.dry_run_actions.append(BlockedAction(step=step, tool=name, reason="dry run: recorded, not executed",
                                                       arguments_json=json.dumps(dict(arguments), sort_keys=True)))
-        self.tools_executed.append(name)
-        self.progress.tools_executed = list(self.tools_executed)
+        if result.ok:  # a call the tool refused (keel.ToolError) had no effect: tools_blocked has it
+            self.tools_executed.append(name)
+            self.progress.tools_executed = list(self.tools_executed)
         return result
 
 
@@ -629,6 +645,9 @@ async def _execute(runner: AgentRunner, name: str, arguments: dict[str, object])
         res = await runner.tool(name, arguments)
     if not res.ok:
         runner.observe(f"{name}: {res.error}")
+        runner.tools_blocked.append(BlockedAction(step=runner.progress.step, tool=name,
+                                                  reason=f"refused by the tool: {res.error or 'tool failed'}",
+                                                  arguments_json=json.dumps(arguments, sort_keys=True)))
         return {"error": res.error or "tool failed"}
     runner.results.append((name, arguments, res.content))
     return res.content

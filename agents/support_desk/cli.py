@@ -11,6 +11,7 @@ The worker must serve the agent (`KEEL_AGENTS=agents.support_desk`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import uuid
@@ -97,9 +98,18 @@ def new_ticket_id() -> str:
     return f"TK-{uuid.uuid4().hex[:10]}"
 
 
+def content_ticket_id(customer: str, text: str, occurrence: int = 1) -> str:
+    """The id of a ticket a batch file gives without one: from its customer and text (and which copy of
+    them in the file it is), so the same file run again finds its tickets' runs instead of answering the
+    customers a second time."""
+    digest = hashlib.sha256(f"{customer.strip()}\n{text}\n{occurrence}".encode()).hexdigest()[:12]
+    return f"TK-{digest}"
+
+
 def load_batch_file(path: Path, sim: keel.SimConfig | None = None, prompt_version: str | None = None
                     ) -> list[keel.AgentInput]:
-    """A JSON list or JSON Lines of {"customer_id", "text", optional "ticket_id", "feature"}. Every problem
+    """A JSON list or JSON Lines of {"customer_id", "text", optional "ticket_id", "feature"}; a ticket without
+    an id gets one from its customer and text (content_ticket_id: the same file runs once). Every problem
     in the file is reported (with its line or item) and nothing is started if there is any."""
     try:
         raw = path.read_text(encoding="utf-8")
@@ -123,6 +133,7 @@ def load_batch_file(path: Path, sim: keel.SimConfig | None = None, prompt_versio
         raise ValueError(f"{path}: no tickets in the file")
     problems: list[str] = []
     inputs: list[keel.AgentInput] = []
+    seen: dict[tuple[str, str], int] = {}
     for where, item in entries:
         if isinstance(item, json.JSONDecodeError):
             problems.append(f"{where}: not valid JSON ({item.msg})")
@@ -131,9 +142,13 @@ def load_batch_file(path: Path, sim: keel.SimConfig | None = None, prompt_versio
         elif unknown := set(item) - _FILE_FIELDS:
             problems.append(f"{where}: unknown fields {sorted(unknown)}")
         else:
+            customer, body = str(item.get("customer_id", "")), str(item.get("text", ""))
+            ticket_id = item.get("ticket_id") and str(item["ticket_id"])
+            if not ticket_id:
+                seen[customer, body] = seen.get((customer, body), 0) + 1
+                ticket_id = content_ticket_id(customer, body, seen[customer, body])
             try:
-                inputs.append(ticket_input(str(item.get("customer_id", "")), str(item.get("text", "")),
-                                           item.get("ticket_id") and str(item["ticket_id"]), sim, prompt_version,
+                inputs.append(ticket_input(customer, body, ticket_id, sim, prompt_version,
                                            str(item.get("feature", ""))))
             except ValueError as e:
                 problems.append(f"{where}: {e}")

@@ -109,6 +109,10 @@ async def test_oncall_v2_candidate_shadows_production_and_never_restarts(
         cand = await client.get_workflow_handle(candidate_workflow_id(handle.id), result_type=AgentResult).result()
         desc, shadow_desc = await handle.describe(), await comparison_handle.describe()
         history = await comparison_handle.fetch_history()
+        again = await start_agent(client, settings, inp)  # the same key again: the run it has, nothing new
+        again_result = await again.result()
+        shadows = [w async for w in client.list_workflows(f"WorkflowId = '{shadow_workflow_id(handle.id)}'")]
+        assert again.id == handle.id and again_result == result and len(shadows) == 1
 
         # Production: approved, restarted exactly once.
         assert result.status == "completed", result.reason
