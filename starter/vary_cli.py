@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 import json
 import uuid
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -23,8 +24,11 @@ STYLE = {"benign": "green", "cost": "yellow", "outcome": "magenta", "catastrophi
 
 
 def vary_cmd(
-    agent: Annotated[str, typer.Argument(help="The registered agent's name.")],
-    text: Annotated[str, typer.Argument(help="The input, run every time.")],
+    agent: Annotated[str | None, typer.Argument(help="The registered agent's name (or --suite and --case).")] = None,
+    text: Annotated[str | None, typer.Argument(help="The input, run every time.")] = None,
+    suite_file: Annotated[Path | None, typer.Option("--suite", help="An eval suite (YAML) holding the case")] = None,
+    case_id: Annotated[str | None, typer.Option("--case",
+                                                help="The suite's case to vary: its agent, input, tenant")] = None,
     runs: Annotated[int, typer.Option("--runs", min=2, max=500, help="How many runs")] = 10,
     tenant: Annotated[str, typer.Option("--tenant", help="Chargeback tag: who the task is for.")] = "default",
     model: Annotated[str | None, typer.Option("--model", help="provider:model for every tier.")] = None,
@@ -39,6 +43,23 @@ def vary_cmd(
     """Run one input N times and sort each run: benign, cost, outcome or catastrophic variance. Writes that
     need approval go to the human queue at once (approval mode escalate): the runs never wait."""
     settings = load_settings()
+    if suite_file is not None or case_id is not None:
+        from starter.eval_cli import SuiteError, load_suite
+
+        try:
+            suite = load_suite(suite_file) if suite_file is not None else None
+        except SuiteError as e:
+            err.print(f"[red]{escape(str(e))}[/red]")
+            raise typer.Exit(2) from e
+        case = next((c for c in suite.cases if c.id == case_id), None) if suite is not None else None
+        if suite is None or case is None:
+            err.print(f"[red]--suite and --case go together; the suite's cases: "
+                      f"{', '.join(c.id for c in suite.cases) if suite else '-'}[/red]")
+            raise typer.Exit(2)
+        agent, text, tenant = case.agent or suite.agent, case.input, case.tenant
+    if not agent or not text:
+        err.print("[red]give AGENT and INPUT, or --suite FILE --case ID[/red]")
+        raise typer.Exit(2)
     try:
         models = command_models(settings, model)
     except ValueError as e:

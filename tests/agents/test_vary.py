@@ -13,6 +13,8 @@ from keel.types import AgentResult, BlockedAction, BudgetReport
 from keel.vary import classify
 from tests.agents.test_oncall import cli_env, env_for, keel_cli
 
+ONCALL_SUITE = Path(__file__).resolve().parent.parent.parent / "evals" / "oncall.yaml"
+
 
 def _r(i: int, status: str = "completed", tools: tuple[str, ...] = ("service_status",), cost: float = 0.01,
        **kw: object) -> AgentResult:
@@ -52,3 +54,15 @@ async def test_keel_vary_runs_an_input_n_times(client: Client, status: StatusSer
     assert len({r["workflow_id"] for r in doc["runs"]}) == 8
     assert doc["kinds"]["benign"] >= 1 and doc["modal_outcome"].startswith("completed")
     assert all(r["path"] for r in doc["runs"] if r["kind"] == "benign")
+
+
+async def test_keel_vary_a_suite_case(client: Client, status: StatusService, tmp_path: Path) -> None:
+    suite = str(ONCALL_SUITE)
+    async with env_for(client) as env:
+        res = await keel_cli(cli_env(env, tmp_path), "vary", "--suite", suite, "--case", "api-healthy", "--runs", "3",
+                             "--spiral-rate", "0", "--json")
+        bad = await keel_cli(cli_env(env, tmp_path), "vary", "--suite", suite, "--case", "nope")
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert doc["agent"] == "oncall" and doc["input"] == "Is the api service healthy?" and doc["kinds"]["benign"] == 3
+    assert bad.exit_code == 2 and "api-healthy" in bad.output
