@@ -16,17 +16,14 @@ workflow prices with what its input carries first, so it sees the same prices on
 
 from __future__ import annotations
 
-import json
 import os
-import tomllib
 from collections.abc import Mapping
 from datetime import date
-from pathlib import Path
-from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from temporalio import workflow
 
+from keel.config_source import ConfigSourceError, read_table
 from keel.types import ModelSpec, Price, Usage
 
 __all__ = [
@@ -134,33 +131,10 @@ def parse_prices(source: str | None) -> dict[str, Price]:
     text = (source or "").strip()
     if not text:
         return {}
-    raw: Any
-    if text.startswith("{"):
-        where = "KEEL_PRICES (inline JSON)"
-        try:
-            raw = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise PricesError(f"{where}: not valid JSON: {e}") from None
-    else:
-        path = Path(text).expanduser()
-        where = f"KEEL_PRICES file {path}"
-        try:
-            body = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise PricesError(f"{where}: no such file (KEEL_PRICES is the path of a .json or .toml file, or "
-                              "inline JSON)") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise PricesError(f"{where}: cannot read it: {e}") from None
-        if path.suffix.lower() == ".toml":
-            try:
-                raw = tomllib.loads(body)
-            except tomllib.TOMLDecodeError as e:
-                raise PricesError(f"{where}: not valid TOML: {e}") from None
-        else:
-            try:
-                raw = json.loads(body)
-            except json.JSONDecodeError as e:
-                raise PricesError(f"{where}: not valid JSON: {e}") from None
+    try:
+        raw, where = read_table("KEEL_PRICES", text)
+    except ConfigSourceError as e:
+        raise PricesError(str(e)) from None
     if not isinstance(raw, dict):
         raise PricesError(f'{where}: must map "provider:model" to a price, e.g. {_example()}')
     prices: dict[str, Price] = {}

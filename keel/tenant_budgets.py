@@ -13,13 +13,12 @@ listed, to each on its own (not a pool they share). Periods are calendar days or
 
 from __future__ import annotations
 
-import json
-import tomllib
 from datetime import datetime
-from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from keel.config_source import ConfigSourceError, read_table
 
 Period = Literal["day", "month"]
 ANY = "*"
@@ -110,27 +109,10 @@ def parse_tenant_budgets(source: str | None) -> TenantBudgets:
     text = (source or "").strip()
     if not text:
         return TenantBudgets()
-    raw: Any
-    if text.startswith("{"):
-        where = "KEEL_TENANT_BUDGETS (inline JSON)"
-        try:
-            raw = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise TenantBudgetsError(f"{where}: not valid JSON: {e}") from None
-    else:
-        path = Path(text).expanduser()
-        where = f"KEEL_TENANT_BUDGETS file {path}"
-        try:
-            body = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise TenantBudgetsError(f"{where}: no such file (KEEL_TENANT_BUDGETS is the path of a .json or "
-                                     ".toml file, or inline JSON)") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise TenantBudgetsError(f"{where}: cannot read it: {e}") from None
-        try:
-            raw = tomllib.loads(body) if path.suffix.lower() == ".toml" else json.loads(body)
-        except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
-            raise TenantBudgetsError(f"{where}: not valid {path.suffix.lstrip('.').upper() or 'JSON'}: {e}") from None
+    try:
+        raw, where = read_table("KEEL_TENANT_BUDGETS", text)
+    except ConfigSourceError as e:
+        raise TenantBudgetsError(str(e)) from None
     if not isinstance(raw, dict):
         raise TenantBudgetsError(f"{where}: must map a tenant (or \"*\") to its limits, e.g. {_example()}")
     budgets: dict[str, TenantBudget] = {}
