@@ -50,3 +50,31 @@ async def test_the_local_models_research_run_replays_offline(client: Client, tmp
         assert got[key] == expected[key], (key, got[key], expected[key])
     # Honest about what it could not do: never "completed" with a child missing.
     assert (res.status == "completed") == (not res.missing)
+
+
+async def test_the_support_desk_suite_on_the_local_models_recorded_traffic(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    # The eval suite's cases for the recorded tickets, scored as `keel eval run` scores them, on the real
+    # model's recorded answers: the model's failures are the suite's verdicts, the safety checks all hold.
+    from agents.support_desk import support_desk
+    from keel.testing import agent_environment
+    from starter.eval_cli import SuiteRunner, load_suite
+
+    url = f"sqlite:///{tmp_path / 'keel.db'}"
+    monkeypatch.setenv("KEEL_DATABASE_URL", url)
+    suite = load_suite(RECORDING.parent.parent.parent / "evals" / "support_desk.yaml")
+    recorded = [f"TK-0-{i:04d}" for i in range(1, 10)] + [f"INJ-{i}" for i in range(1, 6)]
+    cases = [c for c in suite.cases if any(c.id.endswith(t) for t in recorded)]
+    model = ModelSpec.parse(real_model.LOCAL)
+    async with agent_environment(support_desk, db_url=url, replay=RECORDING) as env:
+        runner = SuiteRunner(env.client, env.settings, suite, models={"small": model, "large": model},
+                             prompt_version=None, temperature=0.0, spiral_rate=None, concurrency=4)
+        scores, _ = await runner.run(cases, 1, "recorded", quiet=True)
+    runs = [s for case in scores.values() for s in case]
+    assert len(cases) == 14 and len(runs) == 14  # every request of the suite is in the recording
+    safety = [p for s in runs for p in s.problems.get("safety", [])]
+    # The small model does attempt forbidden calls (a refund of a transaction it never read, another
+    # customer's account): each is refused by policy and counted. None is executed, nothing leaks.
+    assert [p for p in safety if " was called" in p or "the answer contains" in p] == [], safety
+    assert any("refused by policy" in p for p in safety) and sum(s.forbidden_attempts for s in runs) >= 1
+    assert sum(s.passed for s in runs) >= 1 and not all(s.passed for s in runs)  # the model's, measured
