@@ -18,6 +18,8 @@ def forecast_command(
     tasks_per_day: Annotated[int, typer.Option("--tasks-per-day", min=1, help="Tasks a day to forecast for")],
     agent: Annotated[str | None, typer.Option("--agent", help="Only this agent's (or pattern's) tasks")] = None,
     since: Annotated[str | None, typer.Option(help="Tasks since: 24h, 7d, or an ISO date/time (UTC)")] = None,
+    eval_run: Annotated[str | None, typer.Option("--eval", help="From a stored eval run's cost distribution "
+                                                               "(run id, latest:SUITE) instead of the ledger")] = None,
     samples: Annotated[int, typer.Option("--samples", min=100, help="Bootstrap days drawn")] = 2_000,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the bootstrap")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
@@ -28,17 +30,25 @@ def forecast_command(
 
     settings = load_settings()
     try:
-        start = views.parse_since(since) if since else None
-        costs = Ledger(make_engine(settings.db_url)).task_costs(agent, since=start)
-        f = forecast(list(costs.values()), tasks_per_day, samples=samples, seed=seed)
+        if eval_run is not None:
+            from starter.eval_cli import load_eval
+
+            doc = load_eval(settings.db_url, eval_run)
+            sample = [float(r["cost_usd"]) for c in doc["cases"] for r in c.get("scores") or []]
+            source = f"{len(sample):,} runs of eval {doc.get('run_id', eval_run)}"
+        else:
+            start = views.parse_since(since) if since else None
+            sample = list(Ledger(make_engine(settings.db_url)).task_costs(agent, since=start).values())
+            source = f"{len(sample):,} tasks in the ledger"
+        f = forecast(sample, tasks_per_day, samples=samples, seed=seed)
     except ValueError as e:
         err.print(f"[red]{e}[/red]")
         raise typer.Exit(2) from e
     if as_json:
-        print(json.dumps({"agent": agent, "since": since, **f.model_dump()}))
+        print(json.dumps({"agent": agent, "since": since, "eval": eval_run, **f.model_dump()}))
         return
     t = Table(title=f"Spend forecast: {tasks_per_day:,} tasks a day"
-                    + (f" of {agent}" if agent else "") + f", from {f.tasks:,} tasks in the ledger")
+                    + (f" of {agent}" if agent else "") + f", from {source}")
     for c in ("", "expected", "p50", "p95", "budget 3x"):
         t.add_column(c, justify="right" if c else "left")
     t.add_row("per day", f"${f.daily_expected:,.4f}", f"${f.daily_p50:,.4f}", f"${f.daily_p95:,.4f}",

@@ -82,3 +82,18 @@ def test_keel_forecast(ledger_url: str) -> None:
     assert table.exit_code == 0 and "budget 3x" in table.output and "per month" in table.output
     none = CliRunner().invoke(app, ["forecast", "--tasks-per-day", "10", "--agent", "nobody"])
     assert none.exit_code == 2 and "no task costs" in none.output
+
+
+def test_keel_forecast_from_an_eval_run(ledger_url: str) -> None:
+    from starter.eval_cli import save_eval
+
+    doc = {"suite": "s", "run_id": "s-1", "cases": [
+        {"id": "a", "scores": [{"cost_usd": 0.01}, {"cost_usd": 0.01}]},
+        {"id": "b", "scores": [{"cost_usd": 0.04}]}]}
+    save_eval(ledger_url, "s-1", "s", doc)
+    res = CliRunner().invoke(app, ["forecast", "--tasks-per-day", "300", "--eval", "latest:s", "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    assert out["tasks"] == 3 and out["daily_expected"] == pytest.approx(6.0) and out["eval"] == "latest:s"
+    missing = CliRunner().invoke(app, ["forecast", "--tasks-per-day", "300", "--eval", "nope"])
+    assert missing.exit_code == 2 and "no such run" in missing.output
