@@ -101,7 +101,7 @@ class AgentToolActivities:
             if chaos.tool_latency_ms:
                 await asyncio.sleep(chaos.tool_latency_ms / 1000)
             for kind, what in (("tool_timeout", "timed out"), ("tool_error", "failed: backend error")):
-                if hits(chaos, kind, req.idempotency_key, attempt):
+                if hits(chaos, kind, req.idempotency_key, attempt, t.name):
                     failed = ToolResult(ok=False, error=f"{t.name} {what} (injected by chaos)",
                                         latency_ms=_ms_since(start))
                     await self._record(req, t.name, failed, attempt)

@@ -22,6 +22,7 @@ from keel.agent import (
 )
 from keel.commands import BatchItem, Command, CommandGroup, models_line
 from keel.errors import AgentDefinitionError, AgentNotRegistered, KeelError, ScriptExhausted, ToolError
+from keel.evals import EvalCase
 from keel.orchestration import ChildTask, OrchestratorInput, OrchestratorResult, Plan, SwarmInput, SwarmResult
 from keel.sim import SimCall, SimReply, SimTurn
 from keel.supervision import Review, Rule, SupervisorInput, SupervisorResult
@@ -41,6 +42,7 @@ __all__ = [
     "ChildTask",
     "Command",
     "CommandGroup",
+    "EvalCase",
     "EvidenceCheck",
     "FinalOutput",
     "KeelError",

@@ -27,12 +27,14 @@ class Chaos(BaseModel):
     tool_latency_ms: int = Field(0, ge=0, le=60_000)
     provider_429_rate: float = Field(0.0, ge=0, le=1)
     provider_500_rate: float = Field(0.0, ge=0, le=1)
+    tool_error_rates: dict[str, float] = Field(default_factory=dict)
+    """Per tool: its own error rate, in place of `tool_error_rate` (e.g. {"get_transactions": 0.5})."""
     seed: int = 0
 
     @property
     def active(self) -> bool:
         return any((self.tool_error_rate, self.tool_timeout_rate, self.tool_garbage_rate, self.tool_latency_ms,
-                    self.provider_429_rate, self.provider_500_rate))
+                    self.provider_429_rate, self.provider_500_rate, any(self.tool_error_rates.values())))
 
 
 def draw(chaos: Chaos, kind: str, key: str, attempt: int) -> float:
@@ -41,9 +43,14 @@ def draw(chaos: Chaos, kind: str, key: str, attempt: int) -> float:
     return int.from_bytes(digest[:8], "big") / 2 ** 64
 
 
-def hits(chaos: Chaos | None, kind: str, key: str, attempt: int) -> bool:
-    rate = float(getattr(chaos, f"{kind}_rate", 0.0)) if chaos is not None else 0.0
-    return rate > 0 and draw(chaos, kind, key, attempt) < rate  # type: ignore[arg-type]
+def hits(chaos: Chaos | None, kind: str, key: str, attempt: int, tool: str | None = None) -> bool:
+    if chaos is None:
+        return False
+    if kind == "tool_error" and tool is not None and tool in chaos.tool_error_rates:
+        rate = chaos.tool_error_rates[tool]
+    else:
+        rate = float(getattr(chaos, f"{kind}_rate", 0.0))
+    return rate > 0 and draw(chaos, kind, key, attempt) < rate
 
 
 GARBAGE: dict[str, object] = {"data": "\x00\ufffd<html><body>502 Bad Gateway</body></html>", "status": None,

@@ -38,6 +38,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from keel.chaos import Chaos
 from keel.types import AgentResult
 from keel.vary import catastrophe
 
@@ -86,6 +87,8 @@ class EvalSuite(BaseModel):
     cases: list[EvalCase] = Field(min_length=1)
     scorers: list[str] = Field(default_factory=list)
     """Custom scorers applied to every case."""
+    chaos: Chaos | None = None
+    """The faults `keel chaos run` injects when no fault flag is given (keel.chaos.Chaos's fields)."""
 
     @field_validator("cases")
     @classmethod

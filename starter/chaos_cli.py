@@ -80,18 +80,22 @@ def run_cmd(
     spiral_rate: Annotated[float | None, typer.Option("--spiral-rate", help="Sim: chance of a spiral")] = 0.0,
     concurrency: Annotated[int, typer.Option("--concurrency", min=1)] = 20,
     case_ids: Annotated[list[str] | None, typer.Option("--case", help="Only these cases (repeatable)")] = None,
+    tool_rates: Annotated[list[str] | None, typer.Option(
+        "--tool-error-rate-for", help="TOOL=RATE: one tool's own error rate (repeatable)")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the fault draws")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
 ) -> None:
     """Run a suite fault-free, then with the faults, and show how the agent degrades."""
     settings = load_settings()
-    chaos = Chaos(tool_error_rate=tool_error_rate, tool_timeout_rate=tool_timeout_rate,
-                  tool_garbage_rate=tool_garbage_rate, tool_latency_ms=tool_latency_ms,
-                  provider_429_rate=provider_429_rate, provider_500_rate=provider_500_rate, seed=seed)
-    if not chaos.active:
-        err.print("[red]no fault given: set at least one of --tool-error-rate, --tool-timeout-rate, --garbage-rate, "
-                  "--tool-latency-ms, --provider-429-rate, --provider-500-rate[/red]")
-        raise typer.Exit(2)
+    try:
+        per_tool = {k.strip(): float(v) for k, v in (x.split("=", 1) for x in tool_rates or [])}
+        chaos = Chaos(tool_error_rate=tool_error_rate, tool_timeout_rate=tool_timeout_rate,
+                      tool_garbage_rate=tool_garbage_rate, tool_latency_ms=tool_latency_ms,
+                      provider_429_rate=provider_429_rate, provider_500_rate=provider_500_rate,
+                      tool_error_rates=per_tool, seed=seed)
+    except ValueError as e:
+        err.print(f"[red]bad fault: {escape(str(e))} (--tool-error-rate-for TOOL=RATE, rates 0 to 1)[/red]")
+        raise typer.Exit(2) from e
     try:
         suite = load_suite(suite_file)
         for spec in [*suite.scorers, *(x for c in suite.cases for x in c.scorers)]:
@@ -100,6 +104,13 @@ def run_cmd(
     except (SuiteError, ValueError) as e:
         err.print(f"[red]{escape(str(e))}[/red]")
         raise typer.Exit(2) from e
+    if not chaos.active and suite.chaos is not None:
+        chaos = suite.chaos  # the suite's own faults
+    if not chaos.active:
+        err.print("[red]no fault given: set at least one of --tool-error-rate, --tool-error-rate-for, "
+                  "--tool-timeout-rate, --garbage-rate, --tool-latency-ms, --provider-429-rate, --provider-500-rate, "
+                  "or `chaos:` in the suite[/red]")
+        raise typer.Exit(2)
     cases = [c for c in suite.cases if not case_ids or c.id in case_ids]
     prefix = f"chaos-{suite.suite}-{uuid.uuid4().hex[:6]}"
 

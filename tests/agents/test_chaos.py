@@ -25,6 +25,9 @@ def test_faults_are_drawn_per_call_and_attempt_at_their_rate() -> None:
     assert 0.27 < share < 0.33
     assert not hits(chaos, "provider_500", "w/1", 1) and not hits(None, "tool_error", "w/1", 1)
     assert not Chaos().active and chaos.active
+    one_tool = Chaos(tool_error_rates={"service_status": 1.0})
+    assert one_tool.active and hits(one_tool, "tool_error", "w/1", 1, "service_status")
+    assert not hits(one_tool, "tool_error", "w/1", 1, "restart_service")
 
 
 def _r(wf: str, status: str = "completed", calls: int = 3, tokens: int = 100) -> AgentResult:
@@ -48,9 +51,16 @@ async def test_keel_chaos_run(client: Client, status: StatusService, tmp_path: P
                              "--tool-error-rate", "0.3", "--provider-429-rate", "0.2", "--garbage-rate", "0.1",
                              "--runs", "2", "--json")
         refused = await keel_cli(cli_env(env, tmp_path), "chaos", "run", str(ROOT / "evals" / "oncall.yaml"))
+        suite = tmp_path / "with_chaos.yaml"
+        suite.write_text((ROOT / "evals" / "oncall.yaml").read_text()
+                         + "chaos: {tool_error_rates: {service_status: 0.5}, seed: 3}\n")
+        from_suite = await keel_cli(cli_env(env, tmp_path), "chaos", "run", str(suite), "--case", "api-healthy",
+                                    "--runs", "2", "--json")
     assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout)
     assert doc["graceful"] and doc["chaos"]["tool_error_rate"] == 0.3
     assert {c["id"] for c in doc["cases"]} == {"api-healthy", "search-degraded", "payments-restart-needs-a-person"}
     assert all(c["lost"] == 0 and c["over_budget"] == 0 for c in doc["cases"])
     assert refused.exit_code == 2 and "no fault given" in refused.output
+    assert from_suite.exit_code == 0, from_suite.output
+    assert json.loads(from_suite.stdout)["chaos"]["tool_error_rates"] == {"service_status": 0.5}

@@ -10,6 +10,7 @@ import pytest
 from sqlalchemy import text
 from temporalio.client import Client
 
+import keel
 from agents.oncall.status_service import StatusService
 from keel.compare import compare, markdown, newcombe, sign_test
 from keel.evals import EvalCase, EvalSuite, score, verdict, wilson
@@ -58,11 +59,22 @@ def test_bad_suites_are_refused_clearly(tmp_path: Path) -> None:
         load_suite(bad)
 
 
+def says_the_version(case: keel.EvalCase, result: keel.AgentResult) -> str | None:
+    """A custom scorer (`scorers: ["tests.agents.test_evals:says_the_version"]`): the answer names the version."""
+    return None if "version" in result.output else "the answer does not give the version"
+
+
+def asks_for_a_ticket(case: keel.EvalCase, result: keel.AgentResult) -> str | None:
+    return None if "ticket" in result.output else "no ticket number given"
+
+
 async def test_keel_eval_run(client: Client, status: StatusService, tmp_path: Path) -> None:
     failing = EvalSuite(suite="oncall_gate", agent="oncall", cases=[
         EvalCase(id="api", input="Is the api service healthy?", expect={"status": "completed"},
-                 must_call=["service_status"], must_not_call=["restart_service"]),
-        EvalCase(id="never", input="Is the api service healthy?", contains=["no such words in any answer"]),
+                 must_call=["service_status"], must_not_call=["restart_service"],
+                 scorers=["tests.agents.test_evals:says_the_version"]),
+        EvalCase(id="never", input="Is the api service healthy?", contains=["no such words in any answer"],
+                 scorers=["tests.agents.test_evals:asks_for_a_ticket"]),
     ])
     path = tmp_path / "suite.yaml"
     path.write_text(json.dumps(failing.model_dump(exclude_defaults=True)))  # JSON is YAML too
@@ -79,6 +91,8 @@ async def test_keel_eval_run(client: Client, status: StatusService, tmp_path: Pa
     by_id = {c["id"]: c for c in doc["cases"]}
     assert by_id["api"]["verdict"] == "pass" and by_id["api"]["pass_rate"] == 1.0
     assert by_id["never"]["verdict"] == "fail" and by_id["never"]["ci_high"] < 0.9
+    assert by_id["never"]["problems"] == {"completeness": 3, "asks_for_a_ticket": 3}  # the custom scorer, by name
+    assert by_id["api"]["problems"] == {}  # says_the_version found the version in every answer
     assert {"id", "runs", "pass_rate", "ci_low", "ci_high", "verdict", "p95_cost_usd"} <= set(by_id["api"])
     assert doc["summary"]["fail"] == 1 and doc["summary"]["runs"] == 6
     assert shown.exit_code == 0 and "api-healthy" in shown.output and "pass" in shown.output, shown.output
