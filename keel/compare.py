@@ -79,6 +79,21 @@ class CaseDelta(BaseModel):
     latency_delta_high: float
 
 
+BLOCKS = " ▁▂▃▄▅▆▇█"
+
+
+def histogram(values: Sequence[float], low: float, high: float, bins: int = 20) -> str:
+    """A one-line histogram of `values` over [low, high] (block characters, tallest = the fullest bin)."""
+    if not values:
+        return ""
+    counts = [0] * bins
+    span = (high - low) or 1.0
+    for v in values:
+        counts[min(bins - 1, max(0, int((v - low) / span * bins)))] += 1
+    top = max(counts)
+    return "".join(BLOCKS[round(c / top * (len(BLOCKS) - 1))] if c else BLOCKS[0] for c in counts)
+
+
 class Comparison(BaseModel):
     suite: str
     a: str
@@ -96,6 +111,11 @@ class Comparison(BaseModel):
     """Relative change of the total cost per run (B over A, minus 1)."""
     cost_change_low: float
     cost_change_high: float
+    costs_a: list[float] = Field(default_factory=list)
+    """Every run's cost in A (for the report's distributions)."""
+    costs_b: list[float] = Field(default_factory=list)
+    latencies_a: list[float] = Field(default_factory=list)
+    latencies_b: list[float] = Field(default_factory=list)
     regressions: list[str]
     improvements: list[str]
     gate_failures: list[str] = Field(default_factory=list)
@@ -156,6 +176,10 @@ def compare(a: dict[str, Any], b: dict[str, Any], *, max_drop: float = 0.05, max
         better=better, worse=worse, sign_test_p=round(sign_test(better, worse), 4),
         cost_change=round(rel(range(n)), 4) if n else 0.0, cost_change_low=round(percentile(rels, 0.025), 4),
         cost_change_high=round(percentile(rels, 0.975), 4),
+        costs_a=[float(r["cost_usd"]) for cid in shared for r in _runs(cases_a[cid])],
+        costs_b=[float(r["cost_usd"]) for cid in shared for r in _runs(cases_b[cid])],
+        latencies_a=[float(r["latency_s"]) for cid in shared for r in _runs(cases_a[cid])],
+        latencies_b=[float(r["latency_s"]) for cid in shared for r in _runs(cases_b[cid])],
         regressions=[d.id for d in deltas if d.change == "regression"],
         improvements=[d.id for d in deltas if d.change == "improvement"],
     )
@@ -188,6 +212,15 @@ def markdown(c: Comparison) -> str:
                      f"{d.delta:+.0%} ({d.delta_low:+.2f}, {d.delta_high:+.2f}) {bar} {flag} | "
                      f"{d.verdict_a} → {d.verdict_b} | ${d.cost_a:.5f} | ${d.cost_b:.5f} | {d.latency_a:.1f} s | "
                      f"{d.latency_b:.1f} s |")
+    for what, a, b, unit in (("cost per run", c.costs_a, c.costs_b, "$"), ("latency per run", c.latencies_a,
+                                                                            c.latencies_b, "s")):
+        if a and b:
+            low, high = min(a + b), max(a + b)
+            lines += ["", f"{what.capitalize()}, distribution over [{low:g}, {high:g}] {unit} (the tail of spirals "
+                      "and retries shows here, not in the means):", "", "```",
+                      *(f"{name}  {histogram(v, low, high)}  p50 {percentile(sorted(v), 0.5):g}  "
+                        f"p95 {percentile(sorted(v), 0.95):g}" for name, v in (("A", a), ("B", b))),
+                      "```"]
     if c.only_in_a or c.only_in_b:
         lines += ["", f"Not compared: only in A {c.only_in_a or '-'}, only in B {c.only_in_b or '-'}"]
     return "\n".join(lines) + "\n"

@@ -127,6 +127,7 @@ def test_compare_names_regressions_and_gates() -> None:
     assert c.cost_change == pytest.approx((0.01 + 0.03 + 0.01) / 0.03 - 1, abs=1e-3)
     assert any(g.startswith("x:") for g in c.gate_failures) and any("cost per run rose" in g for g in c.gate_failures)
     assert "**regression**" in markdown(c) and "Gate: failed" in markdown(c)
+    assert "Cost per run, distribution" in markdown(c) and "█" in markdown(c)  # where the tail shows
     same = compare(a, a)
     assert same.gate_failures == [] and same.mean_delta == 0 and "Gate: passed" in markdown(same)
 
