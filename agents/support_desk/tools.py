@@ -120,8 +120,11 @@ def _write_once(write: Callable[[Connection], dict[str, Any]]) -> dict[str, Any]
 
 def reference(prefix: str, idempotency_key: str) -> str:
     """The id a customer and the model see for a write: from the call's idempotency key, not the row's number,
-    so it is the same however many tasks run at once or ran before (a keyed task's recorded traffic replays)."""
-    return f"{prefix}-{hashlib.sha256(idempotency_key.encode()).hexdigest()[:8].upper()}"
+    so it is the same however many tasks run at once or ran before (a keyed task's recorded traffic replays).
+    It starts with a digit: an id like `RF-AB12CDEF` followed by the amount and a transaction id reads, to
+    the IBAN check, as the start of an IBAN (letters, two digits, then enough alphanumerics)."""
+    digest = hashlib.sha256(idempotency_key.encode()).hexdigest()[:8].upper()
+    return f"{prefix}-{int(digest[0], 16) % 10}{digest[1:]}"
 
 
 def _refund_content(r: RowMapping) -> dict[str, Any]:

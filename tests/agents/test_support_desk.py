@@ -449,3 +449,15 @@ async def test_escalate_to_human_opens_one_case_and_ends_the_task(client: Client
     assert result.reason == "escalate_to_human: disputes the overdraft terms"
     assert cases == [{"workflow_id": result.workflow_id, "customer_id": CUSTOMER,
                       "reason": "disputes the overdraft terms", "priority": "high"}]
+
+
+def test_a_refund_reference_never_reads_as_an_iban() -> None:
+    # Before: RF-<8 hex>, and when the hex began with two letters and two digits, the sim's answer "Refund
+    # RF-AB12CDEF of 25.67 EUR on T-100304 is ..." was held back as an IBAN (about 1 task in 20).
+    from agents.support_desk.guardrails import no_iban
+    from agents.support_desk.tools import reference
+
+    for i in range(2_000):
+        ref = reference("RF", f"support_desk-{i}/7")
+        answer = f"Refund {ref} of 25.67 EUR on T-100304 is approved and was issued."
+        assert no_iban(keel.FinalOutput(text=answer, structured=None, input="", tenant="C-1", executed=())) is None, ref
