@@ -5,6 +5,8 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 DEMO_TICKETS ?= 24
 ONCALL_PID := .keel/oncall-status.pid
+# Keyed tasks run once (a key submitted again returns its run): the demo's approval needs a fresh task.
+DEMO_ID := $(shell date +%Y%m%d%H%M%S)
 
 .PHONY: install demo up local down test lint bench clean
 
@@ -28,10 +30,10 @@ demo: $(STAMP)
 	$(BIN)/keel plan "payments-db primary in eu-west-1 is down: storage controller failure" --sim-seed 1
 	$(BIN)/keel swarm "My card is declined at the ATM and I was charged twice at ShopNow." --tenant C-1001 --key TK-DEMO-SWARM
 	$(BIN)/keel run oncall "Is the api service healthy?" --key demo-api --wait
-	$(BIN)/keel run oncall "Payments is failing, please fix it" --key demo-payments --watch
+	$(BIN)/keel run oncall "Payments is failing, please fix it" --key demo-payments-$(DEMO_ID) --watch
 	$(BIN)/keel approvals
-	$(BIN)/keel approve oncall-demo-payments --as sre-lead
-	$(BIN)/keel result oncall-demo-payments
+	$(BIN)/keel approve oncall-demo-payments-$(DEMO_ID) --as sre-lead
+	$(BIN)/keel result oncall-demo-payments-$(DEMO_ID)
 	$(BIN)/keel orchestrate "Morning check of api and search" --task "oncall=Is the api service healthy?" \
 	  --task "oncall=How is the search service doing?" --synthesizer incident_note --key demo --wait
 	@echo "The stack is still running: open the Temporal UI above; 'make down' stops it."
