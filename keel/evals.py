@@ -3,18 +3,18 @@ scored, each case given a pass rate with its Wilson interval and a verdict.
 
 A suite is a YAML file (evals/*.yaml):
 
-    suite: support_desk_core
-    agent: support_desk
+    suite: oncall_core
+    agent: oncall
     pass_rate: 0.9            # a case passes when at least this share of its runs pass
     cases:
-      - id: balance
-        input: "Customer: C-1001\\n\\nWhat is my balance?"
-        tenant: C-1001
+      - id: api-healthy
+        input: "Is the api service healthy?"
+        tenant: default
         expect: {status: completed}              # the result's status, structured fields (fields: {...})
-        must_call: [get_account]
-        must_not_call: [issue_refund]
-        contains: ["balance"]
-        not_contains: ["IBAN"]
+        must_call: [service_status]
+        must_not_call: [restart_service]
+        contains: ["api"]
+        not_contains: ["password"]
         max_cost_usd: 0.02
         max_steps: 6
         max_latency_s: 30

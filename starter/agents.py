@@ -74,7 +74,7 @@ def as_configured(settings: KeelSettings, inp: Startable) -> Startable:
 
 async def start_once(client: Client, workflow: str, arg: Any, *, key: str, id: str, result_type: type[Any],
                      **options: Any) -> WorkflowHandle[Any, Any]:
-    """Start a workflow; with an idempotency key (`key`: a ticket id, `keel run --key`) exactly once: when a
+    """Start a workflow; with an idempotency key (`key`: a business key, `keel run --key`) exactly once: when a
     run of that id exists, running (the id conflicts) or closed (REJECT_DUPLICATE: whatever its end, it is
     not run again), nothing starts and the existing run's handle is returned (see `is_existing`), so a
     re-submitted input never acts twice. (Not USE_EXISTING: its answer does not say whether it started.)"""

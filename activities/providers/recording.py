@@ -18,7 +18,7 @@ In a replay, a request whose key the recording lacks fails the model call, not r
 closest recorded request differs.
 
 To record: `KEEL_RECORD=tests/recordings/NAME.jsonl` in the worker's environment (`keel up`, `keel worker`,
-`python -m workers`), or `keel.testing.agent_environment(..., record=PATH)`; run keyed tasks (`--key`, ticket
+`python -m workers`), or `keel.testing.agent_environment(..., record=PATH)`; run keyed tasks (`--key`, business
 ids) on a fresh database, so that what tools return does not depend on earlier runs. To replay:
 `KEEL_REPLAY=PATH`, or `agent_environment(..., replay=PATH)`, with the same tasks (inputs, models, prompts).
 """
