@@ -61,9 +61,8 @@ class AnthropicProvider:
         does it, and, for a replay, the base URL the requests were recorded against."""
         if self._traffic is None:
             return {}
-        base_url = self._traffic.base_url(NAME, self._base_url or os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL)
-        http_client = self._traffic.http_client(NAME, base_url, anthropic.DefaultAsyncHttpxClient)
-        return {"base_url": base_url, "http_client": http_client}
+        configured = self._base_url or os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL
+        return self._traffic.client_options(NAME, configured, anthropic.DefaultAsyncHttpxClient)
 
     async def aclose(self) -> None:
         if self._client is not None:

@@ -404,6 +404,12 @@ class Traffic:
         recorded = self.recording.base_url(provider) if self.recording is not None else None
         return recorded or configured
 
+    def client_options(self, provider: str, configured: str, sdk_http_client: type) -> dict[str, Any]:
+        """What a provider's SDK client is built with to record or replay: the SDK's own HTTP client on the
+        transport that does it, and, for a replay, the base URL the requests were recorded against."""
+        base_url = self.base_url(provider, configured)
+        return {"base_url": base_url, "http_client": self.http_client(provider, base_url, sdk_http_client)}
+
     def http_client(self, provider: str, base_url: str, sdk_http_client: type) -> Any:
         """The SDK's own HTTP client class (e.g. `openai.DefaultAsyncHttpxClient`), on a recording or
         replaying transport."""
